@@ -1,0 +1,5 @@
+import sys
+
+from qnext.cli import main
+
+sys.exit(main())
