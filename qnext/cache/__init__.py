@@ -1,0 +1,1 @@
+"""KV pages, GDN state slots and the tensors behind them (model_cache.ModelCache)."""

@@ -1,0 +1,1 @@
+"""Engine: per-step batch, scheduler, runner, sampler and the engine loops."""

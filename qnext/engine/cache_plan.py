@@ -1,0 +1,92 @@
+"""How many KV pages and GDN state slots to allocate, and the max_model_len that follows (no tensors touched).
+
+Sources of the memory budget, first given wins:
+  num_kv_blocks            exactly that many pages
+  kv_cache_memory_gb       that much for pages + slots
+  CUDA                     free memory after the weights, minus (1 - gpu_memory_utilization) of the device and an
+                           activation reserve, minus the slots
+  CPU                      CPU_KV_CACHE_GB for pages on top of the slots
+Pages are capped at what max_num_seqs sequences of max_model_len tokens could ever use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qnext.cache.block_pool import cdiv
+from qnext.config import EngineConfig, ModelConfig
+from qnext.model.state import kv_bytes_per_token, state_bytes_per_slot
+
+GiB = 1 << 30
+CPU_KV_CACHE_GB = 1.0
+# Peak activations of one step (a 2048-token MoE prefill chunk, logits, sampler) stay well below this; a
+# profiling run would measure it instead (not done yet).
+CUDA_ACTIVATION_RESERVE = 1 * GiB
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int
+    num_slots: int
+    max_model_len: int
+    kv_bytes: int
+    state_bytes: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available (use --device cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype) -> CachePlan:
+    num_slots = ec.max_num_seqs
+    block_bytes = max(1, ec.block_size * kv_bytes_per_token(cfg, dtype))
+    slot_bytes = num_slots * state_bytes_per_slot(cfg, dtype)
+    longest = ec.max_model_len or cfg.max_position_embeddings
+    if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+
+    if ec.num_kv_blocks is not None:
+        num_blocks = ec.num_kv_blocks
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
+    else:
+        if ec.kv_cache_memory_gb is not None:
+            budget, source = ec.kv_cache_memory_gb * GiB - slot_bytes, f"kv_cache_memory_gb={ec.kv_cache_memory_gb}"
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = free - (1 - ec.gpu_memory_utilization) * total - CUDA_ACTIVATION_RESERVE - slot_bytes
+            source = f"free GPU memory {free / GiB:.1f} GiB at gpu_memory_utilization={ec.gpu_memory_utilization}"
+        else:
+            budget, source = CPU_KV_CACHE_GB * GiB, f"the CPU default of {CPU_KV_CACHE_GB} GiB"
+        cap = cdiv(num_slots * longest, ec.block_size)
+        num_blocks = min(int(budget // block_bytes), cap)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for KV pages with {source}: the GDN state of max_num_seqs={num_slots} sequences "
+                f"takes {slot_bytes / GiB:.2f} GiB; lower max_num_seqs or give more kv_cache_memory_gb")
+
+    pool_tokens = num_blocks * ec.block_size
+    if ec.max_model_len is None:
+        max_model_len = min(cfg.max_position_embeddings, pool_tokens)
+    else:
+        max_model_len = ec.max_model_len
+        # a request may hold max_model_len - 1 tokens in the cache (the last sampled one is never fed)
+        if cdiv(max_model_len - 1, ec.block_size) > num_blocks:
+            raise ValueError(f"max_model_len {max_model_len} needs {cdiv(max_model_len - 1, ec.block_size)} KV "
+                             f"pages but the pool has {num_blocks}; raise num_kv_blocks / kv_cache_memory_gb or "
+                             f"lower max_model_len")
+    return CachePlan(num_blocks, num_slots, max_model_len, num_blocks * block_bytes, slot_bytes)

@@ -1,0 +1,258 @@
+"""LLMEngine: the synchronous core. add_request / step / abort_request; the offline LLM and AsyncEngine drive it.
+
+One step: scheduler.schedule() -> runner.execute() (forward + sample) -> per sampled request: append the token,
+stop checks and incremental detokenization (StopChecker), logprobs, RequestOutput; finished requests free their
+KV pages and GDN slot at once. An engine request is one sequence: `params.n` is fanned out by its callers
+(LLM, server), each with its own request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qnext.cache.block_pool import BlockPool
+from qnext.cache.model_cache import ModelCache
+from qnext.cache.state_slots import StateSlotPool
+from qnext.config import EngineConfig, ModelConfig
+from qnext.engine.cache_plan import plan_cache, resolve_device, resolve_dtype
+from qnext.engine.request import Request, RequestStatus
+from qnext.engine.runner import ModelRunner
+from qnext.engine.sampler import Sampler, SamplingRow, make_generator
+from qnext.engine.scheduler import QueueFullError, Scheduler
+from qnext.engine.stop_checker import StopChecker
+from qnext.sampling_params import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
+from qnext.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("qnext.engine")
+
+__all__ = ["LLMEngine", "EngineStats", "QueueFullError"]
+
+_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
+           "abort": RequestStatus.FINISHED_ABORTED}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_total: int
+    state_slots_used: int
+    state_slots_total: int
+    num_preemptions: int        # since start
+    num_prompt_tokens: int      # prompt tokens of requests that produced their first token, since start
+    num_generation_tokens: int  # sampled tokens, since start
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig | None = None,
+                 *, tokenizer: Tokenizer | None = None, chat_template=None, generation_config: dict | None = None,
+                 model_path: str | Path | None = None):
+        ec = engine_config or EngineConfig()
+        param = next(model.parameters())
+        self.model, self.model_config, self.engine_config = model, model_config, ec
+        self.device, self.dtype = param.device, param.dtype
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.generation_config = dict(generation_config or {})
+        self.model_path = model_path
+
+        plan = plan_cache(model_config, ec, self.device, self.dtype)
+        self.max_model_len = plan.max_model_len
+        self.cache = ModelCache(model_config, num_blocks=plan.num_blocks, block_size=ec.block_size,
+                                num_slots=plan.num_slots, dtype=self.dtype, device=self.device)
+        self.scheduler = Scheduler(BlockPool(plan.num_blocks, ec.block_size), StateSlotPool(plan.num_slots),
+                                   max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
+                                   max_queue=ec.max_queue, max_model_len=plan.max_model_len)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(ec.seed)
+        self.runner = ModelRunner(model, self.cache, Sampler(generator))
+        eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
+        self.eos_token_ids = tuple(eos + [i for i in model_config.eos_token_id if i not in eos])
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB), %d GDN state slots (%.2f GiB), max_model_len %d",
+                 plan.num_blocks, ec.block_size, plan.kv_bytes / 2**30, plan.num_slots, plan.state_bytes / 2**30,
+                 plan.max_model_len)
+
+    # ---- construction from a checkpoint ---------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path | None, engine_config: EngineConfig | None = None, *,
+                        synthetic: bool = False, progress: bool = False) -> "LLMEngine":
+        """Load a checkpoint directory. synthetic=True: random weights made on the device; model_path is then a
+        checkpoint directory (its config, tokenizer and template are used) or a preset name (no tokenizer)."""
+        from qnext.chat_template import ChatTemplate, ChatTemplateError
+        from qnext.model.qwen3_next import Qwen3NextForCausalLM
+
+        ec = engine_config or EngineConfig()
+        if ec.quantization is not None:
+            raise ValueError(f"quantization={ec.quantization!r} at load time is not supported by the engine yet")
+        path = Path(model_path) if model_path is not None else None
+        if synthetic and (path is None or not path.is_dir()):
+            from qnext.weights.presets import preset_config
+            hf, path = preset_config(str(model_path or "small")), None
+        else:
+            if path is None or not path.is_dir():
+                raise FileNotFoundError(f"model directory {model_path} does not exist")
+            hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+            if hf is None:
+                raise FileNotFoundError(f"no config.json in {path}")
+        cfg = ModelConfig.from_hf(hf)
+        device = resolve_device(ec.device)
+        dtype = resolve_dtype(ec.dtype, device)
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, device=device).eval()
+        if synthetic:
+            from qnext.weights.synthetic import fill_synthetic_
+            fill_synthetic_(model, seed=ec.seed)
+        else:
+            from qnext.weights.loader import load_weights
+            load_weights(model, path, device, progress=progress)
+
+        tokenizer = chat_template = None
+        generation_config: dict = {}
+        if path is not None:
+            if (path / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.from_pretrained(path)
+            try:
+                chat_template = ChatTemplate.from_pretrained(path)
+            except ChatTemplateError:
+                chat_template = None
+            gen_file = path / "generation_config.json"
+            if gen_file.is_file():
+                generation_config = json.loads(gen_file.read_text())
+        return cls(model, cfg, ec, tokenizer=tokenizer, chat_template=chat_template,
+                   generation_config=generation_config, model_path=path)
+
+    # ---- requests -------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Unfinished requests accepted before QueueFullError: max_num_seqs + max_queue."""
+        return self.scheduler.capacity
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """The checkpoint's generation_config.json defaults, then overrides (None values ignored)."""
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    def _max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        if params.max_tokens is not None:
+            return params.max_tokens
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"the prompt ({num_prompt_tokens} tokens) leaves no room to generate within "
+                             f"max_model_len ({self.max_model_len})")
+        return self.max_model_len - num_prompt_tokens
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the problem when the request can never run (no engine state is touched)."""
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint has none")
+        self.scheduler.check_request(len(prompt_token_ids), self._max_tokens(len(prompt_token_ids), params))
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    *, arrival_time: float | None = None) -> None:
+        """Queue a request. ValueError: can never run (names the limit); QueueFullError: retry later."""
+        params = params if params is not None else SamplingParams()
+        prompt = list(prompt_token_ids)
+        self.check_request(prompt, params)
+        req = Request(request_id, prompt, self._max_tokens(len(prompt), params), params,
+                      **({"arrival_time": arrival_time} if arrival_time is not None else {}))
+        detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                 if self.tokenizer is not None else None)
+        req.stop_checker = StopChecker(params, self.eos_token_ids, detok, req.max_tokens)
+        req.sampling_row = SamplingRow(params, req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                                       generator=make_generator(params.seed, self.device))
+        if params.logprobs is not None:
+            req.logprobs = []
+        self.scheduler.add_request(req)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now (its pages and slot are free on return); its final output, None if unknown."""
+        req = self.scheduler.abort_request(request_id)
+        if req is None:
+            return None
+        req.stop_checker.abort()
+        req.finish_time = time.monotonic()
+        return self._output(req, "", [])
+
+    def abort_all(self) -> None:
+        for request_id in list(self.scheduler.requests):
+            self.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one step; one RequestOutput per request that got a token."""
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        for s in sched.scheduled:
+            r = s.request
+            if r.first_scheduled_time is None:
+                r.first_scheduled_time = now
+            if s.is_last_chunk:
+                r.sampling_row.banned_token_ids = r.stop_checker.suppressed_token_ids()
+        result = self.runner.execute(sched.scheduled)
+        if result is None:
+            return []
+        now = time.monotonic()
+        outputs = []
+        for i, req in enumerate(result.requests):
+            token = result.sampler_output.token_ids[i]
+            if not req.output_token_ids:
+                self._num_prompt_tokens += req.num_prompt_tokens
+            self._num_generation_tokens += 1
+            req.append_token(token, now)
+            delta_text, delta_ids = req.stop_checker.update([token])
+            req.output_text += delta_text
+            lp = result.sampler_output.logprobs[i]
+            if lp is not None and req.logprobs is not None:
+                if self.tokenizer is not None:
+                    for tok_id, entry in lp.items():
+                        entry.decoded_token = self.tokenizer.decode([tok_id], skip_special_tokens=False)
+                req.logprobs.append(lp)
+                req.cumulative_logprob += lp[token].logprob
+            checker = req.stop_checker
+            if checker.finished:
+                req.stop_reason = checker.stop_reason
+                req.finish_time = now
+                self.scheduler.finish_request(req, _STATUS[checker.finish_reason])
+            outputs.append(self._output(req, delta_text, delta_ids))
+        return outputs
+
+    def _output(self, req: Request, delta_text: str, delta_ids: list[int]) -> RequestOutput:
+        # copies: an AsyncEngine consumer reads this while the engine thread keeps appending to the request
+        completion = CompletionOutput(
+            index=0, text=req.output_text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.stop_checker.finish_reason, stop_reason=req.stop_checker.stop_reason,
+            delta_text=delta_text, delta_token_ids=list(delta_ids))
+        metrics = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+                                 first_token_time=req.first_token_time, last_token_time=req.last_token_time,
+                                 finished_time=req.finish_time)
+        return RequestOutput(req.request_id, req.prompt_token_ids, [completion], completion.finished, metrics)
+
+    # ---- introspection --------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
+                           kv_pages_used=s.pool.num_used, kv_pages_total=s.pool.num_blocks,
+                           state_slots_used=s.slots.num_used, state_slots_total=s.slots.num_slots,
+                           num_preemptions=s.num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
+                           num_generation_tokens=self._num_generation_tokens)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,93 @@
+"""Qwen3-Next causal LM: hybrid Gated DeltaNet / gated full attention decoder layers with sparse MoE.
+
+    h = x + mixer(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+    hidden = norm(last layer);  logits = lm_head(hidden)
+
+Module names mirror the checkpoint (model.layers.N.linear_attn.*, .self_attn.*, .mlp.*, model.norm, lm_head).
+Parameters are created uninitialised (torch.empty, no grad) on the target device, "meta" included; a loader or a
+test fills them. The model has no buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qnext.config import ModelConfig
+from qnext.model.layers.attention import GatedAttention
+from qnext.model.layers.gdn import GatedDeltaNet
+from qnext.model.layers.linear import Linear, empty_param
+from qnext.model.layers.moe import MLP, SparseMoeBlock
+from qnext.model.layers.norm import RMSNorm
+from qnext.model.layers.rotary import RotaryEmbedding
+from qnext.model.state import as_dtype
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, **kw):
+        super().__init__()
+        self.layer_type = cfg.layer_types[layer_id]
+        ops_backend = kw.pop("ops_backend")
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, layer_id, ops_backend=ops_backend, **kw)
+        else:
+            self.self_attn = GatedAttention(cfg, layer_id, ops_backend=ops_backend, **kw)
+        self.mlp = (SparseMoeBlock(cfg, **kw) if cfg.is_moe_layer(layer_id)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, **kw))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+
+    def forward(self, x, batch, cache, rope):  # x [T, hidden]
+        h = x + self.mixer(self.input_layernorm(x), batch, cache, rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.weight = empty_param(vocab, hidden, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        return F.embedding(ids, self.weight)
+
+
+class Qwen3NextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, **kw):
+        super().__init__()
+        kw_no_ops = {k: v for k, v in kw.items() if k != "ops_backend"}
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw_no_ops)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw_no_ops)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(self, batch, cache) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        rope = self.rotary_emb(batch.positions)
+        for layer in self.layers:
+            x = layer(x, batch, cache, rope)
+        return self.norm(x)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | str = torch.bfloat16,
+                 device: torch.device | str | None = None, ops_backend: str = "auto"):
+        super().__init__()
+        self.config, self.dtype = cfg, as_dtype(dtype)
+        kw = dict(dtype=self.dtype, device=device)
+        self.model = Qwen3NextModel(cfg, ops_backend=ops_backend, **kw)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
+        if cfg.tie_word_embeddings:  # one parameter under both names; named_parameters() lists it once
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, batch, cache) -> torch.Tensor:
+        """One step over a ForwardBatch -> final-normed hidden states [T, hidden]; updates the cache in place."""
+        return self.model(batch, cache)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, hidden] (already normed) -> logits [B, vocab] float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,55 @@
+"""Causal depthwise conv1d + SiLU with a conv state, torch reference.
+
+Channel c at token t: y = silu(sum_j w[c, j] * x[c, t - (K-1) + j]), where inputs before the sequence's first new
+token come from its conv state [C, K-1] (the last K-1 inputs seen, oldest first; zeros for a fresh sequence).
+After the call the state holds the last K-1 inputs of (old state ++ new tokens). Math in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qnext.ops.registry import register
+
+Tensor = torch.Tensor
+
+
+@register("causal_conv1d", "torch")
+def causal_conv1d(x: Tensor, weight: Tensor, initial_state: Tensor | None,
+                  cu_seqlens: Tensor | list[int], activation: str | None = "silu") -> tuple[Tensor, Tensor]:
+    """Varlen prefill.
+
+    x [T, C] (N sequences back to back, bounds cu_seqlens [N+1]); weight [C, K];
+    initial_state [N, C, K-1] or None (zeros) -> (y [T, C] in x.dtype, final_state [N, C, K-1] in x.dtype).
+    """
+    bounds = [int(c) for c in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    n, (t, c), k = len(bounds) - 1, x.shape, weight.shape[-1]
+    if initial_state is None:
+        initial_state = x.new_zeros(n, c, k - 1)
+    w = weight.float()[:, None, :]                                  # [C, 1, K]
+    y, finals = torch.empty_like(x), []
+    for i in range(n):  # prefill: one sequence at a time
+        s, e = bounds[i], bounds[i + 1]
+        window = torch.cat((initial_state[i].float(), x[s:e].float().t()), dim=1)   # [C, K-1+L]
+        out = F.conv1d(window[None], w, groups=c)[0]                # [C, L]
+        if activation == "silu":
+            out = F.silu(out)
+        y[s:e] = out.t().to(x.dtype)
+        finals.append(window[:, window.shape[1] - (k - 1):])
+    final = torch.stack(finals).to(x.dtype) if finals else initial_state.clone()
+    return y, final
+
+
+@register("causal_conv1d_update", "torch")
+def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor,
+                         activation: str | None = "silu") -> tuple[Tensor, Tensor]:
+    """One new token for each of N sequences, vectorised.
+
+    x [N, C]; state [N, C, K-1]; weight [C, K] -> (y [N, C] in x.dtype, new_state [N, C, K-1] in state.dtype).
+    """
+    window = torch.cat((state.float(), x.float()[:, :, None]), dim=2)  # [N, C, K]
+    out = (window * weight.float()[None]).sum(-1)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype), window[:, :, 1:].to(state.dtype)

@@ -1,0 +1,180 @@
+"""Streaming weight loading: checkpoint tensors go one at a time to the device and into preallocated parameters.
+
+Host memory holds at most one checkpoint tensor (memory-mapped read) at a time, so a checkpoint larger than host RAM
+loads onto a device that holds the model. Per tensor: name map (name_map.map_name) -> shape check against the
+destination (a whole parameter or one expert slot of a fused expert tensor) -> read -> to device -> dequantize FP8
+blocks there -> copy_ (casting to the parameter dtype). The load ends by checking that every parameter (every expert
+slot) was written and that no tensor was left over; `mtp.*` tensors are reported, not loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qnext.weights import fp8
+from qnext.weights.name_map import COPY, DOWN, GATE, MTP, UP, Target, map_name
+from qnext.weights.safetensors_reader import SafetensorsCheckpoint, WeightError
+
+__all__ = ["LoadReport", "WeightError", "load_weights"]
+
+PLAIN_DTYPES = ("F32", "BF16", "F16")
+_LIST_AT_MOST = 20
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0                                   # checkpoint tensors written into parameters
+    bytes_read: int = 0                               # as stored (FP8 weights + scales count at their size)
+    fp8_dequantized: int = 0                          # FP8 block tensors dequantized to the model dtype
+    mtp: list[str] = field(default_factory=list)      # MTP head tensors kept aside (speculative decoding, later)
+    ignored: list[str] = field(default_factory=list)  # lm_head.weight of a tied-embedding checkpoint
+    seconds: float = 0.0
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg_file.is_file():
+        return {}
+    cfg = json.loads(cfg_file.read_text())
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
+    return cfg
+
+
+def _listing(title: str, names: list[str]) -> str:
+    shown = ", ".join(names[:_LIST_AT_MOST])
+    more = f" ... and {len(names) - _LIST_AT_MOST} more" if len(names) > _LIST_AT_MOST else ""
+    return f"{title} ({len(names)}): {shown}{more}"
+
+
+def _destination(t: Target, param: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
+    """The view of `param` that checkpoint tensor `name` fills, and its description for error messages."""
+    if t.kind == COPY:
+        return param, t.param
+    if param.dim() != 3 or t.expert >= param.shape[0]:
+        raise WeightError(f"checkpoint tensor {name} is expert {t.expert}, but {t.param} has shape "
+                          f"{list(param.shape)} ({param.shape[0] if param.dim() == 3 else 0} expert slots)")
+    if t.kind == DOWN:
+        return param[t.expert], f"{t.param}[{t.expert}]"
+    half = param.shape[1] // 2
+    rows = slice(0, half) if t.kind == GATE else slice(half, 2 * half)
+    return param[t.expert, rows], f"{t.param}[{t.expert}, {rows.start}:{rows.stop}] ({t.kind} half)"
+
+
+def _same_place(have: torch.device, want: torch.device) -> bool:
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
+def _missing(params: dict[str, torch.Tensor], done: set[tuple]) -> list[str]:
+    out = []
+    for pname, p in params.items():
+        if (pname, COPY, None) in done:
+            continue
+        kinds = (GATE, UP) if pname.endswith("experts.gate_up_proj") else (DOWN,) if pname.endswith(
+            "experts.down_proj") else ()
+        if kinds and p.dim() == 3:
+            lacking = [e for e in range(p.shape[0]) if any((pname, k, e) not in done for k in kinds)]
+            if len(lacking) == p.shape[0]:
+                out.append(pname)
+            elif lacking:
+                out.append(f"{pname} (experts {', '.join(map(str, lacking[:8]))}{' ...' if len(lacking) > 8 else ''})")
+        else:
+            out.append(pname)
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str | torch.device | None = None,
+                 *, progress: bool = False) -> LoadReport:
+    """Fill every parameter of `model` from the safetensors checkpoint at `checkpoint_dir`.
+
+    The model must already be allocated where it will run (`device`, when given, must be that place: a mismatch is
+    an error rather than a silent double copy). Raises WeightError naming the tensors at fault.
+    """
+    start = time.perf_counter()
+    path = Path(checkpoint_dir)
+    params = dict(model.named_parameters())
+    for pname, p in params.items():
+        if p.is_meta:
+            raise WeightError(f"parameter {pname} is on the meta device; allocate the model on its device first")
+        if device is not None and not _same_place(p.device, torch.device(device)):
+            raise WeightError(f"parameter {pname} is on {p.device} but loading to {device} was asked")
+    hf = _read_config(path)
+    fmt = fp8.Fp8Format.from_config(hf.get("quantization_config"))
+    block = fmt.block if fmt else (128, 128)
+    tied = bool(hf.get("tie_word_embeddings", False))
+
+    report = LoadReport()
+    unexpected: list[str] = []
+    done: set[tuple] = set()
+    with SafetensorsCheckpoint(path) as ckpt:
+        scale_of = {}
+        for name in ckpt.names:
+            found = next((s for s in fp8.scale_names(name) if s in ckpt), None)
+            if found is not None:
+                scale_of[name] = found
+        scales = set(scale_of.values())
+        todo = [n for n in ckpt.names if n not in scales]
+        total = sum(ckpt.info(n).nbytes for n in ckpt.names)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress)
+        for name in todo:
+            info = ckpt.info(name)
+            t = map_name(name)
+            if t.kind == MTP:
+                report.mtp.append(name)
+            elif t.param not in params:
+                (report.ignored if name == "lm_head.weight" and tied else unexpected).append(name)
+            else:
+                _load_one(ckpt, name, t, params[t.param], scale_of.get(name), block, report)
+                key = (t.param, t.kind, t.expert)
+                if key in done or (t.kind != COPY and (t.param, COPY, None) in done):
+                    raise WeightError(f"checkpoint tensor {name} writes {t.param} a second time "
+                                      f"(the checkpoint stores it both per expert and fused, or twice)")
+                done.add(key)
+            bar.update(info.nbytes + (ckpt.info(scale_of[name]).nbytes if name in scale_of else 0))
+        bar.close()
+
+    missing = _missing(params, done)
+    if missing or unexpected:
+        parts = [_listing("missing parameters", missing)] if missing else []
+        parts += [_listing("unexpected checkpoint tensors", unexpected)] if unexpected else []
+        raise WeightError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _load_one(ckpt: SafetensorsCheckpoint, name: str, t: Target, param: torch.Tensor, scale_name: str | None,
+              block: tuple[int, int], report: LoadReport) -> None:
+    info = ckpt.info(name)
+    dst, where = _destination(t, param, name)
+    if tuple(info.shape) != tuple(dst.shape):
+        raise WeightError(f"checkpoint tensor {name} has shape {list(info.shape)}, but {where} expects "
+                          f"{list(dst.shape)}")
+    if info.dtype == "F8_E4M3":
+        if scale_name is None:
+            raise WeightError(f"FP8 tensor {name} has no scale tensor (looked for {', '.join(fp8.scale_names(name))})")
+        s_info = ckpt.info(scale_name)
+        fp8.check_scale(name, info.shape, s_info.shape, block)
+        if s_info.dtype not in PLAIN_DTYPES:
+            raise WeightError(f"scale tensor {scale_name} has dtype {s_info.dtype} (expected F32/BF16/F16)")
+        q = ckpt.get(name).to(dst.device)
+        value = fp8.dequantize(q, ckpt.get(scale_name).to(dst.device), block, dst.dtype)
+        report.fp8_dequantized += 1
+        report.bytes_read += s_info.nbytes
+    elif info.dtype in PLAIN_DTYPES:
+        if scale_name is not None:
+            raise WeightError(f"tensor {name} has a scale tensor {scale_name} but is stored as {info.dtype}, "
+                              f"not FP8 e4m3")
+        value = ckpt.get(name).to(dst.device)
+    else:
+        raise WeightError(f"tensor {name} has dtype {info.dtype}; qnext loads F32/BF16/F16 weights and block-FP8 "
+                          f"(F8_E4M3 with weight_scale_inv) weights")
+    dst.copy_(value)
+    report.loaded += 1
+    report.bytes_read += info.nbytes

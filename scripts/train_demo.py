@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+"""Train qnext's bundled demo model: a small Qwen3-Next (GDN + gated attention + MoE with a shared expert) on Python.
+
+Steps: build the corpus (scripts/build_corpus.py), train a byte-level BPE tokenizer carrying Qwen's special tokens,
+train HF transformers' Qwen3NextForCausalLM for a fixed wall-clock budget (AdamW, warm-up then cosine by elapsed
+time, bf16 autocast on CUDA), measure held-out loss, and write an ordinary HF-layout checkpoint: config.json,
+sharded bf16 safetensors with Qwen's per-expert tensor names, tokenizer.json, tokenizer_config.json,
+generation_config.json (and chat_template.jinja when qnext/assets/chat_template.jinja exists).
+
+The demo was made on one H100 with:
+    python3 scripts/train_demo.py --out OUT/demo --site-packages --minutes 5.5
+A CPU smoke test of every step (seconds):
+    .venv/bin/python scripts/train_demo.py --out /tmp/demo-tiny --tiny --minutes 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
+import build_corpus  # noqa: E402
+# Qwen's 26 added tokens (order, special flags), its pre-tokenizer split and tokenizer_config.json: shared with
+# `qnext synth`'s tokenizer, which learns its merges from a fixed file list instead of this corpus.
+from qnext.weights.synth_tokenizer import _SPLIT as QWEN_SPLIT  # noqa: E402
+from qnext.weights.synth_tokenizer import QWEN_ADDED_TOKENS, tokenizer_config  # noqa: E402
+
+T0 = time.time()
+
+SYSTEM_PROMPTS = ("You are a helpful coding assistant.", "You are a Python expert. Answer with code.",
+                  "You are qnext's demo model. You write Python.")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_ADDED_TOKENS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN_ADDED_TOKENS])
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {vocab_size}")
+    return tok
+
+
+def write_tokenizer_files(tok, out: Path, model_max_length: int) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    cfg = tokenizer_config(tok.get_vocab_size(), model_max_length)  # added tokens sit at the last 26 ids
+    for i, entry in cfg["added_tokens_decoder"].items():
+        if tok.token_to_id(entry["content"]) != int(i):
+            raise RuntimeError(f"{entry['content']} has id {tok.token_to_id(entry['content'])}, config says {i}")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def render_chat(messages: list[dict], rng: random.Random) -> str:
+    """The Qwen3-Coder turn format (model-facts.md): <|im_start|>{role}\\n{content}<|im_end|>\\n."""
+    if rng.random() < 0.3:
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def encode_docs(tok, docs: list[str], eot: int) -> np.ndarray:
+    ids = []
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+# ---- model config ------------------------------------------------------------------------------------------------
+def make_config(a: argparse.Namespace, tok) -> dict:
+    layer_types = ["full_attention" if (i + 1) % a.full_attention_interval == 0 else "linear_attention"
+                   for i in range(a.layers)]
+    eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    return {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+        "vocab_size": a.vocab_size, "hidden_size": a.hidden, "num_hidden_layers": a.layers,
+        "layer_types": layer_types, "full_attention_interval": a.full_attention_interval,
+        "num_attention_heads": a.attn_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim,
+        "partial_rotary_factor": 0.25, "rope_theta": a.rope_theta, "rope_scaling": None,
+        "max_position_embeddings": a.max_position_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "linear_num_key_heads": a.gdn_key_heads, "linear_num_value_heads": a.gdn_value_heads,
+        "linear_key_head_dim": a.gdn_head_dim, "linear_value_head_dim": a.gdn_head_dim,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": a.experts, "num_experts_per_tok": a.top_k, "moe_intermediate_size": a.moe_intermediate,
+        "shared_expert_intermediate_size": a.shared_intermediate, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "intermediate_size": a.shared_intermediate * 2,
+        "output_router_logits": False, "router_aux_loss_coef": a.aux_loss,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02, "tie_word_embeddings": False,
+        "use_cache": True, "bos_token_id": eot, "eos_token_id": [im_end, eot], "pad_token_id": eot,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def hf_model(cfg: dict):
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    hf_cfg = Qwen3NextConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type",
+                                                                         "torch_dtype", "rope_scaling")})
+    return Qwen3NextForCausalLM(hf_cfg)
+
+
+# ---- checkpoint --------------------------------------------------------------------------------------------------
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """HF module state -> Qwen's checkpoint names in bf16: fused experts split into experts.E.{gate,up,down}_proj."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu", torch.bfloat16)
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H], gate rows first
+            base, inter = name[: -len("gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            base = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].contiguous()
+        elif name.endswith("mlp.gate.weight") or "mlp.gate." not in name:
+            out[name] = t.contiguous()
+        else:
+            raise RuntimeError(f"unexpected tensor {name}")
+    return out
+
+
+def write_safetensors_sharded(tensors: dict[str, torch.Tensor], out: Path, shard_mb: float) -> list[str]:
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if cur and size + nbytes > shard_mb * 1e6:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = tensors[name]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        names.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+    return names
+
+
+def write_checkpoint(model, cfg: dict, tok, out: Path, shard_mb: float) -> None:
+    """Weights through qnext's checkpoint writer (the one `qnext synth` uses); the local writer above only if that
+    fails, so a long training run never ends without a checkpoint. Either gives the same layout."""
+    try:
+        from qnext.weights.checkpoint_writer import write_checkpoint as qnext_write
+
+        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        qnext_write(out, dict(cfg), dtype="bfloat16", shard_size=int(shard_mb * 1e6), weights=state,
+                    tokenizer=False)
+    except Exception as e:  # noqa: BLE001
+        log(f"qnext's checkpoint writer failed ({type(e).__name__}: {e}); writing with the local writer")
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_safetensors_sharded(checkpoint_tensors(model), out, shard_mb)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_tokenizer_files(tok, out, cfg["max_position_embeddings"])
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+           "pad_token_id": cfg["pad_token_id"], "do_sample": True, "temperature": 0.6, "top_p": 0.95,
+           "top_k": 20}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    template = REPO / "qnext" / "assets" / "chat_template.jinja"
+    if template.is_file():
+        shutil.copy(template, out / "chat_template.jinja")
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    log(f"checkpoint {out}: {sum(sizes.values()) / 1e6:.2f} MB, " + ", ".join(
+        f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_loss(model, windows: torch.Tensor, batch: int, autocast) -> float:
+    """Mean next-token NLL (nats) over fixed windows [N, L+1]; every window has the same number of targets."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        x = windows[i:i + batch]
+        with autocast():
+            out = model(input_ids=x, labels=x, output_router_logits=False, use_cache=False)
+        total += out.loss.float().item() * len(x)
+    model.train()
+    return total / len(windows)
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def choose_experts_impl(model, batch, autocast) -> None:
+    """Time a few forward+backward passes with each routed-experts implementation HF offers and keep the fastest
+    that runs (grouped_mm in fp32 under autocast is not available on every torch build)."""
+    times = {}
+    for impl in ("grouped_mm", "eager"):
+        try:
+            model.set_experts_implementation(impl)
+            for i in range(5):
+                if i == 2:
+                    _sync()
+                    t = time.time()
+                with autocast():
+                    out = model(input_ids=batch(), labels=None, use_cache=False)
+                    loss = out.logits.float().logsumexp(-1).mean()
+                loss.backward()
+            _sync()
+            times[impl] = (time.time() - t) / 3
+        except Exception as e:  # noqa: BLE001
+            log(f"experts implementation {impl} failed: {type(e).__name__}: {str(e)[:200]}")
+        model.zero_grad(set_to_none=True)
+    if not times:
+        raise SystemExit("no experts implementation ran")
+    best = min(times, key=times.get)
+    model.set_experts_implementation(best)
+    log("forward+backward per step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
+        + f"; using {best}")
+
+
+def train(a: argparse.Namespace) -> int:
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+
+    corpus = build_corpus.collect(a.heldout_permille, a.site_packages, a.skip_tests, max_mb=a.max_mb)
+    log(f"corpus: {json.dumps(corpus['stats'])}")
+    train_docs = [t for _, t in corpus["train"]]
+    chats = corpus["chats"]
+    chat_budget = a.chat_share * sum(map(len, train_docs))
+    chat_docs, used = [], 0
+    for c in chats:
+        if used > chat_budget:
+            break
+        chat_docs.append(render_chat(c["messages"], rng))
+        used += len(chat_docs[-1])
+
+    tok_texts, size = [], 0
+    for t in train_docs + chat_docs[:2000]:
+        if size > a.tokenizer_mb * 1e6:
+            break
+        tok_texts.append(t)
+        size += len(t)
+    tok = train_tokenizer(tok_texts, a.vocab_size)
+    eot = tok.token_to_id("<|endoftext|>")
+    log(f"tokenizer: {tok.get_vocab_size()} tokens, trained on {size / 1e6:.1f} MB")
+
+    train_ids = encode_docs(tok, train_docs + chat_docs, eot)
+    held_ids = encode_docs(tok, [t for _, t in corpus["heldout"]], eot)
+    chars = sum(map(len, train_docs)) + sum(map(len, chat_docs))
+    log(f"tokens: train {len(train_ids) / 1e6:.2f} M ({chars / len(train_ids):.2f} chars/token, "
+        f"{len(chat_docs)} chat docs), held-out {len(held_ids) / 1e6:.3f} M")
+
+    cfg = make_config(a, tok)
+    model = hf_model(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    log(f"model: {n_params / 1e6:.2f} M params ({n_embed / 1e6:.2f} M embed + lm_head), "
+        f"bf16 weights {2 * n_params / 1e6:.1f} MB, experts impl {model.config._experts_implementation}")
+    if 2 * n_params / 1e6 > a.max_weights_mb:
+        raise SystemExit(f"weights would be {2 * n_params / 1e6:.1f} MB > --max-weights-mb {a.max_weights_mb}")
+
+    L, B = a.seq_len, a.batch
+    stream = torch.from_numpy(train_ids.astype(np.int64)).to(device)
+    n_win = min(a.eval_windows, len(held_ids) // (L + 1))
+    held = torch.from_numpy(held_ids[: n_win * (L + 1)].astype(np.int64)).view(n_win, L + 1).to(device)
+    offsets = torch.arange(L + 1, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(a.seed)
+
+    def batch() -> torch.Tensor:
+        starts = torch.randint(0, len(stream) - L - 1, (B, 1), device=device, generator=gen)
+        return stream[starts + offsets]
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    model.config.output_router_logits = a.aux_loss > 0
+    if cuda or a.tiny:
+        choose_experts_impl(model, batch, autocast)
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=cuda)
+    budget = a.minutes * 60
+    log(f"training: {budget:.0f} s budget, batch {B} x {L + 1} tokens, peak lr {a.lr}, warm-up {a.warmup} steps")
+    model.train()
+    start = time.time()
+    step, tokens, log_loss, log_n, last_log = 0, 0, torch.zeros((), device=device), 0, start
+    curve = []
+    while True:
+        elapsed = time.time() - start
+        if elapsed >= budget:
+            break
+        frac = elapsed / budget
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = batch()
+        with autocast():
+            out = model(input_ids=x, labels=x, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ce = out.loss.detach() - (a.aux_loss * out.aux_loss.detach() if a.aux_loss > 0 else 0.0)
+        log_loss += ce
+        log_n += 1
+        step += 1
+        tokens += B * L
+        now = time.time()
+        if now - last_log >= a.log_every or step == 20:
+            loss = (log_loss / log_n).item()
+            now = time.time()
+            curve.append({"step": step, "seconds": round(now - start, 1), "tokens": tokens, "loss": round(loss, 4)})
+            log(f"step {step:6d}  {now - start:6.0f}s  train loss {loss:.4f}  lr {lr:.2e}  "
+                f"{tokens / (now - start) / 1e3:.0f} k tokens/s  ({tokens / len(stream):.2f} epochs)")
+            log_loss.zero_()
+            log_n, last_log = 0, now
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.time() - start
+    log(f"trained {step} steps, {tokens / 1e6:.1f} M tokens in {train_s:.0f} s ({tokens / train_s / 1e3:.0f} k tok/s)")
+
+    held_loss = heldout_loss(model, held, max(1, B // 2), autocast)
+    log(f"held-out loss {held_loss:.4f} nats/token (ppl {math.exp(held_loss):.2f}) over {n_win} windows of {L}")
+
+    out_dir = Path(a.out)
+    write_checkpoint(model, cfg, tok, out_dir, a.shard_mb)
+    from transformers import AutoModelForCausalLM
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.bfloat16 if cuda else
+                                                          torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise SystemExit(f"reloaded checkpoint does not match: {bad}")
+    reloaded.to(device)
+    re_loss = heldout_loss(reloaded, held, max(1, B // 2), autocast)
+    log(f"reloaded checkpoint (bf16 weights): held-out loss {re_loss:.4f} (ppl {math.exp(re_loss):.2f})")
+
+    try:
+        for h in corpus["headers"][: a.samples]:
+            ids = torch.tensor([tok.encode(h["prompt"]).ids], device=device)
+            with torch.no_grad(), autocast():
+                gen_ids = reloaded.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=eot)
+            print("----- " + h["file"] + "\n" + tok.decode(gen_ids[0].tolist(), skip_special_tokens=False),
+                  flush=True)
+    except Exception as e:  # noqa: BLE001
+        log(f"sample generation failed: {type(e).__name__}: {e}")
+    summary = {"params": n_params, "steps": step, "train_tokens": tokens, "train_seconds": round(train_s, 1),
+               "train_stream_tokens": int(len(train_ids)), "heldout_loss": round(held_loss, 4),
+               "heldout_loss_reloaded_bf16": round(re_loss, 4), "curve": curve, "corpus": corpus["stats"],
+               "args": vars(a)}
+    if a.log_json:
+        Path(a.log_json).write_text(json.dumps(summary, indent=1) + "\n")
+    log("done")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--log-json", default=None, help="write the loss curve and settings here")
+    p.add_argument("--minutes", type=float, default=7.0, help="wall-clock training budget")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    build_corpus.add_args(p)
+    p.set_defaults(max_mb=120.0)
+    p.add_argument("--chat-share", type=float, default=0.08, help="chat text as a share of train text")
+    p.add_argument("--tokenizer-mb", type=float, default=40.0, help="text the tokenizer is trained on")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--full-attention-interval", type=int, default=4)
+    p.add_argument("--attn-heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--gdn-key-heads", type=int, default=2)
+    p.add_argument("--gdn-value-heads", type=int, default=4)
+    p.add_argument("--gdn-head-dim", type=int, default=64)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--moe-intermediate", type=int, default=64)
+    p.add_argument("--shared-intermediate", type=int, default=128)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--max-position-embeddings", type=int, default=4096)
+    p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss weight")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--log-every", type=float, default=20.0, help="seconds between loss lines")
+    p.add_argument("--samples", type=int, default=3, help="greedy completions printed at the end")
+    p.add_argument("--shard-mb", type=float, default=12.0)
+    p.add_argument("--max-weights-mb", type=float, default=24.0)
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.skip_tests, a.max_mb, a.tokenizer_mb = True, min(a.max_mb, 2.0), 1.0
+        a.vocab_size, a.hidden, a.layers, a.full_attention_interval = 512, 64, 4, 4
+        a.attn_heads, a.kv_heads, a.head_dim = 2, 1, 32
+        a.gdn_key_heads, a.gdn_value_heads, a.gdn_head_dim = 2, 4, 16
+        a.experts, a.top_k, a.moe_intermediate, a.shared_intermediate = 8, 2, 32, 32
+        a.seq_len, a.batch, a.warmup, a.eval_windows, a.log_every = 128, 4, 5, 4, 5.0
+        a.max_position_embeddings, a.shard_mb = 512, 0.2
+    return a
+
+
+if __name__ == "__main__":
+    sys.exit(train(parse_args()))

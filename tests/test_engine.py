@@ -1,0 +1,165 @@
+"""LLMEngine on a tiny float32 checkpoint written here: batching, chunking and preemption never change greedy
+outputs; the engine equals a plain model.forward greedy loop; aborts and finishes free every page and slot."""
+
+import random
+
+import pytest
+import torch
+
+from qnext.cache.model_cache import ModelCache
+from qnext.config import EngineConfig
+from qnext.engine.forward_batch import ForwardBatch
+from qnext.engine.llm_engine import LLMEngine
+from qnext.engine.scheduler import QueueFullError
+from qnext.sampling_params import SamplingParams
+
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from qnext.weights.checkpoint_writer import write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", dtype="float32", tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    """(model, model_config) loaded once; each test builds engines (fresh caches) around them."""
+    engine = LLMEngine.from_pretrained(ckpt, EngineConfig(device="cpu", dtype="float32", num_kv_blocks=4))
+    return engine.model, engine.model_config
+
+
+def make_engine(loaded, **kw) -> LLMEngine:
+    kw = {"device": "cpu", "dtype": "float32", "block_size": 4, "num_kv_blocks": 256, **kw}
+    return LLMEngine(loaded[0], loaded[1], EngineConfig(**kw))
+
+
+def run(engine: LLMEngine, requests: dict) -> dict[str, list[int]]:
+    """Add every (prompt, params), step to the end checking integrity; request id -> output token ids."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.outputs[0].token_ids[-len(out.outputs[0].delta_token_ids):] == out.outputs[0].delta_token_ids
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+    s = engine.stats()
+    assert (s.kv_pages_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0)
+    return done
+
+
+def greedy(max_tokens=MAX_TOKENS):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    rng = random.Random(0)
+    vocab = loaded[1].vocab_size
+    lens = [1, 2, 3, 5, 7, 9, 12, 15, 17, 20, 23, 26, 30, 33, 37, 41, 47]
+    return {f"g{i}": [rng.randrange(vocab) for _ in range(n)] for i, n in enumerate(lens)}
+
+
+@pytest.fixture(scope="module")
+def alone(loaded, prompts):
+    """Each greedy prompt run by itself in a fresh engine."""
+    return {rid: run(make_engine(loaded), {rid: (p, greedy())})[rid] for rid, p in prompts.items()}
+
+
+def test_engine_equals_plain_greedy_loop(loaded, prompts, alone):
+    model, cfg = loaded
+    for rid in ("g0", "g6", "g16"):
+        prompt = prompts[rid]
+        cache = ModelCache(cfg, num_blocks=16, block_size=4, num_slots=1, dtype=torch.float32)
+        batch = ForwardBatch.for_prompts([prompt], block_size=4, max_len=len(prompt) + MAX_TOKENS)
+        out = []
+        with torch.inference_mode():
+            for _ in range(MAX_TOKENS):
+                hidden = model(batch, cache)
+                tok = int(model.compute_logits(hidden[batch.logits_indices]).argmax(-1)[0])
+                out.append(tok)
+                batch = batch.next_decode([tok])
+        assert alone[rid] == out, rid
+
+
+def test_batched_with_sampled_neighbours_identical(loaded, prompts, alone):
+    reqs = {rid: (p, greedy()) for rid, p in prompts.items()}
+    vocab = loaded[1].vocab_size
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_TOKENS, seed=7, ignore_eos=True)
+    for i in range(4):  # sampled neighbours, two of them seeded
+        params = seeded if i < 2 else SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS + i, ignore_eos=True)
+        reqs[f"s{i}"] = ([(i * 37 + k) % vocab for k in range(5 + 9 * i)], params)
+    engine = make_engine(loaded, max_num_seqs=32)
+    got = run(engine, reqs)
+    assert {rid: got[rid] for rid in prompts} == alone
+    # a seed gives the same tokens whatever the batch mates
+    seeded_alone = run(make_engine(loaded), {"s0": reqs["s0"]})["s0"]
+    assert got["s0"] == seeded_alone
+
+
+def test_chunked_prefill_identical(loaded, prompts, alone):
+    engine = make_engine(loaded, max_num_seqs=32, max_num_batched_tokens=5)
+    got = run(engine, {rid: (p, greedy()) for rid, p in prompts.items()})
+    assert got == alone
+
+
+def test_preemption_identical(loaded, prompts, alone):
+    # 16 pages of 4 tokens: the longest request (47 + 10) alone needs 15 pages
+    engine = make_engine(loaded, max_num_seqs=8, num_kv_blocks=16, max_num_batched_tokens=32)
+    got = run(engine, {rid: (p, greedy()) for rid, p in prompts.items()})
+    assert engine.stats().num_preemptions > 0
+    assert got == alone
+
+
+def test_abort_frees_pages_and_slots(loaded, prompts):
+    engine = make_engine(loaded, max_num_seqs=4, max_num_batched_tokens=16)
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, greedy())
+    for _ in range(4):
+        engine.step()
+        engine.check_integrity()
+    s = engine.stats()
+    assert s.num_running == 4 and s.num_waiting == len(prompts) - 4 and s.kv_pages_used > 0
+    final = engine.abort_request("g0")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert engine.abort_request("g0") is None
+    for rid in prompts:
+        engine.abort_request(rid)
+    engine.check_integrity()
+    s = engine.stats()
+    assert (s.kv_pages_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0)
+    assert not engine.has_unfinished_requests()
+
+
+def test_limits_and_stops(loaded):
+    engine = make_engine(loaded, num_kv_blocks=8, max_num_seqs=1, max_queue=1)
+    assert engine.max_model_len == 32                       # min(max_position_embeddings, 8 pages * 4)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", [1] * 30, greedy(5))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("bad", [10**6], greedy())
+    with pytest.raises(ValueError, match="no room"):
+        engine.add_request("full", [1] * 32, SamplingParams(max_tokens=None))
+    engine.add_request("a", [1, 2, 3], greedy(4))
+    engine.add_request("b", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
+    with pytest.raises(QueueFullError):
+        engine.add_request("c", [1, 2, 3], greedy())
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["a"].outputs[0].finish_reason == "length" and len(outs["a"].outputs[0].token_ids) == 4
+    assert len(outs["b"].outputs[0].token_ids) == 32 - 3          # max_tokens=None: up to max_model_len
+    # a stop token id ends the request with stop_reason = that id
+    first = outs["a"].outputs[0].token_ids[0]
+    stop = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first])
+    engine.add_request("s", [1, 2, 3], stop)
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    o = outs["s"].outputs[0]
+    assert (o.finish_reason, o.stop_reason, o.token_ids) == ("stop", first, [first])
+    m = outs["s"].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    s = engine.stats()
+    assert s.num_generation_tokens == 4 + 29 + 1 and s.num_prompt_tokens == 9
