@@ -86,8 +86,10 @@ class LLM:
             if "prompt" not in prompt:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
         if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
+            raise ValueError(f"a prompt must be a str, a dict or a list of token ids, got {type(prompt).__name__}")
         if self.engine.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer (no tokenizer.json): give prompts as "
                              "{'prompt_token_ids': [...]}")

@@ -206,6 +206,14 @@ def collect(heldout_permille: int = 30, site_packages: bool = False, skip_tests:
                 key = "site/" + p.relative_to(root).as_posix()
                 site_jobs.append((key, str(p), False, max_file_kb * 1024))
         site_jobs.sort(key=lambda j: _sha1(j[0]))  # a fixed random order, so --max-mb takes a fair sample
+        if max_mb > 0:  # read and parse no more than the budget can use (with room for files dropped)
+            keep, size = [], 0
+            for j in site_jobs:
+                if size > 1.5 * max_mb * 1e6:
+                    break
+                keep.append(j)
+                size += os.path.getsize(j[1])
+            site_jobs = keep
         jobs.extend(site_jobs)
     held_jobs = [j for j in jobs if j[2]]
     train_jobs = [j for j in jobs if not j[2]]
@@ -237,8 +245,9 @@ def collect(heldout_permille: int = 30, site_packages: bool = False, skip_tests:
             heldout.append((res.key, res.text))
             headers.extend(res.headers)
             continue
-        if used + len(res.text) > budget:
+        if used + len(res.text) > budget:  # the budget is full: keep nothing after this file
             skipped["over_budget"] += 1
+            budget = used
             continue
         seen[digest] = res.key
         used += len(res.text)

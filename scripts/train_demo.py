@@ -288,9 +288,10 @@ def train(a: argparse.Namespace) -> int:
     eot = tok.token_to_id("<|endoftext|>")
     log(f"tokenizer: {tok.get_vocab_size()} tokens, trained on {size / 1e6:.1f} MB")
 
-    train_ids = encode_docs(tok, train_docs + chat_docs, eot)
+    stdlib_docs = [t for k, t in corpus["train"] if k.startswith("stdlib/")]
+    train_ids = encode_docs(tok, train_docs + stdlib_docs * (a.stdlib_repeat - 1) + chat_docs, eot)
     held_ids = encode_docs(tok, [t for _, t in corpus["heldout"]], eot)
-    chars = sum(map(len, train_docs)) + sum(map(len, chat_docs))
+    chars = sum(map(len, train_docs + stdlib_docs * (a.stdlib_repeat - 1) + chat_docs))
     log(f"tokens: train {len(train_ids) / 1e6:.2f} M ({chars / len(train_ids):.2f} chars/token, "
         f"{len(chat_docs)} chat docs), held-out {len(held_ids) / 1e6:.3f} M")
 
@@ -409,6 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
     build_corpus.add_args(p)
     p.set_defaults(max_mb=120.0)
+    p.add_argument("--stdlib-repeat", type=int, default=2, help="times the stdlib train files appear")
     p.add_argument("--chat-share", type=float, default=0.08, help="chat text as a share of train text")
     p.add_argument("--tokenizer-mb", type=float, default=40.0, help="text the tokenizer is trained on")
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_hf_model, tiny_config
 from safetensors import safe_open
 
-from conftest import build_hf_model, tiny_config
 from qnext.cache.model_cache import ModelCache
 from qnext.config import ModelConfig
 from qnext.engine.forward_batch import ForwardBatch
@@ -54,3 +54,25 @@ def test_written_hf_weights_load_to_hf_logits(tmp_path, overrides):
     logits = ours.compute_logits(ours(batch, cache))
     ref = hf(torch.tensor([tokens])).logits[0].float()
     assert rel(logits, ref) < 1e-4
+
+
+@torch.inference_mode()
+def test_transformers_reads_our_synthetic_checkpoint(tmp_path):
+    """Our `qnext synth` output is a real checkpoint: transformers loads the weights (MTP skipped) and tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    from transformers import Qwen3NextForCausalLM as HFModel
+
+    path = write_checkpoint(tmp_path / "synth", "tiny", dtype="float32", shard_size="300KB", mtp=True, seed=5)
+    hf = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    ours = Qwen3NextForCausalLM(ModelConfig.from_hf(path), dtype=torch.float32, device="cpu")
+    assert load_weights(ours, path).mtp
+    theirs = hf.state_dict()
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, theirs[name]), name
+    text = "def f(x):\n    return x  # <tool_call>"
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    assert hf_tok(text)["input_ids"] == Tokenizer.from_file(str(path / "tokenizer.json")).encode(text).ids
+    assert hf_tok.eos_token_id == ours.config.eos_token_id[0]
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -113,3 +113,38 @@ def test_bfloat16_inputs_keep_float32_state():
     o_r, s_r = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm_in_kernel=True)
     assert o_c.dtype == torch.bfloat16 and s_c.dtype == torch.float32
     assert rel(o_c, o_r) < 1e-2 and rel(s_c, s_r) < 1e-5
+
+
+def test_slot_indexed_prefill_and_decode_update_the_cache_in_place():
+    """gdn_prefill_ / gdn_decode_ == gates + the plain rule over gathered states, written back to the slots only."""
+    from qnext.ops.delta_rule import gdn_decode_, gdn_gates, gdn_prefill_
+
+    lengths, slots = [5, 70, 2], torch.tensor([4, 0, 2])
+    has_init = torch.tensor([True, False, True])
+    g_ = torch.Generator().manual_seed(8)
+    t = sum(lengths)
+    q, k = torch.randn(t, HK, DK, generator=g_), torch.randn(t, HK, DK, generator=g_)
+    v, a, b = torch.randn(t, HV, DV, generator=g_), torch.randn(t, HV, generator=g_), torch.randn(t, HV, generator=g_)
+    A_log, dt_bias = torch.randn(HV, generator=g_) * 0.5 - 1, torch.randn(HV, generator=g_) * 0.5
+    cache = torch.randn(6, HV, DK, DV, generator=g_)
+    before = cache.clone()
+    cu = torch.tensor([0, 5, 75, 77])
+
+    o = gdn_prefill_(q, k, v, a, b, A_log, dt_bias, cache, slots, has_init, cu)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    h0 = before[slots] * has_init.view(-1, 1, 1, 1)
+    o_ref, s_ref = recurrent_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], initial_state=h0,
+                                              cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    assert rel(o, o_ref[0]) < 1e-5 and rel(cache[slots], s_ref) < 1e-5
+    untouched = torch.tensor([1, 3, 5])
+    assert torch.equal(cache[untouched], before[untouched])
+
+    # one decode token per sequence, vectorised, continuing from the prefilled slots
+    qd, kd = torch.randn(3, HK, DK, generator=g_), torch.randn(3, HK, DK, generator=g_)
+    vd, ad, bd = torch.randn(3, HV, DV, generator=g_), torch.randn(3, HV, generator=g_), torch.randn(3, HV, generator=g_)
+    after_prefill = cache.clone()
+    od = gdn_decode_(qd, kd, vd, ad, bd, A_log, dt_bias, cache, slots)
+    gd, betad = gdn_gates(ad, bd, A_log, dt_bias)
+    od_ref, sd_ref = recurrent_gated_delta_rule(qd[:, None], kd[:, None], vd[:, None], gd[:, None], betad[:, None],
+                                                initial_state=after_prefill[slots], use_qk_l2norm_in_kernel=True)
+    assert rel(od, od_ref[:, 0]) < 1e-5 and rel(cache[slots], sd_ref) < 1e-5

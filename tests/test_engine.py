@@ -163,3 +163,24 @@ def test_limits_and_stops(loaded):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
     s = engine.stats()
     assert s.num_generation_tokens == 4 + 29 + 1 and s.num_prompt_tokens == 9
+
+
+def test_cache_plan(loaded):
+    from qnext.engine.cache_plan import GiB, plan_cache
+    from qnext.model.state import kv_bytes_per_token, state_bytes_per_slot
+
+    cfg, cpu, f32 = loaded[1], torch.device("cpu"), torch.float32
+    block = 16 * kv_bytes_per_token(cfg, f32)
+    slots = 2 * state_bytes_per_slot(cfg, f32)
+    plan = plan_cache(cfg, EngineConfig(kv_cache_memory_gb=0.001, max_num_seqs=2), cpu, f32)
+    assert plan.num_blocks == int((0.001 * GiB - slots) // block) and plan.num_slots == 2
+    assert plan.max_model_len == min(cfg.max_position_embeddings, plan.num_blocks * 16)
+    # never more pages than max_num_seqs sequences of max_model_len can use
+    plan = plan_cache(cfg, EngineConfig(max_num_seqs=2, max_model_len=64), cpu, f32)
+    assert plan.num_blocks == 2 * 64 // 16 and plan.max_model_len == 64
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        plan_cache(cfg, EngineConfig(max_model_len=cfg.max_position_embeddings + 1), cpu, f32)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        plan_cache(cfg, EngineConfig(kv_cache_memory_gb=slots / GiB, max_num_seqs=2), cpu, f32)
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        plan_cache(cfg, EngineConfig(num_kv_blocks=4, max_model_len=100), cpu, f32)

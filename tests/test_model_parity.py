@@ -211,6 +211,10 @@ def test_meta_construction(hf_config_dict):
     assert params["model.layers.0.linear_attn.in_proj_qkvz.weight"].shape == (2 * 2 * 16 + 2 * 4 * 24, 64)
     assert params["model.layers.0.linear_attn.conv1d.weight"].shape == (2 * 2 * 16 + 4 * 24, 1, 4)
     assert params["model.layers.2.self_attn.q_proj.weight"].shape == (2 * 4 * 32, 64)
+    tied = Qwen3NextForCausalLM(ModelConfig.from_hf(tiny_config(tie_word_embeddings=True)), device="meta")
+    assert "lm_head.weight" not in dict(tied.named_parameters())
+    tied.to_empty(device="cpu")
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 def test_state_bytes_of_the_real_model():

@@ -189,3 +189,24 @@ def test_model_cache_shapes_and_state_copy(hf_config_dict):
     assert (cache.ssm[0][2] == 2).all() and (cache.conv[3][2] == 3).all()
     cache.zero_state([1, 2])
     assert (cache.ssm[0] == 0).all() and (cache.conv[3] == 0).all()
+
+
+def test_registry_backend_module_by_function_names(monkeypatch):
+    """A backend module provides ops by defining functions named after them; missing ops fall back to torch."""
+    import sys
+    import types
+
+    from qnext.ops import registry
+
+    module = types.ModuleType("fake_backend_for_test")
+    module.paged_attention = lambda *a, **k: "fake"
+    monkeypatch.setitem(sys.modules, "fake_backend_for_test", module)
+    monkeypatch.setitem(registry.BACKEND_MODULES, "fake", ("fake_backend_for_test",))
+    try:
+        assert resolve_backend("fake", "cpu") == "fake"
+        assert get_op("paged_attention", "fake")() == "fake"
+        assert get_op("causal_conv1d", "fake") is causal_conv1d
+    finally:
+        registry._loaded.pop("fake", None)
+        registry._resolved.pop(("fake", "cpu"), None)
+        registry._impls.pop(("paged_attention", "fake"), None)

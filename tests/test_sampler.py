@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qnext.engine.sampler import Sampler, SamplingRow, make_generator, truncation_masks
+from qnext.engine.sampler import Sampler, SamplingRow, make_generator, truncated_probs
 from qnext.sampling_params import SamplingParams
 
 V = 64
@@ -25,12 +25,12 @@ def test_greedy_is_argmax():
     assert out.sampled.dtype == torch.int64 and out.logprobs == [None] * 3
 
 
-def run_seeded(seed, mates_before, mates_after, steps=20):
+def run_seeded(seed, mates_before, mates_after, steps=20, **target_kw):
     """Sample `steps` tokens for one seeded row placed between other rows; return its tokens."""
     sampler = Sampler()
-    target = row(seed=seed, temperature=0.8, top_p=0.9)
-    mates_b = [row(seed=100 + i) for i in range(mates_before)]
-    mates_a = [row(temperature=1.5) for _ in range(mates_after)]
+    target = row(seed=seed, **target_kw)
+    mates_b = [row(seed=100 + i, top_k=5 + 7 * i) for i in range(mates_before)]
+    mates_a = [row(temperature=1.5, top_k=0 if i % 2 else 50) for i in range(mates_after)]
     rows = mates_b + [target] + mates_a
     for step in range(steps):
         x = logits(len(rows), seed=step + 1000 * len(rows))
@@ -41,11 +41,14 @@ def run_seeded(seed, mates_before, mates_after, steps=20):
     return target.output_token_ids
 
 
-def test_seed_reproducible_regardless_of_batch_mates():
-    alone = run_seeded(7, 0, 0)
-    assert run_seeded(7, 2, 3) == alone
-    assert run_seeded(7, 5, 0) == alone
-    assert run_seeded(8, 0, 0) != alone
+@pytest.mark.parametrize("target_kw", [
+    {"temperature": 0.8, "top_p": 0.9}, {"top_k": 20, "min_p": 0.01}, {"repetition_penalty": 1.3, "top_k": 3},
+])
+def test_seed_reproducible_regardless_of_batch_mates(target_kw):
+    alone = run_seeded(7, 0, 0, **target_kw)
+    assert run_seeded(7, 2, 3, **target_kw) == alone
+    assert run_seeded(7, 5, 0, **target_kw) == alone
+    assert run_seeded(8, 0, 0, **target_kw) != alone
 
 
 def test_sampling_follows_the_distribution():
@@ -53,20 +56,28 @@ def test_sampling_follows_the_distribution():
     n = 20000
     x = probs.log().expand(n, 4).clone()
     g = torch.Generator().manual_seed(0)
-    toks = torch.tensor(Sampler(g).sample(x, [row(temperature=1.0) for _ in range(n)]).token_ids)
+    toks = torch.tensor(Sampler(g).sample(x, [row(temperature=1.0)] * n).token_ids)
     freq = torch.bincount(toks, minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.015)
     # temperature 2 flattens: p^(1/2) renormalised
-    toks = torch.tensor(Sampler(g).sample(x, [row(temperature=2.0) for _ in range(n)]).token_ids)
+    toks = torch.tensor(Sampler(g).sample(x, [row(temperature=2.0)] * n).token_ids)
     want = probs.sqrt() / probs.sqrt().sum()
+    assert torch.allclose(torch.bincount(toks, minlength=4).float() / n, want, atol=0.015)
+    # top_k path: renormalised over the top 3
+    toks = torch.tensor(Sampler(g).sample(x, [row(top_k=3)] * n).token_ids)
+    want = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
     assert torch.allclose(torch.bincount(toks, minlength=4).float() / n, want, atol=0.015)
 
 
 PROBS = torch.tensor([0.02, 0.30, 0.05, 0.25, 0.001, 0.20, 0.15, 0.029])  # sums to 1, no ties
 
 
+def dist(**kw):
+    return truncated_probs(PROBS.log()[None], [SamplingParams(**kw)])[0]
+
+
 def kept(**kw):
-    return set(torch.nonzero(truncation_masks(PROBS[None].clone(), [SamplingParams(**kw)])[0]).flatten().tolist())
+    return set(torch.nonzero(dist(**kw)).flatten().tolist())
 
 
 @pytest.mark.parametrize("kw, want", [
@@ -77,22 +88,32 @@ def kept(**kw):
     ({"top_p": 0.5}, {1, 3}),  # 0.30 + 0.25 >= 0.5: the third token's mass above is 0.55
     ({"top_p": 0.56}, {1, 3, 5}),
     ({"top_p": 0.01}, {1}),  # always at least one token
-    ({"min_p": 0.5}, {1, 3, 5, 6}),  # 0.15 is not < 0.5 * 0.30: kept
+    ({"min_p": 0.49}, {1, 3, 5, 6}),  # p >= 0.147
     ({"min_p": 0.51}, {1, 3, 5}),
     ({"min_p": 0.7}, {1, 3}),
     ({"top_k": 4, "top_p": 0.8}, {1, 3, 5}),  # top_p over the renormalised top 4: 0.30+0.25 = 0.55 < 0.8*0.9
     ({"min_p": 0.1, "top_k": 5, "top_p": 0.9}, {1, 3, 5, 6}),
+    ({"min_p": 0.1, "top_p": 0.9}, {1, 3, 5, 6}),
+    ({"top_k": 6, "temperature": 0.5}, {1, 3, 5, 6, 2, 7}),
 ])
 def test_truncation_masks_exact(kw, want):
     assert kept(**kw) == want
 
 
+def test_truncated_distribution_is_renormalised():
+    d = dist(top_k=3)
+    assert torch.allclose(d[[1, 3, 5]], torch.tensor([0.30, 0.25, 0.20]) / 0.75)
+    assert torch.allclose(dist(top_k=7, top_p=0.56), dist(top_p=0.56))  # the top_k path and the full path agree
+    t = PROBS ** 2 / (PROBS ** 2).sum()  # temperature 0.5 squares the probabilities
+    assert torch.allclose(dist(temperature=0.5, min_p=0.3), torch.where(t >= 0.3 * t.max(), t, 0) / t[t >= 0.3 * t.max()].sum())
+
+
 def test_truncation_rows_use_their_own_settings():
     params = [SamplingParams(top_k=2), SamplingParams(top_p=0.56), SamplingParams(min_p=0.7), SamplingParams()]
-    out = truncation_masks(PROBS.expand(4, 8).clone(), params)
+    out = truncated_probs(PROBS.log().expand(4, 8), params)
     assert [set(torch.nonzero(r).flatten().tolist()) for r in out] == [{1, 3}, {1, 3, 5}, {1, 3}, set(range(8))]
     toks = Sampler(torch.Generator().manual_seed(1)).sample(
-        PROBS.log().expand(3000, 8).clone(), [row(top_k=3) for _ in range(3000)]).token_ids
+        PROBS.log().expand(3000, 8).clone(), [row(top_k=3), row(top_p=0.56)] * 1500).token_ids
     assert set(toks) == {1, 3, 5}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,15 +84,18 @@ def test_written_directory_is_consistent_and_loads(tmp_path):
 
 
 def test_full_preset_streams_in_bounded_shards():
-    """The 80B writes as ~4 GB shards planned before any tensor exists (at most one shard in memory)."""
+    """The 80B is planned as ~4 GB shards whose headers are known before any tensor exists."""
     layout = checkpoint_layout(ModelConfig.from_hf(preset_config("qwen3-coder-next")))
     plan = plan_shards(layout, set(), torch.bfloat16, parse_size("4GB"))
-    assert len(plan) == 40 and max(b for _, _, b in plan) <= 4 * 10**9
-    assert plan[0][0] == "model-00001-of-00040.safetensors"
-    assert abs(sum(b for _, _, b in plan) - 2 * 79.674e9) < 0.01e9
+    assert len(plan) == 40 and max(s.nbytes for s in plan) <= 4 * 10**9
+    assert plan[0].file == "model-00001-of-00040.safetensors"
+    assert abs(sum(s.nbytes for s in plan) - 2 * 79.674e9) < 0.01e9
     quant = {n for n, s in layout.items() if _quantized(n, s)}
     fp8_plan = plan_shards(layout, quant, torch.bfloat16, parse_size("4GB"))
-    assert 80e9 < sum(b for _, _, b in fp8_plan) < 81e9  # ~ Qwen3-Next-80B-FP8's size
+    assert 80e9 < sum(s.nbytes for s in fp8_plan) < 81e9  # ~ Qwen3-Next-80B-FP8's size
+    entries = {name: (dt, shape) for s in fp8_plan for name, dt, shape in s.entries}
+    assert entries["model.layers.0.mlp.experts.9.gate_proj.weight_scale_inv"] == (torch.float32, (4, 16))
+    assert entries["model.layers.0.linear_attn.in_proj_ba.weight"] == (torch.bfloat16, (64, 2048))
     assert parse_size("500MB") == 500 * 10**6 and parse_size("1GiB") == 2**30 and parse_size(7) == 7
 
 
@@ -145,6 +147,21 @@ def test_synthetic_fill_is_sensible_and_seeded():
     assert a["model.layers.3.self_attn.q_norm.weight"].abs().max() < 0.2
     w = a["model.layers.0.mlp.experts.gate_up_proj"]
     assert abs(w.std().item() - 0.02) < 0.002 and all(torch.isfinite(p).all() for p in a.values())
+
+
+@torch.inference_mode()
+def test_synthetic_model_gives_finite_varied_logits():
+    from qnext.cache.model_cache import ModelCache
+    from qnext.engine.forward_batch import ForwardBatch
+    from qnext.model import Qwen3NextForCausalLM
+
+    cfg = ModelConfig.from_hf(preset_config("tiny"))
+    model = fill_synthetic_(Qwen3NextForCausalLM(cfg, dtype=torch.float32, device="cpu"), seed=0)
+    batch = ForwardBatch.for_prompts([list(range(5, 45))], block_size=16)
+    cache = ModelCache(cfg, num_blocks=4, block_size=16, num_slots=1, dtype=torch.float32)
+    logits = model.compute_logits(model(batch, cache))
+    assert torch.isfinite(logits).all() and logits.std() > 1e-3
+    assert len(set(logits.argmax(-1).tolist())) > 1
 
 
 # ---- chat template ------------------------------------------------------------------------------------------------

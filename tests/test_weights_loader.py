@@ -189,3 +189,11 @@ def test_index_errors_and_device_mismatch(tiny_dir, tmp_path):
         load_weights(holder(tiny_dir), tiny_dir, device="cuda:0")
     with pytest.raises(WeightError, match="no safetensors weights"):
         load_weights(holder(tiny_dir), tmp_path / "nowhere")
+
+
+def test_experts_both_fused_and_per_expert_is_an_error(ckpt):
+    def add_fused(t):
+        t[f"{LAYER0_EXPERTS}.down_proj"] = torch.stack([t[f"{LAYER0_EXPERTS}.{e}.down_proj.weight"] for e in range(8)])
+    edit(ckpt, add_fused)
+    with pytest.raises(WeightError, match=f"writes {LAYER0_EXPERTS}.down_proj a second time"):
+        load_weights(holder(ckpt), ckpt)

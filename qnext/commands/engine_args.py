@@ -25,7 +25,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "kv_cache_memory_gb": (float, "memory for KV pages + GDN state slots (default: from free memory)"),
     "gpu_memory_utilization": (float, "fraction of GPU memory qnext may use (weights + cache)"),
     "quantization": (str, "quantize at load time: fp8 | int4"),
-    "seed": (int, "engine seed (unseeded sampling)"),
+    "seed": (int, "seed of sampling for requests without their own seed (reproducible runs)"),
 }
 
 

@@ -26,10 +26,13 @@ log = logging.getLogger("qnext.engine")
 __all__ = ["AsyncEngine", "QueueFullError"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    # set by the engine thread once its add is applied: outputs of an aborted earlier request with the same
+    # id (still in the engine until its abort is drained) never reach this stream
+    live: bool = False
 
     def put(self, item) -> None:
         try:
@@ -70,6 +73,9 @@ class AsyncEngine:
         Leaving the iteration early (break, aclose, task cancelled) aborts the request.
         """
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        if params is None:
+            from qnext.sampling_params import SamplingParams
+            params = SamplingParams()
         with self._lock:
             if self._stopped:
                 raise EngineDeadError("the engine is shut down")
@@ -141,8 +147,8 @@ class AsyncEngine:
             with self._lock:
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue  # aborted meanwhile; the abort is in the inbox
+                    if stream is None or not stream.live:
+                        continue  # aborted meanwhile (the abort is in the inbox), or an id reused since
                     if out.finished:
                         del self._streams[out.request_id]
                     stream.put(out)
@@ -160,12 +166,20 @@ class AsyncEngine:
                 stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(e)
+            return
+        with self._lock:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.live = True
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             streams, self._streams = self._streams, {}
             self._inbox = []
-        self.engine.abort_all()
+        try:
+            self.engine.abort_all()
+        except Exception:  # the engine may be broken; callers are told below either way
+            log.exception("aborting requests after a failure failed")
         for stream in streams.values():
             stream.put(error)
         with self._lock:

@@ -112,7 +112,7 @@ class LLMEngine:
         model = Qwen3NextForCausalLM(cfg, dtype=dtype, device=device).eval()
         if synthetic:
             from qnext.weights.synthetic import fill_synthetic_
-            fill_synthetic_(model, seed=ec.seed)
+            fill_synthetic_(model, seed=0)  # the weights are the model: EngineConfig.seed is for sampling
         else:
             from qnext.weights.loader import load_weights
             load_weights(model, path, device, progress=progress)
@@ -170,6 +170,7 @@ class LLMEngine:
                       **({"arrival_time": arrival_time} if arrival_time is not None else {}))
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if self.tokenizer is not None else None)
+        req.detokenizer = detok
         req.stop_checker = StopChecker(params, self.eos_token_ids, detok, req.max_tokens)
         req.sampling_row = SamplingRow(params, req.prompt_token_ids, output_token_ids=req.output_token_ids,
                                        generator=make_generator(params.seed, self.device))

@@ -16,12 +16,14 @@ Per row, in this order (vLLM's):
      frequency_penalty * count and presence_penalty * (count > 0) subtracted, counts over output ids (OpenAI)
   4. logprobs = log_softmax of these processed logits, before temperature and truncation ("processed" mode:
      what the penalised model assigns; a banned token has -inf). rank = 1 + #tokens with a larger logprob.
-  5. greedy rows (temperature 0 or top_k 1): argmax. Others: softmax(logits / T) -> min_p (drop p < min_p * p_max)
-     -> top_k (keep p >= k-th largest, ties kept) -> top_p (keep a token while the mass ranked above it is
-     < top_p of the remaining mass) -> exponential race: argmax(p / q), q ~ Exp(1).
-Seeds: a row with a generator draws its q from that generator alone, so a seed gives the same tokens whatever
-the batch mates; rows without one share the sampler's generator (torch's default when None). For n > 1 the
-engine should seed completion i with seed + i.
+  5. greedy rows (temperature 0 or top_k 1): argmax. Others: p = softmax(logits / T), then min_p (drop
+     p < min_p * p_max), top_k (the k largest), top_p (keep a token while the mass ranked above it is < top_p
+     of the mass left), then an exponential race: argmax(p / q), q ~ Exp(1) drawn per candidate.
+Rows with top_k work on their k candidates only (one torch.topk over V; no softmax, sort or noise over V);
+rows without top_k use all V tokens (a full sort only when they use top_p).
+Seeds: a row with a generator draws its q from that generator alone (k or V values), so a seed gives the same
+tokens whatever the batch mates; rows without one share the sampler's generator (torch's default when None).
+For n > 1 the engine should seed completion i with seed + i.
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
+class _DeviceIds:
+    """An append-only int64 id list mirrored on a device; only new ids are copied."""
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.empty(64, dtype=torch.int64, device=device)
+        self.n = 0
+
+    def extend(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        need = self.n + len(ids)
+        if need > self.buf.numel():
+            grown = torch.empty(2 * need, dtype=torch.int64, device=self.buf.device)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : need] = torch.tensor(ids, dtype=torch.int64).to(self.buf.device, non_blocking=True)
+        self.n = need
+
+    def tensor(self) -> torch.Tensor:
+        return self.buf[: self.n]
+
+
 @dataclass(eq=False)
 class SamplingRow:
     params: SamplingParams
@@ -49,32 +73,35 @@ class SamplingRow:
     output_token_ids: Sequence[int] = field(default_factory=list)  # live, append-only (shrinking resets caches)
     generator: torch.Generator | None = None  # on the logits' device
     banned_token_ids: Sequence[int] = ()  # masked to -inf for this step
-    # device caches for penalties, built lazily
-    _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False)  # [P] unique int64
-    _out_buf: torch.Tensor | None = field(default=None, init=False, repr=False)  # [capacity] int64
-    _out_len: int = field(default=0, init=False, repr=False)
+    # penalty caches, built lazily on the logits' device
+    _out: _DeviceIds | None = field(default=None, init=False, repr=False)  # output ids, with repeats
+    _seen: _DeviceIds | None = field(default=None, init=False, repr=False)  # unique ids of prompt + output
+    _seen_set: set[int] = field(default_factory=set, init=False, repr=False)
+    _synced: int = field(default=0, init=False, repr=False)  # output ids folded into the caches
 
-    def prompt_ids_tensor(self, device: torch.device) -> torch.Tensor:
-        if self._prompt_ids is None or self._prompt_ids.device != device:
-            t = torch.tensor(list(self.prompt_token_ids), dtype=torch.int64)
-            self._prompt_ids = torch.unique(t).to(device)
-        return self._prompt_ids
+    def _sync(self, device: torch.device) -> None:
+        n = len(self.output_token_ids)
+        if self._out is None or self._out.buf.device != device or n < self._synced:
+            self._out, self._seen, self._synced = _DeviceIds(device), _DeviceIds(device), 0
+            self._seen_set = set(self.prompt_token_ids)
+            self._seen.extend(sorted(self._seen_set))
+        if n > self._synced:
+            new = list(self.output_token_ids[self._synced : n])
+            self._out.extend(new)
+            fresh = [t for t in dict.fromkeys(new) if t not in self._seen_set]
+            self._seen_set.update(fresh)
+            self._seen.extend(fresh)
+            self._synced = n
 
     def output_ids_tensor(self, device: torch.device) -> torch.Tensor:
-        """[len(output_token_ids)] int64 on device; only ids added since the last call are copied."""
-        ids, n = self.output_token_ids, len(self.output_token_ids)
-        buf = self._out_buf
-        if buf is None or buf.device != device or n < self._out_len:
-            buf, self._out_len = torch.empty(max(64, 2 * n), dtype=torch.int64, device=device), 0
-        elif n > buf.numel():
-            grown = torch.empty(2 * n, dtype=torch.int64, device=device)
-            grown[: self._out_len] = buf[: self._out_len]
-            buf = grown
-        if n > self._out_len:
-            buf[self._out_len : n] = torch.tensor(list(ids[self._out_len : n]), dtype=torch.int64).to(device)
-            self._out_len = n
-        self._out_buf = buf
-        return buf[:n]
+        """[len(output_token_ids)] int64."""
+        self._sync(device)
+        return self._out.tensor()
+
+    def seen_ids_tensor(self, device: torch.device) -> torch.Tensor:
+        """[U] int64: the distinct ids of prompt + output."""
+        self._sync(device)
+        return self._seen.tensor()
 
 
 @dataclass
@@ -88,6 +115,10 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0 or p.presence_penalty != 0
 
 
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    return p.top_k if 0 < p.top_k < vocab else 0
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator  # for rows without their own; None = torch's default RNG
@@ -98,144 +129,162 @@ class Sampler:
         if B != len(rows):
             raise ValueError(f"logits has {B} rows but {len(rows)} SamplingRows were given")
         edits = any(r.params.logits_processors or r.banned_token_ids or _has_penalty(r.params) for r in rows)
-        x = logits.to(torch.float32, copy=edits)  # [B, V], processed in place below
+        x = logits.float()  # [B, V]
         if edits:
-            self._apply_processors(x, rows)
-            self._apply_penalties(x, rows)
+            x = x.clone(memory_format=torch.contiguous_format)  # edited in place below
+            apply_processors(x, rows)
+            apply_penalties(x, rows)
 
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        if len(greedy) == B:
-            sampled = x.argmax(dim=-1)
-        elif not greedy:
-            sampled = self._sample_random(x, rows)
-        else:
-            sampled = torch.empty(B, dtype=torch.int64, device=x.device)
-            rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-            gi, ri = torch.tensor(greedy, device=x.device), torch.tensor(rand, device=x.device)
-            sampled[gi] = x[gi].argmax(dim=-1)
-            sampled[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
-
-        token_ids = sampled.tolist()
-        return SamplerOutput(token_ids, sampled, self._logprobs(x, sampled, rows))
-
-    # ---- steps 1-3 --------------------------------------------------------------------------------
-    @staticmethod
-    def _apply_processors(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        sampled = torch.empty(B, dtype=torch.int64, device=x.device)
+        groups = {"greedy": [], "top_k": [], "full": []}
         for i, r in enumerate(rows):
-            for proc in r.params.logits_processors:
-                x[i] = proc(r.output_token_ids, x[i])
-            if r.banned_token_ids:
-                x[i, torch.tensor(list(r.banned_token_ids), dtype=torch.int64, device=x.device)] = float("-inf")
+            kind = "greedy" if r.params.greedy else "top_k" if _top_k(r.params, V) else "full"
+            groups[kind].append(i)
+        for kind, idx in groups.items():
+            if not idx:
+                continue
+            sub = x if len(idx) == B else x[torch.tensor(idx, device=x.device)]
+            if kind == "greedy":
+                tok = sub.argmax(dim=-1)
+            else:
+                params = [rows[i].params for i in idx]
+                probs, order = candidate_probs(sub, params)
+                tok = self._race(probs, [rows[i] for i in idx], [_top_k(p, V) or V for p in params])
+                tok = tok if order is None else order.gather(1, tok.unsqueeze(1)).squeeze(1)
+            if len(idx) == B:
+                sampled = tok
+            else:
+                sampled[torch.tensor(idx, device=x.device)] = tok
+        return SamplerOutput(sampled.tolist(), sampled, compute_logprobs(x, sampled, rows))
 
-    @staticmethod
-    def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-        V, dev = x.shape[1], x.device
-        rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        cnt = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0 or r.params.presence_penalty != 0]
-        if rep:
-            # seen [len(rep), V]: token occurs in prompt or output of that row
-            flat = torch.cat(
-                [torch.cat([rows[i].prompt_ids_tensor(dev), rows[i].output_ids_tensor(dev)]) + j * V for j, i in enumerate(rep)]
-            )
-            seen = torch.zeros(len(rep) * V, dtype=torch.bool, device=dev)
-            seen[flat] = True
-            seen = seen.view(len(rep), V)
-            ri = torch.tensor(rep, device=dev)
-            r = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=dev).unsqueeze(1)
-            xs = x[ri]
-            x[ri] = torch.where(seen, torch.where(xs > 0, xs / r, xs * r), xs)
-        if cnt:
-            # counts [len(cnt), V]: occurrences of each token among the row's output ids
-            flat = torch.cat([rows[i].output_ids_tensor(dev) + j * V for j, i in enumerate(cnt)])
-            counts = torch.zeros(len(cnt) * V, dtype=torch.float32, device=dev)
-            counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
-            counts = counts.view(len(cnt), V)
-            ci = torch.tensor(cnt, device=dev)
-            f = torch.tensor([rows[i].params.frequency_penalty for i in cnt], device=dev).unsqueeze(1)
-            p = torch.tensor([rows[i].params.presence_penalty for i in cnt], device=dev).unsqueeze(1)
-            x[ci] = x[ci] - f * counts - p * (counts > 0).float()
+    def _race(self, probs: torch.Tensor, rows: Sequence[SamplingRow], widths: Sequence[int]) -> torch.Tensor:
+        """probs [R, W] candidate weights (0 = excluded) -> [R] int64 column of the winner: argmax p / q.
 
-    # ---- step 5 -----------------------------------------------------------------------------------
-    def _sample_random(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """x [R, V] processed logits of non-greedy rows -> [R] int64 token ids."""
-        dev = x.device
-        params = [r.params for r in rows]
-        temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-        probs = torch.softmax(x / temp, dim=-1)  # [R, V]
-        probs = truncation_masks(probs, params)
-
+        A seeded row draws exactly widths[j] values (its own k, or V) from its generator, whatever W is.
+        """
         q = torch.empty_like(probs)
         if any(r.generator is None for r in rows):
             q.exponential_(generator=self.generator)
         for j, r in enumerate(rows):
             if r.generator is not None:
-                q[j].exponential_(generator=r.generator)
+                q[j, : widths[j]].exponential_(generator=r.generator)
+                q[j, widths[j] :] = 1.0
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 
-    # ---- step 4 -----------------------------------------------------------------------------------
-    @staticmethod
-    def _logprobs(x: torch.Tensor, sampled: torch.Tensor, rows: Sequence[SamplingRow]) -> list[dict[int, Logprob] | None]:
-        out: list[dict[int, Logprob] | None] = [None] * len(rows)
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if not want:
-            return out
-        wi = torch.tensor(want, device=x.device)
-        lp = torch.log_softmax(x[wi], dim=-1)  # [W, V]
-        tok = sampled[wi].unsqueeze(1)
-        tok_lp = lp.gather(1, tok)  # [W, 1]
-        tok_rank = (lp > tok_lp).sum(dim=1) + 1
-        n_top = max(rows[i].params.logprobs for i in want)
-        top_lp, top_ids = lp.topk(n_top, dim=-1) if n_top > 0 else (lp[:, :0], tok[:, :0])
-        tok_l, tok_lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), tok_rank.tolist()
-        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-        for j, i in enumerate(want):
-            n = rows[i].params.logprobs
-            d = {tok_l[j]: Logprob(tok_lp_l[j], rank_l[j])}
-            for rank, (t, v) in enumerate(zip(top_ids_l[j][:n], top_lp_l[j][:n]), start=1):
-                d.setdefault(t, Logprob(v, rank))
-            out[i] = d
-        return out
+
+# ---- steps 1-3: processed logits ---------------------------------------------------------------
+def apply_processors(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        for proc in r.params.logits_processors:
+            x[i] = proc(r.output_token_ids, x[i])
+        if r.banned_token_ids:
+            x[i, torch.tensor(list(r.banned_token_ids), dtype=torch.int64, device=x.device)] = float("-inf")
 
 
-def truncation_masks(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """probs [R, V] (rows sum to 1) -> the same with tokens outside min_p / top_k / top_p set to 0 (not renormalised).
+def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place on contiguous x [B, V]; touches only the ids each row has seen (gather/scatter on the flat view)."""
+    V, dev, flat_x = x.shape[1], x.device, x.view(-1)
+    rep = [(i, r) for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = [r.seen_ids_tensor(dev) for _, r in rep]
+        seen = [t[t < V] for t in seen]  # ids past the logits' width would land in the next row
+        flat = torch.cat([t + i * V for t, (i, _) in zip(seen, rep)])  # distinct within a row, rows disjoint
+        pen = torch.cat([torch.full(t.shape, r.params.repetition_penalty, device=dev) for t, (_, r) in zip(seen, rep)])
+        v = flat_x[flat]
+        flat_x[flat] = torch.where(v > 0, v / pen, v * pen)
+    cnt = [(i, r) for i, r in enumerate(rows) if r.params.frequency_penalty != 0 or r.params.presence_penalty != 0]
+    for i, r in cnt:
+        out = r.output_ids_tensor(dev)
+        out = out[out < V]
+        if out.numel() == 0:
+            continue
+        row = x[i]
+        if r.params.frequency_penalty != 0:
+            row.index_add_(0, out, torch.full(out.shape, -r.params.frequency_penalty, device=dev))  # once per occurrence
+        if r.params.presence_penalty != 0:
+            row[torch.unique(out)] -= r.params.presence_penalty
 
-    Rows with top_k only look at their top max(k) tokens (torch.topk); a full sort is paid only by rows that
-    use top_p without top_k. top_k keeps ties with the k-th value (within the top max(k) of the group).
+
+# ---- step 5: candidates ------------------------------------------------------------------------
+def candidate_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Processed logits x [R, V] of non-greedy rows -> (probs [R, W], order [R, W] | None).
+
+    probs are the truncated, renormalised sampling weights over W candidates; order maps a candidate column to
+    its token id (None: the columns are the token ids, W = V). Either every row has top_k (W = max k, sorted
+    descending) or none has (W = V).
     """
-    dev, V = probs.device, probs.shape[1]
+    dev, V = x.device, x.shape[1]
+    temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    ks = [_top_k(p, V) for p in params]
+    if all(ks):
+        cand, order = x.topk(max(ks), dim=-1)  # [R, kmax] largest logits, descending
+        in_k = torch.arange(cand.shape[1], device=dev).unsqueeze(0) < torch.tensor(ks, device=dev).unsqueeze(1)
+        probs = torch.softmax(torch.where(in_k, cand / temp, float("-inf")), dim=-1)
+        return _renorm(probs * _truncate_sorted(probs, params)), order
+    if any(ks):
+        raise ValueError("candidate_probs: rows must all use top_k or none")
+    probs = torch.softmax(x / temp, dim=-1)  # [R, V]
+    if any(p.top_p < 1 for p in params):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, _truncate_sorted(sorted_p, params))
+    elif any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+        keep = probs >= min_p * probs.amax(dim=-1, keepdim=True)
+    else:
+        return probs, None
+    return _renorm(probs * keep), None
+
+
+def _truncate_sorted(sorted_p: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """sorted_p [R, W] probabilities, descending -> keep [R, W] bool after min_p then top_p."""
+    dev = sorted_p.device
+    keep = torch.ones_like(sorted_p, dtype=torch.bool)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-        probs = torch.where(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0, probs)
-    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-    with_k = [i for i, k in enumerate(ks) if k > 0]
-    sort_all = [i for i, (k, p) in enumerate(zip(ks, params)) if k == 0 and p.top_p < 1]
-    if not with_k and not sort_all:
-        return probs
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    for idx in (with_k, sort_all):
+        keep = sorted_p >= min_p * sorted_p[:, :1]
+    if any(p.top_p < 1 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+        kept_p = sorted_p * keep
+        above = kept_p.cumsum(dim=-1) - kept_p  # mass ranked strictly above each position
+        keep &= (above < top_p * kept_p.sum(dim=-1, keepdim=True)) | (top_p >= 1)
+    return keep
+
+
+def _renorm(p: torch.Tensor) -> torch.Tensor:
+    return p / p.sum(dim=-1, keepdim=True)
+
+
+def truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The sampling distribution over all V tokens, [R, V]; rows are grouped as the sampler groups them."""
+    R, V = logits.shape
+    out = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
+    for use_k in (True, False):
+        idx = [i for i, p in enumerate(params) if bool(_top_k(p, V)) == use_k]
         if idx:
-            sub = probs[idx] if len(idx) < len(params) else probs
-            keep_sub = _keep_top(sub, [ks[i] for i in idx], [params[i].top_p for i in idx])
-            if len(idx) < len(params):
-                keep[torch.tensor(idx, device=dev)] = keep_sub
-            else:
-                keep = keep_sub
-    return torch.where(keep, probs, 0.0)
+            probs, order = candidate_probs(logits[idx].float(), [params[i] for i in idx])
+            out[idx] = probs if order is None else torch.zeros(len(idx), V, device=logits.device).scatter_(1, order, probs)
+    return out
 
 
-def _keep_top(probs: torch.Tensor, ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """probs [R, V] -> keep mask [R, V] bool for top_k (k > 0 for every row, or 0 for none) then top_p."""
-    dev = probs.device
-    if ks[0] > 0:
-        sorted_p, order = probs.topk(max(ks), dim=-1)  # [R, kmax], descending
-        kth = sorted_p.gather(1, torch.tensor(ks, device=dev).unsqueeze(1) - 1)  # [R, 1]
-        keep_sorted = sorted_p >= kth
-        sorted_p = torch.where(keep_sorted, sorted_p, 0.0)
-    else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [R, V]
-        keep_sorted = torch.ones_like(sorted_p, dtype=torch.bool)
-    top_p = torch.tensor(top_ps, device=dev).unsqueeze(1)
-    above = sorted_p.cumsum(dim=-1) - sorted_p  # mass ranked strictly above each sorted position
-    keep_sorted &= (above < top_p * sorted_p.sum(dim=-1, keepdim=True)) | (top_p >= 1)
-    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
+# ---- step 4: logprobs ---------------------------------------------------------------------------
+def compute_logprobs(x: torch.Tensor, sampled: torch.Tensor, rows: Sequence[SamplingRow]) -> list[dict[int, Logprob] | None]:
+    out: list[dict[int, Logprob] | None] = [None] * len(rows)
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return out
+    wi = torch.tensor(want, device=x.device)
+    lp = torch.log_softmax(x[wi], dim=-1)  # [W, V]
+    tok = sampled[wi].unsqueeze(1)
+    tok_lp = lp.gather(1, tok)  # [W, 1]
+    tok_rank = (lp > tok_lp).sum(dim=1) + 1
+    n_top = max(rows[i].params.logprobs for i in want)
+    top_lp, top_ids = lp.topk(n_top, dim=-1) if n_top > 0 else (lp[:, :0], tok[:, :0])
+    tok_l, tok_lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), tok_rank.tolist()
+    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    for j, i in enumerate(want):
+        n = rows[i].params.logprobs
+        d = {tok_l[j]: Logprob(tok_lp_l[j], rank_l[j])}
+        for rank, (t, v) in enumerate(zip(top_ids_l[j][:n], top_lp_l[j][:n]), start=1):
+            d.setdefault(t, Logprob(v, rank))
+        out[i] = d
+    return out

@@ -81,8 +81,18 @@ class Qwen3NextForCausalLM(nn.Module):
         kw = dict(dtype=self.dtype, device=device)
         self.model = Qwen3NextModel(cfg, ops_backend=ops_backend, **kw)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
-        if cfg.tie_word_embeddings:  # one parameter under both names; named_parameters() lists it once
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """tie_word_embeddings: one parameter under both names (named_parameters() lists only the embedding)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .to_empty() from meta replace parameters module by module, which would untie them
+        out = super()._apply(fn, recurse)
+        self.tie_weights()
+        return out
 
     def forward(self, batch, cache) -> torch.Tensor:
         """One step over a ForwardBatch -> final-normed hidden states [T, hidden]; updates the cache in place."""

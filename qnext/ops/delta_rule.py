@@ -7,6 +7,8 @@ Layout follows flash-linear-attention: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g 
 [B, T, Hv]; Hv % Hk == 0 and value head h reads key head h // (Hv / Hk). With cu_seqlens [N+1], B must be 1 and the
 T axis holds N sequences back to back; initial_state / final state are [N, Hv, Dk, Dv] float32 (N = B otherwise).
 Outputs come back in v's dtype, states in float32.
+gdn_prefill_ / gdn_decode_ wrap them for the GDN layer: raw gate inputs, state read from and written back to the
+cache's slots (fast backends do that in place, without the gather/scatter copies).
 """
 
 from __future__ import annotations
@@ -137,3 +139,56 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     """Same contract as recurrent_gated_delta_rule, computed chunk_size tokens at a time."""
     return _run(_chunked, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
                 chunk=chunk_size)
+
+
+# ---- slot-indexed entry points: what the GDN layer calls (fast backends update the cache in place) ---------------
+
+def gdn_gates(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Raw in_proj_ba outputs a, b [T, Hv] -> (g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)), float32."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float()), b.float().sigmoid()
+
+
+def _slot_states(ssm_cache: Tensor, slots: Tensor, has_initial_state: Tensor | None) -> Tensor:
+    state = ssm_cache.index_select(0, slots).float()                       # [N, Hv, Dk, Dv]
+    if has_initial_state is not None:
+        state = state.masked_fill(~has_initial_state.view(-1, 1, 1, 1), 0)
+    return state
+
+
+@register("gdn_prefill_", "torch")
+def gdn_prefill_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                 ssm_cache: Tensor, state_slots: Tensor, has_initial_state: Tensor, cu_seqlens: Tensor,
+                 scale: float | None = None, chunk_size: int = 64) -> Tensor:
+    """Varlen prefill chunks, state read from and written back to the cache slots.
+
+    q, k [T, Hk, Dk]; v [T, Hv, Dv]; a, b [T, Hv] raw; A_log, dt_bias [Hv]; ssm_cache [num_slots, Hv, Dk, Dv];
+    state_slots [N]; has_initial_state [N] bool (false: start from zeros); cu_seqlens [N+1] -> o [T, Hv, Dv]
+    in v.dtype. q and k are L2-normalised, q scaled by `scale` (default Dk^-0.5)."""
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    slots = state_slots.long()
+    o, final = chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], scale=scale,
+                                      initial_state=_slot_states(ssm_cache, slots, has_initial_state),
+                                      cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True, chunk_size=chunk_size)
+    ssm_cache.index_copy_(0, slots, final.to(ssm_cache.dtype))
+    return o[0]
+
+
+@register("gdn_decode_", "torch")
+def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                ssm_cache: Tensor, state_slots: Tensor, has_initial_state: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Token-by-token step(s), same arguments as gdn_prefill_; cu_seqlens None means one token per sequence
+    (T = N, vectorised over sequences); has_initial_state None means all true."""
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    slots = state_slots.long()
+    h0 = _slot_states(ssm_cache, slots, has_initial_state)
+    if cu_seqlens is None:   # [N, 1, ...]: the batch axis carries the sequences
+        o, final = recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+                                              scale=scale, initial_state=h0, use_qk_l2norm_in_kernel=True)
+        o = o[:, 0]
+    else:
+        o, final = recurrent_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], scale=scale,
+                                              initial_state=h0, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+        o = o[0]
+    ssm_cache.index_copy_(0, slots, final.to(ssm_cache.dtype))
+    return o

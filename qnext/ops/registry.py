@@ -1,4 +1,4 @@
-"""Op registry: each op has a "torch" reference backend; GPU backends register themselves when imported.
+"""Op registry: each op has a "torch" reference backend; GPU backends are imported lazily from BACKEND_MODULES.
 
     @register("paged_attention", "torch")
     def paged_attention(...): ...
@@ -22,18 +22,22 @@ log = logging.getLogger(__name__)
 OPS = (
     "chunk_gated_delta_rule",      # prefill chunks of the GDN recurrence
     "recurrent_gated_delta_rule",  # token-by-token GDN recurrence (decode)
+    "gdn_prefill_",                # GDN gates + chunked rule, state in place at cache slots (what the layer calls)
+    "gdn_decode_",                 # GDN gates + recurrent step, state in place at cache slots (what the layer calls)
     "causal_conv1d",               # varlen causal depthwise conv + SiLU with conv state
     "causal_conv1d_update",        # one-token conv step
     "paged_attention",             # write K/V at slot_mapping, attend over the paged cache
 )
 
-# Modules that register a backend's ops when imported; a module that fails to import leaves its backend out.
+# Modules that provide a backend's ops. A module provides an op by defining a function named after it (same
+# signature as the torch reference), by registering on import, or from register_backend(name), which is called.
+# A module that fails to import (no GPU packages) is skipped; a backend none of whose modules import is unavailable.
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("qnext.ops.delta_rule", "qnext.ops.causal_conv", "qnext.ops.paged_attention"),
-    "fla": ("qnext.ops.fla_backend",),
-    "triton": ("qnext.ops.triton_backend",),
+    "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention"),
+    "fla": ("qnext.ops.fla_gdn",),
 }
-AUTO_ORDER = ("fla", "triton")  # preference on CUDA; CPU always gets "torch"
+AUTO_ORDER = ("triton", "fla")  # preference on CUDA; CPU always gets "torch"
 
 _impls: dict[tuple[str, str], Callable] = {}
 _loaded: dict[str, bool] = {}
@@ -55,13 +59,20 @@ def _load(backend: str) -> bool:
     if backend not in _loaded:
         if backend not in BACKEND_MODULES:
             raise ValueError(f"unknown ops backend {backend!r} (known: {', '.join(BACKEND_MODULES)}, auto)")
-        try:
-            for module in BACKEND_MODULES[backend]:
-                importlib.import_module(module)
-            _loaded[backend] = True
-        except Exception as e:  # a missing GPU package or a GPU-less machine
-            log.info("ops backend %s unavailable: %s", backend, e)
-            _loaded[backend] = False
+        ok = False
+        for name in BACKEND_MODULES[backend]:
+            try:
+                module = importlib.import_module(name)
+                if hasattr(module, "register_backend"):
+                    module.register_backend(backend)
+            except Exception as e:  # a missing GPU package or a GPU-less machine
+                log.info("ops backend %s: %s unavailable: %s", backend, name, e)
+                continue
+            for op in OPS:
+                if callable(getattr(module, op, None)):
+                    _impls.setdefault((op, backend), getattr(module, op))
+            ok = True
+        _loaded[backend] = ok
     return _loaded[backend]
 
 

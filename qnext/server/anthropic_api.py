@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from qnext.server import convert
-from qnext.server.protocol import CountTokensRequest, MessagesRequest
+from qnext.server.errors import APIError, anthropic_body, bad_request
+from qnext.server.protocol import CountTokensRequest, MessagesRequest, ResponseFormat
 from qnext.server.serving import Backend, Generation, until_disconnect
 from qnext.server.sse import SSEResponse, sse_event
 from qnext.server.tool_stream import ToolStream, resolve_tool_choice
@@ -28,6 +29,21 @@ def _prompt(b: Backend, body) -> tuple[list[int], object]:
     choice = resolve_tool_choice(convert.anthropic_tool_choice(body.tool_choice), tools, "tool_choice")
     messages = convert.anthropic_messages(body.system, body.messages)
     return b.encode(b.render_chat(messages, choice.template_tools) + choice.forced_prefix), choice
+
+
+def _output_format(output_config: dict | None) -> ResponseFormat | None:
+    """Structured outputs: output_config.format {"type": "json_schema", "schema"} -> OpenAI's response_format."""
+    fmt = (output_config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise bad_request("output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                          "output_config.format")
+    return ResponseFormat(type="json_schema", json_schema={"schema": fmt["schema"]})
+
+
+def _stream_error(e: APIError) -> str:
+    return sse_event("error", anthropic_body(e.status, e.message))
 
 
 def _stop(g: Generation, saw_call: bool) -> tuple[str, str | None]:
@@ -51,15 +67,18 @@ async def count_tokens(body: CountTokensRequest, request: Request):
 async def messages(body: MessagesRequest, request: Request):
     b: Backend = request.app.state.backend
     prompt_ids, choice = _prompt(b, body)
+    procs = [await b.grammars.tool_name(choice.names) if choice.constrain_name else None,
+             await b.grammars.processor(_output_format(body.output_config))]
     params = b.sampling_params(len(prompt_ids), body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                               top_k=body.top_k, stop=body.stop_sequences)
+                               top_k=body.top_k, stop=body.stop_sequences,
+                               logits_processors=[p for p in procs if p is not None])
     mid = f"msg_{uuid.uuid4().hex[:24]}"
-    gen = await b.start(mid, prompt_ids, params, request)
-    parser = ToolStream(choice, b, id_prefix="toolu_")
+    parser = ToolStream(choice, id_prefix="toolu_")
     model = body.model or b.model_name
+    gen = await b.start(mid, prompt_ids, params)  # from here on nothing may raise before the response owns gen
     if body.stream:
-        return SSEResponse(_stream(mid, model, gen, parser))
-    return JSONResponse(await until_disconnect(_full(mid, model, gen, parser), request))
+        return SSEResponse(_stream(mid, model, gen, parser), _stream_error, [gen])
+    return JSONResponse(await until_disconnect(_full(mid, model, gen, parser), request, [gen]))
 
 
 async def _full(mid: str, model: str, gen: Generation, parser: ToolStream) -> dict:
@@ -68,7 +87,7 @@ async def _full(mid: str, model: str, gen: Generation, parser: ToolStream) -> di
         text += out.delta_text
     content, calls = parser.parse_all(text)
     blocks = [{"type": "text", "text": content}] if content else []
-    blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.input} for c in calls]
+    blocks += [c.to_anthropic() for c in calls]
     stop_reason, stop_seq = _stop(gen, bool(calls))
     return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": blocks,
             "stop_reason": stop_reason, "stop_sequence": stop_seq,

@@ -42,14 +42,19 @@ def is_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
+def openai_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code if code is not None else status}}
+
+
+def anthropic_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "invalid_request_error"),
+                                       "message": message}}
+
+
 def error_response(path: str, status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if is_anthropic(path):
-        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "invalid_request_error"),
-                                           "message": message}}
-    else:
-        body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
-                          "param": param, "code": code if code is not None else status}}
+    body = anthropic_body(status, message) if is_anthropic(path) else openai_body(status, message, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

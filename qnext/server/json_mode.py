@@ -1,9 +1,11 @@
-"""`response_format` json_object / json_schema: constrained decoding through xgrammar, as a per-request
-logits processor (`callable(output_token_ids, logits_row) -> logits_row`, see SamplingParams).
+"""Constrained decoding through xgrammar, as per-request logits processors
+(`callable(output_token_ids, logits_row) -> logits_row`, see SamplingParams):
 
-Invariant: every token the processor allows keeps the output a prefix of valid JSON (of the schema), and once
-the value is complete only the stop tokens are allowed, so a request that finishes with reason "stop" holds
-valid JSON. A "length" finish may cut it; that is the client's max_tokens.
+- `response_format` json_object / json_schema: every allowed token keeps the output a prefix of valid JSON (of
+  the schema); once the value is complete only stop tokens are allowed, so a "stop" finish holds valid JSON
+  (a "length" finish may cut it: that is the client's max_tokens).
+- tool_choice required: after the forced `<tool_call>\n<function=`, the output must start with one of the
+  tools' names and `>\n`; from there on it is free (the call's body is the model's).
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def _vocab_type(tokenizer_json: str):
     return xgr.VocabType.RAW
 
 
-class JsonGrammars:
+def _ebnf_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class Grammars:
     """One xgrammar compiler per server (built on first use, in a worker thread); compiled grammars are cached."""
 
     def __init__(self, vocab: dict[str, int], tokenizer_json: str, vocab_size: int, stop_token_ids: list[int]):
@@ -58,11 +64,23 @@ class JsonGrammars:
                 self._vocab_size = size
             return self._compiler
 
-    def _compile(self, kind: str, schema: dict | None):
+    def _compile(self, kind: str, schema: dict | None = None, names: tuple[str, ...] = ()):
         compiler = self._get_compiler()
         if kind == "json_object":
             return compiler.compile_builtin_json_grammar()
+        if kind == "tool_name":
+            alts = " | ".join(_ebnf_string(n) for n in names)
+            return compiler.compile_grammar(f'root ::= ({alts}) ">\\n"')
         return compiler.compile_json_schema(json.dumps(schema), any_whitespace=True)
+
+    async def tool_name(self, names: list[str]) -> Processor | None:
+        """Constrains the output's start to `NAME>\\n` for one of `names`, then lets go; None without xgrammar."""
+        try:
+            import xgrammar  # noqa: F401
+        except ImportError:
+            return None
+        compiled = await asyncio.to_thread(self._compile, "tool_name", None, tuple(names))
+        return _Constrain(compiled, self._vocab_size, release_when_done=True)
 
     async def processor(self, response_format) -> Processor | None:
         """None for text; else a fresh stateful processor for one engine request (never share it)."""
@@ -88,11 +106,13 @@ class JsonGrammars:
 
 
 class _Constrain:
-    def __init__(self, compiled, vocab_size: int):
+    """release_when_done: once the grammar is complete, stop constraining (else: only stop tokens remain)."""
+
+    def __init__(self, compiled, vocab_size: int, release_when_done: bool = False):
         import xgrammar as xgr
 
         self._xgr = xgr
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=release_when_done)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self._seen = 0          # output tokens already fed to the matcher
         self._broken = False    # a token the grammar rejected got through (should not happen): stop constraining
@@ -105,7 +125,7 @@ class _Constrain:
             if not self._broken and not self._matcher.is_terminated():
                 self._broken = not self._matcher.accept_token(int(tok))
         self._seen = len(output_token_ids)
-        if self._broken:
+        if self._broken or self._matcher.is_terminated():  # terminated: released (or only a stop came next)
             return logits
         self._matcher.fill_next_token_bitmask(self._bitmask)
         row = logits.unsqueeze(0)  # a view: masked in place

@@ -11,13 +11,17 @@ from fastapi.responses import JSONResponse
 
 from qnext.sampling_params import SamplingParams
 from qnext.server import convert
-from qnext.server.errors import bad_request
+from qnext.server.errors import APIError, bad_request, openai_body
 from qnext.server.protocol import ChatCompletionRequest, CompletionRequest
 from qnext.server.serving import MAX_N, Backend, Generation, merge, until_disconnect
 from qnext.server.sse import SSEResponse, sse_data
-from qnext.server.tool_stream import ToolStream, resolve_tool_choice
+from qnext.server.tool_stream import ToolChoice, ToolStream, resolve_tool_choice
 
 router = APIRouter()
+
+
+def _stream_error(e: APIError) -> str:
+    return sse_data(openai_body(e.status, e.message, e.param, e.code)) + "data: [DONE]\n\n"
 
 
 def _backend(request: Request) -> Backend:
@@ -29,10 +33,10 @@ def _finish(reason: str | None) -> str:
 
 
 # ---- parameters ------------------------------------------------------------------------------------------
-async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None,
-                  logprobs: int | None) -> list[SamplingParams]:
+async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                  choice: ToolChoice | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; n > 1 gets seeds seed, seed+1, ... (unseeded stays unseeded).
-    Each choice gets its own JSON-mode processor (it is stateful); the logit bias is shared (stateless)."""
+    Each choice gets its own grammar processors (they are stateful); the logit bias is shared (stateless)."""
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
     if body.stop_token_ids:
@@ -40,7 +44,8 @@ async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None,
     bias = b.logit_bias(body.logit_bias)
     out = []
     for i in range(body.n):
-        procs = [p for p in (await b.json.processor(body.response_format), bias) if p is not None]
+        name = await b.grammars.tool_name(choice.names) if choice is not None and choice.constrain_name else None
+        procs = [p for p in (await b.grammars.processor(body.response_format), name, bias) if p is not None]
         out.append(b.sampling_params(
             prompt_len, max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -57,24 +62,31 @@ def _usage(prompt_len: int, gens: list[Generation]) -> dict:
 
 
 # ---- logprobs --------------------------------------------------------------------------------------------
-def _token_entries(b: Backend, out, top_n: int) -> list[tuple[str, float, list[tuple[str, float]]]]:
-    """(token text, logprob, [(top token text, logprob)]) for each token of this delta."""
+def _token_entries(b: Backend, out, top_n: int) -> list[tuple[tuple[str, list[int]], float, list]]:
+    """((text, bytes), logprob, [((text, bytes), logprob)] of the top_n) for each token of this delta."""
     ids = out.delta_token_ids
     lps = (out.logprobs or [])[-len(ids):] if ids else []
+
+    def tok(t: int, lp) -> tuple[str, list[int]]:
+        text = lp.decoded_token if lp is not None and lp.decoded_token is not None else b.token_text(t)
+        return text, b.token_bytes(t, text)
+
     entries = []
-    for tok, d in zip(ids, lps):
-        chosen = d.get(tok)
+    for t, d in zip(ids, lps):
         tops = sorted(d.items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))[:top_n]
-        text = lambda t, lp: lp.decoded_token if lp.decoded_token is not None else b.token_text(t)  # noqa: E731
-        entries.append((text(tok, chosen) if chosen else b.token_text(tok),
-                        chosen.logprob if chosen else float("-inf"),
-                        [(text(t, lp), lp.logprob) for t, lp in tops]))
+        chosen = d.get(t)
+        entries.append((tok(t, chosen), chosen.logprob if chosen else float("-inf"),
+                        [(tok(tt, lp), lp.logprob) for tt, lp in tops]))
     return entries
 
 
+def _lp(v: float) -> float:
+    return max(v, -9999.0)  # JSON has no -inf (OpenAI's floor)
+
+
 def _chat_logprobs(entries) -> list[dict]:
-    def one(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(text.encode("utf-8"))}
+    def one(tok: tuple[str, list[int]], lp: float) -> dict:
+        return {"token": tok[0], "logprob": _lp(lp), "bytes": tok[1]}
     return [{**one(t, lp), "top_logprobs": [one(tt, tlp) for tt, tlp in tops]} for t, lp, tops in entries]
 
 
@@ -84,10 +96,10 @@ class _CompletionLogprobs:
 
     def chunk(self, entries) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for text, lp, tops in entries:
+        for (text, _), lp, tops in entries:
             out["tokens"].append(text)
-            out["token_logprobs"].append(max(lp, -9999.0))
-            out["top_logprobs"].append({t: max(v, -9999.0) for t, v in tops})
+            out["token_logprobs"].append(_lp(lp))
+            out["top_logprobs"].append({t: _lp(v) for (t, _), v in tops})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
@@ -115,15 +127,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = b.encode(prompt_text + choice.forced_prefix)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    params = await _params(b, body, len(prompt_ids), max_tokens, top_n)
+    params = await _params(b, body, len(prompt_ids), max_tokens, top_n, choice)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    gens = await b.start_n(rid, prompt_ids, params, request)
-    parsers = [ToolStream(choice, b) for _ in gens]
+    parsers = [ToolStream(choice) for _ in params]
     meta = {"id": rid, "created": int(time.time()), "model": b.model_name}
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    gens = await b.start_n(rid, prompt_ids, params)  # from here on nothing may raise before the response owns gens
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_chat_stream(b, meta, gens, parsers, len(prompt_ids), top_n, usage))
-    return JSONResponse(await until_disconnect(_chat_full(b, meta, gens, parsers, len(prompt_ids), top_n), request))
+        return SSEResponse(_chat_stream(b, meta, gens, parsers, len(prompt_ids), top_n, usage), _stream_error, gens)
+    return JSONResponse(await until_disconnect(_chat_full(b, meta, gens, parsers, len(prompt_ids), top_n),
+                                               request, gens))
 
 
 async def _chat_full(b: Backend, meta: dict, gens, parsers, prompt_len: int, top_n: int | None) -> dict:
@@ -139,8 +152,7 @@ async def _chat_full(b: Backend, meta: dict, gens, parsers, prompt_len: int, top
         msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
         finish = _finish(g.finish_reason)
         if calls:
-            msg["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            msg["tool_calls"] = [c.to_openai() for c in calls]
             finish = "tool_calls" if finish == "stop" else finish
         choices.append({"index": i, "message": msg,
                         "logprobs": {"content": logprobs[i]} if logprobs[i] is not None else None,
@@ -224,24 +236,26 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix:
         raise bad_request("suffix is not supported; use a fill-in-the-middle prompt instead", "suffix")
     prompts = _prompts(b, body.prompt)
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for this route
+    params = [await _params(b, body, len(ids), max_tokens, body.logprobs) for ids in prompts]
+    echo = [b.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
+    prompt_len = sum(len(p) for p in prompts)
     rid = f"cmpl-{uuid.uuid4().hex}"
+    meta = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": b.model_name}
+    usage = body.stream_options is not None and body.stream_options.include_usage
     gens: list[Generation] = []
-    try:
+    try:  # choice index = prompt index * n + i
         for k, ids in enumerate(prompts):
-            params = await _params(b, body, len(ids), body.max_tokens, body.logprobs)
-            gens += await b.start_n(f"{rid}-{k}" if len(prompts) > 1 else rid, ids, params, request)
+            gens += await b.start_n(f"{rid}-{k}" if len(prompts) > 1 else rid, ids, params[k])
     except BaseException:
         for g in gens:
             await g.close()
         raise
-    echo = [b.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
-    prompt_len = sum(len(p) for p in prompts) * body.n
-    meta = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": b.model_name}
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_completion_stream(b, meta, gens, echo, body.logprobs, prompt_len, usage))
+        return SSEResponse(_completion_stream(b, meta, gens, echo, body.logprobs, prompt_len, usage),
+                           _stream_error, gens)
     return JSONResponse(await until_disconnect(_completion_full(b, meta, gens, echo, body.logprobs, prompt_len),
-                                               request))
+                                               request, gens))
 
 
 async def _completion_full(b: Backend, meta, gens, echo, top_n, prompt_len) -> dict:

@@ -140,6 +140,7 @@ class MessagesRequest(_Open):
     top_k: int | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema"}, "effort"}
 
 
 class CountTokensRequest(_Open):

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import anyio
 import torch
 
-from qnext.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from qnext.engine.async_engine import EngineDeadError, QueueFullError
+from qnext.sampling_params import CompletionOutput, SamplingParams
 from qnext.server.errors import APIError, bad_request
-from qnext.server.json_mode import JsonGrammars
+from qnext.server.json_mode import Grammars
 from qnext.server.metrics import ServerMetrics
 
 log = logging.getLogger("qnext.server")
@@ -34,6 +36,23 @@ class ServerConfig:
     retry_after_s: int = 1          # Retry-After of a 429
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE: each byte is written as one printable character; this maps it back."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected; its engine requests are aborted."""
 
@@ -42,13 +61,13 @@ class Generation:
     """One admitted engine request. Iterate for CompletionOutputs (deltas filled); close() aborts if unfinished.
 
     Invariant: the log line and the finish metrics are written exactly once, whether the request finished,
-    failed or was aborted.
+    failed or was aborted (closing is shielded from the cancellation of a disconnected client's task).
     """
 
-    def __init__(self, backend: "Backend", request_id: str, prompt_len: int, agen, first: RequestOutput | None,
+    def __init__(self, backend: "Backend", request_id: str, prompt_len: int, agen, first: asyncio.Task,
                  arrival: float):
         self.backend, self.request_id, self.prompt_len = backend, request_id, prompt_len
-        self._agen, self._first, self._arrival = agen, first, arrival
+        self._agen, self._first, self._arrival = agen, first, arrival  # first: the pending first __anext__
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -64,11 +83,9 @@ class Generation:
             if self._ttft is None:
                 self._ttft = now - self._arrival
                 m.ttft.observe(self._ttft)
-                n_itl = n - 1
-            else:
-                n_itl = n
-            for _ in range(n_itl):  # a step may release several tokens: spread the gap evenly
-                m.itl.observe((now - self._last) / n)
+            else:  # a step may release several tokens: spread the gap evenly
+                for _ in range(n):
+                    m.itl.observe((now - self._last) / n)
             self._last = now
             self.num_output_tokens += n
             m.generation_tokens.inc(n)
@@ -79,15 +96,21 @@ class Generation:
         try:
             if self._first is not None:
                 first, self._first = self._first, None
-                self._observe(first.outputs[0])
-                yield first.outputs[0]
-                if first.finished:
+                try:
+                    ro = await first
+                except StopAsyncIteration:
+                    return
+                self._observe(ro.outputs[0])
+                yield ro.outputs[0]
+                if ro.finished:
                     return
             async for ro in self._agen:
                 self._observe(ro.outputs[0])
                 yield ro.outputs[0]
                 if ro.finished:
                     return
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine stopped: {e}") from None
         finally:
             await self.close()
 
@@ -95,7 +118,12 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        await self._agen.aclose()  # the engine's generator aborts an unfinished request on close
+        with anyio.CancelScope(shield=True):
+            if self._first is not None and not self._first.done():
+                self._first.cancel()
+            if self._first is not None:
+                await asyncio.gather(self._first, return_exceptions=True)
+            await self._agen.aclose()  # the engine's generator aborts an unfinished request on close
         reason = self.finish_reason or "abort"
         m = self.backend.metrics
         m.request_success.labels(finished_reason=reason).inc()
@@ -124,7 +152,7 @@ class Backend:
         self.generation_config: dict = dict(core.generation_config or {})
         self.metrics = ServerMetrics(async_engine.stats)
         tok_json = Path(core.model_path or "") / "tokenizer.json"
-        self.json = JsonGrammars(self.tokenizer.get_vocab() if self.tokenizer is not None else {},
+        self.grammars = Grammars(self.tokenizer.get_vocab() if self.tokenizer is not None else {},
                                  tok_json.read_text(encoding="utf-8") if tok_json.is_file() else "{}",
                                  self.vocab_size, list(core.eos_token_ids))
 
@@ -153,6 +181,13 @@ class Backend:
 
     def token_text(self, token_id: int) -> str:
         return self._tok().decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        """The token's own bytes (a byte-level token may hold part of a UTF-8 character, whose text is U+FFFD)."""
+        piece = self._tok().convert_ids_to_tokens([token_id])[0]
+        if piece is None or any(ch not in _BYTE_OF for ch in piece):
+            return list(text.encode("utf-8"))
+        return [_BYTE_OF[ch] for ch in piece]
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
@@ -214,52 +249,38 @@ class Backend:
         return apply
 
     # ---- admission --------------------------------------------------------------------------------
-    async def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    http_request) -> Generation:
-        """Admit one engine request and wait for its first output, so that 429 / 400 are answered as HTTP
-        statuses before any byte of a stream is sent. A client that leaves meanwhile aborts it (ClientGone)."""
-        from qnext.engine.scheduler import QueueFullError
+    async def start(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """Admit one engine request: 400 / 429 / 503 are raised here, before any byte of a response is sent.
 
+        AsyncEngine.generate decides admission synchronously up to its first wait, so one pass of the event
+        loop over its first __anext__ tells admitted from refused without waiting for the first token.
+        """
         arrival = time.monotonic()
         agen = self.engine.generate(request_id, prompt_ids, params)
-        first_task = asyncio.ensure_future(agen.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({first_task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    first = first_task.result()
-                    break
-                if http_request is not None and await http_request.is_disconnected():
-                    first_task.cancel()
-                    await asyncio.gather(first_task, return_exceptions=True)
-                    await agen.aclose()
-                    self.metrics.request_success.labels(finished_reason="abort").inc()
-                    raise ClientGone(request_id)
-        except QueueFullError as e:
-            self.metrics.request_rejected.labels(reason="queue_full").inc()
-            raise APIError(429, f"the server is busy ({e}); retry shortly", code="queue_full",
-                           headers={"Retry-After": str(self.config.retry_after_s)}) from None
-        except ValueError as e:
-            self.metrics.request_rejected.labels(reason="invalid").inc()
-            raise bad_request(str(e)) from None
-        except StopAsyncIteration:
-            first = None
-        except asyncio.CancelledError:
-            first_task.cancel()
-            await asyncio.gather(first_task, return_exceptions=True)
-            await agen.aclose()
-            raise
+        first = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0)
+        if first.done() and first.exception() is not None:
+            e = first.exception()
+            if isinstance(e, QueueFullError):
+                self.metrics.request_rejected.labels(reason="queue_full").inc()
+                raise APIError(429, f"the server is busy ({e}); retry shortly", code="queue_full",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, f"the engine stopped: {e}")
+            if isinstance(e, ValueError):
+                self.metrics.request_rejected.labels(reason="invalid").inc()
+                raise bad_request(str(e))
+            raise e
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return Generation(self, request_id, len(prompt_ids), agen, first, arrival)
 
-    async def start_n(self, request_id: str, prompt_ids: list[int], params: list[SamplingParams],
-                      http_request) -> list[Generation]:
+    async def start_n(self, request_id: str, prompt_ids: list[int], params: list[SamplingParams]) -> list[Generation]:
         """One engine request per choice (n > 1 fans out, seed + i); all admitted or none."""
         gens: list[Generation] = []
         try:
             for i, p in enumerate(params):
                 rid = request_id if len(params) == 1 else f"{request_id}-{i}"
-                gens.append(await self.start(rid, prompt_ids, p, http_request))
+                gens.append(await self.start(rid, prompt_ids, p))
         except BaseException:
             for g in gens:
                 await g.close()
@@ -303,8 +324,9 @@ async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, CompletionOu
             await g.close()
 
 
-async def until_disconnect(coro, http_request):
-    """Run `coro` (a whole non-streaming request); cancel it when the client leaves (ClientGone)."""
+async def until_disconnect(coro, http_request, gens: list[Generation]):
+    """Run `coro` (a whole non-streaming request over `gens`); cancel it when the client leaves (ClientGone).
+    The generations are closed on every way out."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
@@ -316,17 +338,9 @@ async def until_disconnect(coro, http_request):
                 await asyncio.gather(task, return_exceptions=True)
                 raise ClientGone()
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def openai(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        with anyio.CancelScope(shield=True):
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            for g in gens:
+                await g.close()

@@ -1,22 +1,16 @@
-"""Tool calls between the protocols and the model's XML (parsing itself lives in tools.py).
+"""Tool calls between the protocols and the model's XML (the parsing itself is tools.py).
 
-`resolve_tool_choice` decides what the template sees and what is forced; `ToolStream` turns one choice's
-text deltas into protocol-neutral events (text / call / args) for either adapter.
+`resolve_tool_choice` decides what the template lists, what is parsed and what is forced; `ToolStream` turns
+one choice's text deltas into tools.StreamEvents ("text" / "call" / "args") for either adapter.
 Invariant: malformed model output degrades to text; a parser failure never fails the request.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-try:  # DEV: until tools.py lands
-    from qnext.server import tools as tool_parser
-except ImportError:
-    tool_parser = None
+from qnext.server import tools as tool_parser
 from qnext.server.errors import bad_request
 
 log = logging.getLogger("qnext.server")
@@ -24,120 +18,72 @@ log = logging.getLogger("qnext.server")
 
 @dataclass(frozen=True)
 class ToolChoice:
-    tools: list[dict]                 # OpenAI function tools of the request
+    tools: list[dict]                  # OpenAI function tools of the request
     template_tools: list[dict] | None  # what the chat template lists (None: no tools section)
-    parse: bool                       # parse <tool_call> blocks out of the output
-    forced_prefix: str = ""           # appended after the generation prompt (required / named function)
-
-
-def resolve_tool_choice(tool_choice: str | dict | Any | None, tools: list[dict], param: str) -> ToolChoice:
-    """tool_choice (OpenAI form: none / auto / required / {"type": "function", "function": {"name"}}).
-
-    "none" hides the tools from the template (and parses nothing), so the model answers in text.
-    """
-    if hasattr(tool_choice, "model_dump"):
-        tool_choice = tool_choice.model_dump()
-    if not tools:
-        if tool_choice in (None, "none", "auto"):
-            return ToolChoice([], None, False)
-        raise bad_request(f"{param} {_show(tool_choice)} needs a non-empty tools list", param)
-    if tool_choice == "none":
-        return ToolChoice(tools, None, False)
-    if tool_choice in (None, "auto"):
-        return ToolChoice(tools, tools, True)
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-        if name not in {t["function"]["name"] for t in tools}:
-            raise bad_request(f"{param} names the function {name!r}, which is not among the tools", param)
-    return ToolChoice(tools, tools, True, tool_parser.forced_tool_prefix(tool_choice, tools) or "")
-
-
-def _show(tool_choice) -> str:
-    return json.dumps(tool_choice) if isinstance(tool_choice, dict) else repr(tool_choice)
-
-
-@dataclass
-class Event:
-    kind: str          # "text" | "call" (a call starts: id, name) | "args" (a fragment of its JSON arguments)
-    text: str = ""
-    index: int = 0     # call index within the choice
-    id: str = ""
-    name: str = ""
-
-
-@dataclass
-class Call:
-    id: str
-    name: str
-    input: dict = field(default_factory=dict)
+    parse: bool                        # parse <tool_call> blocks out of the output
+    forced_prefix: str = ""            # appended after the generation prompt (required / named function)
+    constrain_name: bool = False       # required: the model must complete the prefix with a tool's name
 
     @property
-    def arguments(self) -> str:
-        return json.dumps(self.input, ensure_ascii=False)
+    def names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+def resolve_tool_choice(tool_choice, tools: list[dict], param: str) -> ToolChoice:
+    """tool_choice in OpenAI or Anthropic form. "none" hides the tools from the template and parses nothing,
+    so the model answers in text (earlier calls in the history still render)."""
+    try:
+        mode, _name = tool_parser.validate_tool_choice(tool_choice, tools)
+        prefix = tool_parser.forced_tool_prefix(tool_choice, tools)
+    except ValueError as e:
+        raise bad_request(str(e), param) from None
+    if not tools or mode == "none":
+        return ToolChoice(tools, None, False)
+    return ToolChoice(tools, tools, True, prefix, constrain_name=mode == "required")
 
 
 class ToolStream:
-    """One choice's output -> events. With forced calls, the forced prefix is fed first: the parser sees the
-    call as the model's own text."""
+    """One choice's output -> events. A forced prefix is fed first: the parser sees the call as the model's."""
 
-    def __init__(self, choice: ToolChoice, backend: Any = None, id_prefix: str = "call_"):
+    def __init__(self, choice: ToolChoice, id_prefix: str = "call_"):
         self.choice, self.id_prefix = choice, id_prefix
-        self._parser = tool_parser.StreamingToolParser(choice.tools) if choice.parse else None
+        self._parser = tool_parser.StreamingToolParser(choice.tools, id_prefix) if choice.parse else None
         self._pending = choice.forced_prefix
-        self._ids: dict[int, str] = {}
 
-    # ---- streaming --------------------------------------------------------------------------------------
-    def feed(self, delta: str) -> list[Event]:
+    def feed(self, delta: str) -> list[tool_parser.StreamEvent]:
         text, self._pending = self._pending + delta, ""
         if not text:
             return []
         if self._parser is None:
-            return [Event("text", text)]
+            return [tool_parser.StreamEvent("text", text)]
         try:
-            return self._map(self._parser.feed(text))
-        except Exception:  # noqa: BLE001 - a parser bug must not fail the request: pass text through
-            log.exception("tool parser failed; passing the rest through as text")
+            return [e for e in self._parser.feed(text) if e.kind != "end"]
+        except Exception:  # noqa: BLE001 - a parser bug must not fail the request: the rest passes as text
+            log.exception("tool parser failed; passing the rest of the output through as text")
             self._parser = None
-            return [Event("text", text)]
+            return [tool_parser.StreamEvent("text", text)]
 
-    def finish(self) -> list[Event]:
-        events = self.feed("") if self._pending else []
+    def finish(self) -> list[tool_parser.StreamEvent]:
+        events = self.feed("")
         if self._parser is None:
             return events
         try:
-            return events + self._map(self._parser.finish())
+            return events + [e for e in self._parser.finish() if e.kind != "end"]
         except Exception:  # noqa: BLE001
-            log.exception("tool parser failed at finish")
+            log.exception("tool parser failed at the end of the output")
             self._parser = None
             return events
 
-    def _map(self, events) -> list[Event]:
-        out = []
-        for ev in events:
-            kind = ev.kind
-            if kind == "text":
-                if ev.text:
-                    out.append(Event("text", ev.text))
-            elif kind == "call":
-                cid = self._ids.setdefault(ev.index, _new_id(self.id_prefix))
-                out.append(Event("call", index=ev.index, id=cid, name=ev.name))
-            elif kind == "args":
-                if ev.text:
-                    out.append(Event("args", ev.text, index=ev.index))
-        return out
-
-    # ---- whole text -------------------------------------------------------------------------------------
-    def parse_all(self, text: str) -> tuple[str, list[Call]]:
+    def parse_all(self, text: str) -> tuple[str, list[tool_parser.ToolCall]]:
+        """Whole output -> (content, calls)."""
         full = self.choice.forced_prefix + text
         if not self.choice.parse:
             return full, []
         try:
-            content, calls = tool_parser.parse_tool_calls(full, self.choice.tools)
+            parser = tool_parser.StreamingToolParser(self.choice.tools, self.id_prefix)
+            parser.feed(full)
+            parser.finish()
         except Exception:  # noqa: BLE001
             log.exception("tool parser failed; answering the output as text")
             return full, []
-        return content, [Call(_new_id(self.id_prefix), c.name, dict(c.arguments)) for c in calls]
+        return parser.content or "", parser.tool_calls

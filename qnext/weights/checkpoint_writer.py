@@ -3,8 +3,9 @@
 Files: config.json, model.safetensors or model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json,
 tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json.
 Tensors use Qwen's on-disk naming (per-expert `experts.E.{gate,up,down}_proj.weight`, interleaved in_proj_qkvz as
-the model holds it). Shards are planned from the layout first, then each is generated, written and dropped, so
-host memory holds one shard at a time (the 80B preset streams through 4 GB shards).
+the model holds it). Shards are planned from the layout first; each file's header is written before its tensors,
+which are then made and written one at a time, so host memory holds one tensor whatever the model size (the 80B
+preset streams at its largest tensor, the 1.2 GB float32 embedding being generated).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import json
 import math
 import re
 import shutil
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qnext.config import ModelConfig
 from qnext.weights import fp8 as fp8_mod
 from qnext.weights.name_map import COPY, DOWN, GATE, MTP, UP, checkpoint_layout, map_name
-from qnext.weights.presets import PRESETS, TOKENIZER_SIZES, preset_config
+from qnext.weights.presets import TOKENIZER_SIZES, preset_config
 from qnext.weights.safetensors_reader import INDEX_FILE, SINGLE_FILE, WeightError
 from qnext.weights.synth_tokenizer import MIN_SIZE, build_tokenizer, special_token_ids, tokenizer_config
 from qnext.weights.synthetic import synthetic_tensor
@@ -33,6 +35,8 @@ CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "chat_templa
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Modules never quantized in Qwen's FP8 checkpoints (small or precision-critical), besides norms and vectors.
 FP8_KEEP = ("in_proj_ba", "gate", "shared_expert_gate", "embed_tokens", "lm_head", "conv1d")
+BLOCK = (128, 128)  # FP8 weight block
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -102,7 +106,7 @@ def write_checkpoint(out_dir: str | Path, config: str | dict | ModelConfig = "ti
     if fp8:
         keep = sorted({n.rsplit(".", 1)[0] for n, s in layout.items()
                        if n.endswith(".weight") and len(s) >= 2 and n not in quant})
-        hf["quantization_config"] = fp8_mod.Fp8Format(block=(128, 128), modules_to_not_convert=tuple(keep)).to_config()
+        hf["quantization_config"] = fp8_mod.Fp8Format(block=BLOCK, modules_to_not_convert=tuple(keep)).to_config()
     cfg = ModelConfig.from_hf(hf)  # validates what we are about to write
     if tokenizer and tok_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer would have {tok_size} entries but vocab_size is {cfg.vocab_size}")
@@ -116,57 +120,76 @@ def write_checkpoint(out_dir: str | Path, config: str | dict | ModelConfig = "ti
     return out
 
 
+@dataclass
+class Shard:
+    file: str
+    names: list[str]                                   # layout names (an FP8 weight brings its scale along)
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # as stored, in order
+    nbytes: int = 0
+
+
 def plan_shards(layout: dict[str, tuple[int, ...]], quant: set[str], dtype: torch.dtype,
-                shard_bytes: int) -> list[tuple[str, list[str], int]]:
-    """[(file name, tensor names, bytes)]: greedy in layout order, each FP8 weight with its scale, no shard above
-    `shard_bytes` unless one tensor alone is larger. One shard -> model.safetensors."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    shards: list[tuple[list[str], int]] = [([], 0)]
+                shard_bytes: int) -> list[Shard]:
+    """Greedy in layout order; no shard above `shard_bytes` unless one tensor alone is larger.
+    One shard -> model.safetensors. Everything stored is known here, before any value exists."""
+    shards = [Shard("", [])]
     for name, shape in layout.items():
-        if name in quant:  # fp8 bytes + float32 scales
-            b = math.prod(shape) + 4 * math.prod(fp8_mod.scale_shape(shape, (128, 128)))
+        if name in quant:
+            stored = [(name, fp8_mod.FP8_DTYPE, shape),
+                      (fp8_mod.scale_names(name)[0], torch.float32, fp8_mod.scale_shape(shape, BLOCK))]
         else:
-            b = math.prod(shape) * elem
-        names, size = shards[-1]
-        if names and size + b > shard_bytes:
-            shards.append(([], 0))
-            names, size = shards[-1]
-        names.append(name)
-        shards[-1] = (names, size + b)
+            stored = [(name, dtype, shape)]
+        b = sum(math.prod(s) * d.itemsize for _, d, s in stored)
+        if shards[-1].names and shards[-1].nbytes + b > shard_bytes:
+            shards.append(Shard("", []))
+        shards[-1].names.append(name)
+        shards[-1].entries += stored
+        shards[-1].nbytes += b
     n = len(shards)
-    return [(SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", names, size)
-            for i, (names, size) in enumerate(shards)]
+    for i, sh in enumerate(shards):
+        sh.file = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    return shards
+
+
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """safetensors header: u64 length + JSON {name: dtype, shape, data_offsets}, space-padded to 8 bytes."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dt, shape in entries:
+        n = math.prod(shape) * dt.itemsize
+        meta[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def _write_tensors(out: Path, layout: dict, quant: set, dtype: torch.dtype, seed: int, shard_bytes: int,
                    source: Callable[[str], torch.Tensor] | None, progress: bool) -> None:
+    """Each shard's header is written first (shapes are known), then its tensors one by one as they are made:
+    host memory holds one tensor at a time, whatever the model size."""
     plan = plan_shards(layout, quant, dtype, shard_bytes)
-    weight_map, total = {}, 0
     bar = tqdm(total=len(layout), unit="tensor", desc="writing weights", disable=not progress)
-    for fname, names, _ in plan:
-        tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            if source is not None:
-                value = source(name).detach().to("cpu")
-                if tuple(value.shape) != layout[name]:
-                    raise WeightError(f"weights give {name} the shape {list(value.shape)}, the config needs "
-                                      f"{list(layout[name])}")
-            else:
-                value = synthetic_tensor(name, layout[name], torch.float32, "cpu", seed)
-            if name in quant:
-                q, s = fp8_mod.quantize(value, (128, 128))
-                tensors[name], tensors[fp8_mod.scale_names(name)[0]] = q, s
-            else:
-                tensors[name] = value.to(dtype=dtype, copy=True).contiguous()  # own storage: no shared views
-            bar.update(1)
-        for name, t in tensors.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        del tensors
+    for shard in plan:
+        with open(out / shard.file, "wb") as f:
+            f.write(_header(shard.entries))
+            for name in shard.names:
+                if source is not None:
+                    value = source(name).detach().to("cpu")
+                    if tuple(value.shape) != layout[name]:
+                        raise WeightError(f"weights give {name} the shape {list(value.shape)}, the config needs "
+                                          f"{list(layout[name])}")
+                else:
+                    value = synthetic_tensor(name, layout[name], torch.float32, "cpu", seed)
+                stored = fp8_mod.quantize(value, BLOCK) if name in quant else (value.to(dtype),)
+                for t in stored:  # little-endian bytes, as safetensors stores them (x86/ARM hosts are LE)
+                    f.write(t.contiguous().view(torch.uint8).numpy().data)
+                bar.update(1)
     bar.close()
     if len(plan) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {name: sh.file for sh in plan for name, _, _ in sh.entries}
+        index = {"metadata": {"total_size": sum(sh.nbytes for sh in plan)},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -181,5 +204,3 @@ def _write_tokenizer(out: Path, size: int, cfg: ModelConfig) -> None:
            "temperature": 1.0, "top_p": 0.95, "top_k": 40, "min_p": 0.01}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
-
-__all__ = ["write_checkpoint", "parse_size", "PRESETS"]

@@ -83,7 +83,7 @@ def check_scale(name: str, shape: tuple[int, ...], s_shape: tuple[int, ...], blo
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """q [..., R, C] fp8, scale [..., ceil(R/b0), ceil(C/b1)] -> [..., R, C] in `dtype` (math in fp32, on q's device)."""
+    """q [..., R, C] fp8, scale [..., ceil(R/b0), ceil(C/b1)] -> [..., R, C] in `dtype` (fp32 math, q's device)."""
     R, C = q.shape[-2:]
     s = scale.to(device=q.device, dtype=torch.float32)
     s = s.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)[..., :R, :C]

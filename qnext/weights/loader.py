@@ -112,7 +112,8 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
 
     report = LoadReport()
     unexpected: list[str] = []
-    done: set[tuple] = set()
+    done: set[tuple] = set()   # (param, kind, expert) written
+    split: set[str] = set()    # fused expert params written per expert
     with SafetensorsCheckpoint(path) as ckpt:
         scale_of = {}
         for name in ckpt.names:
@@ -131,12 +132,15 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
             elif t.param not in params:
                 (report.ignored if name == "lm_head.weight" and tied else unexpected).append(name)
             else:
-                _load_one(ckpt, name, t, params[t.param], scale_of.get(name), block, report)
                 key = (t.param, t.kind, t.expert)
-                if key in done or (t.kind != COPY and (t.param, COPY, None) in done):
+                fused_and_split = (t.param, COPY, None) in done if t.kind != COPY else t.param in split
+                if key in done or fused_and_split:
                     raise WeightError(f"checkpoint tensor {name} writes {t.param} a second time "
                                       f"(the checkpoint stores it both per expert and fused, or twice)")
+                _load_one(ckpt, name, t, params[t.param], scale_of.get(name), block, report)
                 done.add(key)
+                if t.kind != COPY:
+                    split.add(t.param)
             bar.update(info.nbytes + (ckpt.info(scale_of[name]).nbytes if name in scale_of else 0))
         bar.close()
 
@@ -171,7 +175,7 @@ def _load_one(ckpt: SafetensorsCheckpoint, name: str, t: Target, param: torch.Te
         if scale_name is not None:
             raise WeightError(f"tensor {name} has a scale tensor {scale_name} but is stored as {info.dtype}, "
                               f"not FP8 e4m3")
-        value = ckpt.get(name).to(dst.device)
+        value = ckpt.get(name)  # copy_ below moves it host -> device and casts in one step
     else:
         raise WeightError(f"tensor {name} has dtype {info.dtype}; qnext loads F32/BF16/F16 weights and block-FP8 "
                           f"(F8_E4M3 with weight_scale_inv) weights")

@@ -1,7 +1,7 @@
 """Random weights of realistic scale, made directly where they live (no disk), for benchmarks and tests.
 
-Every tensor's values depend only on (seed, tensor name, shape), never on order or device type, so the checkpoint
-writer (per-expert names, CPU) and in-place filling of a model (fused names, GPU) use the same rules:
+Each tensor's values depend on (seed, tensor name, shape, device type), never on the order tensors are made in.
+The checkpoint writer (per-expert names, CPU) and in-place filling of a model (fused names, any device) share rules:
 - matrices and embeddings: N(0, 0.02) (HF initializer_range)
 - zero-centred RMSNorm weights (layer norms, q/k norms, final and MTP norms): N(0, 0.02), i.e. scale ~ 1 + w
 - GDN output norm (plain, y = w * x_hat * silu(z)): N(1, 0.02)

@@ -5,13 +5,13 @@ z of the same heads (r*Dv)]; in_proj_ba per key head: [b (r) | a (r)]. Forward s
 conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
 and finally the gated RMSNorm with silu(z) per value head and out_proj.
-State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back.
+State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
+the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qnext.config import ModelConfig
@@ -58,13 +58,11 @@ class GatedDeltaNet(nn.Module):
         """x [T, hidden] -> [T, hidden]."""
         t, dev, be = x.shape[0], x.device, self.ops_backend
         mixed, z, b, a = self._split(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        slots, fresh = batch.state_slots, ~batch.has_initial_state
-        conv_cache, ssm_cache = cache.conv[self.layer_id], cache.ssm[self.layer_id]
-        conv_state = conv_cache[slots].masked_fill(fresh[:, None, None], 0)             # [B, C, K-1]
-        ssm_state = ssm_cache[slots].masked_fill(fresh[:, None, None, None], 0)         # [B, Hv, Dk, Dv]
-        weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
-        decode = batch.is_decode
+        slots, decode = batch.state_slots, batch.is_decode
 
+        conv_cache = cache.conv[self.layer_id]                                          # [S, C, K-1]
+        conv_state = conv_cache[slots].masked_fill(~batch.has_initial_state[:, None, None], 0)
+        weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
         if decode:
             mixed, conv_state = get_op("causal_conv1d_update", be, dev)(mixed, conv_state, weight)
         else:
@@ -73,20 +71,13 @@ class GatedDeltaNet(nn.Module):
 
         kd = self.hk * self.dk
         q, k, v = mixed.split([kd, kd, self.hv * self.dv], dim=-1)
-        beta = b.float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        # decode: B sequences of one token ([B, 1, ...]); prefill: one varlen row ([1, T, ...]) cut by cu_seqlens
-        shape = (t, 1) if decode else (1, t)
-        q, k = q.reshape(*shape, self.hk, self.dk), k.reshape(*shape, self.hk, self.dk)
-        v, g, beta = v.reshape(*shape, self.hv, self.dv), g.reshape(*shape, self.hv), beta.reshape(*shape, self.hv)
+        q, k, v = q.view(t, self.hk, self.dk), k.view(t, self.hk, self.dk), v.view(t, self.hv, self.dv)
+        ssm_cache = cache.ssm[self.layer_id]                                            # [S, Hv, Dk, Dv] float32
         if decode:
-            out, ssm_state = get_op("recurrent_gated_delta_rule", be, dev)(
-                q, k, v, g, beta, initial_state=ssm_state, use_qk_l2norm_in_kernel=True)
+            out = get_op("gdn_decode_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
+                                                 batch.has_initial_state)
         else:
-            out, ssm_state = get_op("chunk_gated_delta_rule", be, dev)(
-                q, k, v, g, beta, initial_state=ssm_state, cu_seqlens=batch.cu_query_lens,
-                use_qk_l2norm_in_kernel=True)
-        ssm_cache.index_copy_(0, slots, ssm_state.to(ssm_cache.dtype))
-
-        out = self.norm(out.reshape(t, self.hv, self.dv), z)                            # [T, Hv, Dv]
+            out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
+                                                  batch.has_initial_state, batch.cu_query_lens)
+        out = self.norm(out, z)                                                         # [T, Hv, Dv]
         return self.out_proj(out.reshape(t, -1))

@@ -1,0 +1,188 @@
+"""Causal depthwise conv1d (+ SiLU) with a conv state, Triton. Semantics of qnext.ops.causal_conv:
+
+channel c at token t: y = act(sum_j w[c, j] * x[c, t - (K-1) + j]); inputs before a sequence's first new token come
+from its state [C, K-1] (the last K-1 inputs, oldest first; zeros for a fresh sequence); afterwards the state holds
+the last K-1 inputs of (old state ++ new tokens). Math in float32.
+
+fla-core has a causal conv too, but its state keeps K columns (ours, the model cache's, keeps K-1), so these are
+our own small kernels, slot-indexed and in place on the model's conv cache [num_slots, C, K-1]:
+    causal_conv1d_prefill_(x, weight, conv_cache, state_slots, has_initial_state, cu_seqlens) -> y   (2 launches)
+    causal_conv1d_update_(x, weight, conv_cache, state_slots) -> y                                  (1 launch)
+plus registry-compatible wrappers causal_conv1d / causal_conv1d_update (functional: state in, state out).
+x may be a strided view (row stride != C, unit channel stride), e.g. columns of the in_proj output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _conv_prefill_kernel(
+    x_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, seq_ptr, cu_ptr, y_ptr,
+    T, C, stride_xt, stride_yt, stride_ss, stride_sc,
+    KW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr,
+):
+    """grid (cdiv(T, BT), cdiv(C, BC)): y for BT tokens x BC channels; reads (never writes) the state."""
+    ot = tl.program_id(0) * BT + tl.arange(0, BT)
+    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    tmask = ot < T
+    cmask = oc < C
+    seq = tl.load(seq_ptr + ot, mask=tmask, other=0)
+    bos = tl.load(cu_ptr + seq, mask=tmask, other=0)
+    slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
+    init = tl.load(init_ptr + seq, mask=tmask, other=0).to(tl.int32) != 0
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(KW):
+        wj = tl.load(w_ptr + oc * KW + j, mask=cmask, other=0).to(tl.float32)
+        src = ot - (KW - 1) + j                    # input token of tap j
+        inside = src >= bos
+        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + oc[None, :],
+                     mask=(tmask & inside)[:, None] & cmask[None, :], other=0).to(tl.float32)
+        col = (KW - 1) + src - bos                 # state column when src precedes the sequence: 0..K-2
+        sv = tl.load(state_ptr + slot[:, None] * stride_ss + oc[None, :] * stride_sc + col[:, None],
+                     mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
+        acc += (xv + sv) * wj[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + ot.to(tl.int64)[:, None] * stride_yt + oc[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_state_kernel(
+    x_ptr, state_ptr, slots_ptr, init_ptr, cu_ptr,
+    C, stride_xt, stride_ss, stride_sc,
+    KW: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+):
+    """grid (N, cdiv(C, BC)): state[slot] <- last K-1 inputs of (old state ++ tokens [cu[n], cu[n+1]))."""
+    n = tl.program_id(0)
+    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = oc < C
+    bos = tl.load(cu_ptr + n)
+    eos = tl.load(cu_ptr + n + 1)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    init = tl.load(init_ptr + n).to(tl.int32) != 0
+    ow = tl.arange(0, BW)
+    wmask = ow < KW - 1
+    src = eos - (KW - 1) + ow                       # input feeding new state column ow
+    inside = src >= bos
+    xv = tl.load(x_ptr + src.to(tl.int64)[None, :] * stride_xt + oc[:, None],
+                 mask=cmask[:, None] & (wmask & inside)[None, :], other=0)
+    col = (KW - 1) + src - bos
+    base = state_ptr + slot * stride_ss + oc[:, None] * stride_sc
+    sv = tl.load(base + col[None, :], mask=cmask[:, None] & (wmask & (~inside))[None, :] & init, other=0)
+    new = xv.to(tl.float32) + sv.to(tl.float32)
+    tl.debug_barrier()                              # every old column is read before any is overwritten
+    tl.store(base + ow[None, :], new.to(state_ptr.dtype.element_ty), mask=cmask[:, None] & wmask[None, :])
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, w_ptr, state_ptr, slots_ptr, y_ptr,
+    C, stride_xn, stride_yn, stride_ss, stride_sc,
+    KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr,
+):
+    """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
+    state columns, so the in-place shift needs no barrier."""
+    n = tl.program_id(0)
+    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = oc < C
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    base = state_ptr + slot * stride_ss + oc * stride_sc
+    xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + oc, mask=cmask, other=0).to(tl.float32)
+    acc = xv * tl.load(w_ptr + oc * KW + (KW - 1), mask=cmask, other=0).to(tl.float32)
+    prev = tl.load(base, mask=cmask, other=0)       # column 0 (oldest)
+    for j in tl.static_range(1, KW):
+        acc += prev.to(tl.float32) * tl.load(w_ptr + oc * KW + (j - 1), mask=cmask, other=0).to(tl.float32)
+        if j < KW - 1:
+            cur = tl.load(base + j, mask=cmask, other=0)
+            tl.store(base + (j - 1), cur, mask=cmask)
+            prev = cur
+    tl.store(base + (KW - 2), xv.to(state_ptr.dtype.element_ty), mask=cmask)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def _seq_index(cu: Tensor, t: int) -> Tensor:
+    """cu [N+1] -> [T] int32 sequence id of each token (device ops only)."""
+    return (torch.searchsorted(cu.to(torch.int64), torch.arange(t, device=cu.device), right=True) - 1).to(torch.int32)
+
+
+def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
+                           has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
+                           seq_index: Tensor | None = None, bt: int = 32, bc: int = 128) -> Tensor:
+    """x [T, C] (unit channel stride); weight [C, K] (or [C, 1, K]); conv_cache [num_slots, C, K-1];
+    state_slots [N]; has_initial_state [N] bool; cu_seqlens [N+1] -> y [T, C] in x.dtype; state updated in place.
+    seq_index [T] (token -> sequence) may be passed to save its computation."""
+    t, c = x.shape
+    w = weight.reshape(c, -1).contiguous()
+    kw = w.shape[1]
+    if x.stride(1) != 1 or conv_cache.stride(2) != 1:
+        raise ValueError("x and conv_cache need a unit stride in their last dim")
+    y = torch.empty(t, c, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
+    seq = _seq_index(cu_seqlens, t) if seq_index is None else seq_index
+    _conv_prefill_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        x, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, y,
+        t, c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
+        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", num_warps=4)
+    n = cu_seqlens.shape[0] - 1
+    _conv_state_kernel[(n, triton.cdiv(c, 256))](
+        x, conv_cache, state_slots, has_initial_state, cu_seqlens,
+        c, x.stride(0), conv_cache.stride(0), conv_cache.stride(1),
+        KW=kw, BW=triton.next_power_of_2(max(kw - 1, 1)), BC=256, num_warps=4)
+    return y
+
+
+def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
+                          activation: str | None = "silu", bc: int = 256) -> Tensor:
+    """x [N, C] one token per sequence; conv_cache [num_slots, C, K-1] updated in place at state_slots [N]
+    -> y [N, C] in x.dtype."""
+    n, c = x.shape
+    w = weight.reshape(c, -1).contiguous()
+    if x.stride(1) != 1 or conv_cache.stride(2) != 1:
+        raise ValueError("x and conv_cache need a unit stride in their last dim")
+    y = torch.empty(n, c, dtype=x.dtype, device=x.device)
+    _conv_update_kernel[(n, triton.cdiv(c, bc))](
+        x, w, conv_cache, state_slots, y,
+        c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
+        KW=w.shape[1], BC=bc, SILU=activation == "silu", num_warps=4)
+    return y
+
+
+# ---- registry-compatible (qnext.ops.causal_conv) -----------------------------------------------------------------
+
+def causal_conv1d(x: Tensor, weight: Tensor, initial_state: Tensor | None, cu_seqlens: Tensor | list[int],
+                  activation: str | None = "silu") -> tuple[Tensor, Tensor]:
+    """x [T, C]; weight [C, K]; initial_state [N, C, K-1] or None -> (y [T, C], final_state [N, C, K-1])."""
+    cu = torch.as_tensor(cu_seqlens, device=x.device).to(torch.int32)
+    n, c, kw = cu.shape[0] - 1, x.shape[1], weight.shape[-1]
+    if initial_state is None:
+        state = torch.zeros(n, c, kw - 1, dtype=x.dtype, device=x.device)
+    else:
+        state = initial_state.to(x.dtype).contiguous().clone()
+    slots = torch.arange(n, device=x.device, dtype=torch.int32)
+    init = torch.ones(n, dtype=torch.bool, device=x.device)
+    y = causal_conv1d_prefill_(x, weight, state, slots, init, cu, activation)
+    return y, state
+
+
+def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor,
+                         activation: str | None = "silu") -> tuple[Tensor, Tensor]:
+    """x [N, C]; state [N, C, K-1]; weight [C, K] -> (y [N, C], new_state [N, C, K-1])."""
+    new_state = state.contiguous().clone()
+    slots = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+    return causal_conv1d_update_(x, weight, new_state, slots, activation), new_state
+
+
+def register_backend(name: str) -> None:
+    from qnext.ops.registry import register
+    register("causal_conv1d", name)(causal_conv1d)
+    register("causal_conv1d_update", name)(causal_conv1d_update)

@@ -1,0 +1,181 @@
+"""FP8 block-scaled dense linear (the checkpoint's format) for the non-expert projections: y = x @ W_real^T.
+
+W: Fp8BlockWeight, w [N, K] e4m3 + scale_inv [ceil(N/128), ceil(K/128)] float32 (N, K multiples of 128 here, as in
+every Qwen3-Next projection that the FP8 checkpoint quantizes). x [..., K] bf16/fp16 -> y [..., N] in x.dtype.
+
+Paths (fp8_linear(path="auto") picks by the number of rows M):
+* "gemv"  (M <= GEMV_MAX_M, decode): W8A16; one program per (row, BN outputs) streams [BN, NG x 128] weight tiles,
+           dequantizes in registers (the block scale folded into the activations), float32 [BN, NG, 128]
+           accumulator reduced once. Memory bound: goal = weight bytes / HBM bandwidth.
+* "w8a8"  (prefill): activations quantized per (row, 128 columns) to e4m3 with a float32 scale (1 small kernel),
+           then an fp8 x fp8 tl.dot (Hopper fp8 tensor cores) whose per-128-K partial products get
+           a_scale[row] * w_scale[block] — the DeepSeek-style 1x128 / 128x128 scheme.
+* "w8a16" tl.dot in bf16 with the weight tile converted in registers (fallback, and for comparison).
+* "dequant" dequantize W to bf16 and call torch (cuBLAS); "scaled_mm" torch.nn.functional.scaled_mm with
+           BlockWise1x128 / BlockWise128x128 scales when this torch build supports it (scripts/gpu_check.py probes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qnext.ops.quant import FP8_DTYPE, FP8_MAX, Fp8BlockWeight, dequantize_fp8_block
+
+Tensor = torch.Tensor
+
+GEMV_MAX_M = 4
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     BN: tl.constexpr, NG: tl.constexpr):
+    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    j = tl.arange(0, 128)
+    s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BN, NG, 128], dtype=tl.float32)
+    for g0 in range(0, K // 128, NG):
+        gg = g0 + tl.arange(0, NG)
+        kp = gg[:, None] * 128 + j[None, :]
+        km = kp < K
+        xs = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
+        xs = xs * tl.load(s_row + gg, mask=gg * 128 < K, other=0)[:, None]
+        w = tl.load(w_ptr + rows[:, None, None] * stride_wn + kp[None, :, :],
+                    mask=rmask[:, None, None] & km[None, :, :], other=0).to(tl.float32)
+        acc += w * xs[None, :, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
+    """grid (M, K / 128): per (row, 128 columns) scale = amax / 448, q = x / scale in e4m3."""
+    m = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    j = kb * 128 + tl.arange(0, 128)
+    x = tl.load(x_ptr + m * stride_xm + j).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+    tl.store(q_ptr + m * stride_qm + j, tl.clamp(x / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty))
+    tl.store(s_ptr + m * stride_sm + kb, scale)
+
+
+@triton.jit
+def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
+                    stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
+                    W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """grid (cdiv(M, BM) * cdiv(N, BN)); BK = 128 = the scale block; BN divides 128.
+    W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n                    # grouped order: GROUP_M row blocks share each weight tile in L2
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    kk = tl.arange(0, 128)
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    ws_row = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, 128):
+        a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + kk)[:, None], mask=nmask[None, :], other=0.0)
+        ws = tl.load(ws_row + k0 // 128)
+        if W8A8:
+            a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
+            acc += tl.dot(a, w) * (a_s[:, None] * ws)
+        else:
+            acc += tl.dot(a, w.to(a.dtype)) * ws
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def quantize_act_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] (K % 128 == 0) -> (e4m3 [M, K], scales [M, K/128] float32): per (row, 128 columns) amax / 448."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, k // 128, dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m, k // 128)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), num_warps=1)
+    return q, s
+
+
+def _check(w: Fp8BlockWeight) -> tuple[int, int]:
+    n, k = w.w.shape
+    if w.block != 128 or n % 128 or k % 128:
+        raise ValueError(f"fp8 linear kernels need 128x128 blocks and N, K multiples of 128, got {n}x{k}")
+    return n, k
+
+
+def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int = 16, ng: int = 4, num_warps: int = 4) -> Tensor:
+    n, k = _check(w)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    s = w.scale_inv.float().contiguous()
+    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
+        x, w.w, s, y, n, k, x.stride(0), w.w.stride(0), s.stride(0), y.stride(0), BN=bn, NG=ng, num_warps=num_warps)
+    return y
+
+
+def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: int = 128, group_m: int = 8,
+            num_warps: int = 8, num_stages: int = 3) -> Tensor:
+    n, k = _check(w)
+    m = x.shape[0]
+    if w8a8:
+        a, a_s = quantize_act_fp8(x)
+    else:
+        a, a_s = x, x
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    s = w.scale_inv.float().contiguous()
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_dot_kernel[grid](a, a_s, w.w, s, y, m, n, k, a.stride(0), a_s.stride(0), w.w.stride(0), s.stride(0),
+                          y.stride(0), W8A8=w8a8, BM=bm, BN=bn, GROUP_M=group_m,
+                          num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
+    """torch's block-scaled fp8 GEMM (cuBLASLt), if this torch build has it: 1x128 activation scales (M-major
+    layout, M padded to a multiple of 4) and 128x128 weight scales."""
+    m = x.shape[0]
+    pad = (-m) % 4
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    a, a_s = quantize_act_fp8(xp)
+    out = F.scaled_mm(a, w.w.t(), a_s.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                      w.scale_inv.float().t(), F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
+    return out[:m]
+
+
+def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: str = "auto") -> Tensor:
+    """x [..., K] -> [..., N]; path auto | gemv | w8a8 | w8a16 | dequant | scaled_mm."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if path == "auto":
+        path = "gemv" if x2.shape[0] <= GEMV_MAX_M else "w8a8"
+    if path == "gemv":
+        y = fp8_gemv(x2, w)
+    elif path == "w8a8":
+        y = fp8_dot(x2, w, w8a8=True)
+    elif path == "w8a16":
+        y = fp8_dot(x2, w, w8a8=False)
+    elif path == "dequant":
+        y = F.linear(x2, dequantize_fp8_block(w, x.dtype))
+    elif path == "scaled_mm":
+        y = fp8_scaled_mm(x2, w)
+    else:
+        raise ValueError(f"unknown fp8 linear path {path!r}")
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], y.shape[-1])

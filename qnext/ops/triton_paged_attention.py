@@ -1,0 +1,260 @@
+"""Attention over the paged KV cache, Triton. Semantics of qnext.ops.paged_attention (the torch reference):
+
+cache K, V [num_blocks, block_size, Hkv, D]; token p of sequence i sits in page block_tables[i, p // block_size] at
+offset p % block_size; sequence i's q_len_i queries are its last tokens (query j at position seq_len_i - q_len_i + j,
+causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / Hkv (a power of two; 8 here).
+
+* paged_decode_attention: one query per sequence. One program per (sequence, kv head, split of the context) holds
+  the G query heads of its kv head as the rows of one tl.dot (G padded to 16), so every K/V byte is read once for
+  all G heads; BN tokens per step are gathered row by row through the block table (any block_size). With more than
+  one split (long contexts, few sequences) each split writes (acc, max, sum) in float32 and a second kernel merges
+  them (flash-decoding). num_splits is a host choice from max_seq_len, fixed per CUDA-graph bucket.
+* paged_prefill_attention: q_len > 1 (prefill chunks, with or without cached context). One program per
+  (BQ queries of one sequence, kv head); rows are (query, head) pairs, BQ * G of them; online softmax over the
+  visible keys read from the paged cache (the new K/V must already be written there).
+* paged_attention: registry-compatible wrapper (writes K/V at slot_mapping, then one of the two).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    block_size, scale_log2, tokens_per_split, NS, HQ,
+    G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1) or partials [B, Hq, NS] (+ D)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    seq_len = tl.load(seqlens_ptr + b)
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    og = tl.arange(0, BG)
+    gmask = og < G
+    heads = kvh * G + og
+    od = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + od[None, :],
+                mask=gmask[:, None], other=0.0)
+    m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BN):
+        on = n0 + tl.arange(0, BN)
+        nmask = on < end
+        page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
+        off = (on % block_size).to(tl.int64)
+        k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
+                    mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2                                     # [BG, BN], log2 units
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
+                    mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if SPLIT:
+        idx = (b * HQ + heads).to(tl.int64) * NS + sp                               # [BG]
+        tl.store(pm_ptr + idx, m_i, mask=gmask)
+        tl.store(pl_ptr + idx, l_i, mask=gmask)
+        tl.store(po_ptr + idx[:, None] * D + od[None, :], acc, mask=gmask[:, None])
+    else:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + od[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh, NS, HQ,
+                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr):
+    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (empty splits have m = -inf)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    base = (b * HQ + h).to(tl.int64) * NS
+    os_ = tl.arange(0, BS)
+    m = tl.load(pm_ptr + base + os_, mask=os_ < NS, other=float("-inf"))
+    big = tl.max(m, axis=0)
+    l = tl.load(pl_ptr + base + os_, mask=os_ < NS, other=0.0)
+    denom = tl.sum(tl.exp2(m - big) * l, axis=0)
+    od = tl.arange(0, D)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, NS, CH):
+        oc = s0 + tl.arange(0, CH)
+        cm = oc < NS
+        w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf")) - big)
+        part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], axis=0)
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + od, (acc / denom).to(o_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+DECODE_BN = 64
+MIN_TOKENS_PER_SPLIT = 64
+MAX_SPLITS = 256
+
+
+def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device, bn: int = DECODE_BN,
+                  num_splits: int | None = None) -> tuple[int, int]:
+    """-> (num_splits, tokens_per_split): about two programs per SM, splits of at least 64 tokens."""
+    if num_splits is None:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        want = max(1, (2 * sms) // max(1, batch * kv_heads))
+        num_splits = max(1, min(want, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    tokens = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), bn) * bn
+    return triton.cdiv(max(max_seq_len, 1), tokens), tokens
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           scale: float, max_seq_len: int, num_splits: int | None = None,
+                           bn: int = DECODE_BN, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+    """q [B, Hq, D]; k/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
+    seq_lens [B] int32 (>= 1, keys visible to the query, its own included); max_seq_len: host bound on seq_lens
+    (a CUDA-graph bucket's capacity is fine) -> o [B, Hq, D] in q.dtype."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    if hq % hkv or g & (g - 1) or k_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("paged decode needs Hq/Hkv a power of two and unit-stride head dims")
+    ns, tokens = decode_splits(bsz, hkv, max_seq_len, q.device, bn, num_splits)
+    o = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
+    split = ns > 1
+    if split:
+        po = torch.empty(bsz * hq * ns, d, dtype=torch.float32, device=q.device)
+        pm = torch.empty(bsz * hq * ns, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    else:
+        po = pm = pl = o
+    _paged_decode_kernel[(bsz, hkv, ns)](
+        q, k_cache, v_cache, block_tables, seq_lens, o, po, pm, pl,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1], scale * LOG2E, tokens, ns, hq,
+        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+    if split:
+        _paged_merge_kernel[(bsz, hq)](po, pm, pl, o, o.stride(0), o.stride(1), ns, hq,
+                                       D=d, BS=triton.next_power_of_2(ns), CH=16, num_warps=4)
+    return o
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, seqlens_ptr, cuq_ptr, qb_seq_ptr, qb_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    block_size, scale_log2,
+    G: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+):
+    """grid (num q blocks, Hkv); q block j covers queries [qb_start[j], +BQ) of sequence qb_seq[j]."""
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(qb_seq_ptr + qb)
+    i0 = tl.load(qb_start_ptr + qb)
+    q0 = tl.load(cuq_ptr + s)
+    qlen = tl.load(cuq_ptr + s + 1) - q0
+    seq_len = tl.load(seqlens_ptr + s)
+    ctx = seq_len - qlen
+    r = tl.arange(0, BQ * G)
+    qi = i0 + r // G
+    heads = kvh * G + r % G
+    rmask = qi < qlen
+    qpos = ctx + qi
+    od = tl.arange(0, D)
+    qrow = (q0 + qi).to(tl.int64)
+    q = tl.load(q_ptr + qrow[:, None] * stride_qt + heads[:, None] * stride_qh + od[None, :],
+                mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BQ * G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BQ * G], dtype=tl.float32)
+    acc = tl.zeros([BQ * G, D], dtype=tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    kv_end = tl.minimum(seq_len, ctx + i0 + BQ)             # keys past this are invisible to every row
+    for n0 in range(0, kv_end, BN):
+        on = n0 + tl.arange(0, BN)
+        nmask = on < kv_end
+        page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
+        off = (on % block_size).to(tl.int64)
+        k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
+                    mask=nmask[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k)) * scale_log2
+        sc = tl.where((on[None, :] <= qpos[:, None]) & nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))         # key 0 is visible to every row: finite from step 1
+        p = tl.exp2(sc - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
+                    mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + qrow[:, None] * stride_ot + heads[:, None] * stride_oh + od[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                            cu_query_lens: Tensor, query_lens: list[int], scale: float,
+                            bq: int | None = None, bn: int = 32, num_warps: int = 8, num_stages: int = 2) -> Tensor:
+    """q [T, Hq, D] (sequences back to back, bounds cu_query_lens [B+1]); query_lens [B] host ints; the new K/V
+    already in the cache -> o [T, Hq, D]. Causal, bottom-right aligned (query j of sequence i at position
+    seq_len_i - q_len_i + j)."""
+    t, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    if hq % hkv or g & (g - 1) or k_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("paged prefill needs Hq/Hkv a power of two and unit-stride head dims")
+    bq = bq or max(1, 64 // g)
+    seqs, starts = [], []
+    for i, n in enumerate(query_lens):
+        for s0 in range(0, n, bq):
+            seqs.append(i)
+            starts.append(s0)
+    o = torch.empty_like(q)
+    if not seqs:
+        return o
+    table = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
+    _paged_prefill_kernel[(len(seqs), hkv)](
+        q, k_cache, v_cache, o, block_tables, seq_lens, cu_query_lens, table[0], table[1],
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1], scale * LOG2E,
+        G=g, BQ=bq, BN=bn, D=d, num_warps=num_warps, num_stages=num_stages)
+    return o
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *,
+                    slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    query_lens: list[int], context_lens: list[int], scale: float) -> Tensor:
+    """Registry-compatible (qnext.ops.paged_attention): write K/V at slot_mapping, attend -> [T, Hq, D]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if all(n == 1 for n in query_lens):
+        longest = max(c + 1 for c in context_lens)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest)
+    cu = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale)
+
+
+def register_backend(name: str) -> None:
+    from qnext.ops.registry import register
+    register("paged_attention", name)(paged_attention)

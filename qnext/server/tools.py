@@ -1,0 +1,864 @@
+"""Qwen3-Coder tool calls: the model's XML -> typed calls, for whole texts and for streams.
+
+Public API
+----------
+parse_tool_calls(text, tools) -> (content: str | None, calls: list[ToolCall])
+    Whole-text parse. Exactly `StreamingToolParser(tools)`, fed `text`, then finished.
+StreamingToolParser(tools, id_prefix="call_")
+    .feed(delta: str) -> list[StreamEvent]     (any split of the text: same result)
+    .finish() -> list[StreamEvent]             (end of output; call once)
+    .tool_calls: list[ToolCall]                (calls completed so far, in order)
+    .content: str | None                       (all content emitted so far; None when empty)
+StreamEvent(kind, text="", index=0, id="", name="", call=None), kind one of:
+    "text"  content delta (text outside calls)                     -> text
+    "call"  a call starts; its name is complete                     -> index, id, name
+    "args"  a fragment of the call's JSON arguments                 -> index, text
+    "end"   the call is complete                                    -> index, id, name, call (ToolCall)
+    For each call, the "args" texts concatenated are exactly `call.arguments_json`.
+ToolCall(id, name, arguments: dict, arguments_json: str)  (+ .to_openai(), .to_anthropic())
+    arguments_json == json.dumps(arguments, ensure_ascii=False).
+normalize_tools(tools) -> {name: parameters JSON schema}   OpenAI {"type":"function","function":{...}},
+    Anthropic {"name", "input_schema"} or bare {"name", "parameters"} tool dicts; junk entries are skipped.
+convert_value(text, schema, root=None) -> typed value      one parameter's typing rule (below); root: the
+    tool's parameters schema, for local "$ref"s
+validate_tool_choice(tool_choice, tools) -> (mode, name)   mode "auto" | "none" | "required" | "function";
+    OpenAI ("auto", "none", "required", {"type": "function", "function": {"name"}}) and Anthropic
+    ({"type": "auto" | "none" | "any" | "tool", "name"}) forms; ValueError with a clear message otherwise.
+forced_tool_prefix(tool_choice, tools) -> str              "<tool_call>\\n<function=" for required / any,
+    "<tool_call>\\n<function=NAME>\\n" for a named function, "" for auto / none / None. The server appends it
+    after the generation prompt AND feeds it to the parser before the model's text (the parser must see it).
+
+Format: `<tool_call>\\n<function=NAME>\\n<parameter=ARG>\\nVALUE\\n</parameter>\\n...</function>\\n</tool_call>`.
+Tags are exact and case-sensitive.
+
+Rules (one engine serves both entry points, so whole-text and streaming results are identical by construction;
+every decision waits for just enough text to be final, so the split of the input never matters)
+1. Content. Text outside calls is content. A whitespace run (" \\t\\r\\n") directly before a call is dropped,
+   and so is trailing whitespace at the end of an output that had a call. Everything else is kept verbatim,
+   including text between and after calls. content is None when empty.
+2. Openers. `<tool_call>` (anywhere) opens a call only when followed by optional whitespace and a valid
+   `<function=NAME>`; otherwise the `<tool_call>` text is content. A bare `<function=NAME>` (the model dropped
+   `<tool_call>`) opens a call when it starts a line (text start, after "\\n", or right after a call) and, when
+   tools are given, NAME is one of them; otherwise it is content. NAME: text up to `>`, at most 256
+   characters, without "\\n" or "<", stripped, non-empty. A wrapped call with an unknown NAME is kept, with
+   untyped (string) arguments.
+3. End of a call. Inside a call every `</function>` is only a candidate close: the call closes at the LAST
+   `</function>` before the first structural `</tool_call>`, `<tool_call>` or `<function=`, or before the end
+   of text. Structural: at a line start, or the first non-whitespace after the candidate. Precisely: after a
+   candidate, the first of another `</function>` (anywhere) or a structural one of those three markers
+   decides: another `</function>` makes the candidate value text (and becomes the new candidate); the others
+   close the call at the candidate, as does the end of text. Text between the closing `</function>` and a
+   `</tool_call>` is dropped (it is inside the wrapper); before `<tool_call>`, `<function=` or the end of text
+   it is parsed as top-level text again. Without any `</function>`, a `</tool_call>` at a line start (or the
+   end of text) closes the call. So values may hold `</function>`, `</parameter>`, and any tag mid-line; they
+   cannot hold a line starting with `<parameter=NAME>` or `</tool_call>`, nor, after a `</function>`, a line
+   starting with `<tool_call>` or `<function=`.
+4. Parameters. In the call body, `<parameter=NAME>` (NAME as above) starts a parameter when it starts a line
+   (directly after "\\n"); before the first parameter it may stand anywhere. A value's raw segment runs to the
+   next such start or to the end of the body, so a missing `</parameter>` is harmless. From the segment:
+   remove one final `</parameter>` followed only by whitespace, then one leading and one trailing newline
+   ("\\n" or "\\r\\n"). Text before the first parameter is ignored, except that a body with no parameter whose
+   text is a JSON object is taken as the arguments. A repeated parameter name keeps its first value (streamed
+   JSON can never take a key back).
+5. Typing (convert_value), with the tool's JSON schema for that parameter: undeclared parameter or unknown
+   tool -> raw string; a schema without type information -> raw string. Types come from "type" (string or
+   list), local "$ref"s, anyOf / oneOf / allOf members, else enum / const values; "nullable": true adds null. Unknown type
+   names count as string. Then, v = value stripped of whitespace:
+   - null/none (any case) -> None when the schema allows null, or when it has no string type at all;
+   - only string types -> the raw value;
+   - object / array -> JSON, then Python literal (ast.literal_eval), when the result is a dict / list
+     matching the schema; integer -> int ("3", or integral "3.0"); number -> int when v is an integer literal,
+     else float (int when integral and below 2**53; non-finite -> not a number); boolean -> "true"/"false"
+     (any case); tried in that order, then the raw value (string types, or nothing matched).
+6. Streaming arguments. The JSON is `json.dumps(arguments, ensure_ascii=False)` written left to right:
+   `{"key": ` when a parameter's name is complete; a string-only parameter streams its escaped value as it
+   arrives (holding back only a suffix that may still be stripped: a newline, `</parameter>` and what
+   follows it, or a prefix of those; a nullable string also waits until it cannot be null/none); any other
+   value is written when the parameter closes; `}` (or `{}`) when the call ends.
+7. Content streaming holds back only what may still change meaning: a suffix that may start an opener (a
+   prefix of `<tool_call>`, or of `<function=` at a line start), a trailing whitespace run (rule 1), and an
+   opener waiting for its `<function=NAME>` to complete.
+Malformed output degrades to content (or to a call with fewer arguments); nothing here raises on any text.
+Cost: linear in the text for any feeding pattern, except whitespace runs held in rule 7 (quadratic in the run).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ToolCall",
+    "StreamEvent",
+    "StreamingToolParser",
+    "parse_tool_calls",
+    "normalize_tools",
+    "convert_value",
+    "validate_tool_choice",
+    "forced_tool_prefix",
+]
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+FUNCTION_OPEN = "<function="
+FUNCTION_CLOSE = "</function>"
+PARAMETER_OPEN = "<parameter="
+PARAMETER_CLOSE = "</parameter>"
+
+_WS = " \t\r\n"
+_MAX_NAME = 256
+_NEED = "need"      # verdict: more text is needed to decide
+_REJECT = "reject"  # verdict: not a tag; the marker is plain text
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public data
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict
+    arguments_json: str  # == json.dumps(arguments, ensure_ascii=False) == the concatenated "args" deltas
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments_json}}
+
+    def to_anthropic(self) -> dict:
+        return {"type": "tool_use", "id": self.id, "name": self.name, "input": self.arguments}
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    kind: str                    # "text" | "call" | "args" | "end"
+    text: str = ""               # "text": content delta; "args": JSON fragment
+    index: int = 0               # call index in this output ("call", "args", "end")
+    id: str = ""                 # "call", "end"
+    name: str = ""               # "call", "end"
+    call: ToolCall | None = None  # "end"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tools and typing
+
+
+def normalize_tools(tools: list[dict] | None) -> dict[str, dict]:
+    """{name: parameters schema} from OpenAI- or Anthropic-style tool dicts (first of a duplicate name wins)."""
+    out: dict[str, dict] = {}
+    for tool in tools or []:
+        if not isinstance(tool, dict):
+            continue
+        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        schema = fn.get("parameters", fn.get("input_schema"))
+        out.setdefault(name, schema if isinstance(schema, dict) else {})
+    return out
+
+
+def _param_schema(tool_schema: dict | None, param: str) -> dict | None:
+    if tool_schema is None:
+        return None
+    props = tool_schema.get("properties")
+    if not isinstance(props, dict):
+        return None
+    sch = props.get(param)
+    return sch if isinstance(sch, dict) else None
+
+
+_TYPE_ALIASES = {
+    "integer": "integer", "int": "integer",
+    "number": "number", "float": "number", "double": "number", "decimal": "number",
+    "boolean": "boolean", "bool": "boolean",
+    "object": "object", "dict": "object", "map": "object",
+    "array": "array", "list": "array", "tuple": "array",
+    "null": "null", "none": "null", "nonetype": "null",
+}
+
+
+def _py_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, dict):
+        return "object"
+    if isinstance(v, list):
+        return "array"
+    return "string"
+
+
+def _resolve_ref(ref: Any, root: Any) -> Any:
+    """A local JSON pointer ("#/$defs/Name", "#/definitions/Name", ...) resolved in root, else None."""
+    if not isinstance(ref, str) or not ref.startswith("#/") or not isinstance(root, dict):
+        return None
+    node: Any = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _schema_types(schema: Any, root: Any = None, depth: int = 0) -> set[str]:
+    """Normalised JSON types a schema admits ("string" for unknown names); empty: no type information.
+    root: the tool's whole parameters schema, for local "$ref"s (pydantic puts models and enums in $defs)."""
+    if not isinstance(schema, dict) or depth > 16:
+        return set()
+    out: set[str] = set()
+    t = schema.get("type")
+    for name in [t] if isinstance(t, str) else t if isinstance(t, list) else []:
+        if isinstance(name, str):
+            out.add(_TYPE_ALIASES.get(name.lower(), "string"))
+    if "$ref" in schema:
+        out |= _schema_types(_resolve_ref(schema["$ref"], root), root, depth + 1)
+    for key in ("anyOf", "oneOf", "allOf"):
+        subs = schema.get(key)
+        if isinstance(subs, list):
+            for sub in subs:
+                out |= _schema_types(sub, root, depth + 1)
+    enum = schema.get("enum")
+    if isinstance(enum, list):
+        if not out:
+            out |= {_py_type(v) for v in enum}
+        elif None in enum:
+            out.add("null")
+    if not out and "const" in schema:
+        out.add(_py_type(schema["const"]))
+    if schema.get("nullable") is True:
+        out.add("null")
+    return out
+
+
+_NULLISH = re.compile(r"[ \t\r\n]*(?:null|none)[ \t\r\n]*", re.I | re.A)
+# Every prefix of a nullish text matches this (it is prefix-closed), so failing it means "never null".
+_NULLISH_PREFIX = re.compile(r"[ \t\r\n]*(?:n(?:u(?:ll?)?)?|n(?:o(?:ne?)?)?)?[ \t\r\n]*", re.I | re.A)
+_INT = re.compile(r"[+-]?[0-9]+", re.A)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.A)
+_MISSING = object()
+_NON_WS = re.compile(r"[^ \t\r\n]")
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)  # NaN / Infinity are not JSON
+
+
+def _parse_container(v: str) -> Any:
+    """JSON, then a Python literal; the result normalised to plain JSON types, or _MISSING."""
+    try:
+        return json.loads(v, parse_constant=_reject_constant)
+    except Exception:  # noqa: BLE001 - any failure just means "not JSON"
+        pass
+    try:
+        return json.loads(json.dumps(ast.literal_eval(v), allow_nan=False))
+    except Exception:  # noqa: BLE001 - sets, bytes, complex, syntax errors, deep nesting ...
+        return _MISSING
+
+
+def convert_value(value: str, schema: dict | None, root: dict | None = None) -> Any:
+    """One parameter's value (newlines already stripped) typed by its JSON schema (rule 5 of the module doc);
+    root: the tool's parameters schema, where local "$ref"s point."""
+    if schema is None:
+        return value
+    types = _schema_types(schema, root)
+    if not types:
+        return value
+    nullable = "null" in types
+    t = types - {"null"}
+    if _NULLISH.fullmatch(value) and (nullable or "string" not in t):
+        return None
+    if t <= {"string"}:
+        return value
+    v = value.strip(_WS)
+    if "object" in t or "array" in t:
+        r = _parse_container(v)
+        if (isinstance(r, dict) and "object" in t) or (isinstance(r, list) and "array" in t):
+            return r
+    if "integer" in t:
+        try:
+            if _INT.fullmatch(v):
+                return int(v)
+            if _FLOAT.fullmatch(v):
+                f = float(v)
+                if math.isfinite(f) and f.is_integer():
+                    return int(f)
+        except ValueError:  # more digits than int() accepts
+            pass
+    if "number" in t:
+        try:
+            if _INT.fullmatch(v):
+                return int(v)
+            if _FLOAT.fullmatch(v):
+                f = float(v)
+                if math.isfinite(f):
+                    return int(f) if f.is_integer() and abs(f) < 2**53 else f
+        except ValueError:
+            pass
+    if "boolean" in t:
+        low = v.lower()
+        if low == "true":
+            return True
+        if low == "false":
+            return False
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scanning helpers (all positions are indices into one buffer)
+
+
+def _at_bol(buf: str, p: int, bol0: bool) -> bool:
+    """Is position p at a line start? bol0 says whether the buffer's start is."""
+    return buf[p - 1] == "\n" if p > 0 else bol0
+
+
+def _find(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool) -> int:
+    i = buf.find(marker, lo)
+    if need_bol:
+        while i != -1 and not _at_bol(buf, i, bol0):
+            i = buf.find(marker, i + 1)
+    return i
+
+
+def _partial_start(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool) -> int:
+    """Smallest p >= lo where buf[p:] is a non-empty proper prefix of marker (at a line start if need_bol);
+    len(buf) if none. Only the last len(marker)-1 characters are looked at."""
+    n = len(buf)
+    for k in range(min(len(marker) - 1, n - lo), 0, -1):
+        p = n - k
+        if marker.startswith(buf[p:]) and (not need_bol or _at_bol(buf, p, bol0)):
+            return p
+    return n
+
+
+def _ws_start(buf: str, end: int, lo: int = 0) -> int:
+    """Start of the whitespace run that ends at `end` (never below lo)."""
+    while end > lo and buf[end - 1] in _WS:
+        end -= 1
+    return end
+
+
+def _read_name(buf: str, start: int, eof: bool):
+    """`NAME>` at buf[start:] -> (name, end after '>'), _NEED or _REJECT."""
+    stop = start + _MAX_NAME + 1
+    gt = buf.find(">", start, stop)
+    seg = buf[start:gt] if gt != -1 else buf[start:stop]
+    if "\n" in seg or "<" in seg:
+        return _REJECT
+    if gt == -1:
+        return _REJECT if eof or len(seg) > _MAX_NAME else _NEED
+    name = seg.strip()
+    return (name, gt + 1) if name else _REJECT
+
+
+def _strip_value(raw: str) -> str:
+    """A parameter's raw segment -> its text: one final `</parameter>` (then only whitespace) removed, then
+    one leading and one trailing newline."""
+    if raw.startswith("\r\n"):
+        raw = raw[2:]
+    elif raw.startswith("\n"):
+        raw = raw[1:]
+    return _strip_tail(raw)
+
+
+def _strip_tail(r: str) -> str:
+    j = _ws_start(r, len(r))
+    if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
+        r = r[: j - len(PARAMETER_CLOSE)]
+    if r.endswith("\r\n"):
+        return r[:-2]
+    if r.endswith("\n"):
+        return r[:-1]
+    return r
+
+
+def _hold_start(r: str) -> int:
+    """Smallest p such that r[p:] is a prefix of some suffix _strip_tail could remove, i.e. of
+    L = (\\r?\\n)? </parameter> [ \\t\\r\\n]*  |  \\r?\\n.  r[:p] is final whatever follows.
+    Minimality makes the result of (r + more) never fall below the result of r, so a caller may keep only
+    the unemitted tail."""
+    n = len(r)
+    j = _ws_start(r, n)
+    if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
+        p = j - len(PARAMETER_CLOSE)
+    else:
+        p = _partial_start(r, PARAMETER_CLOSE, 0, False, False)
+        if p == n:
+            if r.endswith("\r\n"):
+                return n - 2
+            return n - 1 if r.endswith(("\n", "\r")) else n
+    if p >= 2 and r.startswith("\r\n", p - 2):
+        return p - 2
+    return p - 1 if p >= 1 and r[p - 1] == "\n" else p
+
+
+def _esc(s: str) -> str:
+    """JSON string body of s; a per-character map, so escaping pieces == escaping the whole."""
+    return json.dumps(s, ensure_ascii=False)[1:-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# One parameter value
+
+_STRING, _NSTRING, _DEFERRED, _SKIP = range(4)
+
+
+def _value_mode(schema: dict | None, root: dict | None) -> int:
+    """How a value streams; must agree with convert_value: _STRING/_NSTRING only when the result is always
+    the raw text (or, for _NSTRING, None when the text is null/none)."""
+    types = _schema_types(schema, root) if schema is not None else set()
+    if not types:
+        return _STRING
+    if types - {"null"} <= {"string"}:
+        return _NSTRING if "null" in types else _STRING
+    return _DEFERRED
+
+
+class _Value:
+    """Raw segment text of one parameter in, JSON fragments out (the key is written by the caller)."""
+
+    def __init__(self, name: str, schema: dict | None, root: dict | None, mode: int):
+        self.name, self.schema, self.root, self.mode = name, schema, root, mode
+        self.raw: list[str] = []   # the whole segment: the final value is computed from it alone
+        self.head = ""             # first characters until the leading-newline decision
+        self.lead_done = False
+        self.tail = ""             # text after the leading newline, not yet emitted (streaming modes)
+        self.sent = 0              # value characters already emitted
+        self.opened = mode == _STRING  # has the opening quote been written?
+
+    def add(self, t: str) -> str:
+        if self.mode == _SKIP:
+            return ""
+        self.raw.append(t)
+        if self.mode == _DEFERRED:
+            return ""
+        if not self.lead_done:
+            h = self.head + t
+            if h == "\r":  # may still become "\r\n"
+                self.head = h
+                return ""
+            self.head, self.lead_done = "", True
+            t = h[2:] if h.startswith("\r\n") else h[1:] if h.startswith("\n") else h
+        self.tail += t
+        p = _hold_start(self.tail)
+        prefix = ""
+        if not self.opened:
+            if _NULLISH_PREFIX.fullmatch(self.tail, 0, p):
+                return ""  # may still be null: wait
+            self.opened, prefix = True, '"'
+        out, self.tail = self.tail[:p], self.tail[p:]
+        self.sent += len(out)
+        return prefix + _esc(out)
+
+    def close(self) -> tuple[str, Any]:
+        if self.mode == _SKIP:
+            return "", None
+        text = _strip_value("".join(self.raw))
+        value = convert_value(text, self.schema, self.root)
+        if self.opened:  # a string whose head is already out; text[:sent] was emitted (see _hold_start)
+            return _esc(text[self.sent:]) + '"', value
+        return json.dumps(value, ensure_ascii=False), value
+
+
+# --------------------------------------------------------------------------------------------------------
+# One call's body -> arguments
+
+
+class _Call:
+    """Body text of one call in (already cut by the call-level scanner), argument events out."""
+
+    def __init__(self, index: int, cid: str, name: str, tool_schema: dict | None, out: list):
+        self.index, self.id, self.name = index, cid, name
+        self.tool_schema = tool_schema  # None: unknown tool, nothing typed
+        self.out = out
+        self.buf = ""        # undecided body text
+        self.bol = False     # does buf start a line (is the last text handed on a "\n")?
+        self.value: _Value | None = None
+        self.junk: list[str] = []  # body text before the first parameter
+        self.args: dict[str, Any] = {}
+        self.keys: set[str] = set()  # parameter names seen (a repeat is skipped)
+
+    def _emit(self, frag: str) -> None:
+        if frag:
+            self.out.append(StreamEvent("args", frag, index=self.index))
+
+    def feed(self, text: str, eof: bool = False) -> None:
+        buf, pos = self.buf + text, 0
+        while True:
+            in_value = self.value is not None
+            i = _find(buf, PARAMETER_OPEN, pos, in_value, self.bol)
+            if i == -1:
+                break
+            r = _read_name(buf, i + len(PARAMETER_OPEN), eof)
+            if r is _REJECT:
+                pos = i + len(PARAMETER_OPEN)
+                continue
+            self._text(buf[:i])
+            if r is _NEED:
+                self.buf = buf[i:]
+                return
+            self._open(r[0])
+            buf, pos = buf[r[1]:], 0
+        cut = len(buf) if eof else _partial_start(buf, PARAMETER_OPEN, pos, self.value is not None, self.bol)
+        self._text(buf[:cut])
+        self.buf = buf[cut:]
+
+    def _text(self, t: str) -> None:
+        if not t:
+            return
+        if self.value is None:
+            self.junk.append(t)
+        else:
+            self._emit(self.value.add(t))
+        self.bol = t[-1] == "\n"
+
+    def _open(self, name: str) -> None:
+        self._close_value()
+        schema = _param_schema(self.tool_schema, name)
+        if name in self.keys:
+            mode = _SKIP
+        else:
+            mode = _value_mode(schema, self.tool_schema)
+            self._emit(("{" if not self.keys else ", ") + json.dumps(name, ensure_ascii=False) + ": "
+                       + ('"' if mode == _STRING else ""))
+            self.keys.add(name)
+        self.value = _Value(name, schema, self.tool_schema, mode)
+        self.bol = False
+
+    def _close_value(self) -> None:
+        v, self.value = self.value, None
+        if v is None:
+            return
+        frag, value = v.close()
+        if v.mode != _SKIP:
+            self._emit(frag)
+            self.args[v.name] = value
+
+    def finish(self) -> ToolCall:
+        self.feed("", eof=True)
+        self._close_value()
+        if self.keys:
+            self._emit("}")
+        else:
+            obj = _parse_container("".join(self.junk).strip(_WS))
+            if isinstance(obj, dict):  # the model wrote JSON arguments instead of parameters
+                self.args = obj
+            self._emit(json.dumps(self.args, ensure_ascii=False))
+        return ToolCall(self.id, self.name, self.args, json.dumps(self.args, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The call-level scanner
+
+_TOP, _BODY, _TENT = range(3)
+
+
+class StreamingToolParser:
+    """Incremental parser of one model output. feed() text deltas, then finish() once."""
+
+    def __init__(self, tools: list[dict] | None = None, id_prefix: str = "call_"):
+        self._schemas = normalize_tools(tools)
+        self._id_prefix = id_prefix
+        self._state = _TOP
+        self._buf = ""          # _TOP / _BODY: undecided text
+        self._bol = True        # _TOP: does _buf start a line?
+        self._body_nl = False   # _BODY: is the last body text handed on a "\n"?
+        self._call: _Call | None = None
+        # _TENT: text held from a candidate `</function>` (inclusive), kept as chunks so that holding a long
+        # stretch costs linear time; _tdec: (position, marker) of the first decider, once seen.
+        self._tchunks: list[str] = []
+        self._tlen = 0
+        self._ttail = ""
+        self._tdec: tuple[int, str] | None = None
+        self._tfirst = -1       # position in h of the first non-whitespace after the candidate (-1: none yet)
+        self._events: list[StreamEvent] = []
+        self._content: list[str] = []
+        self._finished = False
+        self.tool_calls: list[ToolCall] = []
+
+    # ---- public ---------------------------------------------------------------------------------------
+    @property
+    def content(self) -> str | None:
+        return "".join(self._content) or None
+
+    def feed(self, text: str) -> list[StreamEvent]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        if text:
+            if self._state == _TENT:
+                self._tent_add(text)
+            else:
+                self._buf += text
+            self._run(eof=False)
+        return self._take()
+
+    def finish(self) -> list[StreamEvent]:
+        if not self._finished:
+            self._finished = True
+            self._run(eof=True)
+        return self._take()
+
+    # ---- machinery ------------------------------------------------------------------------------------
+    def _take(self) -> list[StreamEvent]:
+        """Pending events, adjacent text / same-call args fragments merged."""
+        out: list[StreamEvent] = []
+        run: list[StreamEvent] = []  # consecutive mergeable events, joined once (linear)
+
+        def flush() -> None:
+            if run:
+                out.append(run[0] if len(run) == 1 else
+                           StreamEvent(run[0].kind, "".join(e.text for e in run), index=run[0].index))
+                run.clear()
+
+        for ev in self._events:  # cleared in place below: the open _Call appends to this same list
+            if run and not (ev.kind == run[0].kind and ev.index == run[0].index):
+                flush()
+            if ev.kind in ("text", "args"):
+                run.append(ev)
+            else:
+                out.append(ev)
+        flush()
+        self._events.clear()
+        return out
+
+    def _run(self, eof: bool) -> None:
+        step = {_TOP: self._top, _BODY: self._body, _TENT: self._tent}
+        while step[self._state](eof):
+            pass
+
+    def _emit_text(self, t: str) -> None:
+        if t:
+            self._content.append(t)
+            self._events.append(StreamEvent("text", t))
+
+    def _opener(self, buf: str, at: int, wrapped: bool, eof: bool):
+        """Verdict on the opener at buf[at]: (name, end of `<function=NAME>`), _NEED or _REJECT."""
+        if wrapped:
+            k, n = at + len(TOOL_CALL_OPEN), len(buf)
+            while k < n and buf[k] in _WS:
+                k += 1
+            head = buf[k:k + len(FUNCTION_OPEN)]
+            if head != FUNCTION_OPEN:
+                return _NEED if not eof and FUNCTION_OPEN.startswith(head) else _REJECT
+            start = k + len(FUNCTION_OPEN)
+        else:
+            start = at + len(FUNCTION_OPEN)
+        r = _read_name(buf, start, eof)
+        if isinstance(r, tuple) and not wrapped and self._schemas and r[0] not in self._schemas:
+            return _REJECT  # a bare opener must name a known tool: prose is not turned into calls
+        return r
+
+    def _top(self, eof: bool) -> bool:
+        buf, pos = self._buf, 0
+        while True:
+            i = buf.find(TOOL_CALL_OPEN, pos)
+            j = _find(buf, FUNCTION_OPEN, pos, True, self._bol)
+            if i == -1 and j == -1:
+                break
+            wrapped = i != -1 and (j == -1 or i < j)
+            at = i if wrapped else j
+            v = self._opener(buf, at, wrapped, eof)
+            if v is _REJECT:
+                pos = at + len(TOOL_CALL_OPEN if wrapped else FUNCTION_OPEN)
+                continue
+            cut = _ws_start(buf, at)
+            self._emit_text(buf[:cut])
+            if v is _NEED:
+                if cut:
+                    self._bol = buf[cut - 1] == "\n"
+                self._buf = buf[cut:]
+                return False
+            self._buf = buf[v[1]:]
+            self._start_call(v[0])
+            return True
+        if eof:
+            cut = _ws_start(buf, len(buf)) if self.tool_calls else len(buf)
+        else:
+            hold = min(_partial_start(buf, TOOL_CALL_OPEN, pos, False, False),
+                       _partial_start(buf, FUNCTION_OPEN, pos, True, self._bol))
+            cut = _ws_start(buf, hold)
+        self._emit_text(buf[:cut])
+        if cut:
+            self._bol = buf[cut - 1] == "\n"
+        self._buf = "" if eof else buf[cut:]
+        return False
+
+    def _start_call(self, name: str) -> None:
+        index = len(self.tool_calls)
+        cid = f"{self._id_prefix}{uuid.uuid4().hex[:24]}"
+        self._events.append(StreamEvent("call", index=index, id=cid, name=name))
+        self._call = _Call(index, cid, name, self._schemas.get(name), self._events)
+        self._state, self._body_nl = _BODY, False
+
+    def _deliver(self, t: str) -> None:
+        if t:
+            self._call.feed(t)
+            self._body_nl = t[-1] == "\n"
+
+    def _end_call(self, rest: str) -> None:
+        index, call = self._call.index, self._call.finish()
+        self._call = None
+        self.tool_calls.append(call)
+        self._events.append(StreamEvent("end", index=index, id=call.id, name=call.name, call=call))
+        self._state, self._buf, self._bol = _TOP, rest, True
+
+    def _body(self, eof: bool) -> bool:
+        buf = self._buf
+        i = buf.find(FUNCTION_CLOSE)
+        j = _find(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl)
+        if i != -1 and (j == -1 or i < j):
+            self._deliver(buf[:i])
+            self._buf = ""
+            self._tent_reset(buf[i:])
+            return True
+        if j != -1:
+            self._deliver(buf[:j])
+            self._end_call(buf[j + len(TOOL_CALL_CLOSE):])
+            return True
+        if eof:
+            self._deliver(buf)
+            self._end_call("")
+            return True
+        hold = min(_partial_start(buf, FUNCTION_CLOSE, 0, False, False),
+                   _partial_start(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl))
+        self._deliver(buf[:hold])
+        self._buf = buf[hold:]
+        return False
+
+    # _TENT: held text h starts with a candidate `</function>`; deciders are searched from h[11:].
+    def _tent_reset(self, h: str) -> None:
+        self._state = _TENT
+        self._tchunks, self._tlen, self._ttail, self._tdec, self._tfirst = [], 0, "", None, -1
+        self._tent_add(h)
+
+    def _tent_add(self, text: str) -> None:
+        self._tchunks.append(text)
+        if self._tdec is not None:
+            self._tlen += len(text)
+            return
+        base = self._tlen - len(self._ttail)  # position in h of s[0]
+        s = self._ttail + text
+        lo = max(0, len(FUNCTION_CLOSE) - base)
+        if self._tfirst < 0:
+            m = _NON_WS.search(s, lo)
+            if m:
+                self._tfirst = base + m.start()
+
+        def structural(k: int) -> bool:
+            # At a line start or the first non-whitespace after the candidate. The 13-character tail keeps
+            # the preceding character of any marker (<= 12 characters) that reaches into `text`; a marker
+            # lying wholly in the old tail was judged before, and k == 0 gives the same answer it got then.
+            return (k > 0 and s[k - 1] == "\n") or base + k == self._tfirst
+
+        best = (-1, "")
+        for marker in (FUNCTION_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, FUNCTION_OPEN):
+            k = s.find(marker, lo)
+            while k != -1 and marker != FUNCTION_CLOSE and not structural(k):
+                k = s.find(marker, k + 1)
+            if k != -1 and (best[0] == -1 or k < best[0]):
+                best = (k, marker)
+        self._tlen += len(text)
+        self._ttail = s[-13:]
+        if best[0] != -1:
+            self._tdec = (base + best[0], best[1])
+
+    def _tent(self, eof: bool) -> bool:
+        if self._tdec is None and not eof:
+            return False
+        h = "".join(self._tchunks)
+        self._tchunks = []
+        if self._tdec is None:  # end of text: the candidate closes the call
+            self._end_call(h[len(FUNCTION_CLOSE):])
+            return True
+        q, marker = self._tdec
+        if marker == FUNCTION_CLOSE:  # the candidate was value text; the new one takes its place
+            self._deliver(h[:q])
+            self._tent_reset(h[q:])
+        elif marker == TOOL_CALL_CLOSE:
+            self._end_call(h[q + len(TOOL_CALL_CLOSE):])
+        else:
+            self._end_call(h[len(FUNCTION_CLOSE):])
+        return True
+
+
+def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str | None, list[ToolCall]]:
+    """Whole model output -> (content or None, calls). Same engine as the streaming parser."""
+    parser = StreamingToolParser(tools)
+    parser.feed(text)
+    parser.finish()
+    return parser.content, parser.tool_calls
+
+
+# --------------------------------------------------------------------------------------------------------
+# tool_choice
+
+
+def validate_tool_choice(tool_choice: Any, tools: list[dict] | None) -> tuple[str, str | None]:
+    """Normalise an OpenAI or Anthropic tool_choice to (mode, function name or None).
+
+    mode: "auto" | "none" | "required" | "function". None means "auto". Raises ValueError for an unknown
+    value, for "required"/"any" or a named function without tools, and for a name not among the tools.
+    """
+    names = normalize_tools(tools)
+    if hasattr(tool_choice, "model_dump"):  # a pydantic request model
+        tool_choice = tool_choice.model_dump(exclude_none=True)
+    if tool_choice is None:
+        return "auto", None
+    if isinstance(tool_choice, str):
+        mode = {"auto": "auto", "none": "none", "required": "required", "any": "required"}.get(tool_choice)
+        if mode is None:
+            raise ValueError(f"tool_choice {tool_choice!r} is not one of 'auto', 'none', 'required' "
+                             "or a function")
+        name = None
+    elif isinstance(tool_choice, dict):
+        kind = tool_choice.get("type")
+        if kind in ("auto", "none"):
+            return kind, None
+        if kind == "any":
+            mode, name = "required", None
+        elif kind in ("function", "tool"):
+            fn = tool_choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else tool_choice.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("tool_choice names no function: expected {\"type\": \"function\", "
+                                 "\"function\": {\"name\": ...}} or {\"type\": \"tool\", \"name\": ...}")
+            mode = "function"
+        else:
+            raise ValueError(f"tool_choice type {kind!r} is not one of 'auto', 'none', 'any', 'function', "
+                             "'tool'")
+    else:
+        raise ValueError(f"tool_choice must be a string or an object, not {type(tool_choice).__name__}")
+    if mode in ("auto", "none"):
+        return mode, None
+    if not names:
+        raise ValueError(f"tool_choice {mode!r} needs a non-empty tools list")
+    if name is not None and name not in names:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools "
+                         f"({', '.join(sorted(names))})")
+    return mode, name
+
+
+def forced_tool_prefix(tool_choice: Any, tools: list[dict] | None) -> str:
+    """Text forced at the start of the assistant turn; feed it to the parser before the model's text."""
+    mode, name = validate_tool_choice(tool_choice, tools)
+    if mode == "required":
+        return f"{TOOL_CALL_OPEN}\n{FUNCTION_OPEN}"
+    if mode == "function":
+        return f"{TOOL_CALL_OPEN}\n{FUNCTION_OPEN}{name}>\n"
+    return ""

@@ -1,0 +1,336 @@
+"""Fast ops (Triton / fla-core) against their torch references on random inputs of odd sizes.
+
+The CUDA tests skip without a GPU (run them on the device machine: `pytest tests/test_gpu_ops.py`); the
+quantize/dequantize round trips and the reference MoE run everywhere. Errors are ||out - ref|| / ||ref|| against a
+float32 reference; bf16 operands land near 1e-3..1e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qnext.ops.quant import (Fp8BlockWeight, Int4GroupWeight, dequantize, moe_forward_ref, pack_int4, quantize,
+                             quantize_fp8_block, quantize_int4_group, select_experts, unpack_int4)
+
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (run on the GPU machine)")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def poison_allocator(mib: int = 256) -> None:
+    """Fill the caching allocator's free memory with NaN so that an unwritten output element shows up."""
+    x = torch.full((mib << 18,), float("nan"), device="cuda")
+    del x
+
+
+# ---- CPU: formats and the reference ------------------------------------------------------------------------------
+
+def test_int4_pack_roundtrip():
+    codes = torch.randint(0, 16, (3, 5, 64))
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32)
+    assert torch.equal(unpack_int4(packed).long(), codes)
+    assert torch.equal(packed[0, 0, 0] & 0xF, codes[0, 0, 0].to(torch.uint8))       # even k in the low nibble
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_quantize_dequantize(group):
+    w = torch.randn(3, 40, 256)
+    q = quantize_int4_group(w, group)
+    assert isinstance(q, Int4GroupWeight) and q.shape == w.shape and q.scale.shape == (3, 40, 256 // group)
+    assert rel(dequantize(q), w) < 0.12                                            # 4-bit: ~9% rms error
+    again = quantize_int4_group(dequantize(q), group)                             # exactly representable
+    assert torch.equal(again.qweight, q.qweight) and torch.equal(dequantize(again), dequantize(q))
+
+
+def test_fp8_quantize_dequantize_odd_shapes():
+    w = torch.randn(2, 300, 260) * 3
+    q = quantize_fp8_block(w)
+    assert isinstance(q, Fp8BlockWeight) and q.scale_inv.shape == (2, 3, 3) and q.w.dtype == torch.float8_e4m3fn
+    assert rel(dequantize(q), w) < 0.04
+    again = quantize_fp8_block(dequantize(q))
+    assert torch.equal(dequantize(again), dequantize(q))
+
+
+def test_reference_moe_matches_model_experts():
+    from qnext.model.layers.moe import Experts
+    torch.manual_seed(0)
+    m, h, inter, e, k = 9, 48, 32, 7, 3
+    experts = Experts(e, h, inter, dtype=torch.float32)
+    experts.gate_up_proj.data.normal_(0, 0.2)
+    experts.down_proj.data.normal_(0, 0.2)
+    x = torch.randn(m, h)
+    weights, ids = select_experts(torch.randn(m, e), k)
+    ref = experts(x, ids.long(), weights)
+    out = moe_forward_ref(x, experts.gate_up_proj.data, experts.down_proj.data, weights, ids)
+    assert rel(out, ref) < 1e-5
+
+
+def test_reference_moe_quantized_is_dequantized_bf16():
+    torch.manual_seed(1)
+    w13, w2 = torch.randn(5, 64, 128) * 0.1, torch.randn(5, 128, 32) * 0.1
+    x = torch.randn(4, 128)
+    weights, ids = select_experts(torch.randn(4, 5), 2)
+    for method in ("fp8", "int4"):
+        a, b = quantize(w13, method, 32), quantize(w2, method, 32)
+        assert rel(moe_forward_ref(x, a, b, weights, ids), moe_forward_ref(x, dequantize(a), dequantize(b),
+                                                                           weights, ids)) < 1e-6
+
+
+# ---- CUDA: MoE -----------------------------------------------------------------------------------------------------
+
+def _moe_weights(kind: str, e: int, h: int, inter: int, device="cuda"):
+    w13 = (torch.randn(e, 2 * inter, h, device=device) / h ** 0.5).bfloat16()
+    w2 = (torch.randn(e, h, inter, device=device) / inter ** 0.5).bfloat16()
+    if kind == "bf16":
+        return w13, w2
+    if kind == "fp8":
+        return quantize_fp8_block(w13), quantize_fp8_block(w2)
+    group = int(kind[4:])
+    return quantize_int4_group(w13, group), quantize_int4_group(w2, group)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "int4_128", "int4_32"])
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+@pytest.mark.parametrize("m,e,k", [(1, 16, 4), (7, 13, 3), (133, 20, 5)])
+def test_fused_moe(kind, path, m, e, k):
+    from qnext.ops.triton_moe import fused_moe
+    torch.manual_seed(m * 31 + e)
+    h, inter = 384, 256
+    w13, w2 = _moe_weights(kind.replace("_", ""), e, h, inter)
+    x = torch.randn(m, h, device="cuda").bfloat16()
+    weights, ids = select_experts(torch.randn(m, e, device="cuda"), k)
+    ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
+    poison_allocator()
+    out = fused_moe(x, w13, w2, weights, ids, path=path)
+    assert out.shape == (m, h) and out.dtype == torch.bfloat16
+    assert rel(out, ref) < 1.5e-2
+
+
+@cuda_only
+def test_moe_align_covers_every_pair_once():
+    from qnext.ops.triton_moe import moe_align
+    ids = torch.randint(0, 11, (37, 4), device="cuda")
+    pairs, block_e = moe_align(ids, 11, 16)
+    p = ids.numel()
+    valid = pairs[pairs < p].long()
+    assert torch.equal(valid.sort().values, torch.arange(p, device="cuda"))
+    blocks = pairs.view(-1, 16)
+    for b in range(blocks.shape[0]):                                   # each block holds pairs of its expert only
+        row = blocks[b][blocks[b] < p].long()
+        if row.numel():
+            assert (ids.reshape(-1)[row] == block_e[b]).all()
+
+
+# ---- CUDA: gated delta rule --------------------------------------------------------------------------------------
+
+def _gdn_inputs(t, hk=4, hv=8, dk=128, dv=128, n=None, batch=1):
+    q = torch.randn(batch, t, hk, dk, device="cuda").bfloat16()
+    k = torch.randn(batch, t, hk, dk, device="cuda").bfloat16()
+    v = torch.randn(batch, t, hv, dv, device="cuda").bfloat16()
+    g = -torch.rand(batch, t, hv, device="cuda") * 0.5 - 0.01
+    beta = torch.rand(batch, t, hv, device="cuda")
+    h0 = torch.randn(n or batch, hv, dk, dv, device="cuda") * 0.5
+    return q, k, v, g, beta, h0
+
+
+@cuda_only
+def test_fla_chunk_matches_reference_varlen():
+    from qnext.ops import delta_rule
+    from qnext.ops.fla_gdn import chunk_gated_delta_rule
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 1, 65, 200, 203], device="cuda", dtype=torch.int32)
+    q, k, v, g, beta, h0 = _gdn_inputs(203, n=4)
+    ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                                         use_qk_l2norm_in_kernel=True)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    assert rel(o, ref_o) < 2e-2 and rel(s, ref_s) < 2e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["ours", "fla"])
+def test_recurrent_matches_reference(impl):
+    from qnext.ops import delta_rule, fla_gdn
+    fn = fla_gdn.recurrent_gated_delta_rule if impl == "ours" else fla_gdn.fla_recurrent_gated_delta_rule
+    torch.manual_seed(1)
+    q, k, v, g, beta, h0 = _gdn_inputs(1, hk=2, hv=6, dk=128, dv=96, batch=5)                 # decode
+    ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                                         use_qk_l2norm_in_kernel=True)
+    o, s = fn(q, k, v, g, beta, initial_state=h0, use_qk_l2norm_in_kernel=True)
+    assert rel(o, ref_o) < 1e-2 and rel(s, ref_s) < 1e-4
+    cu = torch.tensor([0, 3, 4, 11], device="cuda", dtype=torch.int32)                          # varlen
+    q, k, v, g, beta, h0 = _gdn_inputs(11, hk=2, hv=6, dk=128, dv=96, n=3)
+    ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                                         use_qk_l2norm_in_kernel=True)
+    o, s = fn(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    assert rel(o, ref_o) < 1e-2 and rel(s, ref_s) < 1e-4
+
+
+def _slot_case(n, num_slots=11, hk=4, hv=8, d=128):
+    slots = torch.randperm(num_slots, device="cuda")[:n]
+    init = torch.rand(n, device="cuda") < 0.6
+    cache = torch.randn(num_slots, hv, d, d, device="cuda")
+    a_log = torch.empty(hv, device="cuda").uniform_(-4, -0.7)
+    dt_bias = torch.randn(hv, device="cuda") * 0.5
+    return slots, init, cache, a_log, dt_bias
+
+
+@cuda_only
+def test_gdn_slot_decode_and_prefill_in_place():
+    from qnext.ops import delta_rule
+    from qnext.ops.fla_gdn import gdn_decode_, gdn_gates, gdn_prefill_
+    torch.manual_seed(2)
+    n, hk, hv, d = 6, 4, 8, 128
+    slots, init, cache, a_log, dt_bias = _slot_case(n)
+    q, k = (torch.randn(n, hk, d, device="cuda").bfloat16() for _ in range(2))
+    v = torch.randn(n, hv, d, device="cuda").bfloat16()
+    a, b = torch.randn(n, hv, device="cuda"), torch.randn(n, hv, device="cuda")
+    g, beta = gdn_gates(a, b, a_log, dt_bias)
+    h0 = torch.where(init.view(-1, 1, 1, 1), cache[slots], 0.0)
+    ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None],
+                                                         beta[:, None], initial_state=h0,
+                                                         use_qk_l2norm_in_kernel=True)
+    new = cache.clone()
+    o = gdn_decode_(q, k, v, a, b, a_log, dt_bias, new, slots, init)
+    others = torch.ones(cache.shape[0], dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert rel(o, ref_o[:, 0]) < 1e-2 and rel(new[slots], ref_s) < 1e-4
+    assert torch.equal(new[others], cache[others])
+
+    cu = torch.tensor([0, 70, 71, 200, 203, 260, 300], device="cuda", dtype=torch.int32)
+    t = 300
+    q, k = (torch.randn(t, hk, d, device="cuda").bfloat16() for _ in range(2))
+    v = torch.randn(t, hv, d, device="cuda").bfloat16()
+    a, b = torch.randn(t, hv, device="cuda"), torch.randn(t, hv, device="cuda")
+    g, beta = gdn_gates(a, b, a_log, dt_bias)
+    ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None],
+                                                         initial_state=h0, cu_seqlens=cu,
+                                                         use_qk_l2norm_in_kernel=True)
+    new = cache.clone()
+    o = gdn_prefill_(q, k, v, a, b, a_log, dt_bias, new, slots, init, cu)
+    assert rel(o, ref_o[0]) < 2e-2 and rel(new[slots], ref_s) < 2e-2
+    assert torch.equal(new[others], cache[others])
+
+
+# ---- CUDA: causal conv -------------------------------------------------------------------------------------------
+
+@cuda_only
+def test_causal_conv_matches_reference():
+    from qnext.ops import causal_conv
+    from qnext.ops.triton_conv1d import (causal_conv1d, causal_conv1d_prefill_, causal_conv1d_update,
+                                         causal_conv1d_update_)
+    torch.manual_seed(3)
+    c, kw = 1000, 4
+    w = torch.randn(c, kw, device="cuda").bfloat16()
+    cu = torch.tensor([0, 1, 3, 90, 93, 300], device="cuda", dtype=torch.int32)
+    x = torch.randn(300, c + 64, device="cuda").bfloat16()[:, 32:32 + c]                   # strided view
+    h0 = torch.randn(5, c, kw - 1, device="cuda").bfloat16()
+    ref_y, ref_s = causal_conv.causal_conv1d(x, w, h0, cu)
+    y, s = causal_conv1d(x, w, h0, cu)
+    assert rel(y, ref_y) < 1e-2 and rel(s, ref_s) == 0.0
+    cache = torch.randn(9, c, kw - 1, device="cuda").bfloat16()
+    slots = torch.tensor([4, 0, 8, 2, 6], device="cuda")
+    init = torch.tensor([True, False, True, True, False], device="cuda")
+    start = torch.where(init.view(-1, 1, 1), cache[slots], 0.0)
+    ref_y, ref_s = causal_conv.causal_conv1d(x, w, start, cu)
+    new = cache.clone()
+    y = causal_conv1d_prefill_(x, w, new, slots, init, cu)
+    assert rel(y, ref_y) < 1e-2 and rel(new[slots], ref_s) == 0.0
+    assert torch.equal(new[[1, 3, 5, 7]], cache[[1, 3, 5, 7]])
+
+    xs = torch.randn(5, c, device="cuda").bfloat16()
+    ref_y, ref_s = causal_conv.causal_conv1d_update(xs, h0, w)
+    y, s = causal_conv1d_update(xs, h0, w)
+    assert rel(y, ref_y) < 1e-2 and rel(s, ref_s) == 0.0
+    new = cache.clone()
+    y = causal_conv1d_update_(xs, w, new, slots)
+    ref_y, ref_s = causal_conv.causal_conv1d_update(xs, cache[slots], w)
+    assert rel(y, ref_y) < 1e-2 and rel(new[slots], ref_s) == 0.0
+
+
+# ---- CUDA: paged attention ---------------------------------------------------------------------------------------
+
+def _paged_case(ctx, qlens, block_size, num_blocks=200, hq=16, hkv=2, d=256):
+    perm = torch.randperm(num_blocks).tolist()
+    tables, used = [], 0
+    for c, n in zip(ctx, qlens):
+        pages = -(-(c + n) // block_size)
+        tables.append(perm[used:used + pages])
+        used += pages
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
+    slot = torch.tensor([tables[i][p // block_size] * block_size + p % block_size
+                         for i, (c, n) in enumerate(zip(ctx, qlens)) for p in range(c, c + n)], device="cuda")
+    kc = torch.randn(num_blocks, block_size, hkv, d, device="cuda").bfloat16()
+    vc = torch.randn(num_blocks, block_size, hkv, d, device="cuda").bfloat16()
+    t = sum(qlens)
+    q = torch.randn(t, hq, d, device="cuda").bfloat16()
+    k, v = (torch.randn(t, hkv, d, device="cuda").bfloat16() for _ in range(2))
+    seq_lens = torch.tensor([c + n for c, n in zip(ctx, qlens)], dtype=torch.int32, device="cuda")
+    return dict(q=q, k=k, v=v, k_cache=kc, v_cache=vc, slot_mapping=slot, block_tables=bt, seq_lens=seq_lens,
+                query_lens=list(qlens), context_lens=list(ctx), scale=d ** -0.5)
+
+
+def _paged_ref(case):
+    from qnext.ops import paged_attention
+    c = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
+    return paged_attention.paged_attention(**c)
+
+
+@cuda_only
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_paged_decode_matches_reference(block_size):
+    from qnext.ops.triton_paged_attention import paged_attention, paged_decode_attention
+    torch.manual_seed(4)
+    ctx = [0, 16, 299, 1000, 77]
+    case = _paged_case(ctx, [1] * len(ctx), block_size)
+    ref = _paged_ref(case)
+    poison_allocator()
+    out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))
+    assert rel(out, ref) < 1e-2
+    kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    kc.view(-1, *kc.shape[2:])[case["slot_mapping"]] = case["k"]
+    vc.view(-1, *vc.shape[2:])[case["slot_mapping"]] = case["v"]
+    for splits in (1, 3, 16):
+        out = paged_decode_attention(case["q"], kc, vc, case["block_tables"], case["seq_lens"], case["scale"],
+                                     max_seq_len=1001, num_splits=splits)
+        assert rel(out, ref) < 1e-2
+
+
+@cuda_only
+def test_paged_prefill_matches_reference():
+    from qnext.ops.triton_paged_attention import paged_attention
+    torch.manual_seed(5)
+    case = _paged_case([0, 37, 5, 130], [50, 19, 1, 64], 16)
+    ref = _paged_ref(case)
+    poison_allocator()
+    out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))
+    assert rel(out, ref) < 1e-2
+
+
+# ---- CUDA: fp8 linear --------------------------------------------------------------------------------------------
+
+@cuda_only
+@pytest.mark.parametrize("path", ["gemv", "w8a8", "w8a16", "dequant"])
+@pytest.mark.parametrize("m", [1, 3, 67, 300])
+def test_fp8_linear(path, m):
+    from qnext.ops.triton_linear_fp8 import fp8_linear
+    torch.manual_seed(m)
+    w = quantize_fp8_block(torch.randn(384, 640, device="cuda") / 640 ** 0.5)
+    x = torch.randn(m, 640, device="cuda").bfloat16()
+    xr = x.float()
+    if path == "w8a8":                  # w8a8 also rounds activations to e4m3 per (row, 128 columns)
+        blocks = xr.view(m, -1, 128)
+        scale = (blocks.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+        xr = ((blocks / scale).to(torch.float8_e4m3fn).float() * scale).view(m, -1)
+    ref = xr @ dequantize(w).t()
+    poison_allocator()
+    out = fp8_linear(x, w, path=path)
+    assert out.shape == (m, 384) and rel(out, ref) < 1e-2
