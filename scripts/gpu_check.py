@@ -242,6 +242,9 @@ def moe_section(kinds, quick: bool) -> None:
             for path in paths:
                 cfgs = [None] + (sweeps[kind] if (m == 1 and path == "gemv" and not quick) else [])
                 for cfg in cfgs:
+                    if left() < 30:
+                        break
+
                     def call(i, path=path, cfg=cfg):
                         wt, ids = routes[i % 8]
                         return fused_moe(xs[i % 4], *layers[i % 2], wt, ids, path=path, config=cfg)
@@ -264,6 +267,8 @@ def moe_section(kinds, quick: bool) -> None:
             parity(f"moe {kind} sorted M=512 (prefill tiles)",
                    rel(fused_moe(x[:512], *layers[0], wt[:512], ids[:512], path="sorted"), ref), 1.5e-2)
             for cfg in prefill_sweeps[kind][: 1 if quick else None]:
+                if left() < 30:
+                    break
                 try:
                     us = time_events(lambda i, cfg=cfg: fused_moe(x, *layers[i % 2], wt, ids, path="sorted",
                                                                    config=cfg or None), n_inputs=2, iters=5)
@@ -366,7 +371,7 @@ def conv_section() -> None:
     t = 8192
     w = torch.randn(CONV, 4, device="cuda").bfloat16()
     x = torch.randn(t, CONV + 4096, device="cuda").bfloat16()[:, :CONV]      # strided, as out of in_proj
-    cache = torch.randn(16, CONV, 3, device="cuda").bfloat16()
+    cache = torch.randn(64, CONV, 3, device="cuda").bfloat16()
     slots = torch.tensor([5], device="cuda")
     init = torch.tensor([True], device="cuda")
     cu = torch.tensor([0, t], device="cuda", dtype=torch.int32)
@@ -380,7 +385,7 @@ def conv_section() -> None:
     record("conv prefill T=8192 C=8192", us, bytes_=2 * t * CONV * 2)
     for n in (1, 32):
         xs = torch.randn(n, CONV, device="cuda").bfloat16()
-        sl = torch.randperm(16, device="cuda")[:n]
+        sl = torch.randperm(64, device="cuda")[:n]
         ref_y, ref_s = causal_conv.causal_conv1d_update(xs, cache[sl], w)
         work = cache.clone()
         y = causal_conv1d_update_(xs, w, work, sl)

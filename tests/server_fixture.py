@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +30,9 @@ def tiny_checkpoint() -> Path:
     if _CKPT is None:
         from qnext.weights.checkpoint_writer import write_checkpoint
 
-        _CKPT = write_checkpoint(Path(tempfile.mkdtemp(prefix="qnext-srv-")) / "tiny", "tiny", dtype="float32")
+        root = tempfile.mkdtemp(prefix="qnext-srv-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _CKPT = write_checkpoint(Path(root) / "tiny", "tiny", dtype="float32")
     return _CKPT
 
 
@@ -53,15 +57,18 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"qnext serve exited with {self.proc.returncode}:\n{self.log_text()}")
+                log = self.log_text()
+                self.stop()
+                raise RuntimeError(f"qnext serve exited with {self.proc.returncode}:\n{log}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        log = self.log_text()
         self.stop()
-        raise RuntimeError(f"qnext serve not healthy after {timeout}s:\n{self.log_text()}")
+        raise RuntimeError(f"qnext serve not healthy after {timeout}s:\n{log}")
 
     def log_text(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
@@ -96,6 +103,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -119,6 +119,7 @@ def test_named_tool_use_round_trip(client):
 
 
 def test_any_tool_use_streams_input_json(server):
+    pytest.importorskip("xgrammar")  # without it the tool name is not constrained (gibberish is no call)
     events = _events(server, {"model": MODEL, "max_tokens": 12, "messages": USER, "tools": TOOLS,
                               "tool_choice": {"type": "any"}})
     blocks = _check_order(events)

@@ -73,8 +73,8 @@ BAD_OPENAI = [  # (path, body or raw bytes, expected status, expected param or N
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, 400,
      "messages[0].tool_calls[0].function.arguments"),
-    ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {"type": "function",
-                                                                       "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
@@ -88,6 +88,7 @@ BAD_OPENAI = [  # (path, body or raw bytes, expected status, expected param or N
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**70}, 400, "seed"),
 ]
 
 

@@ -150,7 +150,8 @@ def test_json_body_fallback():
 
 def test_newline_stripping_is_one_each():
     def val(v):
-        return parse(f"<tool_call>\n<function=write>\n<parameter=content>{v}</parameter>\n</function>\n</tool_call>")[1][0][1]["content"]
+        text = f"<tool_call>\n<function=write>\n<parameter=content>{v}</parameter>\n</function>\n</tool_call>"
+        return parse(text)[1][0][1]["content"]
     assert val("\nabc\n") == "abc"
     assert val("\n\nabc\n\n") == "\nabc\n"
     assert val("abc") == "abc"
@@ -175,7 +176,8 @@ def test_duplicate_parameter_keeps_first():
 
 
 def test_text_between_parameters_goes_to_the_value():
-    text = "<tool_call>\n<function=read>\n<parameter=path>\na\n</parameter>\njunk\n<parameter=limit>\n1\n</parameter>\n</function>\n</tool_call>"
+    text = ("<tool_call>\n<function=read>\n<parameter=path>\na\n</parameter>\njunk\n"
+            "<parameter=limit>\n1\n</parameter>\n</function>\n</tool_call>")
     assert parse(text)[1] == [("read", {"path": "a\n</parameter>\njunk", "limit": 1})]
 
 
@@ -288,6 +290,13 @@ def test_truncated_opener_is_content():
     assert parse("<tool_call>\n<function=read>\n<parameter=path>\n/a/b") == (None, [("read", {"path": "/a/b"})])
 
 
+def test_opener_gap_is_bounded():
+    assert parse("<tool_call>" + "\n" * 64 + "<function=read>\n</function>") == (None, [("read", {})])
+    text = "<tool_call>" + "\n" * 65 + "<function=read>\n</function>"
+    assert parse(text) == ("<tool_call>", [("read", {})])  # not a wrapper; the bare opener still counts
+    check_all_splits("a<tool_call>" + " " * 70 + "b")
+
+
 def test_prose_mentioning_tags_stays_content():
     for text in ["Use the <tool_call> tag to call tools.", "A `<tool_call>` then text",
                  "<tool_call>\nnot a function\n</tool_call>", "x <function=read> y", "</tool_call> stray",
@@ -333,7 +342,8 @@ def test_typing_scalars():
 
 def test_typing_containers():
     assert edit_args(edits='[{"old": "a", "new": "b"}]') == {"edits": [{"old": "a", "new": "b"}]}
-    assert edit_args(edits="[{'old': 'a', 'new': None, 'x': True}]") == {"edits": [{"old": "a", "new": None, "x": True}]}
+    assert edit_args(edits="[{'old': 'a', 'new': None, 'x': True}]") == \
+        {"edits": [{"old": "a", "new": None, "x": True}]}
     assert edit_args(meta='{"k": 1}') == {"meta": {"k": 1}}
     assert edit_args(meta="[1, 2]") == {"meta": "[1, 2]"}  # wrong container kind: raw
     assert edit_args(meta="{broken") == {"meta": "{broken"}
@@ -428,7 +438,8 @@ REPRESENTATIVE = [
     "<tool_call>\n<function=read>\n<parameter=path>\ntrunc",
     "a <tool_call> b\n<function=nosuch>\nc </tool_call>\n<tool_call>\n<function=unknown_tool>\n<parameter=q>\n1\n",
     "<tool_call>\n<function=write>\n<parameter=content>\nx\n</function>\n<tool_call>\n<function=read>\n</function>",
-    "é😀\n<tool_call>\n<function=write>\n<parameter=content>\n\"quoted\" \\ tab\t 😀\n</parameter>\n</function>\n</tool_call>",
+    "é😀\n<tool_call>\n<function=write>\n<parameter=content>\n\"quoted\" \\ tab\t 😀\n</parameter>\n"
+    "</function>\n</tool_call>",
     "<tool_call>\n<function=read>\n{\"path\": \"j\"}\n</function>\n</tool_call>",
 ]
 
@@ -580,28 +591,37 @@ def test_whole_text_parse_is_fast():
     assert len(calls) > 10 and content.startswith("Step 0")
 
 
-@pytest.mark.parametrize("kind", ["calls", "function_close_in_value", "plain"])
-def test_char_by_char_streaming_is_linear(kind):
-    def make(n):
-        if kind == "calls":
-            return _big_text(n)
-        if kind == "plain":
-            return ("word <b> " * n)[:n]
-        body = "</function>\n" + "y" * n  # held until decided: must not be re-scanned per character
-        return call_text("write", [("content", body)])
+_SHAPES = {
+    "calls": _big_text,
+    "plain": lambda n: ("word <b> " * n)[:n],
+    # held text that must not be re-scanned per character
+    "function_close_in_value": lambda n: call_text("write", [("content", "</function>\n" + "y" * n)]),
+    "many_function_closes": lambda n: call_text("write", [("content", "</function>" * (n // 11))]),
+    "space_run": lambda n: "a" + " " * n + "b",
+    "newlines_after_tool_call": lambda n: "<tool_call>" + "\n" * n + "x",
+    "spaces_in_nullable_string": lambda n: call_text("edit", [("note", " " * n + "x")]),
+    "spaces_after_parameter_close": lambda n: call_text("write", [("content", "</parameter>" + " " * n + "x")]),
+}
 
-    def cost(n):
-        text = make(n)
-        p = StreamingToolParser(TOOLS)
-        t0 = time.perf_counter()
-        for ch in text:
-            p.feed(ch)
-        p.finish()
-        return time.perf_counter() - t0
 
-    small, big = cost(5_000), cost(20_000)
-    assert big < 4.0
-    assert big < 12 * small + 0.05  # 4x the text: linear is ~4x, quadratic ~16x
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_cost_is_linear(shape):
+    def cost(n, by_char):
+        text = _SHAPES[shape](n)
+        best = float("inf")
+        for _ in range(2):  # the machine is shared: keep the better of two
+            p = StreamingToolParser(TOOLS)
+            t0 = time.perf_counter()
+            for k in range(0, len(text), 1 if by_char else len(text)):
+                p.feed(text[k:k + (1 if by_char else len(text))])
+            p.finish()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    for by_char in (True, False):
+        small, big = cost(4_000, by_char), cost(16_000, by_char)
+        assert big < 3.0
+        assert big < 10 * small + 0.05, (by_char, small, big)  # 4x the text: linear ~4x, quadratic ~16x
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -184,7 +184,8 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     chunk, _ = _fla()
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, device=q.device).long()
-    o, final = chunk(q, k, v, g.float(), beta.float(), scale=scale,
+    # beta in q's dtype as fla's own tests and callers pass it (bf16 keeps ~3 digits; g stays float32)
+    o, final = chunk(q, k, v, g.float(), beta.to(q.dtype), scale=scale,
                      initial_state=None if initial_state is None else initial_state.float(),
                      output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                      cu_seqlens=cu_seqlens, chunk_size=chunk_size)

@@ -118,7 +118,10 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.dev
                   num_splits: int | None = None) -> tuple[int, int]:
     """-> (num_splits, tokens_per_split): about two programs per SM, splits of at least 64 tokens."""
     if num_splits is None:
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type != "cuda":
+            sms = 132
+        else:
+            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         want = max(1, (2 * sms) // max(1, batch * kv_heads))
         num_splits = max(1, min(want, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
     tokens = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), bn) * bn

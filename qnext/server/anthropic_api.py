@@ -17,18 +17,24 @@ from fastapi.responses import JSONResponse
 from qnext.server import convert
 from qnext.server.errors import APIError, anthropic_body, bad_request
 from qnext.server.protocol import CountTokensRequest, MessagesRequest, ResponseFormat
-from qnext.server.serving import Backend, Generation, until_disconnect
+from qnext.server.generation import Generation, until_disconnect
+from qnext.server.serving import Backend
 from qnext.server.sse import SSEResponse, sse_event
-from qnext.server.tool_stream import ToolStream, resolve_tool_choice
+from qnext.server.tool_stream import ToolChoice, ToolStream, resolve_tool_choice
 
 router = APIRouter()
 
 
-def _prompt(b: Backend, body) -> tuple[list[int], object]:
+def _prompt(b: Backend, body) -> tuple[list[int], ToolChoice]:
+    """Prompt ids and tool choice. A final assistant message is a prefill: the generation prompt is followed by
+    its text, and the answer holds only what comes after it (as Anthropic's API does)."""
     tools = convert.anthropic_tools(body.tools)
-    choice = resolve_tool_choice(convert.anthropic_tool_choice(body.tool_choice), tools, "tool_choice")
-    messages = convert.anthropic_messages(body.system, body.messages)
-    return b.encode(b.render_chat(messages, choice.template_tools) + choice.forced_prefix), choice
+    single = body.tool_choice is not None and bool(body.tool_choice.disable_parallel_tool_use)
+    choice = resolve_tool_choice(convert.anthropic_tool_choice(body.tool_choice), tools, "tool_choice", single)
+    prefill = convert.anthropic_prefill(body.messages)
+    messages = convert.anthropic_messages(body.system, body.messages[:-1] if prefill else body.messages)
+    text = b.render_chat(messages, choice.template_tools) + prefill + choice.forced_prefix
+    return b.encode(text), choice
 
 
 def _output_format(output_config: dict | None) -> ResponseFormat | None:

@@ -8,10 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from qnext.server import anthropic_api, openai_api
+from qnext.server import anthropic_api, convert, openai_api
 from qnext.server.errors import bad_request, error_response, install_handlers
+from qnext.server.generation import ClientGone
 from qnext.server.protocol import DetokenizeRequest, TokenizeRequest
-from qnext.server.serving import Backend, ClientGone, ServerConfig
+from qnext.server.serving import Backend, ServerConfig
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without an API key (probes and scrapers)
 
@@ -29,6 +30,7 @@ def build_app(async_engine, config: ServerConfig) -> FastAPI:
     app.include_router(openai_api.router)      # POST /v1/chat/completions, POST /v1/completions
     app.include_router(anthropic_api.router)   # POST /v1/messages, POST /v1/messages/count_tokens
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", model_info, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
@@ -61,10 +63,17 @@ def _b(request: Request) -> Backend:
     return request.app.state.backend
 
 
+def _model_card(b: Backend) -> dict:
+    return {"id": b.model_name, "object": "model", "created": 0, "owned_by": "qnext", "max_model_len": b.max_model_len}
+
+
 async def models(request: Request):
-    b = _b(request)
-    return {"object": "list", "data": [{"id": b.model_name, "object": "model", "created": 0, "owned_by": "qnext",
-                                        "max_model_len": b.max_model_len}]}
+    return {"object": "list", "data": [_model_card(_b(request))]}
+
+
+async def model_info(model: str, request: Request):
+    _b(request).check_model(model)
+    return _model_card(_b(request))
 
 
 async def health(request: Request):
@@ -77,8 +86,6 @@ async def metrics(request: Request):
 
 async def tokenize(body: TokenizeRequest, request: Request):
     """vLLM-style: {prompt} or {messages} (rendered through the chat template) -> token ids."""
-    from qnext.server import convert
-
     b = _b(request)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")

@@ -6,7 +6,9 @@ Template shapes (what Qwen3-Coder's template reads):
                                                         "function": {"name": str, "arguments": dict}}]}
   {"role": "tool", "content": str, "tool_call_id": str}   (consecutive ones share one user turn)
 Tools are OpenAI function tools: {"type": "function", "function": {"name", "description", "parameters"}}.
-The model reads text only: image, audio and document parts are a 400, never silently dropped.
+The model reads text only: image, audio and document parts are a 400, never silently dropped; the one
+exception is an image inside an Anthropic tool_result (an agent's tool read a picture), which becomes a short
+text note so that the agent's session goes on.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from qnext.server.protocol import AnthropicTool, AnthropicToolChoice, ChatMessag
 _VOLATILE_SYSTEM_PREFIXES = ("x-anthropic-billing-header:",)
 
 
-def _text_parts(parts: list[dict[str, Any]], param: str, sep: str = "\n") -> str:
+IMAGE_NOTE = "[image omitted: this model reads text only]"
+
+
+def _text_parts(parts: list[dict[str, Any]], param: str, sep: str = "\n", images_as_note: bool = False) -> str:
     texts = []
     for i, part in enumerate(parts):
         kind = part.get("type")
         if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "image" and images_as_note:
+            texts.append(IMAGE_NOTE)
         elif kind in ("thinking", "redacted_thinking"):
             continue  # an earlier turn's reasoning: not part of Coder-Next's format
         else:
@@ -98,7 +105,7 @@ def _tool_result(block: dict[str, Any], param: str) -> dict[str, Any]:
     elif isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        text = _text_parts(content, f"{param}.content")
+        text = _text_parts(content, f"{param}.content", images_as_note=True)
     else:
         raise bad_request(f"{param}.content must be a string or a list of blocks", f"{param}.content")
     if block.get("is_error"):
@@ -106,7 +113,19 @@ def _tool_result(block: dict[str, Any], param: str) -> dict[str, Any]:
     return {"role": "tool", "content": text, "tool_call_id": str(block.get("tool_use_id", ""))}
 
 
+def anthropic_prefill(messages) -> str:
+    """Text of a final assistant message without tool calls: the answer must continue it (Anthropic prefill)."""
+    last = messages[-1]
+    if last.role != "assistant":
+        return ""
+    blocks = [{"type": "text", "text": last.content}] if isinstance(last.content, str) else last.content
+    if any(b.get("type") != "text" for b in blocks):
+        return ""
+    return "".join(b.get("text", "") for b in blocks)
+
+
 def anthropic_messages(system: str | list[dict[str, Any]] | None, messages) -> list[dict[str, Any]]:
+    """Template messages; a prefill (see anthropic_prefill) is the caller's to cut and append."""
     out: list[dict[str, Any]] = []
     sys_text = anthropic_system(system)
     if sys_text:

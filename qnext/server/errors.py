@@ -58,16 +58,22 @@ def error_response(path: str, status: int, message: str, param: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "json-or-python"}
+
+
 def _loc_to_param(loc: tuple) -> str:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content' (pydantic's union branch names dropped)."""
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'.
+
+    pydantic also names the union branch it tried ('str', 'list[str]', 'NamedToolChoice', 'function-after[...]');
+    request fields are snake_case, so those tags are recognisable and dropped."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in str(part) or "function-" in str(part):  # e.g. 'list[...]', 'function-after[...]'
+        elif part in _UNION_TAGS or "[" in part or part[:1].isupper():
             continue
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + part
     return out
 
 
@@ -84,7 +90,7 @@ def install_handlers(app: FastAPI) -> None:
         param = _loc_to_param(loc) or None
         if first.get("type") == "json_invalid":
             msg, param = f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
-        elif loc == ("body",) or first.get("type") == "missing" and loc == ("body",):
+        elif loc == ("body",):
             msg = "request body must be a JSON object"
         else:
             msg = f"{param or 'body'}: {first.get('msg', 'invalid value')}"

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from qnext.sampling_params import SamplingParams
 from qnext.server import convert
 from qnext.server.errors import APIError, bad_request, openai_body
+from qnext.server.generation import Generation, merge, until_disconnect
 from qnext.server.protocol import ChatCompletionRequest, CompletionRequest
-from qnext.server.serving import MAX_N, Backend, Generation, merge, until_disconnect
+from qnext.server.serving import MAX_N, Backend
 from qnext.server.sse import SSEResponse, sse_data
 from qnext.server.tool_stream import ToolChoice, ToolStream, resolve_tool_choice
 
@@ -47,7 +48,8 @@ async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None, log
         name = await b.grammars.tool_name(choice.names) if choice is not None and choice.constrain_name else None
         procs = [p for p in (await b.grammars.processor(body.response_format), name, bias) if p is not None]
         out.append(b.sampling_params(
-            prompt_len, max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            prompt_len, max_tokens, "prompt" if isinstance(body, CompletionRequest) else "messages",
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + i,
             stop=body.stop, stop_token_ids=body.stop_token_ids, min_tokens=body.min_tokens,
@@ -121,7 +123,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     tools = convert.openai_tools(body.tools)
-    choice = resolve_tool_choice(body.tool_choice, tools, "tool_choice")
+    choice = resolve_tool_choice(body.tool_choice, tools, "tool_choice", body.parallel_tool_calls is False)
     messages = convert.openai_messages(body.messages)
     prompt_text = b.render_chat(messages, choice.template_tools)
     prompt_ids = b.encode(prompt_text + choice.forced_prefix)

@@ -1,6 +1,6 @@
 """What both protocol adapters need from the engine, in one place: tokenizing, the chat template, sampling
-params from request fields, admission (400 / 429 before any byte is sent) and a Generation per engine request
-that records metrics, writes the request's log line and aborts the engine request when it is closed early.
+params from request fields, and admission (400 / 429 / 503 before any byte is sent) of engine requests, each
+then iterated as a Generation (generation.py).
 """
 
 from __future__ import annotations
@@ -10,21 +10,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-import anyio
 import torch
 
 from qnext.engine.async_engine import EngineDeadError, QueueFullError
-from qnext.sampling_params import CompletionOutput, SamplingParams
+from qnext.sampling_params import SamplingParams
 from qnext.server.errors import APIError, bad_request
+from qnext.server.generation import Generation
 from qnext.server.json_mode import Grammars
 from qnext.server.metrics import ServerMetrics
 
 log = logging.getLogger("qnext.server")
 
-MAX_N = 16               # choices per request (each is one engine request)
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks for a gone client
+MAX_N = 16  # choices per request (each is one engine request)
 
 
 @dataclass(frozen=True)
@@ -51,90 +50,6 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF = _byte_level_alphabet()
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected; its engine requests are aborted."""
-
-
-class Generation:
-    """One admitted engine request. Iterate for CompletionOutputs (deltas filled); close() aborts if unfinished.
-
-    Invariant: the log line and the finish metrics are written exactly once, whether the request finished,
-    failed or was aborted (closing is shielded from the cancellation of a disconnected client's task).
-    """
-
-    def __init__(self, backend: "Backend", request_id: str, prompt_len: int, agen, first: asyncio.Task,
-                 arrival: float):
-        self.backend, self.request_id, self.prompt_len = backend, request_id, prompt_len
-        self._agen, self._first, self._arrival = agen, first, arrival  # first: the pending first __anext__
-        self.num_output_tokens = 0
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self._ttft: float | None = None
-        self._last = arrival
-        self._closed = False
-
-    def _observe(self, out: CompletionOutput) -> None:
-        now = time.monotonic()
-        n = len(out.delta_token_ids)
-        m = self.backend.metrics
-        if n:
-            if self._ttft is None:
-                self._ttft = now - self._arrival
-                m.ttft.observe(self._ttft)
-            else:  # a step may release several tokens: spread the gap evenly
-                for _ in range(n):
-                    m.itl.observe((now - self._last) / n)
-            self._last = now
-            self.num_output_tokens += n
-            m.generation_tokens.inc(n)
-        if out.finish_reason is not None:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-
-    async def __aiter__(self) -> AsyncIterator[CompletionOutput]:
-        try:
-            if self._first is not None:
-                first, self._first = self._first, None
-                try:
-                    ro = await first
-                except StopAsyncIteration:
-                    return
-                self._observe(ro.outputs[0])
-                yield ro.outputs[0]
-                if ro.finished:
-                    return
-            async for ro in self._agen:
-                self._observe(ro.outputs[0])
-                yield ro.outputs[0]
-                if ro.finished:
-                    return
-        except EngineDeadError as e:
-            raise APIError(503, f"the engine stopped: {e}") from None
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            if self._first is not None and not self._first.done():
-                self._first.cancel()
-            if self._first is not None:
-                await asyncio.gather(self._first, return_exceptions=True)
-            await self._agen.aclose()  # the engine's generator aborts an unfinished request on close
-        reason = self.finish_reason or "abort"
-        m = self.backend.metrics
-        m.request_success.labels(finished_reason=reason).inc()
-        e2e = time.monotonic() - self._arrival
-        if reason != "abort":
-            m.e2e.observe(e2e)
-        decode_s = e2e - (self._ttft or e2e)
-        tps = (self.num_output_tokens - 1) / decode_s if decode_s > 0 and self.num_output_tokens > 1 else 0.0
-        ttft = f"{self._ttft:.3f}s" if self._ttft is not None else "-"
-        log.info("%s prompt=%d output=%d ttft=%s e2e=%.3fs %.1f tok/s finish=%s", self.request_id, self.prompt_len,
-                 self.num_output_tokens, ttft, e2e, tps, reason)
 
 
 class Backend:
@@ -204,7 +119,8 @@ class Backend:
             raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param)
 
     # ---- sampling ---------------------------------------------------------------------------------
-    def sampling_params(self, prompt_len: int, max_tokens: int | None, **fields: Any) -> SamplingParams:
+    def sampling_params(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "messages",
+                        **fields: Any) -> SamplingParams:
         """Checkpoint defaults, then the request's fields (None = not given).
 
         max_tokens is clamped to the context left after the prompt (agents send large fixed values, e.g.
@@ -214,7 +130,10 @@ class Backend:
         room = self.max_model_len - prompt_len
         if room < 1:
             raise bad_request(f"the prompt has {prompt_len} tokens but this server's context (max_model_len) is "
-                              f"{self.max_model_len} tokens for prompt and output together", "messages")
+                              f"{self.max_model_len} tokens for prompt and output together", prompt_param)
+        seed = fields.get("seed")
+        if seed is not None and not -2**63 <= seed < 2**63 - MAX_N:  # torch generators take 64-bit seeds
+            raise bad_request(f"seed must be a 64-bit integer, got {seed}", "seed")
         if max_tokens is not None:
             if max_tokens < 1:
                 raise bad_request(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
@@ -263,6 +182,7 @@ class Backend:
             e = first.exception()
             if isinstance(e, QueueFullError):
                 self.metrics.request_rejected.labels(reason="queue_full").inc()
+                log.info("%s prompt=%d rejected: %s", request_id, len(prompt_ids), e)
                 raise APIError(429, f"the server is busy ({e}); retry shortly", code="queue_full",
                                headers={"Retry-After": str(self.config.retry_after_s)})
             if isinstance(e, EngineDeadError):
@@ -272,7 +192,7 @@ class Backend:
                 raise bad_request(str(e))
             raise e
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        return Generation(self, request_id, len(prompt_ids), agen, first, arrival)
+        return Generation(self.metrics, request_id, len(prompt_ids), agen, first, arrival)
 
     async def start_n(self, request_id: str, prompt_ids: list[int], params: list[SamplingParams]) -> list[Generation]:
         """One engine request per choice (n > 1 fans out, seed + i); all admitted or none."""
@@ -286,61 +206,3 @@ class Backend:
                 await g.close()
             raise
         return gens
-
-
-async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, CompletionOutput]]:
-    """Interleave the outputs of several generations as they come: (choice index, output).
-    Closing this iterator closes (aborts) every generation still running."""
-    if len(gens) == 1:
-        async for out in gens[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, g: Generation) -> None:
-        try:
-            async for out in g:
-                await queue.put((i, out))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(gens)
-        while remaining:
-            i, out = await queue.get()
-            if out is done:
-                remaining -= 1
-            else:
-                yield i, out
-        for t in tasks:
-            t.result()  # surface a pump's error
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for g in gens:
-            await g.close()
-
-
-async def until_disconnect(coro, http_request, gens: list[Generation]):
-    """Run `coro` (a whole non-streaming request over `gens`); cancel it when the client leaves (ClientGone).
-    The generations are closed on every way out."""
-    task = asyncio.ensure_future(coro)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await http_request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise ClientGone()
-    finally:
-        with anyio.CancelScope(shield=True):
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            for g in gens:
-                await g.close()

@@ -23,13 +23,14 @@ class ToolChoice:
     parse: bool                        # parse <tool_call> blocks out of the output
     forced_prefix: str = ""            # appended after the generation prompt (required / named function)
     constrain_name: bool = False       # required: the model must complete the prefix with a tool's name
+    single_call: bool = False          # parallel_tool_calls false / disable_parallel_tool_use: keep the first
 
     @property
     def names(self) -> list[str]:
         return [t["function"]["name"] for t in self.tools]
 
 
-def resolve_tool_choice(tool_choice, tools: list[dict], param: str) -> ToolChoice:
+def resolve_tool_choice(tool_choice, tools: list[dict], param: str, single_call: bool = False) -> ToolChoice:
     """tool_choice in OpenAI or Anthropic form. "none" hides the tools from the template and parses nothing,
     so the model answers in text (earlier calls in the history still render)."""
     try:
@@ -39,7 +40,7 @@ def resolve_tool_choice(tool_choice, tools: list[dict], param: str) -> ToolChoic
         raise bad_request(str(e), param) from None
     if not tools or mode == "none":
         return ToolChoice(tools, None, False)
-    return ToolChoice(tools, tools, True, prefix, constrain_name=mode == "required")
+    return ToolChoice(tools, tools, True, prefix, constrain_name=mode == "required", single_call=single_call)
 
 
 class ToolStream:
@@ -57,7 +58,7 @@ class ToolStream:
         if self._parser is None:
             return [tool_parser.StreamEvent("text", text)]
         try:
-            return [e for e in self._parser.feed(text) if e.kind != "end"]
+            return self._keep(self._parser.feed(text))
         except Exception:  # noqa: BLE001 - a parser bug must not fail the request: the rest passes as text
             log.exception("tool parser failed; passing the rest of the output through as text")
             self._parser = None
@@ -68,11 +69,15 @@ class ToolStream:
         if self._parser is None:
             return events
         try:
-            return events + [e for e in self._parser.finish() if e.kind != "end"]
+            return events + self._keep(self._parser.finish())
         except Exception:  # noqa: BLE001
             log.exception("tool parser failed at the end of the output")
             self._parser = None
             return events
+
+    def _keep(self, events) -> list[tool_parser.StreamEvent]:
+        limit = 1 if self.choice.single_call else None
+        return [e for e in events if e.kind != "end" and (limit is None or e.kind == "text" or e.index < limit)]
 
     def parse_all(self, text: str) -> tuple[str, list[tool_parser.ToolCall]]:
         """Whole output -> (content, calls)."""
@@ -86,4 +91,5 @@ class ToolStream:
         except Exception:  # noqa: BLE001
             log.exception("tool parser failed; answering the output as text")
             return full, []
-        return parser.content or "", parser.tool_calls
+        calls = parser.tool_calls[:1] if self.choice.single_call else parser.tool_calls
+        return parser.content or "", calls

@@ -36,12 +36,12 @@ every decision waits for just enough text to be final, so the split of the input
 1. Content. Text outside calls is content. A whitespace run (" \\t\\r\\n") directly before a call is dropped,
    and so is trailing whitespace at the end of an output that had a call. Everything else is kept verbatim,
    including text between and after calls. content is None when empty.
-2. Openers. `<tool_call>` (anywhere) opens a call only when followed by optional whitespace and a valid
-   `<function=NAME>`; otherwise the `<tool_call>` text is content. A bare `<function=NAME>` (the model dropped
-   `<tool_call>`) opens a call when it starts a line (text start, after "\\n", or right after a call) and, when
-   tools are given, NAME is one of them; otherwise it is content. NAME: text up to `>`, at most 256
-   characters, without "\\n" or "<", stripped, non-empty. A wrapped call with an unknown NAME is kept, with
-   untyped (string) arguments.
+2. Openers. `<tool_call>` (anywhere) opens a call only when followed by at most 64 whitespace characters
+   and a valid `<function=NAME>`; otherwise the `<tool_call>` text is content. A bare `<function=NAME>` (the
+   model dropped `<tool_call>`) opens a call when it starts a line (text start, after "\\n", or right after a
+   call) and, when tools are given, NAME is one of them; otherwise it is content. NAME: text up to `>`, at
+   most 256 characters, without "\\n" or "<", stripped, non-empty. A wrapped call with an unknown NAME is
+   kept, with untyped (string) arguments.
 3. End of a call. Inside a call every `</function>` is only a candidate close: the call closes at the LAST
    `</function>` before the first structural `</tool_call>`, `<tool_call>` or `<function=`, or before the end
    of text. Structural: at a line start, or the first non-whitespace after the candidate. Precisely: after a
@@ -62,8 +62,8 @@ every decision waits for just enough text to be final, so the split of the input
    JSON can never take a key back).
 5. Typing (convert_value), with the tool's JSON schema for that parameter: undeclared parameter or unknown
    tool -> raw string; a schema without type information -> raw string. Types come from "type" (string or
-   list), local "$ref"s, anyOf / oneOf / allOf members, else enum / const values; "nullable": true adds null. Unknown type
-   names count as string. Then, v = value stripped of whitespace:
+   list), local "$ref"s, anyOf / oneOf / allOf members, else enum / const values; "nullable": true adds
+   null. Unknown type names count as string. Then, v = value stripped of whitespace:
    - null/none (any case) -> None when the schema allows null, or when it has no string type at all;
    - only string types -> the raw value;
    - object / array -> JSON, then Python literal (ast.literal_eval), when the result is a dict / list
@@ -79,7 +79,8 @@ every decision waits for just enough text to be final, so the split of the input
    prefix of `<tool_call>`, or of `<function=` at a line start), a trailing whitespace run (rule 1), and an
    opener waiting for its `<function=NAME>` to complete.
 Malformed output degrades to content (or to a call with fewer arguments); nothing here raises on any text.
-Cost: linear in the text for any feeding pattern, except whitespace runs held in rule 7 (quadratic in the run).
+Cost: linear in the text for any feeding pattern, held stretches included (long whitespace runs, text after a
+`</function>`, repeated `</function>`s), apart from C-speed copies of a held buffer; tests/test_tools.py checks.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ import json
 import math
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -112,6 +113,7 @@ PARAMETER_CLOSE = "</parameter>"
 
 _WS = " \t\r\n"
 _MAX_NAME = 256
+_MAX_GAP = 64  # whitespace allowed between <tool_call> and <function= (the model writes one "\n")
 _NEED = "need"      # verdict: more text is needed to decide
 _REJECT = "reject"  # verdict: not a tag; the marker is plain text
 
@@ -246,9 +248,27 @@ def _schema_types(schema: Any, root: Any = None, depth: int = 0) -> set[str]:
     return out
 
 
-_NULLISH = re.compile(r"[ \t\r\n]*(?:null|none)[ \t\r\n]*", re.I | re.A)
-# Every prefix of a nullish text matches this (it is prefix-closed), so failing it means "never null".
-_NULLISH_PREFIX = re.compile(r"[ \t\r\n]*(?:n(?:u(?:ll?)?)?|n(?:o(?:ne?)?)?)?[ \t\r\n]*", re.I | re.A)
+_NULLISH = re.compile(r"[ \t\r\n]*(?:null|none)[ \t\r\n]*", re.I | re.A)  # unambiguous: linear
+_NULL_PREFIXES = frozenset(["", "n", "nu", "nul", "null", "no", "non", "none"])
+_NULL_LOWER = {c: c.lower() for c in "nulNULoeOE"}
+
+
+def _null_step(state: tuple[str, bool] | None, c: str) -> tuple[str, bool] | None:
+    """One character of the automaton for prefixes of _NULLISH texts: state (letters, trailing-space phase);
+    None once no continuation can be null/none."""
+    if state is None:
+        return None
+    letters, trailing = state
+    if c in _WS:
+        if not letters:
+            return state
+        return (letters, True) if letters in ("null", "none") else None
+    low = _NULL_LOWER.get(c)
+    if trailing or low is None or letters + low not in _NULL_PREFIXES:
+        return None
+    return (letters + low, False)
+
+
 _INT = re.compile(r"[+-]?[0-9]+", re.A)
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.A)
 _MISSING = object()
@@ -328,11 +348,13 @@ def _at_bol(buf: str, p: int, bol0: bool) -> bool:
     return buf[p - 1] == "\n" if p > 0 else bol0
 
 
-def _find(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool) -> int:
-    i = buf.find(marker, lo)
+def _find(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool, hi: int | None = None) -> int:
+    """First marker starting in [lo, hi) (at a line start if need_bol), or -1."""
+    end = len(buf) if hi is None else min(len(buf), hi + len(marker) - 1)
+    i = buf.find(marker, lo, end)
     if need_bol:
         while i != -1 and not _at_bol(buf, i, bol0):
-            i = buf.find(marker, i + 1)
+            i = buf.find(marker, i + 1, end)
     return i
 
 
@@ -345,13 +367,6 @@ def _partial_start(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool) -
         if marker.startswith(buf[p:]) and (not need_bol or _at_bol(buf, p, bol0)):
             return p
     return n
-
-
-def _ws_start(buf: str, end: int, lo: int = 0) -> int:
-    """Start of the whitespace run that ends at `end` (never below lo)."""
-    while end > lo and buf[end - 1] in _WS:
-        end -= 1
-    return end
 
 
 def _read_name(buf: str, start: int, eof: bool):
@@ -378,7 +393,7 @@ def _strip_value(raw: str) -> str:
 
 
 def _strip_tail(r: str) -> str:
-    j = _ws_start(r, len(r))
+    j = len(r.rstrip(_WS))
     if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
         r = r[: j - len(PARAMETER_CLOSE)]
     if r.endswith("\r\n"):
@@ -388,13 +403,14 @@ def _strip_tail(r: str) -> str:
     return r
 
 
-def _hold_start(r: str) -> int:
+def _hold_start(r: str, j: int | None = None) -> int:
     """Smallest p such that r[p:] is a prefix of some suffix _strip_tail could remove, i.e. of
     L = (\\r?\\n)? </parameter> [ \\t\\r\\n]*  |  \\r?\\n.  r[:p] is final whatever follows.
     Minimality makes the result of (r + more) never fall below the result of r, so a caller may keep only
-    the unemitted tail."""
+    the unemitted tail. j: start of r's trailing whitespace run, when the caller knows it."""
     n = len(r)
-    j = _ws_start(r, n)
+    if j is None:
+        j = len(r.rstrip(_WS))
     if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
         p = j - len(PARAMETER_CLOSE)
     else:
@@ -439,8 +455,11 @@ class _Value:
         self.head = ""             # first characters until the leading-newline decision
         self.lead_done = False
         self.tail = ""             # text after the leading newline, not yet emitted (streaming modes)
+        self.tail_ws = 0           # start of tail's trailing whitespace run (kept so long runs stay linear)
         self.sent = 0              # value characters already emitted
         self.opened = mode == _STRING  # has the opening quote been written?
+        self.null_state: tuple[str, bool] | None = ("", False)  # _NSTRING before opening: can it be null?
+        self.checked = 0           # _NSTRING before opening: tail characters already run through null_state
 
     def add(self, t: str) -> str:
         if self.mode == _SKIP:
@@ -455,14 +474,25 @@ class _Value:
                 return ""
             self.head, self.lead_done = "", True
             t = h[2:] if h.startswith("\r\n") else h[1:] if h.startswith("\n") else h
+        stripped = len(t.rstrip(_WS))
+        if stripped:
+            self.tail_ws = len(self.tail) + stripped
         self.tail += t
-        p = _hold_start(self.tail)
+        p = _hold_start(self.tail, self.tail_ws)
         prefix = ""
         if not self.opened:
-            if _NULLISH_PREFIX.fullmatch(self.tail, 0, p):
+            # tail[:p] is final and only grows, so each character goes through the automaton once
+            state = self.null_state
+            for c in self.tail[self.checked:p]:
+                state = _null_step(state, c)
+                if state is None:
+                    break
+            self.null_state, self.checked = state, p
+            if state is not None:
                 return ""  # may still be null: wait
             self.opened, prefix = True, '"'
         out, self.tail = self.tail[:p], self.tail[p:]
+        self.tail_ws = max(0, self.tail_ws - p)
         self.sent += len(out)
         return prefix + _esc(out)
 
@@ -578,6 +608,8 @@ class StreamingToolParser:
         self._state = _TOP
         self._buf = ""          # _TOP / _BODY: undecided text
         self._bol = True        # _TOP: does _buf start a line?
+        self._ws_known = 0      # _TOP: _buf[:_ws_known] is whitespace
+        self._open_ws = 0       # _TOP: see _opener
         self._body_nl = False   # _BODY: is the last body text handed on a "\n"?
         self._call: _Call | None = None
         # _TENT: text held from a candidate `</function>` (inclusive), kept as chunks so that holding a long
@@ -586,7 +618,7 @@ class StreamingToolParser:
         self._tlen = 0
         self._ttail = ""
         self._tdec: tuple[int, str] | None = None
-        self._tfirst = -1       # position in h of the first non-whitespace after the candidate (-1: none yet)
+        self._tfirst: int | None = None  # H-position of the first non-whitespace after the candidate
         self._events: list[StreamEvent] = []
         self._content: list[str] = []
         self._finished = False
@@ -650,9 +682,13 @@ class StreamingToolParser:
     def _opener(self, buf: str, at: int, wrapped: bool, eof: bool):
         """Verdict on the opener at buf[at]: (name, end of `<function=NAME>`), _NEED or _REJECT."""
         if wrapped:
-            k, n = at + len(TOOL_CALL_OPEN), len(buf)
-            while k < n and buf[k] in _WS:
-                k += 1
+            # _open_ws: where the whitespace after a <tool_call> held at _ws_known was scanned up to
+            lo = at + len(TOOL_CALL_OPEN)
+            m = _NON_WS.search(buf, max(lo, self._open_ws) if at == self._ws_known else lo)
+            k = m.start() if m else len(buf)
+            self._open_ws = k
+            if k - lo > _MAX_GAP:
+                return _REJECT
             head = buf[k:k + len(FUNCTION_OPEN)]
             if head != FUNCTION_OPEN:
                 return _NEED if not eof and FUNCTION_OPEN.startswith(head) else _REJECT
@@ -665,10 +701,20 @@ class StreamingToolParser:
         return r
 
     def _top(self, eof: bool) -> bool:
-        buf, pos = self._buf, 0
+        # _buf[:_ws_known] is known to be whitespace: no marker starts there and a held whitespace run is
+        # not walked again per character (a long run of spaces stays linear to scan).
+        buf, known = self._buf, self._ws_known
+        pos = known
+
+        def run_start(end: int) -> int:  # start of the whitespace run ending at `end`
+            p = end
+            while p > known and buf[p - 1] in _WS:
+                p -= 1
+            return 0 if p == known else p
+
         while True:
             i = buf.find(TOOL_CALL_OPEN, pos)
-            j = _find(buf, FUNCTION_OPEN, pos, True, self._bol)
+            j = _find(buf, FUNCTION_OPEN, pos, True, self._bol, None if i == -1 else i)
             if i == -1 and j == -1:
                 break
             wrapped = i != -1 and (j == -1 or i < j)
@@ -677,26 +723,29 @@ class StreamingToolParser:
             if v is _REJECT:
                 pos = at + len(TOOL_CALL_OPEN if wrapped else FUNCTION_OPEN)
                 continue
-            cut = _ws_start(buf, at)
+            cut = run_start(at)
             self._emit_text(buf[:cut])
             if v is _NEED:
                 if cut:
                     self._bol = buf[cut - 1] == "\n"
-                self._buf = buf[cut:]
+                self._buf, self._ws_known = buf[cut:], at - cut
+                self._open_ws = self._open_ws - cut if wrapped else 0
                 return False
-            self._buf = buf[v[1]:]
+            self._buf, self._ws_known, self._open_ws = buf[v[1]:], 0, 0
             self._start_call(v[0])
             return True
         if eof:
-            cut = _ws_start(buf, len(buf)) if self.tool_calls else len(buf)
+            cut = run_start(len(buf)) if self.tool_calls else len(buf)
+            hold = cut
         else:
             hold = min(_partial_start(buf, TOOL_CALL_OPEN, pos, False, False),
                        _partial_start(buf, FUNCTION_OPEN, pos, True, self._bol))
-            cut = _ws_start(buf, hold)
+            cut = run_start(hold)
         self._emit_text(buf[:cut])
         if cut:
             self._bol = buf[cut - 1] == "\n"
-        self._buf = "" if eof else buf[cut:]
+        self._buf, self._ws_known = ("", 0) if eof else (buf[cut:], hold - cut)
+        self._open_ws = 0
         return False
 
     def _start_call(self, name: str) -> None:
@@ -716,7 +765,7 @@ class StreamingToolParser:
         self._call = None
         self.tool_calls.append(call)
         self._events.append(StreamEvent("end", index=index, id=call.id, name=call.name, call=call))
-        self._state, self._buf, self._bol = _TOP, rest, True
+        self._state, self._buf, self._bol, self._ws_known, self._open_ws = _TOP, rest, True, 0, 0
 
     def _body(self, eof: bool) -> bool:
         buf = self._buf
@@ -741,58 +790,82 @@ class StreamingToolParser:
         self._buf = buf[hold:]
         return False
 
-    # _TENT: held text h starts with a candidate `</function>`; deciders are searched from h[11:].
+    # _TENT: the held text H (chunks) starts with the candidate `</function>`; deciders are searched from
+    # H[11:]. Positions in _tfirst / _tdec are positions in H.
     def _tent_reset(self, h: str) -> None:
         self._state = _TENT
-        self._tchunks, self._tlen, self._ttail, self._tdec, self._tfirst = [], 0, "", None, -1
+        self._tchunks, self._tlen, self._ttail, self._tdec, self._tfirst = [], 0, "", None, None
         self._tent_add(h)
 
     def _tent_add(self, text: str) -> None:
-        self._tchunks.append(text)
-        if self._tdec is not None:
+        """Append text to H, moving the candidate over every later `</function>` (their body text goes to the
+        call) until a closing decider is seen. Works on the window w = last 13 characters of H + text, with
+        offsets, so long held stretches and many `</function>`s cost linear time."""
+        if self._tdec is not None:  # decided already (the caller acts on it before feeding more)
+            self._tchunks.append(text)
             self._tlen += len(text)
             return
-        base = self._tlen - len(self._ttail)  # position in h of s[0]
-        s = self._ttail + text
-        lo = max(0, len(FUNCTION_CLOSE) - base)
-        if self._tfirst < 0:
-            m = _NON_WS.search(s, lo)
-            if m:
-                self._tfirst = base + m.start()
+        old_len, tail = self._tlen, self._ttail
+        w = tail + text
+        base = old_len - len(tail)    # H-position of w[0]
+        cand = -base                  # w-position of the candidate
+        # w-position of the first non-whitespace after the candidate (may be < 0: before w); None: not seen
+        first = self._tfirst - base if self._tfirst is not None else None
+        moved = False                 # has the candidate moved into w?
+        dec = None
+        while True:
+            k = max(0, cand + len(FUNCTION_CLOSE))
+            if first is None:
+                m = _NON_WS.search(w, k)
+                first = m.start() if m else None
 
-        def structural(k: int) -> bool:
-            # At a line start or the first non-whitespace after the candidate. The 13-character tail keeps
-            # the preceding character of any marker (<= 12 characters) that reaches into `text`; a marker
-            # lying wholly in the old tail was judged before, and k == 0 gives the same answer it got then.
-            return (k > 0 and s[k - 1] == "\n") or base + k == self._tfirst
+            def structural(j: int) -> bool:
+                # At a line start, or the first non-whitespace after the candidate. A marker (<= 12
+                # characters) reaching into `text` has its preceding character in w (13-character tail);
+                # one lying wholly in the old tail was judged before, and j == 0 answers as it did then.
+                return (j > 0 and w[j - 1] == "\n") or j == first
 
-        best = (-1, "")
-        for marker in (FUNCTION_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, FUNCTION_OPEN):
-            k = s.find(marker, lo)
-            while k != -1 and marker != FUNCTION_CLOSE and not structural(k):
-                k = s.find(marker, k + 1)
-            if k != -1 and (best[0] == -1 or k < best[0]):
-                best = (k, marker)
-        self._tlen += len(text)
-        self._ttail = s[-13:]
-        if best[0] != -1:
-            self._tdec = (base + best[0], best[1])
+            f = w.find(FUNCTION_CLOSE, k)
+            best = (f, FUNCTION_CLOSE) if f != -1 else None
+            for marker in (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, FUNCTION_OPEN):
+                # only a marker starting before the best so far matters: keeps repeated searches bounded
+                end = len(w) if best is None else min(len(w), best[0] + len(marker) - 1)
+                j = w.find(marker, k, end)
+                while j != -1 and not structural(j):
+                    j = w.find(marker, j + 1, end)
+                if j != -1 and (best is None or j < best[0]):
+                    best = (j, marker)
+            if best is None or best[1] != FUNCTION_CLOSE:
+                dec = best
+                break
+            # another `</function>`: the candidate was value text; the body runs up to the new one
+            pos = best[0]
+            if not moved:
+                held = "".join(self._tchunks)  # H before text; w[:len(tail)] is its end
+                cut = base + pos               # H-position of the new candidate
+                body = held[:cut] if cut <= len(held) else held + text[: cut - len(held)]
+            else:
+                body = w[cand:pos]
+            self._deliver(body)
+            cand, first, moved = pos, None, True
+        if moved:
+            rest = w[cand:]
+            self._tchunks, self._tlen, self._ttail = [rest], len(rest), rest[-13:]
+        else:  # w ends with H (all of H when H is shorter than the 13-character tail)
+            self._tchunks.append(text)
+            self._tlen, self._ttail = old_len + len(text), w[-13:]
+        self._tfirst = first - cand if first is not None else None
+        if dec is not None:
+            self._tdec = (dec[0] - cand, dec[1])
 
     def _tent(self, eof: bool) -> bool:
         if self._tdec is None and not eof:
             return False
         h = "".join(self._tchunks)
         self._tchunks = []
-        if self._tdec is None:  # end of text: the candidate closes the call
-            self._end_call(h[len(FUNCTION_CLOSE):])
-            return True
-        q, marker = self._tdec
-        if marker == FUNCTION_CLOSE:  # the candidate was value text; the new one takes its place
-            self._deliver(h[:q])
-            self._tent_reset(h[q:])
-        elif marker == TOOL_CALL_CLOSE:
-            self._end_call(h[q + len(TOOL_CALL_CLOSE):])
-        else:
+        if self._tdec is not None and self._tdec[1] == TOOL_CALL_CLOSE:
+            self._end_call(h[self._tdec[0] + len(TOOL_CALL_CLOSE):])  # what lay inside the wrapper is dropped
+        else:  # <tool_call>, a bare <function=, or the end of text: re-read after the candidate as top level
             self._end_call(h[len(FUNCTION_CLOSE):])
         return True
 
