@@ -129,7 +129,8 @@ class LLM:
         for rid, _, j, _, _ in jobs:
             out = results[rid]
             i = where[rid][0]
-            completion = dataclasses.replace(out.outputs[0], index=j, delta_text="", delta_token_ids=[])
+            completion = dataclasses.replace(out.outputs[0], index=j, delta_text="", delta_token_ids=[],
+                                             delta_logprobs=None)
             if merged[i] is None:
                 merged[i] = dataclasses.replace(out, request_id=rid.rsplit("-", 1)[0] if params_list[i].n > 1
                                                 else rid, outputs=[completion], prompt=encoded[i][0])

@@ -1,7 +1,12 @@
 """What a request asks of sampling (SamplingParams) and what it gets back (RequestOutput, CompletionOutput).
 
 SamplingParams is validated once in __post_init__ (ValueError naming the field); the sampler and stop checker
-then trust it. Outputs follow the vLLM shape; streaming callers read `delta_text` / `delta_token_ids`.
+then trust it. Outputs follow the vLLM shape. Each engine step yields one RequestOutput per request that got a
+token, and it carries only that step's deltas (`delta_text`, `delta_token_ids`, `delta_logprobs`): building the
+whole lists every step would cost O(tokens so far) per token. The cumulative fields (`text`, `token_ids`,
+`logprobs`) are filled on the final output (finished=True) only; on earlier outputs they are empty ("", [],
+None). `cumulative_logprob` is a running number on every output. `RequestOutput.prompt_logprobs` comes with the
+request's first output (the one with its first token) and with its final output.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -37,7 +42,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N per generated token (0: only the sampled token)
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-N per prompt token (0: only the actual token); see RequestOutput
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -152,19 +157,23 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob; holds the sampled token and the top-N.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing before it predicts it), then token id -> Logprob for the
+# actual prompt token and the top-N, from the model's raw logits (no penalties, processors or temperature).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
 class CompletionOutput:
     index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None = None  # None unless logprobs were asked for
-    logprobs: SampleLogprobs | None = None
+    text: str  # whole output text: on the final output only ("" before, see the module docstring)
+    token_ids: list[int]  # whole output: on the final output only ([] before)
+    cumulative_logprob: float | None = None  # None unless logprobs were asked for; running sum on every output
+    logprobs: SampleLogprobs | None = None  # whole output: on the final output only (None before)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # matched stop string or stop token id; None for eos / length
     delta_text: str = ""  # text released by this step (stop-string prefixes are held back)
-    delta_token_ids: list[int] = field(default_factory=list)
+    delta_token_ids: list[int] = field(default_factory=list)  # tokens of this step
+    delta_logprobs: SampleLogprobs | None = None  # one dict per delta token; None unless logprobs were asked for
 
     @property
     def finished(self) -> bool:
@@ -189,4 +198,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     prompt: str | None = None
-    prompt_logprobs: Sequence[dict[int, Logprob] | None] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with the first and the final output, when asked for

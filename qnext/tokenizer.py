@@ -138,11 +138,18 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
-        self.output_text = ""  # everything emitted so far
+        self._pieces: list[str] = []  # everything emitted so far (joined only when output_text is read)
         self._prefix = 0  # window start
         self._read = 0  # ids[prefix:read] decode to _prefix_text, all of it emitted
         self._prefix_text = ""
         self._emitted_past_read = 0  # chars of the window text beyond _prefix_text already emitted
+
+    @property
+    def output_text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -162,7 +169,8 @@ class IncrementalDetokenizer:
             stable = len(text.rstrip(REPLACEMENT_CHAR))
             piece = text[start:stable] if stable > start else ""
             self._emitted_past_read += len(piece)
-        self.output_text += piece
+        if piece:
+            self._pieces.append(piece)
         return piece
 
     def flush(self) -> str:
@@ -171,5 +179,6 @@ class IncrementalDetokenizer:
         piece = text[len(self._prefix_text) + self._emitted_past_read :]
         self._prefix, self._read = len(self.token_ids), len(self.token_ids)
         self._prefix_text, self._emitted_past_read = "", 0
-        self.output_text += piece
+        if piece:
+            self._pieces.append(piece)
         return piece

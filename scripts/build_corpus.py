@@ -7,8 +7,9 @@ Sources, in this order:
 A file is kept when it decodes as UTF-8, parses with `ast` under the running Python, is at most --max-file-kb
 and does not look generated (very long lines). Files with identical content are kept once.
 
-Held-out split: a stdlib file is held out when sha1("stdlib/" + its relative path) falls in the first
---heldout-permille of 1000 buckets (about 3%), so the split is the same on every machine and Python version.
+Held-out split (qnext/eval/heldout.py, shared with `qnext eval`): a stdlib file is held out when
+sha1("stdlib/" + its relative path) falls in the first --heldout-permille of 1000 buckets (about 3%), so the split
+is the same on every machine and Python version.
 A train file is dropped when at least 30% of its long lines (>= 24 characters, stripped) also occur in held-out
 files: this catches copies of a held-out file under another path (a module moved between Python versions, a
 vendored copy or backport in site-packages).
@@ -16,16 +17,10 @@ vendored copy or backport in site-packages).
 Outputs in --out:
   train.txt, heldout.txt     documents separated by a line holding only <|endoftext|>
   heldout_files.txt          relative paths of the held-out files
-  heldout_headers.jsonl      prompts for `qnext eval complete`: one per held-out function (see below)
+  heldout_headers.jsonl      prompts for `qnext eval complete`: one per held-out function (qnext/eval/heldout.py)
   chat.jsonl                 chat pairs made from train-file functions with docstrings (user asks, assistant
                              answers with the function in a ```python block), for the demo's chat behaviour
   stats.json
-
-A held-out header is a function (top-level, method or nested) from a held-out file whose body has at least one
-statement after its docstring and which spans at most 40 lines. Its prompt is the source from its first decorator
-through the `def ...:` line(s) and, when present, the docstring, dedented to column 0 and ending in a newline;
-`reference` is the rest of the body. The completion task: write the body. Headers are ordered by sha1 of
-"path:line" so any prefix of the file is a fixed random sample.
 """
 
 from __future__ import annotations
@@ -41,24 +36,17 @@ from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's qnext, installed or not
+from qnext.eval.heldout import (MAX_FUNC_LINES, dedent_lines, file_headers, func_span, functions,  # noqa: E402
+                                has_docstring, is_heldout, list_py, read_source, sha1_int, sort_headers)
+
 DOC_SEP = "<|endoftext|>"
-SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git"}
-MAX_FUNC_LINES = 40
 CHAT_TEMPLATES = (
     "Write a Python {kind} `{name}({args})` that does this: {summary}",
     "Implement `{name}` in Python. {summary}",
     "{summary} Write it as a Python {kind} named `{name}`.",
     "Can you write `{name}({args})`? {summary}",
 )
-
-
-def _sha1(text: str) -> int:
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
-
-
-def is_heldout(key: str, permille: int) -> bool:
-    """key is "stdlib/<relative path>"; about permille/1000 of the keys are held out."""
-    return _sha1(key) % 1000 < permille
 
 
 @dataclass
@@ -69,68 +57,10 @@ class FileResult:
     chats: list[dict] = field(default_factory=list)
 
 
-def _list_py(root: Path, skip_tests: bool) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".dist-info")
-                             and not (skip_tests and d in ("test", "tests")))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    return out
-
-
-def _looks_generated(text: str, name: str) -> bool:
-    if name.endswith("_pb2.py"):
-        return True
-    lines = text.split("\n")
-    long_lines = sum(len(ln) > 200 for ln in lines)
-    return max(map(len, lines)) > 2000 or long_lines > 0.02 * len(lines) or len(text) / max(len(lines), 1) > 80
-
-
-def _func_span(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[int, int]:
-    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    return start, node.end_lineno or node.lineno
-
-
-def _has_docstring(node) -> bool:
-    b0 = node.body[0]
-    return isinstance(b0, ast.Expr) and isinstance(b0.value, ast.Constant) and isinstance(b0.value.value, str)
-
-
-def _dedent(lines: list[str], indent: int) -> list[str]:
-    return [ln[indent:] if ln[:indent].strip() == "" else ln.lstrip() for ln in lines]
-
-
-def _functions(tree: ast.AST):
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-
-
-def _extract_header(node, lines: list[str]) -> dict | None:
-    start, end = _func_span(node)
-    if end - start + 1 > MAX_FUNC_LINES:
-        return None
-    doc = _has_docstring(node)
-    rest = node.body[1:] if doc else node.body
-    if not rest or node.body[0].lineno == node.lineno:  # one-line def, or no statement to write
-        return None
-    prompt_end = node.body[0].end_lineno if doc else rest[0].lineno - 1
-    if rest[0].lineno <= prompt_end:  # docstring and a statement on one line
-        return None
-    indent = node.col_offset
-    prompt = "\n".join(_dedent(lines[start - 1:prompt_end], indent)) + "\n"
-    reference = "\n".join(_dedent(lines[prompt_end:end], indent)) + "\n"
-    try:
-        ast.parse(prompt + reference)
-    except SyntaxError:
-        return None
-    return {"name": node.name, "line": start, "prompt": prompt, "reference": reference}
-
-
 def _extract_chat(node, lines: list[str]) -> dict | None:
-    if not _has_docstring(node):
+    if not has_docstring(node):
         return None
-    start, end = _func_span(node)
+    start, end = func_span(node)
     if end - start + 1 > MAX_FUNC_LINES or len(node.body) < 2:
         return None
     summary = " ".join(ast.get_docstring(node).split("\n\n")[0].split())
@@ -138,8 +68,8 @@ def _extract_chat(node, lines: list[str]) -> dict | None:
         return None
     args = [a.arg for a in node.args.posonlyargs + node.args.args]
     kind = "method" if args and args[0] in ("self", "cls") else "function"
-    source = "\n".join(_dedent(lines[start - 1:end], node.col_offset)) + "\n"
-    h = _sha1(f"{node.name}:{start}")
+    source = "\n".join(dedent_lines(lines[start - 1:end], node.col_offset)) + "\n"
+    h = sha1_int(f"{node.name}:{start}")
     user = CHAT_TEMPLATES[h % len(CHAT_TEMPLATES)].format(
         kind=kind, name=node.name, args=", ".join(args), summary=summary[0].upper() + summary[1:])
     return {"messages": [{"role": "user", "content": user},
@@ -168,26 +98,19 @@ def _leaks(text: str) -> bool:
 def _process(job: tuple[str, str, bool, int]) -> FileResult | str | None:
     """None: unreadable, unparsable or generated; "leak": a train file too close to held-out files."""
     key, path, heldout, max_bytes = job
-    try:
-        raw = Path(path).read_bytes()
-        if len(raw) > max_bytes or not raw.strip():
-            return None
-        text = raw.decode("utf-8").replace("\r\n", "\n")
-        if DOC_SEP in text or _looks_generated(text, path):
-            return None
-        if not heldout and _leaks(text):
-            return "leak"
-        tree = ast.parse(text)
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
+    src = read_source(Path(path), max_bytes)
+    if src is None:
         return None
-    result = FileResult(key, text)
+    text, tree = src
+    if not heldout and _leaks(text):
+        return "leak"
+    if heldout:
+        return FileResult(key, text, headers=file_headers(key, text, tree))
     lines = text.split("\n")
-    for node in _functions(tree):
-        item = (_extract_header if heldout else _extract_chat)(node, lines)
-        if item is not None:
-            item["file"] = key
-            (result.headers if heldout else result.chats).append(item)
-    return result
+    chats = [c for c in (_extract_chat(node, lines) for node in functions(tree)) if c is not None]
+    for c in chats:
+        c["file"] = key
+    return FileResult(key, text, chats=chats)
 
 
 def collect(heldout_permille: int = 30, site_packages: bool = False, skip_tests: bool = False,
@@ -195,17 +118,17 @@ def collect(heldout_permille: int = 30, site_packages: bool = False, skip_tests:
     """Returns {"train": [(key, text)], "heldout": [(key, text)], "headers": [...], "chats": [...], "stats": {...}}."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     jobs = []
-    for p in _list_py(stdlib, skip_tests):
+    for p in list_py(stdlib, skip_tests):
         key = "stdlib/" + p.relative_to(stdlib).as_posix()
         jobs.append((key, str(p), is_heldout(key, heldout_permille), max_file_kb * 1024))
     if site_packages:
         roots = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
         site_jobs = []
         for root in roots:
-            for p in _list_py(Path(root), skip_tests):
+            for p in list_py(Path(root), skip_tests):
                 key = "site/" + p.relative_to(root).as_posix()
                 site_jobs.append((key, str(p), False, max_file_kb * 1024))
-        site_jobs.sort(key=lambda j: _sha1(j[0]))  # a fixed random order, so --max-mb takes a fair sample
+        site_jobs.sort(key=lambda j: sha1_int(j[0]))  # a fixed random order, so --max-mb takes a fair sample
         if max_mb > 0:  # read and parse no more than the budget can use (with room for files dropped)
             keep, size = [], 0
             for j in site_jobs:
@@ -253,8 +176,8 @@ def collect(heldout_permille: int = 30, site_packages: bool = False, skip_tests:
         used += len(res.text)
         train.append((res.key, res.text))
         chats.extend(res.chats)
-    headers.sort(key=lambda h: _sha1(f"{h['file']}:{h['line']}"))
-    chats.sort(key=lambda c: _sha1(c["messages"][0]["content"]))
+    headers = sort_headers(headers)
+    chats.sort(key=lambda c: sha1_int(c["messages"][0]["content"]))
     stats = {
         "python": sys.version.split()[0], "stdlib": str(stdlib), "site_packages": site_packages,
         "train_files": len(train), "train_chars": sum(len(t) for _, t in train),

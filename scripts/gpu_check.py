@@ -36,6 +36,7 @@ RESULTS: dict = {"parity": {}, "timing": {}, "env": {}, "errors": {}}
 ROWS: list[tuple] = []
 T0 = time.time()
 BUDGET = 300.0
+DECODE_ONLY = False
 
 
 def left() -> float:
@@ -206,20 +207,19 @@ def routings(m: int, n: int, seed: int = 0):
 @guard("moe")
 def moe_section(kinds, quick: bool) -> None:
     from qnext.ops.triton_moe import fused_moe
+    # b1 GEMV tile variants (the first and last entries repeat the default: their spread is the noise)
     sweeps = {
-        "bf16": [dict(bn1=16, rb1=256, w1=4), dict(bn1=8, rb1=512, w1=4), dict(bn1=16, rb1=512, w1=8),
-                 dict(bn2=8, rb2=512, w2=4), dict(bn2=32, rb2=512, w2=8)],
-        "fp8": [dict(bn1=16, rb1=512, w1=4), dict(bn1=8, rb1=1024, w1=4), dict(bn1=32, rb1=512, w1=8),
-                dict(bn2=8, rb2=512, w2=4)],
-        "int4_128": [dict(bn1=16, rb1=256, w1=4), dict(bn1=32, rb1=256, w1=8), dict(bn1=16, rb1=512, w1=8),
-                     dict(bn2=8, rb2=256, w2=4), dict(bn2=32, rb2=256, w2=8)],
-        "int4_32": [dict(bn1=16, rb1=256, w1=4), dict(bn1=32, rb1=256, w1=8)],
+        "bf16": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
+        "fp8": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
+        "int4_128": [dict(split=False), dict(split=False, int4_dot=False), dict(sbn1=8), dict(sbn2=32), dict(sw=8),
+                     None],
+        "int4_32": [dict(int4_dot=False)],
     }
     prefill_sweeps = {
-        "bf16": [dict(), dict(bm=128, bn=128, bk=64, warps=8, stages=3), dict(bm=64, bn=128, bk=64, warps=4, stages=4)],
-        "fp8": [dict(), dict(bm=128, bn=128, warps=8, stages=3)],
-        "int4_128": [dict(), dict(bm=128, bn=128, warps=8, stages=3)],
-        "int4_32": [dict()],
+        "bf16": [None, dict(bn=64, stages=3, bn2=64, stages2=3)],
+        "fp8": [None, dict(bn2=64, warps2=4, stages2=3)],
+        "int4_128": [None, dict(bn=32, warps=4, stages=3), dict(bn2=64, warps2=4, stages2=3)],
+        "int4_32": [None],
     }
     for kind in kinds:
         if left() < 40:
@@ -241,6 +241,10 @@ def moe_section(kinds, quick: bool) -> None:
             paths = ["gemv", "sorted"]
             for path in paths:
                 cfgs = [None] + (sweeps[kind] if (m == 1 and path == "gemv" and not quick) else [])
+                if m > 1 and path == "gemv" and kind.startswith("int4"):
+                    cfgs.append(dict(int4_dot=False))
+                if m > 1 and path == "gemv":
+                    cfgs.append(dict(split=True))
                 for cfg in cfgs:
                     if left() < 30:
                         break
@@ -258,7 +262,7 @@ def moe_section(kinds, quick: bool) -> None:
                     record(f"moe {kind} decode M={m} {path}{tag}", us, bytes_=nbytes,
                            note=f"{uniq:.0f} experts x {per_expert / 2**20:.2f} MiB")
         # prefill 8K
-        if left() > 40:
+        if left() > 40 and not DECODE_ONLY:
             m = 8192
             wt, ids = routings(m, 1, seed=7)[0]
             x = torch.randn(m, H, device="cuda").bfloat16()
@@ -266,7 +270,7 @@ def moe_section(kinds, quick: bool) -> None:
             ref = quant.moe_forward_ref(x[:512], *layers[0], wt[:512], ids[:512], h_dtype=torch.bfloat16)
             parity(f"moe {kind} sorted M=512 (prefill tiles)",
                    rel(fused_moe(x[:512], *layers[0], wt[:512], ids[:512], path="sorted"), ref), 1.5e-2)
-            for cfg in prefill_sweeps[kind][: 1 if quick else None]:
+            for cfg in prefill_sweeps[kind]:
                 if left() < 30:
                     break
                 try:
@@ -277,7 +281,12 @@ def moe_section(kinds, quick: bool) -> None:
                     print(f"[error] moe {kind} prefill {cfg}: {e}", flush=True)
                     continue
                 tag = "" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items())
-                record(f"moe {kind} prefill M=8192 sorted{tag}", us, flops=flops)
+                record(f"moe {kind} prefill M=8192 sorted{tag}", us, flops=flops,
+                       note=f"weights once: {E * per_expert / RESULTS['env']['copy_GBps'] / 1e3:.0f} us")
+            m2 = 2048                                      # a chunked-prefill step
+            us = time_events(lambda i: fused_moe(x[:m2], *layers[i % 2], wt[:m2], ids[:m2], path="sorted"),
+                             n_inputs=2, iters=5)
+            record(f"moe {kind} prefill M=2048 sorted", us, flops=flops * m2 / m)
         del layers
         torch.cuda.empty_cache()
     # dense bf16 baseline: the same FLOPs as one expert-group GEMM, through cuBLAS
@@ -445,7 +454,10 @@ def attn_section(quick: bool) -> None:
                                          v[:sub].transpose(0, 1)[None].float(), is_causal=True, scale=scale,
                                          enable_gqa=True)[0].transpose(0, 1)
     out = paged_prefill_attention(q, kc, vc, bt, seq_lens, cu, [t], scale)
-    parity("attn prefill T=8192 (first 1K rows)", rel(out[:sub], ref), 1e-2)
+    parity("attn prefill paged T=8192 (first 1K rows)", rel(out[:sub], ref), 1e-2)
+    from qnext.ops.triton_paged_attention import fresh_prefill_attention
+    out = fresh_prefill_attention(q, k, v, [t], scale)
+    parity("attn prefill fresh/SDPA T=8192 (first 1K rows)", rel(out[:sub], ref), 1e-2)
     flops = 4 * t * t / 2 * HQ * HD
     us = time_events(lambda i: paged_prefill_attention(q, kc, vc, bt, seq_lens, cu, [t], scale), iters=5)
     record("attn prefill paged triton T=8192", us, flops=flops)
@@ -470,15 +482,16 @@ def fp8_section(quick: bool) -> None:
     for n, k in ((12288, 2048), (2048, 4096)):
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         wb = [quant.dequantize(w, torch.bfloat16) for w in ws[:4]]
-        for m in (1, 8192):
+        for m in (1, 8, 8192):
             x = torch.randn(m, k, device="cuda").bfloat16()
             wf = quant.dequantize(ws[0])
             ref = x.float() @ wf.t()
             blocks = x.float().view(m, -1, 128)                # activations as w8a8 / scaled_mm round them
             sc = (blocks.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
             ref_q = ((blocks / sc).to(torch.float8_e4m3fn).float() * sc).view(m, -1) @ wf.t()
-            paths = ["gemv", "dequant", "scaled_mm", "w8a16", "w8a8"] if m <= 4 else ["w8a8", "w8a16", "scaled_mm",
-                                                                                     "dequant"]
+            paths = (["gemv", "scaled_mm", "w8a8"] if m <= 32 else ["w8a8", "w8a16", "scaled_mm", "dequant"])
+            if m == 1:
+                paths += ["w8a16", "dequant"]
             for path in paths:
                 try:
                     out = fp8_linear(x, ws[0], path=path)
@@ -488,13 +501,13 @@ def fp8_section(quick: bool) -> None:
                     continue
                 parity(f"fp8 linear {path} M={m} N={n} K={k}",
                        rel(out, ref_q if path in ("w8a8", "scaled_mm") else ref), 1e-2)
-                if m <= 4:
+                if m <= 32:
                     us = time_graph(lambda i, path=path: fp8_linear(x, ws[i % 8], path=path), 8)
                     record(f"fp8 linear {path} M={m} N={n} K={k}", us, bytes_=n * k * 1.0)
                 else:
                     us = time_events(lambda i, path=path: fp8_linear(x, ws[i % 8], path=path), 8, iters=5)
                     record(f"fp8 linear {path} M={m} N={n} K={k}", us, flops=2 * m * n * k)
-            if m <= 4:
+            if m <= 32:
                 us = time_graph(lambda i: F.linear(x, wb[i % 4]), 4)
                 record(f"bf16 cuBLAS linear M={m} N={n} K={k}", us, bytes_=n * k * 2.0)
             else:
@@ -504,15 +517,17 @@ def fp8_section(quick: bool) -> None:
 
 
 def main() -> None:
-    global BUDGET
+    global BUDGET, DECODE_ONLY
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--only", default="moe,gdn,conv,attn,fp8")
     ap.add_argument("--kinds", default="int4_128,bf16,fp8,int4_32")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="MoE: skip the prefill timings")
     args = ap.parse_args()
     BUDGET = args.budget
+    DECODE_ONLY = args.decode_only
     os.makedirs(args.out, exist_ok=True)
     env()
     only = set(args.only.split(","))

@@ -152,3 +152,56 @@ def test_idle_engine_thread_sleeps(loaded):
         assert engine._thread.is_alive()
     finally:
         engine.shutdown()
+
+
+def test_failed_step_kills_the_engine(loaded):
+    """An exception out of a step is fatal: open streams and later requests get EngineDeadError, is_alive() is
+    false with the cause in dead_reason, and the thread ends."""
+    from qnext.engine.async_engine import EngineDeadError
+
+    engine = make(loaded)
+
+    async def main():
+        assert engine.is_alive() and engine.dead_reason is None
+        assert len(await collect(engine, "ok", [1, 2, 3], greedy(2))) == 2
+        agen = engine.generate("x", [1, 2, 3], greedy(400))
+        await agen.__anext__()
+        real_step = engine.engine.step
+
+        def poisoned():
+            engine.engine.step = real_step  # once is enough to kill it
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        engine.engine.step = poisoned
+        with pytest.raises(EngineDeadError, match="illegal memory access"):
+            async for _ in agen:
+                pass
+        assert not engine.is_alive() and "illegal memory access" in engine.dead_reason
+        with pytest.raises(EngineDeadError, match="illegal memory access"):
+            await engine.generate("y", [1], greedy(1)).__anext__()
+
+    try:
+        asyncio.run(main())
+        engine._thread.join(5)
+        assert not engine._thread.is_alive() and not engine.is_alive()
+        s = engine.stats()
+        assert (s.num_running, s.num_waiting, s.kv_pages_used, s.state_slots_used) == (0, 0, 0, 0)
+    finally:
+        engine.shutdown()
+
+
+def test_not_alive_after_shutdown_or_thread_death(loaded):
+    engine = make(loaded)
+    assert engine.is_alive()
+    engine.shutdown()
+    assert not engine.is_alive() and "shut down" in engine.dead_reason
+    # a loop that dies outside a step (here: reading stats) is dead too, with its cause
+    engine = make(loaded)
+    try:
+        engine.engine.stats = lambda: (_ for _ in ()).throw(MemoryError("host out of memory"))
+        with pytest.raises(Exception):
+            asyncio.run(collect(engine, "z", [1, 2], greedy(2)))
+        engine._thread.join(5)
+        assert not engine.is_alive() and "host out of memory" in engine.dead_reason
+    finally:
+        engine.shutdown()

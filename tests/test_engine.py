@@ -38,12 +38,16 @@ def run(engine: LLMEngine, requests: dict) -> dict[str, list[int]]:
     """Add every (prompt, params), step to the end checking integrity; request id -> output token ids."""
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
-    done = {}
+    done, deltas = {}, {rid: [] for rid in requests}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            assert out.outputs[0].token_ids[-len(out.outputs[0].delta_token_ids):] == out.outputs[0].delta_token_ids
+            c = out.outputs[0]
+            deltas[out.request_id] += c.delta_token_ids
             if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+                done[out.request_id] = c.token_ids
+                assert c.token_ids == deltas[out.request_id]     # the deltas add up to the final output
+            else:
+                assert (c.token_ids, c.text, c.logprobs) == ([], "", None)  # running: deltas only
         engine.check_integrity()
     s = engine.stats()
     assert (s.kv_pages_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0)
@@ -184,3 +188,74 @@ def test_cache_plan(loaded):
         plan_cache(cfg, EngineConfig(kv_cache_memory_gb=slots / GiB, max_num_seqs=2), cpu, f32)
     with pytest.raises(ValueError, match="num_kv_blocks"):
         plan_cache(cfg, EngineConfig(num_kv_blocks=4, max_model_len=100), cpu, f32)
+
+
+def _forward_logprobs(model, cfg, prompt: list[int]) -> torch.Tensor:
+    """[P, V] log_softmax of a plain whole-prompt forward's logits at every position."""
+    cache = ModelCache(cfg, num_blocks=16, block_size=4, num_slots=1, dtype=torch.float32)
+    batch = ForwardBatch.for_prompts([prompt], block_size=4)
+    with torch.inference_mode():
+        hidden = model(batch, cache)
+        return torch.log_softmax(model.compute_logits(hidden), dim=-1)
+
+
+@pytest.mark.parametrize("engine_kw", [dict(max_num_seqs=8, max_num_batched_tokens=5),  # 5-token chunks
+                                       dict(max_num_seqs=8, num_kv_blocks=16, max_num_batched_tokens=32)],
+                         ids=["chunked", "preempted"])
+def test_prompt_logprobs_match_plain_forward(loaded, prompts, engine_kw):
+    """Across prefill chunks, batch mates and preemptions, prompt_logprobs equal a plain forward's: None first,
+    then for token j the logprob (and rank) of prompt[j] from the logits at j - 1, plus the top-N."""
+    model, cfg = loaded
+    asks = {"g16": 3, "g12": 0, "g0": 2, "g9": 20, "g14": 1}     # 47, 30, 1, 20 and 37 prompt tokens
+    reqs = {rid: (p, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                    prompt_logprobs=asks.get(rid))) for rid, p in prompts.items()}
+    engine = make_engine(loaded, **engine_kw)
+    preempted = []
+    preempt = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda r: (preempted.append((r.request_id, r.num_computed_tokens)), preempt(r))
+    for rid, (p, params) in reqs.items():
+        engine.add_request(rid, p, params)
+    seen: dict[str, list] = {rid: [] for rid in reqs}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+        engine.check_integrity()
+    if "num_kv_blocks" in engine_kw:  # some asking requests were preempted (and recomputed)
+        assert {rid for rid, _ in preempted} & set(asks), preempted
+    for rid, outs in seen.items():
+        with_lps = [k for k, o in enumerate(outs) if o.prompt_logprobs is not None]
+        if rid not in asks:
+            assert not with_lps
+            continue
+        assert with_lps == sorted({0, len(outs) - 1})             # the first output and the final one
+        got, prompt, n = outs[-1].prompt_logprobs, prompts[rid], asks[rid]
+        assert len(got) == len(prompt) and got[0] is None
+        ref = _forward_logprobs(model, cfg, prompt)
+        for j in range(1, len(prompt)):
+            row, tok = ref[j - 1], prompt[j]
+            entry = got[j]
+            assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4), (rid, j)
+            assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+            top = row.topk(n).indices.tolist() if n else []
+            assert set(entry) == set(top) | {tok}, (rid, j)
+            for rank, t in enumerate(top, start=1):
+                assert entry[t].rank == rank and entry[t].logprob == pytest.approx(row[t].item(), abs=1e-4)
+
+
+def test_logprob_deltas_add_up(loaded, prompts):
+    engine = make_engine(loaded)
+    engine.add_request("a", prompts["g5"], SamplingParams(temperature=1.0, seed=3, max_tokens=6, logprobs=2,
+                                                          ignore_eos=True))
+    deltas, cum = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            c = out.outputs[0]
+            assert len(c.delta_logprobs) == len(c.delta_token_ids) == 1
+            assert c.delta_token_ids[0] in c.delta_logprobs[0] and len(c.delta_logprobs[0]) <= 3
+            deltas += c.delta_logprobs
+            cum.append(c.cumulative_logprob)
+    assert c.logprobs == deltas and len(deltas) == 6
+    running = 0.0
+    for lp, tok, total in zip(deltas, c.token_ids, cum):
+        running += lp[tok].logprob
+        assert total == pytest.approx(running)

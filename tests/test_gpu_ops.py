@@ -31,12 +31,15 @@ def poison_allocator(mib: int = 256) -> None:
 
 # ---- CPU: formats and the reference ------------------------------------------------------------------------------
 
-def test_int4_pack_roundtrip():
-    codes = torch.randint(0, 16, (3, 5, 64))
-    packed = pack_int4(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32)
-    assert torch.equal(unpack_int4(packed).long(), codes)
-    assert torch.equal(packed[0, 0, 0] & 0xF, codes[0, 0, 0].to(torch.uint8))       # even k in the low nibble
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_pack_roundtrip(group):
+    codes = torch.randint(0, 16, (3, 5, 256))
+    packed = pack_int4(codes, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 128)
+    assert torch.equal(unpack_int4(packed, group).long(), codes)
+    half = group // 2                       # byte j of group 1: k = group + j (low), group + half + j (high)
+    assert torch.equal(packed[0, 0, half + 3] & 0xF, codes[0, 0, group + 3].to(torch.uint8))
+    assert torch.equal(packed[0, 0, half + 3] >> 4, codes[0, 0, group + half + 3].to(torch.uint8))
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -111,6 +114,20 @@ def test_fused_moe(kind, path, m, e, k):
     poison_allocator()
     out = fused_moe(x, w13, w2, weights, ids, path=path)
     assert out.shape == (m, h) and out.dtype == torch.bfloat16
+    assert rel(out, ref) < 1.5e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("group", [32, 128])
+def test_fused_moe_int4_fma_gemv(group):
+    """The CUDA-core int4 GEMV (config int4_dot=False), kept beside the tensor-core one."""
+    from qnext.ops.triton_moe import fused_moe
+    torch.manual_seed(group)
+    w13, w2 = _moe_weights(f"int4{group}", 9, 384, 256)
+    x = torch.randn(3, 384, device="cuda").bfloat16()
+    weights, ids = select_experts(torch.randn(3, 9, device="cuda"), 4)
+    ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
+    out = fused_moe(x, w13, w2, weights, ids, path="gemv", config={"int4_dot": False})
     assert rel(out, ref) < 1.5e-2
 
 
@@ -302,6 +319,16 @@ def test_paged_decode_matches_reference(block_size):
         out = paged_decode_attention(case["q"], kc, vc, case["block_tables"], case["seq_lens"], case["scale"],
                                      max_seq_len=1001, num_splits=splits)
         assert rel(out, ref) < 1e-2
+
+
+@cuda_only
+def test_paged_fresh_prefill_uses_sdpa_and_matches():
+    from qnext.ops.triton_paged_attention import paged_attention
+    torch.manual_seed(6)
+    case = _paged_case([0, 0, 0], [300, 1, 77], 16)
+    ref = _paged_ref(case)
+    out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))
+    assert rel(out, ref) < 1e-2
 
 
 @cuda_only

@@ -162,3 +162,39 @@ def test_full_queue_is_429():
         m = srv.wait_idle()
         assert m['qnext:request_rejected_total{reason="queue_full"}'] >= 1
         assert m["qnext:kv_cache_pages_used"] == 0
+
+
+def test_health_is_503_once_the_engine_died(tmp_path):
+    """In-process app over a real AsyncEngine: /health is 200 while the loop runs; a poisoned step kills it, the
+    request that hit it gets a 503, and /health answers 503 with an OpenAI-style error body from then on."""
+    from fastapi.testclient import TestClient
+
+    from qnext.config import EngineConfig
+    from qnext.engine.async_engine import AsyncEngine
+    from qnext.engine.llm_engine import LLMEngine
+    from qnext.server.app import build_app
+    from qnext.server.serving import ServerConfig
+
+    core = LLMEngine.from_pretrained(tiny_checkpoint(), EngineConfig(device="cpu", dtype="float32",
+                                                                     num_kv_blocks=64))
+    engine = AsyncEngine(core)
+    try:
+        with TestClient(build_app(engine, ServerConfig(served_model_name=MODEL_NAME))) as http:
+            assert http.get("/health").json() == {"status": "ok"}
+            body = {"model": MODEL_NAME, "prompt": [1, 2, 3], "max_tokens": 2}
+            assert http.post("/v1/completions", json=body).status_code == 200
+
+            def poisoned():
+                raise RuntimeError("CUDA error: device-side assert triggered")
+
+            core.step = poisoned
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 503 and "device-side assert" in r.json()["error"]["message"]
+            r = http.get("/health")
+            assert r.status_code == 503
+            err = r.json()["error"]
+            assert err["code"] == "engine_dead" and err["type"] == "server_error"
+            assert "device-side assert" in err["message"]
+            assert http.post("/v1/completions", json=body).status_code == 503  # refused up front
+    finally:
+        engine.shutdown()

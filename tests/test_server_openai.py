@@ -68,14 +68,51 @@ def test_completions(client):
     r = client.completions.create(model=MODEL_NAME, prompt="def fib(n):", max_tokens=5, logprobs=2, echo=True,
                                   seed=3)
     c = r.choices[0]
-    assert c.text.startswith("def fib(n):") and len(c.logprobs.tokens) == r.usage.completion_tokens
-    assert all(len(t) <= 2 for t in c.logprobs.top_logprobs)
+    # echo + logprobs: the prompt's tokens come first, the very first without a logprob
+    assert c.text.startswith("def fib(n):")
+    assert len(c.logprobs.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert all(len(t) <= 2 for t in c.logprobs.top_logprobs[1:])
     batch = client.completions.create(model=MODEL_NAME, prompt=[[1, 2, 3], [4, 5]], max_tokens=3, n=2)
     assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3] and batch.usage.prompt_tokens == 5
     stream = list(client.completions.create(model=MODEL_NAME, prompt="x = ", max_tokens=4, stream=True,
                                             stream_options={"include_usage": True}))
     assert stream[-1].usage.completion_tokens == 4
     assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
+
+
+def test_echo_logprobs_are_the_prompts(client, server):
+    """The echoed prompt's logprobs are the engine's prompt_logprobs (streamed or not); offsets run through."""
+    from qnext.config import EngineConfig
+    from qnext.engine.llm_engine import LLMEngine
+    from qnext.sampling_params import SamplingParams
+
+    kw = dict(model=MODEL_NAME, prompt="def fib(n):\n    return", max_tokens=3, logprobs=3, echo=True,
+              temperature=0)
+    full = client.completions.create(**kw)
+    lp, n_prompt = full.choices[0].logprobs, full.usage.prompt_tokens
+    engine = LLMEngine.from_pretrained(tiny_checkpoint(), EngineConfig(device="cpu", num_kv_blocks=16))
+    ids = engine.tokenizer.encode(kw["prompt"])
+    engine.add_request("p", ids, SamplingParams(max_tokens=1, prompt_logprobs=3))
+    ref = [o for o in engine.step() if o.finished][0].prompt_logprobs
+    assert n_prompt == len(ids) and lp.tokens[:n_prompt] == [engine.tokenizer.decode([t]) for t in ids]
+    for j in range(1, n_prompt):
+        assert lp.token_logprobs[j] == pytest.approx(ref[j][ids[j]].logprob, abs=1e-4)
+        assert 1 <= len(lp.top_logprobs[j]) <= 3  # keyed by text: byte pieces that decode alike collide
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    assert lp.text_offset[n_prompt] == len(kw["prompt"])  # generated tokens start after the echoed text
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].text == kw["prompt"]
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+
+
+def test_startup_log(server):
+    """The weights' loading bar, and one line with the resolved device, dtype and cache sizes."""
+    log = server.log_text()
+    assert "loading weights" in log
+    assert log.count("engine on cpu, float32: KV cache") == 1 and "max_model_len" in log
 
 
 def test_json_mode(client):

@@ -60,7 +60,7 @@ def _decode_once(engine, prompts: list[list[int]], gen: int) -> float:
     t_all_started = None
     while engine.has_unfinished_requests():
         for out in engine.step():
-            if out.outputs and out.outputs[0].token_ids:
+            if out.outputs and out.outputs[0].delta_token_ids:
                 started.add(out.request_id)
         if t_all_started is None and len(started) == len(prompts):
             t_all_started = time.perf_counter()

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from qnext.commands.engine_args import add_engine_args, engine_config_from_args
+from qnext.commands.engine_args import add_engine_args, build_engine
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qnext.engine.async_engine import AsyncEngine
-    from qnext.engine.llm_engine import LLMEngine
     from qnext.server.app import build_app
     from qnext.server.serving import ServerConfig
 
@@ -40,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
                           model_path=str(args.model), api_key=args.api_key, cors_origins=tuple(args.cors_origins))
-    engine = AsyncEngine(LLMEngine.from_pretrained(args.model, engine_config_from_args(args)))
+    # build_engine: the weights' loading bar; the engine logs its device, dtype and cache sizes once
+    engine = AsyncEngine(build_engine(args))
     try:
         app = build_app(engine, config)
         logging.getLogger("qnext.server").info("serving %s as %r on http://%s:%d", args.model,

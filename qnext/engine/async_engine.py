@@ -9,6 +9,10 @@ Admission is decided on the caller's side, synchronously, so that the first `awa
 ValueError (400: never fits) or QueueFullError (429) before anything is streamed. The count of live streams
 equals the engine's unfinished requests plus the not yet drained inbox, so the engine thread's own
 add_request cannot then fail for lack of room.
+
+Failure is fatal: an exception out of a step (or anywhere in the loop) ends the engine thread; every open stream
+and every later generate() gets EngineDeadError, and is_alive() turns false (the server's /health then answers
+503, so a supervisor restarts the process rather than sending traffic to an engine in an unknown state).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}         # live requests: in the inbox or unfinished in the engine
         self._stats = engine.stats()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="qnext-engine", daemon=True)
+        self._error: BaseException | None = None       # what killed the engine loop
+        self._thread = threading.Thread(target=self._run, name="qnext-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any thread / event loop) --------------------------------------------------
@@ -65,6 +70,21 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def is_alive(self) -> bool:
+        """The engine thread runs, has not died of an error and was not shut down."""
+        return self._thread.is_alive() and self._error is None and not self._stopped
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is not alive (None while it is)."""
+        if self._error is not None:
+            return f"the engine loop failed: {type(self._error).__name__}: {self._error}"
+        if self._stopped:
+            return "the engine is shut down"
+        if not self._thread.is_alive():
+            return "the engine thread is not running"
+        return None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator:
         """Incremental RequestOutputs of one request, the last with finished=True.
@@ -77,8 +97,8 @@ class AsyncEngine:
             from qnext.sampling_params import SamplingParams
             params = SamplingParams()
         with self._lock:
-            if self._stopped:
-                raise EngineDeadError("the engine is shut down")
+            if not self.is_alive():
+                raise EngineDeadError(self.dead_reason or "the engine is not running")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.engine.check_request(prompt_token_ids, params)
@@ -123,6 +143,15 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the thread's last word: callers must not wait forever
+            log.exception("the engine loop died; failing every request")
+            with self._lock:
+                self._error = e
+            self._fail_all(EngineDeadError(f"the engine loop failed: {type(e).__name__}: {e}"))
+
     def _loop(self) -> None:
         engine = self.engine
         while True:
@@ -136,14 +165,7 @@ class AsyncEngine:
                 return
             for op in inbox:
                 self._apply(op)
-            outputs = []
-            if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a broken step must not leave callers waiting forever
-                    log.exception("engine step failed; aborting every request")
-                    self._fail_all(EngineDeadError(f"engine step failed: {type(e).__name__}: {e}"))
-                    continue
+            outputs = engine.step() if engine.has_unfinished_requests() else []  # raising: see _run
             with self._lock:
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
@@ -182,5 +204,9 @@ class AsyncEngine:
             log.exception("aborting requests after a failure failed")
         for stream in streams.values():
             stream.put(error)
+        try:
+            stats = self.engine.stats()
+        except Exception:  # noqa: BLE001 - keep the last good stats
+            return
         with self._lock:
-            self._stats = self.engine.stats()
+            self._stats = stats

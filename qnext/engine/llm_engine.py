@@ -4,6 +4,10 @@ One step: scheduler.schedule() -> runner.execute() (forward + sample) -> per sam
 stop checks and incremental detokenization (StopChecker), logprobs, RequestOutput; finished requests free their
 KV pages and GDN slot at once. An engine request is one sequence: `params.n` is fanned out by its callers
 (LLM, server), each with its own request id.
+
+Outputs carry deltas: a running request's RequestOutput holds only this step's token, text and logprobs
+(O(1) per token); the final one also holds the whole lists, handed over without a copy (the request is done
+with them). See qnext/sampling_params.py.
 """
 
 from __future__ import annotations
@@ -80,9 +84,12 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos + [i for i in model_config.eos_token_id if i not in eos])
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
-        log.info("KV cache: %d pages of %d tokens (%.2f GiB), %d GDN state slots (%.2f GiB), max_model_len %d",
-                 plan.num_blocks, ec.block_size, plan.kv_bytes / 2**30, plan.num_slots, plan.state_bytes / 2**30,
-                 plan.max_model_len)
+        self._token_text: dict[int, str] = {}  # token id -> its text, for logprob entries
+        log.info("engine on %s, %s: KV cache %d pages of %d tokens (%.2f GiB), %d GDN state slots (%.2f GiB), "
+                 "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", self.device,
+                 str(self.dtype).removeprefix("torch."), plan.num_blocks, ec.block_size, plan.kv_bytes / 2**30,
+                 plan.num_slots, plan.state_bytes / 2**30, plan.max_model_len, ec.max_num_seqs,
+                 ec.max_num_batched_tokens)
 
     # ---- construction from a checkpoint ---------------------------------------------------------
     @classmethod
@@ -176,6 +183,9 @@ class LLMEngine:
                                        generator=make_generator(params.seed, self.device))
         if params.logprobs is not None:
             req.logprobs = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt)
+            req.num_prompt_logprobs = 1  # the first prompt token has no logprob
         self.scheduler.add_request(req)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -185,7 +195,7 @@ class LLMEngine:
             return None
         req.stop_checker.abort()
         req.finish_time = time.monotonic()
-        return self._output(req, "", [])
+        return self._output(req, "", [], None)
 
     def abort_all(self) -> None:
         for request_id in list(self.scheduler.requests):
@@ -208,6 +218,8 @@ class LLMEngine:
         result = self.runner.execute(sched.scheduled)
         if result is None:
             return []
+        for chunk in result.prompt_logprobs:
+            self._store_prompt_logprobs(chunk)
         now = time.monotonic()
         outputs = []
         for i, req in enumerate(result.requests):
@@ -217,34 +229,57 @@ class LLMEngine:
             self._num_generation_tokens += 1
             req.append_token(token, now)
             delta_text, delta_ids = req.stop_checker.update([token])
-            req.output_text += delta_text
             lp = result.sampler_output.logprobs[i]
+            delta_lps = None
             if lp is not None and req.logprobs is not None:
-                if self.tokenizer is not None:
-                    for tok_id, entry in lp.items():
-                        entry.decoded_token = self.tokenizer.decode([tok_id], skip_special_tokens=False)
+                self._decode_logprobs(lp)
                 req.logprobs.append(lp)
                 req.cumulative_logprob += lp[token].logprob
+                delta_lps = [lp]
             checker = req.stop_checker
             if checker.finished:
                 req.stop_reason = checker.stop_reason
                 req.finish_time = now
                 self.scheduler.finish_request(req, _STATUS[checker.finish_reason])
-            outputs.append(self._output(req, delta_text, delta_ids))
+            outputs.append(self._output(req, delta_text, delta_ids, delta_lps))
         return outputs
 
-    def _output(self, req: Request, delta_text: str, delta_ids: list[int]) -> RequestOutput:
-        # copies: an AsyncEngine consumer reads this while the engine thread keeps appending to the request
+    def _decode_logprobs(self, lp: dict) -> None:
+        if self.tokenizer is not None:
+            cache = self._token_text  # at most vocab_size entries; a long prompt's top-N repeat a lot
+            for tok_id, entry in lp.items():
+                text = cache.get(tok_id)
+                if text is None:
+                    text = cache[tok_id] = self.tokenizer.decode([tok_id], skip_special_tokens=False)
+                entry.decoded_token = text
+
+    def _store_prompt_logprobs(self, chunk) -> None:
+        req = chunk.request
+        for k, lp in enumerate(chunk.entries):
+            self._decode_logprobs(lp)
+            req.prompt_logprobs[chunk.first + k] = lp
+        req.num_prompt_logprobs = chunk.first + len(chunk.entries)
+
+    def _output(self, req: Request, delta_text: str, delta_ids: list[int], delta_lps: list | None) -> RequestOutput:
+        """A running request's output carries the step's deltas only; the final one also the whole lists, which
+        it takes over without copying (nothing appends to a finished request)."""
+        checker = req.stop_checker
+        final = checker.finished
         completion = CompletionOutput(
-            index=0, text=req.output_text, token_ids=list(req.output_token_ids),
+            index=0, text=checker.released_text if final else "",
+            token_ids=req.output_token_ids if final else [],
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.stop_checker.finish_reason, stop_reason=req.stop_checker.stop_reason,
-            delta_text=delta_text, delta_token_ids=list(delta_ids))
+            logprobs=req.logprobs if final else None,
+            finish_reason=checker.finish_reason, stop_reason=checker.stop_reason,
+            delta_text=delta_text, delta_token_ids=delta_ids, delta_logprobs=delta_lps)
         metrics = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
                                  first_token_time=req.first_token_time, last_token_time=req.last_token_time,
                                  finished_time=req.finish_time)
-        return RequestOutput(req.request_id, req.prompt_token_ids, [completion], completion.finished, metrics)
+        # prompt logprobs travel with the first output (a streaming caller's first chunk) and the final one
+        first = len(delta_ids) > 0 and req.num_output_tokens == len(delta_ids)
+        prompt_lps = req.prompt_logprobs if final or first else None
+        return RequestOutput(req.request_id, req.prompt_token_ids, [completion], final, metrics,
+                             prompt_logprobs=prompt_lps)
 
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -53,9 +53,12 @@ class Request:
     detokenizer: Any = None
     stop_checker: Any = None
     sampling_row: Any = None           # SamplingRow: params, live output ids, seeded generator
-    output_text: str = ""
     cumulative_logprob: float = 0.0
-    logprobs: list | None = None
+    logprobs: list | None = None       # one dict per output token, when params.logprobs is set
+    # when params.prompt_logprobs is set: [None] + one dict per later prompt token, filled as prefill chunks run;
+    # the first num_prompt_logprobs entries are final (kept across preemption, never recomputed)
+    prompt_logprobs: list | None = None
+    num_prompt_logprobs: int = 0
     stop_reason: str | int | None = None
 
     # timing (time.monotonic seconds)
@@ -91,6 +94,11 @@ class Request:
     def max_num_tokens(self) -> int:
         """Tokens this request can ever hold: prompt + max_tokens."""
         return self.num_prompt_tokens + self.max_tokens
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt positions whose logits must still be scored (position p scores prompt token p + 1)."""
+        return self.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

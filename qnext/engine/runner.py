@@ -2,31 +2,50 @@
 
 Owns the model and its ModelCache. Per step:
   1. build the ForwardBatch from the scheduled chunks (input ids sliced from each request's tokens, positions,
-     slot_mapping from its page table, cu lens, GDN state slots, has_initial_state = context_len > 0);
+     slot_mapping from its page table, cu lens, GDN state slots, has_initial_state = context_len > 0), and the
+     row indices of the logits this step needs, before the forward is queued;
   2. forward under torch.inference_mode (decode-only batches go through `decode_forward`, the seam where a
      CUDA-graph runner will plug in);
   3. logits only for the requests whose chunk ends at their current last token (finished prefills and
-     decodes), sampled by the Sampler; its `.tolist()` is the step's one host sync.
+     decodes), sampled by the Sampler, plus, for requests that ask for prompt_logprobs, logits of every prompt
+     position of their chunk not scored yet.
+Host syncs: one per step, where the Sampler brings the sampled ids (and their logprobs) back; a step that scores
+prompt logprobs brings those back with one more (by then the device is idle). Host lists reach the device
+through `to_device` (pinned, asynchronous), so nothing else waits for queued kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qnext.cache.model_cache import ModelCache
 from qnext.engine.forward_batch import ForwardBatch
+from qnext.engine.host_device import to_device, to_host
 from qnext.engine.request import Request
-from qnext.engine.sampler import Sampler, SamplerOutput
+from qnext.engine.sampler import Sampler, SamplerOutput, logprob_dicts, topn_logprobs
 from qnext.engine.scheduler import ScheduledRequest
+from qnext.sampling_params import Logprob
+
+# Prompt positions scored per compute_logits call: bounds the [rows, vocab] float32 logits of a long chunk
+# (512 x 151936 x 4 B = 311 MB).
+PROMPT_LOGPROBS_ROWS = 512
+
+
+@dataclass
+class PromptLogprobsChunk:
+    request: Request
+    first: int                                   # index into request.prompt_logprobs of the first entry
+    entries: list[dict[int, Logprob]]            # for prompt tokens first, first + 1, ...
 
 
 @dataclass
 class StepResult:
     requests: list[Request]        # the requests that got a token, in batch order
-    sampler_output: SamplerOutput  # token_ids[i] / logprobs[i] belong to requests[i]
+    sampler_output: SamplerOutput | None  # token_ids[i] / logprobs[i] belong to requests[i]; None: none sampled
+    prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -58,19 +77,71 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult | None:
-        """Run one step; None when no chunk ends a sequence. Each sampled request brings its SamplingRow."""
+        """Run one step; None when no chunk ends a sequence and none scores prompt logprobs."""
         if not scheduled:
             return None
         batch = self.prepare(scheduled)
-        hidden = self.forward(batch)                                   # [T, hidden]
         last = [i for i, s in enumerate(scheduled) if s.is_last_chunk]
-        if not last:
+        plan = _prompt_logprob_rows(scheduled, batch.query_lens)
+        if not last and not plan:
+            self.forward(batch)
             return None
-        if len(last) == len(scheduled):
-            idx = batch.logits_indices
-        else:
-            idx = batch.logits_indices[torch.tensor(last, device=self.device)]
-        logits = self.model.compute_logits(hidden[idx])                # [B', vocab] float32
+        idx = None
+        if last and len(last) < len(scheduled):  # made before the forward is queued: no wait for it
+            ends = _cumsum(batch.query_lens)
+            idx = to_device([ends[i] - 1 for i in last], torch.int64, self.device)
+        prompt_targets = (to_device([t for _, _, _, targets in plan for t in targets], torch.int64, self.device)
+                          if plan else None)
+        hidden = self.forward(batch)                                   # [T, hidden]
+        prompt_lp = self._score_prompt(hidden, plan, prompt_targets) if plan else None
         requests = [scheduled[i].request for i in last]
-        out = self.sampler.sample(logits, [r.sampling_row for r in requests])
-        return StepResult(requests, out)
+        out = None
+        if last:
+            logits = self.model.compute_logits(hidden[batch.logits_indices if idx is None else idx])  # [B', V]
+            out = self.sampler.sample(logits, [r.sampling_row for r in requests])
+        chunks = []
+        if plan:
+            entries = logprob_dicts(*to_host(*prompt_lp), [r.params.prompt_logprobs
+                                                          for r, _, _, targets in plan for _ in targets])
+            k = 0
+            for r, first, _, targets in plan:
+                chunks.append(PromptLogprobsChunk(r, first, entries[k: k + len(targets)]))
+                k += len(targets)
+        return StepResult(requests, out, chunks)
+
+    def _score_prompt(self, hidden: torch.Tensor, plan: list, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Raw log_softmax of the logits at every planned row, scored against the next prompt token; top-N."""
+        rows = to_device([i for _, _, flat_rows, _ in plan for i in flat_rows], torch.int64, self.device)
+        n_top = max(r.params.prompt_logprobs for r, _, _, _ in plan)
+        parts = []
+        for s in range(0, rows.numel(), PROMPT_LOGPROBS_ROWS):
+            lp = torch.log_softmax(self.model.compute_logits(hidden[rows[s: s + PROMPT_LOGPROBS_ROWS]]), dim=-1)
+            parts.append(topn_logprobs(lp, targets[s: s + PROMPT_LOGPROBS_ROWS], n_top))
+        return tuple(torch.cat(col) for col in zip(*parts))
+
+
+def _cumsum(lens: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in lens:
+        total += n
+        out.append(total)
+    return out
+
+
+def _prompt_logprob_rows(scheduled: list[ScheduledRequest], query_lens: list[int]) -> list[tuple]:
+    """(request, first entry, flat rows, target token ids) for each request with prompt positions to score here.
+
+    The chunk covers positions [c, c + n); position p scores prompt token p + 1, so p < P - 1 (the last prompt
+    position predicts the first output token, which the sampler handles). Entries already final (kept across a
+    preemption) are skipped.
+    """
+    plan, start = [], 0
+    for s, n in zip(scheduled, query_lens):
+        r = s.request
+        if r.prompt_logprobs_pending:
+            P, c = r.num_prompt_tokens, s.context_len
+            lo, hi = max(c, r.num_prompt_logprobs - 1), min(c + n, P - 1)
+            if lo < hi:
+                plan.append((r, lo + 1, range(start + lo - c, start + hi - c), r.prompt_token_ids[lo + 1: hi + 1]))
+        start += n
+    return plan

@@ -24,6 +24,9 @@ rows without top_k use all V tokens (a full sort only when they use top_p).
 Seeds: a row with a generator draws its q from that generator alone (k or V values), so a seed gives the same
 tokens whatever the batch mates; rows without one share the sampler's generator (torch's default when None).
 For n > 1 the engine should seed completion i with seed + i.
+Host syncs: one per call (the sampled ids and logprobs come back together, `to_host`); host lists reach the
+device through `to_device` (no wait for queued kernels), and no step sizes a tensor by its data (no boolean-mask
+indexing or unique), except for ids past the logits' width, which the engine never produces.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from qnext.engine.host_device import to_device, to_host
 from qnext.sampling_params import Logprob, SamplingParams
 
 
@@ -59,7 +63,7 @@ class _DeviceIds:
             grown = torch.empty(2 * need, dtype=torch.int64, device=self.buf.device)
             grown[: self.n] = self.buf[: self.n]
             self.buf = grown
-        self.buf[self.n : need] = torch.tensor(ids, dtype=torch.int64).to(self.buf.device, non_blocking=True)
+        self.buf[self.n : need] = to_device(ids, torch.int64, self.buf.device)
         self.n = need
 
     def tensor(self) -> torch.Tensor:
@@ -78,6 +82,7 @@ class SamplingRow:
     _seen: _DeviceIds | None = field(default=None, init=False, repr=False)  # unique ids of prompt + output
     _seen_set: set[int] = field(default_factory=set, init=False, repr=False)
     _synced: int = field(default=0, init=False, repr=False)  # output ids folded into the caches
+    max_seen_id: int = field(default=-1, init=False, repr=False)  # largest id of prompt + output (host-side)
 
     def _sync(self, device: torch.device) -> None:
         n = len(self.output_token_ids)
@@ -85,12 +90,14 @@ class SamplingRow:
             self._out, self._seen, self._synced = _DeviceIds(device), _DeviceIds(device), 0
             self._seen_set = set(self.prompt_token_ids)
             self._seen.extend(sorted(self._seen_set))
+            self.max_seen_id = max(self._seen_set, default=-1)
         if n > self._synced:
             new = list(self.output_token_ids[self._synced : n])
             self._out.extend(new)
             fresh = [t for t in dict.fromkeys(new) if t not in self._seen_set]
             self._seen_set.update(fresh)
             self._seen.extend(fresh)
+            self.max_seen_id = max(self.max_seen_id, *fresh) if fresh else self.max_seen_id
             self._synced = n
 
     def output_ids_tensor(self, device: torch.device) -> torch.Tensor:
@@ -143,7 +150,8 @@ class Sampler:
         for kind, idx in groups.items():
             if not idx:
                 continue
-            sub = x if len(idx) == B else x[torch.tensor(idx, device=x.device)]
+            rows_t = None if len(idx) == B else to_device(idx, torch.int64, x.device)
+            sub = x if rows_t is None else x[rows_t]
             if kind == "greedy":
                 tok = sub.argmax(dim=-1)
             else:
@@ -151,11 +159,13 @@ class Sampler:
                 probs, order = candidate_probs(sub, params)
                 tok = self._race(probs, [rows[i] for i in idx], [_top_k(p, V) or V for p in params])
                 tok = tok if order is None else order.gather(1, tok.unsqueeze(1)).squeeze(1)
-            if len(idx) == B:
+            if rows_t is None:
                 sampled = tok
             else:
-                sampled[torch.tensor(idx, device=x.device)] = tok
-        return SamplerOutput(sampled.tolist(), sampled, compute_logprobs(x, sampled, rows))
+                sampled[rows_t] = tok
+        lp = logprob_tensors(x, sampled, rows)  # queued before the one wait below
+        token_ids, *lp_lists = to_host(sampled, *lp.tensors)
+        return SamplerOutput(token_ids, sampled, lp.dicts(lp_lists))
 
     def _race(self, probs: torch.Tensor, rows: Sequence[SamplingRow], widths: Sequence[int]) -> torch.Tensor:
         """probs [R, W] candidate weights (0 = excluded) -> [R] int64 column of the winner: argmax p / q.
@@ -178,7 +188,7 @@ def apply_processors(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         for proc in r.params.logits_processors:
             x[i] = proc(r.output_token_ids, x[i])
         if r.banned_token_ids:
-            x[i, torch.tensor(list(r.banned_token_ids), dtype=torch.int64, device=x.device)] = float("-inf")
+            x[i, to_device(list(r.banned_token_ids), torch.int64, x.device)] = float("-inf")
 
 
 def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -187,7 +197,9 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     rep = [(i, r) for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if rep:
         seen = [r.seen_ids_tensor(dev) for _, r in rep]
-        seen = [t[t < V] for t in seen]  # ids past the logits' width would land in the next row
+        # ids past the logits' width would land in the next row (a data-dependent size: a host sync, never taken
+        # by the engine, whose ids are all < vocab_size)
+        seen = [t if r.max_seen_id < V else t[t < V] for t, (_, r) in zip(seen, rep)]
         flat = torch.cat([t + i * V for t, (i, _) in zip(seen, rep)])  # distinct within a row, rows disjoint
         pen = torch.cat([torch.full(t.shape, r.params.repetition_penalty, device=dev) for t, (_, r) in zip(seen, rep)])
         v = flat_x[flat]
@@ -195,14 +207,16 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     cnt = [(i, r) for i, r in enumerate(rows) if r.params.frequency_penalty != 0 or r.params.presence_penalty != 0]
     for i, r in cnt:
         out = r.output_ids_tensor(dev)
-        out = out[out < V]
+        if r.max_seen_id >= V:
+            out = out[out < V]
         if out.numel() == 0:
             continue
         row = x[i]
         if r.params.frequency_penalty != 0:
             row.index_add_(0, out, torch.full(out.shape, -r.params.frequency_penalty, device=dev))  # once per occurrence
         if r.params.presence_penalty != 0:
-            row[torch.unique(out)] -= r.params.presence_penalty
+            # once per distinct id: repeated ids gather the same value and write back the same result
+            row[out] -= r.params.presence_penalty
 
 
 # ---- step 5: candidates ------------------------------------------------------------------------
@@ -214,11 +228,11 @@ def candidate_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[
     descending) or none has (W = V).
     """
     dev, V = x.device, x.shape[1]
-    temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    temp = to_device([p.temperature for p in params], torch.float32, dev).unsqueeze(1)
     ks = [_top_k(p, V) for p in params]
     if all(ks):
         cand, order = x.topk(max(ks), dim=-1)  # [R, kmax] largest logits, descending
-        in_k = torch.arange(cand.shape[1], device=dev).unsqueeze(0) < torch.tensor(ks, device=dev).unsqueeze(1)
+        in_k = torch.arange(cand.shape[1], device=dev).unsqueeze(0) < to_device(ks, torch.int64, dev).unsqueeze(1)
         probs = torch.softmax(torch.where(in_k, cand / temp, float("-inf")), dim=-1)
         return _renorm(probs * _truncate_sorted(probs, params)), order
     if any(ks):
@@ -228,7 +242,7 @@ def candidate_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, _truncate_sorted(sorted_p, params))
     elif any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+        min_p = to_device([p.min_p for p in params], torch.float32, dev).unsqueeze(1)
         keep = probs >= min_p * probs.amax(dim=-1, keepdim=True)
     else:
         return probs, None
@@ -240,10 +254,10 @@ def _truncate_sorted(sorted_p: torch.Tensor, params: Sequence[SamplingParams]) -
     dev = sorted_p.device
     keep = torch.ones_like(sorted_p, dtype=torch.bool)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+        min_p = to_device([p.min_p for p in params], torch.float32, dev).unsqueeze(1)
         keep = sorted_p >= min_p * sorted_p[:, :1]
     if any(p.top_p < 1 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+        top_p = to_device([p.top_p for p in params], torch.float32, dev).unsqueeze(1)
         kept_p = sorted_p * keep
         above = kept_p.cumsum(dim=-1) - kept_p  # mass ranked strictly above each position
         keep &= (above < top_p * kept_p.sum(dim=-1, keepdim=True)) | (top_p >= 1)
@@ -267,24 +281,57 @@ def truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
 
 
 # ---- step 4: logprobs ---------------------------------------------------------------------------
-def compute_logprobs(x: torch.Tensor, sampled: torch.Tensor, rows: Sequence[SamplingRow]) -> list[dict[int, Logprob] | None]:
-    out: list[dict[int, Logprob] | None] = [None] * len(rows)
-    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if not want:
+class LogprobTensors:
+    """Logprob results still on the device (`tensors`), turned into dicts once brought to the host (`dicts`)."""
+
+    def __init__(self, num_rows: int, want: list[int], ns: list[int], tensors: tuple[torch.Tensor, ...] = ()):
+        self.num_rows, self.want, self.ns, self.tensors = num_rows, want, ns, tensors
+
+    def dicts(self, host: Sequence[list]) -> list[dict[int, Logprob] | None]:
+        out: list[dict[int, Logprob] | None] = [None] * self.num_rows
+        if self.want:
+            for i, d in zip(self.want, logprob_dicts(*host, self.ns)):
+                out[i] = d
         return out
-    wi = torch.tensor(want, device=x.device)
-    lp = torch.log_softmax(x[wi], dim=-1)  # [W, V]
-    tok = sampled[wi].unsqueeze(1)
-    tok_lp = lp.gather(1, tok)  # [W, 1]
-    tok_rank = (lp > tok_lp).sum(dim=1) + 1
-    n_top = max(rows[i].params.logprobs for i in want)
-    top_lp, top_ids = lp.topk(n_top, dim=-1) if n_top > 0 else (lp[:, :0], tok[:, :0])
-    tok_l, tok_lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), tok_rank.tolist()
-    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    for j, i in enumerate(want):
-        n = rows[i].params.logprobs
-        d = {tok_l[j]: Logprob(tok_lp_l[j], rank_l[j])}
-        for rank, (t, v) in enumerate(zip(top_ids_l[j][:n], top_lp_l[j][:n]), start=1):
-            d.setdefault(t, Logprob(v, rank))
-        out[i] = d
+
+
+def topn_logprobs(lp: torch.Tensor, tok: torch.Tensor, n_top: int) -> tuple[torch.Tensor, ...]:
+    """lp [R, V] log-probabilities, tok [R] int64 -> (tok [R], tok_lp [R], rank [R], top_lp [R, n], top_ids [R, n]),
+    rank = 1 + #tokens with a larger logprob."""
+    tok_lp = lp.gather(1, tok.unsqueeze(1))  # [R, 1]
+    rank = (lp > tok_lp).sum(dim=1) + 1
+    if n_top > 0:
+        top_lp, top_ids = lp.topk(n_top, dim=-1)
+    else:
+        top_lp, top_ids = lp[:, :0], tok.unsqueeze(1)[:, :0]
+    return tok, tok_lp.squeeze(1), rank, top_lp, top_ids
+
+
+def logprob_dicts(tok: list, tok_lp: list, rank: list, top_lp: list, top_ids: list,
+                  ns: Sequence[int]) -> list[dict[int, Logprob]]:
+    """Host lists of topn_logprobs -> per row {token: Logprob} with the token first, then its top ns[j]."""
+    out = []
+    for j, n in enumerate(ns):
+        d = {tok[j]: Logprob(tok_lp[j], rank[j])}
+        for r, (t, v) in enumerate(zip(top_ids[j][:n], top_lp[j][:n]), start=1):
+            d.setdefault(t, Logprob(v, r))
+        out.append(d)
     return out
+
+
+def logprob_tensors(x: torch.Tensor, sampled: torch.Tensor, rows: Sequence[SamplingRow]) -> LogprobTensors:
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    ns = [rows[i].params.logprobs for i in want]
+    if not want:
+        return LogprobTensors(len(rows), want, ns)
+    if len(want) == len(rows):
+        lp, tok = torch.log_softmax(x, dim=-1), sampled  # [W, V]
+    else:
+        wi = to_device(want, torch.int64, x.device)
+        lp, tok = torch.log_softmax(x[wi], dim=-1), sampled[wi]
+    return LogprobTensors(len(rows), want, ns, topn_logprobs(lp, tok, max(ns)))
+
+
+def compute_logprobs(x: torch.Tensor, sampled: torch.Tensor, rows: Sequence[SamplingRow]) -> list[dict[int, Logprob] | None]:
+    lp = logprob_tensors(x, sampled, rows)
+    return lp.dicts(to_host(*lp.tensors))

@@ -13,6 +13,8 @@ never stop the sequence. A stop token's text is not added to the output; a match
 after it are cut. While running, text that could still be the start of a stop string is held back from the
 deltas; it is released once it cannot match any more, or when the sequence ends for another reason.
 stop_reason is None for eos and length, the token id for stop_token_ids, the string for stop strings.
+The text is kept as a list of pieces and only its tail is read per token (stop search, holdback, delta), so a
+token costs O(its piece + the longest stop string), not O(text so far); `text` joins the pieces when read.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class StopChecker:
         self.stop_strings = tuple(params.stop)
         self._max_stop_len = max((len(s) for s in self.stop_strings), default=0)
         self.token_ids: list[int] = []
-        self.text = ""  # output text so far (stop string cut)
+        self._pieces: list[str] = []  # output text so far (stop string cut), joined on demand
+        self._len = 0  # len(text)
         self._released = 0  # chars of `text` handed out as deltas
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -54,6 +57,35 @@ class StopChecker:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """Output text so far (a matched stop string and what follows it cut)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    @property
+    def released_text(self) -> str:
+        """The text handed out as deltas so far: all of `text` once finished by eos, a stop or length."""
+        return self.text if self._released == self._len else self.text[: self._released]
+
+    def _append(self, piece: str) -> None:
+        if piece:
+            self._pieces.append(piece)
+            self._len += len(piece)
+
+    def _tail(self, n: int) -> str:
+        """The last n characters of text (all of it when shorter)."""
+        if n <= 0:
+            return ""
+        parts, got = [], 0
+        for piece in reversed(self._pieces):
+            parts.append(piece)
+            got += len(piece)
+            if got >= n:
+                break
+        return "".join(reversed(parts))[-n:]
 
     def suppressed_token_ids(self) -> tuple[int, ...]:
         """Ids the sampler must mask for the next token: the stop ids while fewer than min_tokens are out."""
@@ -74,8 +106,8 @@ class StopChecker:
             if self.detokenizer is not None:
                 piece = self.detokenizer.add_tokens([tok])
                 if piece:
-                    old_len = len(self.text)
-                    self.text += piece
+                    old_len = self._len
+                    self._append(piece)
                     if stoppable and self._check_stop_strings(old_len):
                         break
             if len(self.token_ids) >= self.max_tokens:
@@ -93,36 +125,39 @@ class StopChecker:
         if reason != "stop" or not isinstance(stop_reason, str):
             # Release what the detokenizer still holds (an unfinished character decodes to U+FFFD).
             if self.detokenizer is not None:
-                self.text += self.detokenizer.flush()
+                self._append(self.detokenizer.flush())
 
     def _check_stop_strings(self, old_len: int) -> bool:
         """Search only where a match can end in the new text; cut at the earliest match (ties: list order)."""
         start = max(0, old_len - self._max_stop_len + 1)
+        window = self._tail(self._len - start)  # text[start:]
         best: tuple[int, str] | None = None
         for s in self.stop_strings:
-            pos = self.text.find(s, start)
+            pos = window.find(s)
             if pos != -1 and (best is None or pos < best[0]):
                 best = (pos, s)
         if best is None:
             return False
-        self.text = self.text[: best[0]]
+        cut = self.text[: start + best[0]]
+        self._pieces, self._len = [cut] if cut else [], len(cut)
         self._finish("stop", best[1])
         return True
 
     def _held_back(self) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
         longest = 0
+        tail = self._tail(self._max_stop_len - 1)
         for s in self.stop_strings:
-            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(tail)), longest, -1):
+                if tail.endswith(s[:k]):
                     longest = k
                     break
         return longest
 
     def _take_delta(self) -> str:
-        end = len(self.text) if self.finished else len(self.text) - self._held_back()
+        end = self._len if self.finished else self._len - self._held_back()
         if end <= self._released:
             return ""
-        delta = self.text[self._released : end]
+        delta = self._tail(self._len - self._released)[: end - self._released]
         self._released = end
         return delta

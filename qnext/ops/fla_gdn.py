@@ -98,7 +98,7 @@ def _gdn_recurrent_kernel(
     tl.store(s_ptrs, S.to(state_ptr.dtype.element_ty), mask=smask)
 
 
-DECODE_BV = 32        # state columns per program (tuned by scripts/gpu_check.py)
+DECODE_BV = 32        # state columns per program below 8 sequences, 64 from 8 on (tuned by scripts/gpu_check.py)
 DECODE_WARPS = 4
 
 
@@ -110,7 +110,7 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("state", state)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit stride in its last dim")
-    bv = bv or min(DECODE_BV, triton.next_power_of_2(dv))
+    bv = bv or min(DECODE_BV if num_seqs < 8 else 64, triton.next_power_of_2(dv))   # measured, perf-notes.md
     o = torch.empty(t, hv, dv, dtype=v.dtype, device=v.device)
     dummy = g
     _gdn_recurrent_kernel[(num_seqs, hv, triton.cdiv(dv, bv))](
@@ -200,7 +200,7 @@ def fla_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b
     _, rec = _fla()
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, device=q.device).long()
-    o, final = rec(q, k, v, g.float(), beta.float(), scale=scale,
+    o, final = rec(q, k, v, g=g.float(), beta=beta.float(), scale=scale,        # keywords: 4th positional is gk
                    initial_state=None if initial_state is None else initial_state.float(),
                    output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens)
     return o.to(v.dtype), final

@@ -8,8 +8,9 @@ FP8 block (the Qwen3-Next-FP8 checkpoint format):
     Quantizing here picks scale_inv = amax(block) / 448 (e4m3's largest finite value), like the checkpoint.
 
 INT4 group (our own load-time format for `--quantization int4`; symmetric, no zero point):
-    qweight [..., N, K // 2] uint8: byte j of a row holds k = 2j in its low nibble and k = 2j + 1 in its high nibble,
-    each an unsigned code q in 0..15 standing for q - 8;
+    qweight [..., N, K // 2] uint8, packed per group of G columns ("half-split"): byte j of group g (j < G/2) holds
+    k = g*G + j in its low nibble and k = g*G + G/2 + j in its high nibble, each an unsigned code q in 0..15 standing
+    for q - 8 (so a kernel reads the activations of both halves as contiguous runs, never with stride 2);
     scale [..., N, K // group] bfloat16, W_real[n, k] = (q[n, k] - 8) * scale[n, k // group].
     Quantizing picks scale = amax(group) / 7 and q = clamp(round(w / scale), -8, 7) + 8 (code 0 = -8 stays unused
     by rounding but is legal). Symmetric keeps the kernels' dequant to one subtract and one multiply; groups of 128
@@ -116,16 +117,16 @@ def dequantize_fp8_block(q: Fp8BlockWeight, dtype: torch.dtype = torch.float32) 
 
 # ---- INT4 group --------------------------------------------------------------------------------------------------
 
-def pack_int4(codes: Tensor) -> Tensor:
-    """codes [..., K] integers in 0..15 -> [..., K // 2] uint8 (even k low nibble, odd k high nibble)."""
-    c = codes.to(torch.uint8)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+def pack_int4(codes: Tensor, group_size: int) -> Tensor:
+    """codes [..., K] integers in 0..15 -> [..., K // 2] uint8, half-split per group (see the module docstring)."""
+    c = codes.to(torch.uint8).unflatten(-1, (-1, 2, group_size // 2))          # [..., G, 2, group/2]
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2).contiguous()
 
 
-def unpack_int4(packed: Tensor) -> Tensor:
+def unpack_int4(packed: Tensor, group_size: int) -> Tensor:
     """[..., K // 2] uint8 -> codes [..., K] uint8 in 0..15."""
-    lo, hi = packed & 0xF, packed >> 4
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
+    p = packed.unflatten(-1, (-1, group_size // 2))                             # [..., G, group/2]
+    return torch.stack((p & 0xF, p >> 4), dim=-2).flatten(-3)
 
 
 def quantize_int4_group(w: Tensor, group_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
@@ -140,14 +141,14 @@ def quantize_int4_group(w: Tensor, group_size: int = 128, scale_dtype: torch.dty
         scale = (g.abs().amax(-1) / 7.0).to(scale_dtype)                       # rounded first: codes match it
         s = scale.float().clamp(min=1e-12)
         codes = (g / s[..., None]).round().clamp(-8, 7) + 8
-        qs.append(pack_int4(codes.flatten(-2)))
+        qs.append(pack_int4(codes.flatten(-2), group_size))
         ss.append(scale)
     return Int4GroupWeight(torch.cat(qs) if len(qs) > 1 else qs[0], torch.cat(ss) if len(ss) > 1 else ss[0],
                            group_size)
 
 
 def dequantize_int4_group(q: Int4GroupWeight, dtype: torch.dtype = torch.float32) -> Tensor:
-    codes = unpack_int4(q.qweight).float() - 8.0                               # [..., N, K]
+    codes = unpack_int4(q.qweight, q.group_size).float() - 8.0                 # [..., N, K]
     s = q.scale.float().repeat_interleave(q.group_size, dim=-1)
     return (codes * s).to(dtype)
 

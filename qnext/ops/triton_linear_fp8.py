@@ -17,12 +17,14 @@ Paths (fp8_linear(path="auto") picks by the number of rows M):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qnext.ops.quant import FP8_DTYPE, FP8_MAX, Fp8BlockWeight, dequantize_fp8_block
+from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight, dequantize_fp8_block, quantize_fp8_block
 
 Tensor = torch.Tensor
 
@@ -48,7 +50,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
         xs = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
         xs = xs * tl.load(s_row + gg, mask=gg * 128 < K, other=0)[:, None]
         w = tl.load(w_ptr + rows[:, None, None] * stride_wn + kp[None, :, :],
-                    mask=rmask[:, None, None] & km[None, :, :], other=0).to(tl.float32)
+                    mask=rmask[:, None, None] & km[None, :, :], other=0.0).to(tl.float32)
         acc += w * xs[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -156,14 +158,32 @@ def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
     return out[:m]
 
 
+@functools.lru_cache(maxsize=4)
+def scaled_mm_supported(device: torch.device) -> bool:
+    """Does this torch build run block-scaled F.scaled_mm here, and agree with our reference? (probed once)"""
+    try:
+        w = quantize_fp8_block(torch.randn(256, 256, device=device) / 16)
+        x = torch.randn(8, 256, device=device).bfloat16()
+        ref = x.float() @ dequantize_fp8_block(w).t()
+        out = fp8_scaled_mm(x, w).float()
+        return bool(((out - ref).norm() / ref.norm()) < 5e-2)
+    except Exception:  # older torch, other GPU, cuBLASLt without block scaling
+        return False
+
+
 def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: str = "auto") -> Tensor:
-    """x [..., K] -> [..., N]; path auto | gemv | w8a8 | w8a16 | dequant | scaled_mm."""
+    """x [..., K] -> [..., N]; path auto | gemv | w8a8 | w8a16 | dequant | scaled_mm.
+    auto: GEMV up to GEMV_MAX_M rows (memory bound), else cuBLASLt's block-scaled fp8 GEMM when this torch has it
+    (measured fastest for prefill, docs/perf-notes.md), else our w8a8 kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path == "auto":
-        path = "gemv" if x2.shape[0] <= GEMV_MAX_M else "w8a8"
+        if x2.shape[0] <= GEMV_MAX_M:
+            path = "gemv"
+        else:
+            path = "scaled_mm" if scaled_mm_supported(x2.device) else "w8a8"
     if path == "gemv":
         y = fp8_gemv(x2, w)
     elif path == "w8a8":

@@ -41,14 +41,19 @@ BF16, FP8, INT4 = 0, 1, 2
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
     FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4),
-    INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4),
+    INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4,
+               int4_dot=True, dbn1=32, dw1=4, dbn2=32, dw2=4, dst=3),     # tensor-core GEMV (int4_dot)
 }
+# Grouped-GEMM tiles: gate_up (bn, warps, stages) and down (bn2, warps2, stages2); bm from the tokens per expert
+# unless given; bk = 64 (bf16), 128 (fp8 block), group (int4). Chosen without spills (ptxas report) and by
+# scripts/gpu_check.py timings; overridable per call through `config`.
 SORTED_DEFAULTS = {
-    BF16: dict(bn=64, bk=64, warps=4, stages=3),
-    FP8: dict(bn=64, bk=128, warps=4, stages=3),
-    INT4: dict(bn=64, bk=None, warps=4, stages=3),    # bk = group size
+    BF16: dict(bk=64, bn=128, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
+    FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
+    INT4: dict(bk=None, bn=64, warps=8, stages=3, bn2=128, warps2=4, stages2=4),
 }
 GEMV_MAX_PAIRS = 64       # auto picks the GEMV path up to this many (token, expert) pairs
+SPLIT_MAX_PAIRS = 32      # ... and within it the one-step-per-program split mode up to this many
 
 
 @dataclass
@@ -84,6 +89,20 @@ def _kernel_view(w: QuantWeight) -> _KW:
 # ---- GEMV path ---------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _int4_dq(p, DT: tl.constexpr):
+    """uint8 tile -> (low, high) nibbles as q - 8 in DT (bf16 or fp16) without int->float converts (those run at
+    quarter rate): the bf16 with bits 0x4300 | q is 128 + q exactly (fp16: 0x6400 | q is 1024 + q), and the
+    subtraction is exact. Both use packed HADD2 on sm90."""
+    if DT == tl.float16:
+        lo = (((p & 0xF).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
+        hi = (((p >> 4).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
+    else:
+        lo = (((p & 0xF).to(tl.int16) | 0x4300).to(tl.int16)).to(tl.bfloat16, bitcast=True) - 136.0
+        hi = (((p >> 4).to(tl.int16) | 0x4300).to(tl.int16)).to(tl.bfloat16, bitcast=True) - 136.0
+    return lo.to(DT), hi.to(DT)
+
+
+@triton.jit
 def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM,
                KIND: tl.constexpr, GS: tl.constexpr):
     """acc [BN, NG, GS] += one weight tile times the activations.
@@ -91,7 +110,7 @@ def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, 
     rows [BN] output rows; gg [NG] group (fp8: 128-block, int4: quant group, bf16: GS chunk) indices;
     kp [NG, GS] stored column of each element, km its bound mask.
     bf16 / fp8: xa [NG, GS] activation at k = kp (fp8: already times the block scale); xb unused.
-    int4: xa / xb [NG, GS] activations at k = 2 kp / 2 kp + 1 (low / high nibble).
+    int4: xa / xb [NG, GS] activations of the low / high nibbles (k = g*2GS + j and g*2GS + GS + j).
     """
     ptrs = w_base + rows[:, None, None] * stride_wn + kp[None, :, :]
     mask = rmask[:, None, None] & km[None, :, :]
@@ -104,7 +123,7 @@ def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, 
                      mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
         acc += (lo * xa[None, :, :] + hi * xb[None, :, :]) * sc[:, :, None]
     else:
-        w = tl.load(ptrs, mask=mask, other=0).to(tl.float32)
+        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += w * xa[None, :, :]
     return acc
 
@@ -140,8 +159,8 @@ def _moe_gemv_gate_up_kernel(
         kp = gg[:, None] * GS + j[None, :]
         km = kp < KLIM
         if KIND == 2:
-            xa = tl.load(x_row + 2 * kp, mask=km, other=0).to(tl.float32)
-            xb = tl.load(x_row + 2 * kp + 1, mask=km, other=0).to(tl.float32)
+            xa = tl.load(x_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32)
+            xb = tl.load(x_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32)
             acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
             acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
         elif KIND == 1:
@@ -190,8 +209,8 @@ def _moe_gemv_down_kernel(
             kp = gg[:, None] * GS + j[None, :]
             km = kp < KLIM
             if KIND == 2:
-                xa = tl.load(h_row + 2 * kp, mask=km, other=0).to(tl.float32) * wt
-                xb = tl.load(h_row + 2 * kp + 1, mask=km, other=0).to(tl.float32) * wt
+                xa = tl.load(h_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32) * wt
+                xb = tl.load(h_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32) * wt
                 acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
             elif KIND == 1:
                 xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32)
@@ -204,9 +223,88 @@ def _moe_gemv_down_kernel(
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
+# int4 GEMV on tensor cores: the token's activations are row 0 of a 16-row tile (mma needs M >= 16; the other rows
+# are masked zeros), the weight tile is dequantized to bf16 in registers and fed to tl.dot; the per-(row, group)
+# scale multiplies the [16, BN] partial product, so each weight element costs ~2 integer ops instead of ~7 ops on
+# the FMA path (measured by SASS instruction counts; see docs/perf-notes.md).
+
+@triton.jit
+def _moe_gemv_int4_dot_gate_up_kernel(
+    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
+    N, K, TOPK,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+    BN: tl.constexpr, G: tl.constexpr,
+):
+    """grid (P, cdiv(N, BN)); one quant group (G columns, G/2 bytes per row) per step; K % G == 0."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + pid_p).to(tl.int64)
+    tok = (pid_p // TOPK).to(tl.int64)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r16 = tl.arange(0, 16)
+    j = tl.arange(0, G // 2)
+    x_tile = x_ptr + tok * stride_xm + (r16 * 0)[:, None] + j[None, :]          # [16, G/2], row 0 is real
+    xmask = (r16 == 0)[:, None]
+    wg = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
+    wu = wg + N * stride_wn
+    sg = s_ptr + e * stride_se + rows * stride_sn
+    su = sg + N * stride_sn
+    acc_g = tl.zeros([16, BN], dtype=tl.float32)
+    acc_u = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in range(0, K, G):
+        g = k0 // G
+        x_lo = tl.load(x_tile + k0, mask=xmask, other=0.0)
+        x_hi = tl.load(x_tile + k0 + G // 2, mask=xmask, other=0.0)
+        lo, hi = _int4_dq(tl.load(wg + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)   # [BN, G/2]
+        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+        acc_g += part * tl.load(sg + g, mask=rmask, other=0).to(tl.float32)[None, :]
+        lo, hi = _int4_dq(tl.load(wu + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
+        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+        acc_u += part * tl.load(su + g, mask=rmask, other=0).to(tl.float32)[None, :]
+    gate = tl.sum(acc_g, axis=0)                    # rows 1..15 are exactly zero
+    up = tl.sum(acc_u, axis=0)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _moe_gemv_int4_dot_down_kernel(
+    h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
+    N, K, TOPK,
+    stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    BN: tl.constexpr, G: tl.constexpr,
+):
+    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r16 = tl.arange(0, 16)
+    j = tl.arange(0, G // 2)
+    xmask = (r16 == 0)[:, None]
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    for kk in range(0, TOPK):
+        p = m * TOPK + kk
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        wt = tl.load(tw_ptr + p).to(tl.float32)
+        h_tile = h_ptr + p.to(tl.int64) * stride_hm + (r16 * 0)[:, None] + j[None, :]
+        wb = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
+        sb = s_ptr + e * stride_se + rows * stride_sn
+        for k0 in range(0, K, G):
+            x_lo = tl.load(h_tile + k0, mask=xmask, other=0.0)
+            x_hi = tl.load(h_tile + k0 + G // 2, mask=xmask, other=0.0)
+            lo, hi = _int4_dq(tl.load(wb + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
+            part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+            acc += part * (tl.load(sb + k0 // G, mask=rmask, other=0).to(tl.float32) * wt)[None, :]
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
 def _gemv_cfg(w: _KW, config: dict | None) -> dict:
-    """-> dict(bn, ng, gs, warps) for kernel 1 (suffix 1) and kernel 2 (suffix 2)."""
-    cfg = dict(GEMV_DEFAULTS[w.kind])
+    """-> dict(bn, ng, gs, warps) for kernel 1 (suffix 1) and kernel 2 (suffix 2) (+ the int4 dot variant's and
+    the split mode's: split (None = auto), sbn1, sbn2, sw)."""
+    cfg = dict(GEMV_DEFAULTS[w.kind], split=None, sbn1=4, sbn2=16, sw=4)
     if config:
         cfg.update({k: v for k, v in config.items() if k in cfg})
     for i in ("1", "2"):
@@ -218,6 +316,37 @@ def _gemv_cfg(w: _KW, config: dict | None) -> dict:
     return cfg
 
 
+def _full_k(w: _KW) -> tuple[int, int]:
+    """(NG, GS) covering a whole row of w in one step (the latency-bound few-pairs case)."""
+    if w.kind == BF16:
+        return 1, triton.next_power_of_2(w.klim)
+    gs = 128 if w.kind == FP8 else w.group // 2
+    return triton.next_power_of_2(triton.cdiv(w.klim, gs)), gs
+
+
+def _moe_gemv_split(x: Tensor, w13: _KW, w2: _KW, tw: Tensor, ids: Tensor, m: int, top_k: int, cfg: dict) -> Tensor:
+    """Few pairs (batch-1 decode): the cost is latency, not bandwidth, so every program does exactly one step.
+    Kernel 1 takes whole rows (BN = sbn1 rows x all of K) per program; the down projection runs one program per
+    (pair, sbn2 rows) -- the kernel-2 GEMV with TOPK = 1 -- writing y [P, H] scaled by the router weight, and a
+    sum over the k experts finishes. 3 launches instead of 2, but no program loops."""
+    p, inter, hidden = m * top_k, w2.k, w2.n
+    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    ng, gs = _full_k(w13)
+    _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["sbn1"]))](
+        x, w13.data, w13.scale, ids, h,
+        inter, w13.klim, triton.cdiv(w13.klim, gs), top_k,
+        x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
+        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, num_warps=cfg["sw"])
+    y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
+    ng, gs = _full_k(w2)
+    _moe_gemv_down_kernel[(p, triton.cdiv(hidden, cfg["sbn2"]))](
+        h, w2.data, w2.scale, ids, tw, y,
+        hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
+        h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
+        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"])
+    return y.view(m, top_k, hidden).sum(dim=1)
+
+
 def moe_gemv(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Tensor,
              config: dict | None = None) -> Tensor:
     """Decode path; x [M, H] -> [M, H]. See the module docstring."""
@@ -226,7 +355,21 @@ def moe_gemv(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Tenso
     cfg = _gemv_cfg(w13, config)
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
+    split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
+    if split:
+        return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    if w13.kind == INT4 and cfg["int4_dot"]:
+        _moe_gemv_int4_dot_gate_up_kernel[(p, triton.cdiv(inter, cfg["dbn1"]))](
+            x, w13.data, w13.scale, ids, h, inter, w13.k, top_k,
+            x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1),
+            h.stride(0), BN=cfg["dbn1"], G=w13.group, num_warps=cfg["dw1"], num_stages=cfg["dst"])
+        out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+        _moe_gemv_int4_dot_down_kernel[(m, triton.cdiv(hidden, cfg["dbn2"]))](
+            h, w2.data, w2.scale, ids, tw, out, hidden, w2.k, top_k,
+            h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1),
+            out.stride(0), BN=cfg["dbn2"], G=w2.group, num_warps=cfg["dw2"], num_stages=cfg["dst"])
+        return out
     _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["bn1"]))](
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, cfg["gs1"]), top_k,
@@ -302,19 +445,17 @@ def _moe_dot_kernel(
     a_rows = a_ptr + arow[:, None] * stride_am
     if KIND == 2:
         jj = tl.arange(0, BK // 2)
-        for k0 in range(0, K, BK):              # BK == group, K % BK == 0
-            a_e = tl.load(a_rows + (k0 + 2 * jj)[None, :], mask=mvalid[:, None], other=0.0)
-            a_o = tl.load(a_rows + (k0 + 2 * jj + 1)[None, :], mask=mvalid[:, None], other=0.0)
+        for k0 in range(0, K, BK):              # BK == group, K % BK == 0; half-split packing
+            a_e = tl.load(a_rows + (k0 + jj)[None, :], mask=mvalid[:, None], other=0.0)
+            a_o = tl.load(a_rows + (k0 + BK // 2 + jj)[None, :], mask=mvalid[:, None], other=0.0)
             pk = k0 // 2 + jj
             p = tl.load(wb + rows[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
-            lo = ((p & 0xF).to(tl.int32) - 8).to(a_e.dtype)
-            hi = ((p >> 4).to(tl.int32) - 8).to(a_e.dtype)
+            lo, hi = _int4_dq(p, a_e.dtype)
             sc = tl.load(s_ptr + e * stride_se + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
             acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc[None, :]
             if GATE_UP:
                 p2 = tl.load(wb + (rows + N)[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
-                lo2 = ((p2 & 0xF).to(tl.int32) - 8).to(a_e.dtype)
-                hi2 = ((p2 >> 4).to(tl.int32) - 8).to(a_e.dtype)
+                lo2, hi2 = _int4_dq(p2, a_e.dtype)
                 sc2 = tl.load(s_ptr + e * stride_se + (rows + N) * stride_sn + k0 // BK,
                               mask=nmask, other=0).to(tl.float32)
                 acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2[None, :]
@@ -324,7 +465,8 @@ def _moe_dot_kernel(
             ka = k0 + kk
             kmask = ka < K
             a = tl.load(a_rows + ka[None, :], mask=mvalid[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+            w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
             if KIND == 1:                        # BK == 128, BN divides 128, N % 128 == 0
                 s = tl.load(s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
                 acc += tl.dot(a, w.to(a.dtype)) * s
@@ -332,7 +474,7 @@ def _moe_dot_kernel(
                 acc = tl.dot(a, w, acc)
             if GATE_UP:
                 w2 = tl.load(wb + (rows + N)[None, :] * stride_wn + ka[:, None],
-                             mask=kmask[:, None] & nmask[None, :], other=0)
+                             mask=kmask[:, None] & nmask[None, :], other=0.0)
                 if KIND == 1:
                     s2 = tl.load(s_ptr + e * stride_se + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
                     acc2 += tl.dot(a, w2.to(a.dtype)) * s2
@@ -357,10 +499,10 @@ def _pick_bm(pairs: int, experts: int) -> int:
 def _sorted_cfg(w: _KW, config: dict | None) -> dict:
     cfg = dict(SORTED_DEFAULTS[w.kind])
     if config:
-        cfg.update({k: v for k, v in config.items() if k in ("bm", "bn", "bk", "warps", "stages")})
+        cfg.update({k: v for k, v in config.items() if k in cfg or k == "bm"})
     if w.kind == INT4:
         cfg["bk"] = w.group
-    if w.kind == FP8 and (cfg["bk"] != 128 or 128 % cfg["bn"]):
+    if w.kind == FP8 and (cfg["bk"] != 128 or 128 % cfg["bn"] or 128 % cfg["bn2"]):
         raise ValueError("fp8 sorted tiles need BK == 128 and BN dividing 128")
     return cfg
 
@@ -382,14 +524,13 @@ def moe_sorted(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Ten
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
         KIND=w13.kind, GATE_UP=True, A_SORTED=False, BM=bm, BN=cfg["bn"], BK=cfg["bk"],
         num_warps=cfg["warps"], num_stages=cfg["stages"])
-    cfg2 = _sorted_cfg(w2, config)
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
-    _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg2["bn"]))](
+    _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, y, sorted_pairs, block_expert, tw,
         hidden, w2.k, p, top_k, experts,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
-        KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg2["bn"], BK=cfg2["bk"],
-        num_warps=cfg2["warps"], num_stages=cfg2["stages"])
+        KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
+        num_warps=cfg["warps2"], num_stages=cfg["stages2"])
     return y.view(m, top_k, hidden).sum(dim=1)
 
 

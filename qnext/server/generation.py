@@ -12,7 +12,7 @@ from typing import AsyncIterator
 import anyio
 
 from qnext.engine.async_engine import EngineDeadError
-from qnext.sampling_params import CompletionOutput
+from qnext.sampling_params import CompletionOutput, RequestOutput
 from qnext.server.errors import APIError
 from qnext.server.metrics import ServerMetrics
 
@@ -39,11 +39,15 @@ class Generation:
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.prompt_logprobs: list | None = None  # when asked for: set before the first output is yielded
         self._ttft: float | None = None
         self._last = arrival
         self._closed = False
 
-    def _observe(self, out: CompletionOutput) -> None:
+    def _observe(self, ro: RequestOutput) -> None:
+        if ro.prompt_logprobs is not None:
+            self.prompt_logprobs = ro.prompt_logprobs
+        out = ro.outputs[0]
         now = time.monotonic()
         n = len(out.delta_token_ids)
         m = self.metrics
@@ -68,12 +72,12 @@ class Generation:
                     ro = await first
                 except StopAsyncIteration:
                     return
-                self._observe(ro.outputs[0])
+                self._observe(ro)
                 yield ro.outputs[0]
                 if ro.finished:
                     return
             async for ro in self._agen:
-                self._observe(ro.outputs[0])
+                self._observe(ro)
                 yield ro.outputs[0]
                 if ro.finished:
                     return

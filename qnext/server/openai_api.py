@@ -35,7 +35,7 @@ def _finish(reason: str | None) -> str:
 
 # ---- parameters ------------------------------------------------------------------------------------------
 async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None, logprobs: int | None,
-                  choice: ToolChoice | None = None) -> list[SamplingParams]:
+                  choice: ToolChoice | None = None, prompt_logprobs: int | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; n > 1 gets seeds seed, seed+1, ... (unseeded stays unseeded).
     Each choice gets its own grammar processors (they are stateful); the logit bias is shared (stateless)."""
     if not 1 <= body.n <= MAX_N:
@@ -53,8 +53,8 @@ async def _params(b: Backend, body, prompt_len: int, max_tokens: int | None, log
             min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + i,
             stop=body.stop, stop_token_ids=body.stop_token_ids, min_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
-            logits_processors=procs))
+            ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=body.skip_special_tokens, logits_processors=procs))
     return out
 
 
@@ -66,15 +66,21 @@ def _usage(prompt_len: int, gens: list[Generation]) -> dict:
 # ---- logprobs --------------------------------------------------------------------------------------------
 def _token_entries(b: Backend, out, top_n: int) -> list[tuple[tuple[str, list[int]], float, list]]:
     """((text, bytes), logprob, [((text, bytes), logprob)] of the top_n) for each token of this delta."""
-    ids = out.delta_token_ids
-    lps = (out.logprobs or [])[-len(ids):] if ids else []
+    return _entries(b, out.delta_token_ids, out.delta_logprobs or [], top_n)
 
+
+def _entries(b: Backend, ids: list[int], lps: list, top_n: int) -> list[tuple]:
+    """As _token_entries for any tokens and their logprob dicts; a None dict (the prompt's first token) gives
+    (token, None, None)."""
     def tok(t: int, lp) -> tuple[str, list[int]]:
         text = lp.decoded_token if lp is not None and lp.decoded_token is not None else b.token_text(t)
         return text, b.token_bytes(t, text)
 
     entries = []
     for t, d in zip(ids, lps):
+        if d is None:
+            entries.append((tok(t, None), None, None))
+            continue
         tops = sorted(d.items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))[:top_n]
         chosen = d.get(t)
         entries.append((tok(t, chosen), chosen.logprob if chosen else float("-inf"),
@@ -98,10 +104,10 @@ class _CompletionLogprobs:
 
     def chunk(self, entries) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for (text, _), lp, tops in entries:
+        for (text, _), lp, tops in entries:  # lp and tops are None for the prompt's first token
             out["tokens"].append(text)
-            out["token_logprobs"].append(_lp(lp))
-            out["top_logprobs"].append({t: _lp(v) for (t, _), v in tops})
+            out["token_logprobs"].append(None if lp is None else _lp(lp))
+            out["top_logprobs"].append(None if tops is None else {t: _lp(v) for (t, _), v in tops})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
@@ -142,15 +148,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 async def _chat_full(b: Backend, meta: dict, gens, parsers, prompt_len: int, top_n: int | None) -> dict:
-    texts = [""] * len(gens)
+    texts: list[list[str]] = [[] for _ in gens]  # pieces, joined once at the end
     logprobs: list[list | None] = [[] if top_n is not None else None for _ in gens]
     async for i, out in merge(gens):
-        texts[i] += out.delta_text
+        texts[i].append(out.delta_text)
         if top_n is not None:
             logprobs[i].extend(_chat_logprobs(_token_entries(b, out, top_n)))
     choices = []
     for i, g in enumerate(gens):
-        content, calls = parsers[i].parse_all(texts[i])
+        content, calls = parsers[i].parse_all("".join(texts[i]))
         msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
         finish = _finish(g.finish_reason)
         if calls:
@@ -239,8 +245,11 @@ async def completions(body: CompletionRequest, request: Request):
         raise bad_request("suffix is not supported; use a fill-in-the-middle prompt instead", "suffix")
     prompts = _prompts(b, body.prompt)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for this route
-    params = [await _params(b, body, len(ids), max_tokens, body.logprobs) for ids in prompts]
-    echo = [b.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
+    # echo + logprobs: the prompt's tokens get logprobs too (the engine scores every prompt position)
+    prompt_lps = body.logprobs if body.echo else None
+    params = [await _params(b, body, len(ids), max_tokens, body.logprobs, prompt_logprobs=prompt_lps)
+              for ids in prompts]
+    echo = [_Echo(b.decode(ids) if body.echo else "", ids, bool(body.echo)) for ids in prompts for _ in range(body.n)]
     prompt_len = sum(len(p) for p in prompts)
     rid = f"cmpl-{uuid.uuid4().hex}"
     meta = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": b.model_name}
@@ -260,31 +269,53 @@ async def completions(body: CompletionRequest, request: Request):
                                                request, gens))
 
 
-async def _completion_full(b: Backend, meta, gens, echo, top_n, prompt_len) -> dict:
-    texts = list(echo)
-    lp_state = [_CompletionLogprobs(len(e)) for e in echo]
+class _Echo:
+    """The echoed prompt of one choice: its text, and its logprobs once the first output brought them."""
+
+    def __init__(self, text: str, ids: list[int], on: bool):
+        self.text, self.ids, self.on = text, ids, on
+
+    def logprobs(self, b: Backend, g: Generation, top_n: int | None) -> dict | None:
+        if top_n is None or not self.on or g.prompt_logprobs is None:
+            return None
+        return _CompletionLogprobs(0).chunk(_entries(b, self.ids, g.prompt_logprobs, top_n))
+
+
+async def _completion_full(b: Backend, meta, gens, echo: list[_Echo], top_n, prompt_len) -> dict:
+    texts = [[e.text] for e in echo]  # pieces, joined once at the end
+    lp_state = [_CompletionLogprobs(len(e.text)) for e in echo]
     lps: list[dict | None] = [None] * len(gens)
     async for i, out in merge(gens):
-        texts[i] += out.delta_text
+        texts[i].append(out.delta_text)
         if top_n is not None:
+            if lps[i] is None:  # the first output of choice i: its echoed prompt's logprobs come first
+                lps[i] = echo[i].logprobs(b, gens[i], top_n)
             lps[i] = _merge_logprobs(lps[i], lp_state[i].chunk(_token_entries(b, out, top_n)))
-    choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if top_n is not None else None,
+    choices = [{"index": i, "text": "".join(texts[i]), "logprobs": lps[i] if top_n is not None else None,
                 "finish_reason": _finish(g.finish_reason)} for i, g in enumerate(gens)]
     return {**meta, "choices": choices, "usage": _usage(prompt_len, gens)}
 
 
-async def _completion_stream(b: Backend, meta, gens, echo, top_n, prompt_len, include_usage) -> AsyncIterator[str]:
+async def _completion_stream(b: Backend, meta, gens, echo: list[_Echo], top_n, prompt_len,
+                             include_usage) -> AsyncIterator[str]:
     base = {**meta, **({"usage": None} if include_usage else {})}
-    lp_state = [_CompletionLogprobs(len(e)) for e in echo]
+    lp_state = [_CompletionLogprobs(len(e.text)) for e in echo]
+
+    def chunk(i: int, text: str, lp: dict | None, finish: str | None = None) -> str:
+        return sse_data({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
+
+    # with logprobs the echo waits for the choice's first output, which brings the prompt's logprobs
+    pending = [e.on and top_n is not None for e in echo]
     for i, e in enumerate(echo):
-        if e:
-            yield sse_data({**base, "choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
+        if e.text and not pending[i]:
+            yield chunk(i, e.text, None)
     async for i, out in merge(gens):
+        if pending[i]:
+            pending[i] = False
+            yield chunk(i, echo[i].text, echo[i].logprobs(b, gens[i], top_n))
         lp = lp_state[i].chunk(_token_entries(b, out, top_n)) if top_n is not None else None
         if out.delta_text or lp and lp["tokens"] or out.finish_reason is not None:
-            yield sse_data({**base, "choices": [{"index": i, "text": out.delta_text, "logprobs": lp,
-                                                 "finish_reason": _finish(out.finish_reason)
-                                                 if out.finish_reason is not None else None}]})
+            yield chunk(i, out.delta_text, lp, _finish(out.finish_reason) if out.finish_reason is not None else None)
     if include_usage:
         yield sse_data({**base, "choices": [], "usage": _usage(prompt_len, gens)})
     yield "data: [DONE]\n\n"

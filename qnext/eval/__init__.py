@@ -1,0 +1,1 @@
+"""Quality measurements: perplexity (ppl.py) and function-body completion (complete.py)."""
