@@ -24,12 +24,16 @@ stores the slice back in place. Reads/writes 2 x 2 MiB per layer per sequence at
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 # ---- our fused recurrent kernel ----------------------------------------------------------------------------------
@@ -170,8 +174,15 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
 
 # ---- fla-core ----------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def _fla():
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk, fused_recurrent_gated_delta_rule as rec
+    """fla-core's (chunk, fused_recurrent), or None when it is not installed (`pip install qnext[gpu]`)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as rec
+    except ImportError as e:
+        log.warning("fla-core not importable (%s): GDN prefill falls back to the torch chunked reference", e)
+        return None
     return chunk, rec
 
 
@@ -180,7 +191,13 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
                            cu_seqlens: Tensor | list[int] | None = None,
                            use_qk_l2norm_in_kernel: bool = False,
                            chunk_size: int = 64) -> tuple[Tensor, Tensor]:
-    """Registry-compatible (qnext.ops.delta_rule), through fla-core's chunk kernel (chunk_size 16/32/64)."""
+    """Registry-compatible (qnext.ops.delta_rule), through fla-core's chunk kernel (chunk_size 16/32/64); the torch
+    chunked reference when fla-core is missing (correct, slow)."""
+    if _fla() is None:
+        from qnext.ops import delta_rule
+        return delta_rule.chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                                 cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                                                 chunk_size=chunk_size)
     chunk, _ = _fla()
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, device=q.device).long()
@@ -197,6 +214,8 @@ def fla_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b
                                    cu_seqlens: Tensor | list[int] | None = None,
                                    use_qk_l2norm_in_kernel: bool = False) -> tuple[Tensor, Tensor]:
     """Registry-compatible, through fla-core's fused_recurrent (no state slots: gather/scatter stays outside)."""
+    if _fla() is None:
+        raise ImportError("fla_recurrent_gated_delta_rule needs fla-core (pip install qnext[gpu])")
     _, rec = _fla()
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, device=q.device).long()

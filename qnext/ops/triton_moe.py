@@ -6,18 +6,22 @@ Weights (any of the three formats in qnext.ops.quant, the same format for both):
 Routing: topk_ids [M, k] (int32/int64), topk_weights [M, k] float32 (already renormalised).
 Reference: qnext.ops.quant.moe_forward_ref (float32 over dequantized weights).
 
-Two paths, chosen by the number of (token, expert) pairs P = M * k:
-* "gemv" (decode, few pairs): no sorting. Kernel 1 runs one program per (pair, block of I rows) and streams that
-  expert's gate and up rows against the token's activations, writing h = silu(g) * u [P, I]. Kernel 2 runs one
-  program per (token, block of H rows) and loops over the token's k experts, so the router-weighted sum is done in
-  registers (no atomics, deterministic, no extra launch). Both keep a [BN, NG, GS] float32 accumulator that is
-  reduced once at the end; weights are dequantized in registers (memory bound: the goal is HBM bandwidth).
-* "sorted" (prefill, many pairs): pairs are grouped by expert and padded to BM rows (moe_align, torch ops, no host
-  sync); a grouped GEMM with tl.dot runs per (BM block, BN block) of each expert. gate_up writes h in sorted order,
-  down multiplies by the router weight and writes y [P, H] by pair; y.view(M, k, H).sum(1) finishes.
-Quantized weights in the dot path: fp8 tiles are converted to bf16 and the 128x128 block scale multiplies the tile's
-partial product (BK = 128); int4 tiles (BK = group) are dequantized to exact small integers in bf16, the even and odd
-k halves go through two dots, and the group scale multiplies the partial product.
+Two paths, chosen by the number of (token, expert) pairs P = M * k (GEMV_MAX_PAIRS, measured on H100):
+* "gemv" (decode): no sorting, no torch bookkeeping, so it sits in a CUDA graph as 2-3 launches.
+  - split mode (P <= SPLIT_MAX_PAIRS, i.e. batch <= 3 at top-10; latency bound): kernel 1 gives each program whole
+    rows (4 rows x all of K) of one pair's gate and up, writing h = silu(g) * u [P, I]; kernel 2 runs one program
+    per (pair, 16 rows of H) writing tw * W_down h [P, H]; a sum over the k experts finishes. No program loops.
+  - otherwise kernel 1 streams BN-row blocks of (pair, expert) over K, kernel 2 runs one program per (token, BN rows)
+    looping over its k experts, so the router-weighted sum stays in registers (deterministic, no atomics).
+  bf16/fp8/int4 on CUDA cores keep a [BN, NG, GS] float32 accumulator reduced once at the end, weights dequantized
+  in registers; int4 outside split mode uses tensor cores instead (_moe_gemv_int4_dot_*: the token is row 0 of a
+  16-row tl.dot, one quant group per step, fewer instructions per weight byte).
+* "sorted" (prefill): pairs are grouped by expert and padded to BM rows (moe_align, torch ops, no host sync); a
+  grouped GEMM with tl.dot runs per (BM block, BN block) of each expert. gate_up writes h in sorted order, down
+  multiplies by the router weight and writes y [P, H] by pair; y.view(M, k, H).sum(1) finishes.
+  fp8 tiles are converted to bf16 and the 128x128 block scale multiplies the tile's partial product (BK = 128); int4
+  tiles (BK = group) become exact q - 8 in bf16 through a bit trick (no int->float converts), the two nibble halves
+  of the group go through two dots, and the group scale multiplies the partial product.
 """
 
 from __future__ import annotations
@@ -50,10 +54,13 @@ GEMV_DEFAULTS = {
 SORTED_DEFAULTS = {
     BF16: dict(bk=64, bn=128, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
     FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
-    INT4: dict(bk=None, bn=64, warps=8, stages=3, bn2=128, warps2=4, stages2=4),
+    INT4: dict(bk=None, bn=32, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
 }
-GEMV_MAX_PAIRS = 64       # auto picks the GEMV path up to this many (token, expert) pairs
-SPLIT_MAX_PAIRS = 32      # ... and within it the one-step-per-program split mode up to this many
+# auto picks the GEMV path up to this many (token, expert) pairs (H100: GEMV beat sorted at M = 8 and 32 tokens x
+# top-10 for bf16/int4, at M = 8 but not 32 for fp8), and within it the one-step-per-program split mode up to
+# SPLIT_MAX_PAIRS (M <= 3: latency bound; it lost at M = 8 except bf16).
+GEMV_MAX_PAIRS = {BF16: 320, FP8: 160, INT4: 320}
+SPLIT_MAX_PAIRS = 32
 
 
 @dataclass
@@ -540,7 +547,7 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
               path: str = "auto", config: dict | None = None) -> Tensor:
     """Routed experts. x [M, H] bf16/fp16; w13 [E, 2I, H], w2 [E, H, I] (bf16 | Fp8BlockWeight | Int4GroupWeight,
     both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype.
-    path: "auto" (GEMV up to GEMV_MAX_PAIRS pairs, else sorted), "gemv" or "sorted"."""
+    path: "auto" (GEMV up to GEMV_MAX_PAIRS[kind] pairs, else sorted), "gemv" or "sorted"."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe takes bf16/fp16 activations, got {x.dtype}")
     a, b = _kernel_view(w13), _kernel_view(w2)
@@ -554,7 +561,7 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
     if topk_ids.numel() == 0:
         return torch.zeros_like(x)
     if path == "auto":
-        path = "gemv" if topk_ids.numel() <= GEMV_MAX_PAIRS else "sorted"
+        path = "gemv" if topk_ids.numel() <= GEMV_MAX_PAIRS[a.kind] else "sorted"
     if path == "gemv":
         return moe_gemv(x, a, b, topk_weights, topk_ids, config)
     if path == "sorted":
