@@ -221,6 +221,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     quantization: str | None = None      # None | "fp8" | "int4": quantize at load time
     seed: int = 0
+    enforce_eager: bool = False          # no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

@@ -24,8 +24,10 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "num_kv_blocks": (int, "KV pages (default: from --kv-cache-memory-gb or free memory)"),
     "kv_cache_memory_gb": (float, "memory for KV pages + GDN state slots (default: from free memory)"),
     "gpu_memory_utilization": (float, "fraction of GPU memory qnext may use (weights + cache)"),
-    "quantization": (str, "quantize at load time: fp8 | int4"),
+    "quantization": (str, "resident weight format: fp8 (FP8 block-scaled) | int4 (4-bit experts, FP8 elsewhere); "
+                          "default: the checkpoint's (an FP8 checkpoint stays FP8 on CUDA)"),
     "seed": (int, "seed of sampling for requests without their own seed (reproducible runs)"),
+    "enforce_eager": (bool, "run decode steps eagerly (no CUDA graphs)"),
 }
 
 
@@ -33,8 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     for name, (typ, help_text) in _FLAGS.items():
         default = _DEFAULTS[name]
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            g.add_argument(flag, dest=name, action="store_true", default=default, help=help_text)
+            continue
         shown = "" if default is None else f" (default: {default})"
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=help_text + shown)
+        g.add_argument(flag, dest=name, type=typ, default=default, help=help_text + shown)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -7,6 +7,8 @@ Sources of the memory budget, first given wins:
                            activation reserve, minus the slots
   CPU                      CPU_KV_CACHE_GB for pages on top of the slots
 Pages are capped at what max_num_seqs sequences of max_model_len tokens could ever use.
+With reserve_dummy (CUDA graphs) the cache gets one more page and one more state slot than the pools hand out:
+padding rows of a captured decode batch read and write only those (taken from the budget before the split).
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ class CachePlan:
     max_model_len: int
     kv_bytes: int
     state_bytes: int
+    dummy_page: int | None = None    # page id num_blocks, outside the pool (reserve_dummy)
+    dummy_slot: int | None = None    # slot id num_slots, outside the pool (reserve_dummy)
+
+    @property
+    def cache_blocks(self) -> int:   # pages the ModelCache holds
+        return self.num_blocks + (self.dummy_page is not None)
+
+    @property
+    def cache_slots(self) -> int:    # state slots the ModelCache holds
+        return self.num_slots + (self.dummy_slot is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,10 +62,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype) -> CachePlan:
+def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype,
+               reserve_dummy: bool = False) -> CachePlan:
     num_slots = ec.max_num_seqs
     block_bytes = max(1, ec.block_size * kv_bytes_per_token(cfg, dtype))
-    slot_bytes = num_slots * state_bytes_per_slot(cfg, dtype)
+    slot_bytes = (num_slots + reserve_dummy) * state_bytes_per_slot(cfg, dtype)
     longest = ec.max_model_len or cfg.max_position_embeddings
     if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "
@@ -73,7 +86,7 @@ def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: 
         else:
             budget, source = CPU_KV_CACHE_GB * GiB, f"the CPU default of {CPU_KV_CACHE_GB} GiB"
         cap = cdiv(num_slots * longest, ec.block_size)
-        num_blocks = min(int(budget // block_bytes), cap)
+        num_blocks = min(int(budget // block_bytes) - reserve_dummy, cap)
         if num_blocks < 1:
             raise ValueError(
                 f"no memory left for KV pages with {source}: the GDN state of max_num_seqs={num_slots} sequences "
@@ -89,4 +102,6 @@ def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: 
             raise ValueError(f"max_model_len {max_model_len} needs {cdiv(max_model_len - 1, ec.block_size)} KV "
                              f"pages but the pool has {num_blocks}; raise num_kv_blocks / kv_cache_memory_gb or "
                              f"lower max_model_len")
-    return CachePlan(num_blocks, num_slots, max_model_len, num_blocks * block_bytes, slot_bytes)
+    dummy_page, dummy_slot = (num_blocks, num_slots) if reserve_dummy else (None, None)
+    return CachePlan(num_blocks, num_slots, max_model_len, (num_blocks + reserve_dummy) * block_bytes, slot_bytes,
+                     dummy_page, dummy_slot)

@@ -65,21 +65,28 @@ class LLMEngine:
         ec = engine_config or EngineConfig()
         param = next(model.parameters())
         self.model, self.model_config, self.engine_config = model, model_config, ec
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = param.device, getattr(model, "dtype", param.dtype)
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.generation_config = dict(generation_config or {})
         self.model_path = model_path
 
-        plan = plan_cache(model_config, ec, self.device, self.dtype)
+        use_graphs = self.device.type == "cuda" and not ec.enforce_eager
+        plan = plan_cache(model_config, ec, self.device, self.dtype, reserve_dummy=use_graphs)
         self.max_model_len = plan.max_model_len
-        self.cache = ModelCache(model_config, num_blocks=plan.num_blocks, block_size=ec.block_size,
-                                num_slots=plan.num_slots, dtype=self.dtype, device=self.device)
+        self.cache = ModelCache(model_config, num_blocks=plan.cache_blocks, block_size=ec.block_size,
+                                num_slots=plan.cache_slots, dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(BlockPool(plan.num_blocks, ec.block_size), StateSlotPool(plan.num_slots),
                                    max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
                                    max_queue=ec.max_queue, max_model_len=plan.max_model_len)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(ec.seed)
         self.runner = ModelRunner(model, self.cache, Sampler(generator))
+        if use_graphs:
+            from qnext.engine.cuda_graphs import DecodeGraphs
+            graphs = DecodeGraphs(model, self.cache, max_num_seqs=ec.max_num_seqs, max_model_len=plan.max_model_len,
+                                  dummy_page=plan.dummy_page, dummy_slot=plan.dummy_slot)
+            graphs.capture()
+            self.runner.decode_forward = graphs
         eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         self.eos_token_ids = tuple(eos + [i for i in model_config.eos_token_id if i not in eos])
         self._num_prompt_tokens = 0
@@ -101,8 +108,6 @@ class LLMEngine:
         from qnext.model.qwen3_next import Qwen3NextForCausalLM
 
         ec = engine_config or EngineConfig()
-        if ec.quantization is not None:
-            raise ValueError(f"quantization={ec.quantization!r} at load time is not supported by the engine yet")
         path = Path(model_path) if model_path is not None else None
         if synthetic and (path is None or not path.is_dir()):
             from qnext.weights.presets import preset_config
@@ -116,13 +121,19 @@ class LLMEngine:
         cfg = ModelConfig.from_hf(hf)
         device = resolve_device(ec.device)
         dtype = resolve_dtype(ec.dtype, device)
-        model = Qwen3NextForCausalLM(cfg, dtype=dtype, device=device).eval()
+        quantization = ec.quantization
+        if quantization is None and cfg.quantization and device.type == "cuda":
+            quantization = "fp8"   # an FP8 checkpoint stays FP8 resident where the fp8 kernels run
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, device=device, quantization=quantization).eval()
         if synthetic:
             from qnext.weights.synthetic import fill_synthetic_
             fill_synthetic_(model, seed=0)  # the weights are the model: EngineConfig.seed is for sampling
         else:
             from qnext.weights.loader import load_weights
-            load_weights(model, path, device, progress=progress)
+            report = load_weights(model, path, device, progress=progress)
+            log.info("loaded %d tensors in %.1f s (quantization %s: %d quantized, %d FP8 kept, %d FP8 dequantized)",
+                     report.loaded, report.seconds, quantization, report.quantized, report.fp8_kept,
+                     report.fp8_dequantized)
 
         tokenizer = chat_template = None
         generation_config: dict = {}

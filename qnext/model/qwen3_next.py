@@ -5,7 +5,8 @@
 
 Module names mirror the checkpoint (model.layers.N.linear_attn.*, .self_attn.*, .mlp.*, model.norm, lm_head).
 Parameters are created uninitialised (torch.empty, no grad) on the target device, "meta" included; a loader or a
-test fills them. The model has no buffers.
+test fills them. The model has no buffers. `quantization` (a QuantScheme or its name: None, "fp8", "int4") picks the
+resident format of the projections and experts (qnext/model/layers/linear.py); lm_head and embeddings stay plain.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.attention import GatedAttention
 from qnext.model.layers.gdn import GatedDeltaNet
-from qnext.model.layers.linear import Linear, empty_param
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param
 from qnext.model.layers.moe import MLP, SparseMoeBlock
 from qnext.model.layers.norm import RMSNorm
 from qnext.model.layers.rotary import RotaryEmbedding
@@ -25,16 +26,15 @@ from qnext.model.state import as_dtype
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, **kw):
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, ops_backend: str, quant: QuantScheme, **kw):
         super().__init__()
         self.layer_type = cfg.layer_types[layer_id]
-        ops_backend = kw.pop("ops_backend")
         if self.layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, layer_id, ops_backend=ops_backend, **kw)
+            self.linear_attn = GatedDeltaNet(cfg, layer_id, ops_backend=ops_backend, quant=quant, **kw)
         else:
-            self.self_attn = GatedAttention(cfg, layer_id, ops_backend=ops_backend, **kw)
-        self.mlp = (SparseMoeBlock(cfg, **kw) if cfg.is_moe_layer(layer_id)
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, **kw))
+            self.self_attn = GatedAttention(cfg, layer_id, ops_backend=ops_backend, quant=quant, **kw)
+        self.mlp = (SparseMoeBlock(cfg, quant=quant, ops_backend=ops_backend, **kw) if cfg.is_moe_layer(layer_id)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, quant=quant.dense, ops_backend=ops_backend, **kw))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
@@ -59,7 +59,7 @@ class Embedding(nn.Module):
 class Qwen3NextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, **kw):
         super().__init__()
-        kw_no_ops = {k: v for k, v in kw.items() if k != "ops_backend"}
+        kw_no_ops = {k: v for k, v in kw.items() if k not in ("ops_backend", "quant")}
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw_no_ops)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw_no_ops)
@@ -75,11 +75,14 @@ class Qwen3NextModel(nn.Module):
 
 class Qwen3NextForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | str = torch.bfloat16,
-                 device: torch.device | str | None = None, ops_backend: str = "auto"):
+                 device: torch.device | str | None = None, ops_backend: str = "auto",
+                 quantization: QuantScheme | str | None = None):
         super().__init__()
         self.config, self.dtype = cfg, as_dtype(dtype)
+        self.quant = (quantization if isinstance(quantization, QuantScheme)
+                      else QuantScheme.named(quantization, cfg))
         kw = dict(dtype=self.dtype, device=device)
-        self.model = Qwen3NextModel(cfg, ops_backend=ops_backend, **kw)
+        self.model = Qwen3NextModel(cfg, ops_backend=ops_backend, quant=self.quant, **kw)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
         self.tie_weights()
 

@@ -27,14 +27,18 @@ OPS = (
     "causal_conv1d",               # varlen causal depthwise conv + SiLU with conv state
     "causal_conv1d_update",        # one-token conv step
     "paged_attention",             # write K/V at slot_mapping, attend over the paged cache
+    "fused_moe",                   # routed experts, bf16 / fp8 block / int4 group weights
+    "fp8_linear",                  # FP8 block-scaled dense projection
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same
 # signature as the torch reference), by registering on import, or from register_backend(name), which is called.
 # A module that fails to import (no GPU packages) is skipped; a backend none of whose modules import is unavailable.
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
-    "torch": ("qnext.ops.delta_rule", "qnext.ops.causal_conv", "qnext.ops.paged_attention"),
-    "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention"),
+    "torch": ("qnext.ops.delta_rule", "qnext.ops.causal_conv", "qnext.ops.paged_attention", "qnext.ops.moe",
+              "qnext.ops.fp8_linear"),
+    "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention",
+               "qnext.ops.triton_moe", "qnext.ops.triton_linear_fp8"),
     "fla": ("qnext.ops.fla_gdn",),
 }
 AUTO_ORDER = ("triton", "fla")  # preference on CUDA; CPU always gets "torch"

@@ -2,9 +2,15 @@
 
 Host memory holds at most one checkpoint tensor (memory-mapped read) at a time, so a checkpoint larger than host RAM
 loads onto a device that holds the model. Per tensor: name map (name_map.map_name) -> shape check against the
-destination (a whole parameter or one expert slot of a fused expert tensor) -> read -> to device -> dequantize FP8
-blocks there -> copy_ (casting to the parameter dtype). The load ends by checking that every parameter (every expert
-slot) was written and that no tensor was left over; `mtp.*` tensors are reported, not loaded.
+destination (a whole parameter or one expert slot of a fused expert tensor) -> read -> to device -> into the
+parameter's resident format there:
+  plain parameter   FP8 blocks dequantized, then copy_ (casting to the parameter dtype);
+  FP8 parameter     (a `<name>_scale_inv` sibling) FP8 128x128 tensors copied as they are, others quantized;
+  int4 parameter    (uint8 with a `<name>_scale` sibling) quantized group-wise (qnext.ops.quant).
+Quantizing one tensor at a time keeps peak device memory near the quantized model's size. Per-expert gate and up
+halves of a quantized expert are held on the device until both arrived, then quantized together (an FP8 block may
+straddle them). The load ends by checking that every parameter (every expert slot) was written and that no tensor
+was left over; `mtp.*` tensors are reported, not loaded. Scale parameters travel with their weight.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qnext.ops import quant as q
 from qnext.weights import fp8
 from qnext.weights.name_map import COPY, DOWN, GATE, MTP, UP, Target, map_name
 from qnext.weights.safetensors_reader import SafetensorsCheckpoint, WeightError
@@ -32,6 +39,8 @@ class LoadReport:
     loaded: int = 0                                   # checkpoint tensors written into parameters
     bytes_read: int = 0                               # as stored (FP8 weights + scales count at their size)
     fp8_dequantized: int = 0                          # FP8 block tensors dequantized to the model dtype
+    fp8_kept: int = 0                                 # FP8 block tensors kept as they are (FP8 parameters)
+    quantized: int = 0                                # tensors quantized at load time (fp8 / int4 parameters)
     mtp: list[str] = field(default_factory=list)      # MTP head tensors kept aside (speculative decoding, later)
     ignored: list[str] = field(default_factory=list)  # lm_head.weight of a tied-embedding checkpoint
     seconds: float = 0.0
@@ -53,18 +62,56 @@ def _listing(title: str, names: list[str]) -> str:
     return f"{title} ({len(names)}): {shown}{more}"
 
 
-def _destination(t: Target, param: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
-    """The view of `param` that checkpoint tensor `name` fills, and its description for error messages."""
+@dataclass
+class _Param:
+    """A parameter in its resident format: plain, or quantized with its scale parameter."""
+    data: torch.Tensor
+    fmt: str = "plain"                     # plain | fp8 | int4
+    scale: torch.Tensor | None = None
+    group: int = 0                         # int4 group along K
+
+    @property
+    def shape(self) -> tuple[int, ...]:    # logical [..., N, K]
+        s = tuple(self.data.shape)
+        return (*s[:-1], 2 * s[-1]) if self.fmt == "int4" else s
+
+
+def _resident(params: dict[str, torch.Tensor]) -> tuple[dict[str, _Param], set[str]]:
+    """Weights in their resident format, and the names of the scale parameters travelling with them."""
+    out, scales = {}, set()
+    for pname, p in params.items():
+        if p.dtype == q.FP8_DTYPE and pname + "_scale_inv" in params:
+            out[pname] = _Param(p, "fp8", params[pname + "_scale_inv"])
+            scales.add(pname + "_scale_inv")
+        elif p.dtype == torch.uint8 and pname + "_scale" in params:
+            s = params[pname + "_scale"]
+            out[pname] = _Param(p, "int4", s, 2 * p.shape[-1] // s.shape[-1])
+            scales.add(pname + "_scale")
+    for pname, p in params.items():
+        if pname not in out and pname not in scales:
+            out[pname] = _Param(p)
+    return out, scales
+
+
+def _slot(p: _Param, e: int | None) -> _Param:
+    return p if e is None else _Param(p.data[e], p.fmt, None if p.scale is None else p.scale[e], p.group)
+
+
+def _destination(t: Target, param: _Param, name: str) -> tuple[_Param, tuple[int, ...], str]:
+    """(what checkpoint tensor `name` fills: the parameter or one expert slot, the shape it must have, its
+    description for error messages). A gate/up half fills rows of the slot (plain parameters write them directly;
+    quantized ones collect both halves first)."""
     if t.kind == COPY:
-        return param, t.param
-    if param.dim() != 3 or t.expert >= param.shape[0]:
+        return param, param.shape, t.param
+    shape = param.shape
+    if len(shape) != 3 or t.expert >= shape[0]:
         raise WeightError(f"checkpoint tensor {name} is expert {t.expert}, but {t.param} has shape "
-                          f"{list(param.shape)} ({param.shape[0] if param.dim() == 3 else 0} expert slots)")
+                          f"{list(shape)} ({shape[0] if len(shape) == 3 else 0} expert slots)")
     if t.kind == DOWN:
-        return param[t.expert], f"{t.param}[{t.expert}]"
-    half = param.shape[1] // 2
+        return _slot(param, t.expert), shape[1:], f"{t.param}[{t.expert}]"
+    half = shape[1] // 2
     rows = slice(0, half) if t.kind == GATE else slice(half, 2 * half)
-    return param[t.expert, rows], f"{t.param}[{t.expert}, {rows.start}:{rows.stop}] ({t.kind} half)"
+    return _slot(param, t.expert), (half, shape[2]), f"{t.param}[{t.expert}, {rows.start}:{rows.stop}] ({t.kind} half)"
 
 
 def _same_place(have: torch.device, want: torch.device) -> bool:
@@ -99,8 +146,9 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
     """
     start = time.perf_counter()
     path = Path(checkpoint_dir)
-    params = dict(model.named_parameters())
-    for pname, p in params.items():
+    all_params = dict(model.named_parameters())
+    params, _ = _resident(all_params)
+    for pname, p in all_params.items():
         if p.is_meta:
             raise WeightError(f"parameter {pname} is on the meta device; allocate the model on its device first")
         if device is not None and not _same_place(p.device, torch.device(device)):
@@ -114,6 +162,7 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
     unexpected: list[str] = []
     done: set[tuple] = set()   # (param, kind, expert) written
     split: set[str] = set()    # fused expert params written per expert
+    halves: dict[tuple, dict[str, object]] = {}   # (param, expert) -> gate/up values of a quantized expert
     with SafetensorsCheckpoint(path) as ckpt:
         scale_of = {}
         for name in ckpt.names:
@@ -137,14 +186,14 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
                 if key in done or fused_and_split:
                     raise WeightError(f"checkpoint tensor {name} writes {t.param} a second time "
                                       f"(the checkpoint stores it both per expert and fused, or twice)")
-                _load_one(ckpt, name, t, params[t.param], scale_of.get(name), block, report)
+                _load_one(ckpt, name, t, params[t.param], scale_of.get(name), block, report, halves)
                 done.add(key)
                 if t.kind != COPY:
                     split.add(t.param)
             bar.update(info.nbytes + (ckpt.info(scale_of[name]).nbytes if name in scale_of else 0))
         bar.close()
 
-    missing = _missing(params, done)
+    missing = _missing({n: p.data for n, p in params.items()}, done)
     if missing or unexpected:
         parts = [_listing("missing parameters", missing)] if missing else []
         parts += [_listing("unexpected checkpoint tensors", unexpected)] if unexpected else []
@@ -153,13 +202,14 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str
     return report
 
 
-def _load_one(ckpt: SafetensorsCheckpoint, name: str, t: Target, param: torch.Tensor, scale_name: str | None,
-              block: tuple[int, int], report: LoadReport) -> None:
+def _load_one(ckpt: SafetensorsCheckpoint, name: str, t: Target, param: _Param, scale_name: str | None,
+              block: tuple[int, int], report: LoadReport, halves: dict) -> None:
     info = ckpt.info(name)
-    dst, where = _destination(t, param, name)
-    if tuple(info.shape) != tuple(dst.shape):
+    dst, shape, where = _destination(t, param, name)
+    if tuple(info.shape) != tuple(shape):
         raise WeightError(f"checkpoint tensor {name} has shape {list(info.shape)}, but {where} expects "
-                          f"{list(dst.shape)}")
+                          f"{list(shape)}")
+    device = dst.data.device
     if info.dtype == "F8_E4M3":
         if scale_name is None:
             raise WeightError(f"FP8 tensor {name} has no scale tensor (looked for {', '.join(fp8.scale_names(name))})")
@@ -167,18 +217,60 @@ def _load_one(ckpt: SafetensorsCheckpoint, name: str, t: Target, param: torch.Te
         fp8.check_scale(name, info.shape, s_info.shape, block)
         if s_info.dtype not in PLAIN_DTYPES:
             raise WeightError(f"scale tensor {scale_name} has dtype {s_info.dtype} (expected F32/BF16/F16)")
-        q = ckpt.get(name).to(dst.device)
-        value = fp8.dequantize(q, ckpt.get(scale_name).to(dst.device), block, dst.dtype)
-        report.fp8_dequantized += 1
+        raw, scale = ckpt.get(name).to(device), ckpt.get(scale_name).to(device)
+        if dst.fmt == "fp8" and block == (q.FP8_BLOCK, q.FP8_BLOCK):
+            value = q.Fp8BlockWeight(raw, scale.float())                  # stays FP8 (same blocks)
+        else:
+            value = fp8.dequantize(raw, scale, block, dst.data.dtype if dst.fmt == "plain" else torch.bfloat16)
+            report.fp8_dequantized += 1
         report.bytes_read += s_info.nbytes
     elif info.dtype in PLAIN_DTYPES:
         if scale_name is not None:
             raise WeightError(f"tensor {name} has a scale tensor {scale_name} but is stored as {info.dtype}, "
                               f"not FP8 e4m3")
-        value = ckpt.get(name)  # copy_ below moves it host -> device and casts in one step
+        value = ckpt.get(name)  # a plain destination's copy_ moves it host -> device and casts in one step
     else:
         raise WeightError(f"tensor {name} has dtype {info.dtype}; qnext loads F32/BF16/F16 weights and block-FP8 "
                           f"(F8_E4M3 with weight_scale_inv) weights")
-    dst.copy_(value)
     report.loaded += 1
     report.bytes_read += info.nbytes
+    if t.kind in (GATE, UP) and dst.fmt != "plain":
+        pair = halves.setdefault((t.param, t.expert), {})
+        pair[t.kind] = value if isinstance(value, q.Fp8BlockWeight) else value.to(device)
+        if len(pair) < 2:
+            return                                                         # quantized once both halves are in
+        value = _join(halves.pop((t.param, t.expert)))
+    elif t.kind in (GATE, UP):
+        half = dst.data.shape[0] // 2
+        rows = slice(0, half) if t.kind == GATE else slice(half, 2 * half)
+        dst = _Param(dst.data[rows])
+    _store(dst, value, report)
+
+
+def _join(pair: dict) -> object:
+    """Gate rows then up rows of one expert: raw FP8 when both are FP8 on whole blocks, else float."""
+    gate, up = pair[GATE], pair[UP]
+    if isinstance(gate, q.Fp8BlockWeight) and isinstance(up, q.Fp8BlockWeight) and gate.w.shape[0] % gate.block == 0:
+        return q.Fp8BlockWeight(torch.cat((gate.w, up.w)), torch.cat((gate.scale_inv, up.scale_inv)))
+    deq = [q.dequantize(h, torch.bfloat16) if isinstance(h, q.Fp8BlockWeight) else h for h in (gate, up)]
+    return torch.cat(deq)
+
+
+def _store(dst: _Param, value, report: LoadReport) -> None:
+    """Write one value (a host/device tensor or raw FP8 blocks) into its destination's format."""
+    if dst.fmt == "plain":
+        dst.data.copy_(q.dequantize(value, dst.data.dtype) if isinstance(value, q.Fp8BlockWeight) else value)
+        return
+    if dst.fmt == "fp8" and isinstance(value, q.Fp8BlockWeight):
+        report.fp8_kept += 1
+    else:
+        w = q.dequantize(value, torch.float32) if isinstance(value, q.Fp8BlockWeight) else value
+        w = w.to(dst.data.device)
+        value = q.quantize_fp8_block(w) if dst.fmt == "fp8" else q.quantize_int4_group(w, dst.group)
+        report.quantized += 1
+    if dst.fmt == "fp8":
+        dst.data.copy_(value.w)
+        dst.scale.copy_(value.scale_inv)
+    else:
+        dst.data.copy_(value.qweight)
+        dst.scale.copy_(value.scale)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear
+from qnext.model.layers.linear import QuantScheme, make_linear
 from qnext.model.layers.norm import RMSNorm
 from qnext.model.layers.rotary import apply_rotary
 from qnext.ops.registry import get_op
@@ -17,17 +17,18 @@ from qnext.ops.registry import get_op
 
 class GatedAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, *, dtype: torch.dtype, device=None,
-                 ops_backend: str = "auto"):
+                 ops_backend: str = "auto", quant: QuantScheme | None = None):
         super().__init__()
         self.layer_id, self.ops_backend = layer_id, ops_backend
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         h, qd, kvd = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         kw = dict(dtype=dtype, device=device)
-        self.q_proj = Linear(h, 2 * qd, **kw)
-        self.k_proj = Linear(h, kvd, **kw)
-        self.v_proj = Linear(h, kvd, **kw)
-        self.o_proj = Linear(qd, h, **kw)
+        dense = dict(kw, quant=quant.dense if quant else None, ops_backend=ops_backend)
+        self.q_proj = make_linear(h, 2 * qd, **dense)
+        self.k_proj = make_linear(h, kvd, **dense)
+        self.v_proj = make_linear(h, kvd, **dense)
+        self.o_proj = make_linear(qd, h, **dense)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **kw)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **kw)
 

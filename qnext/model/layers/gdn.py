@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, empty_param
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear
 from qnext.model.layers.norm import GatedRMSNorm
 from qnext.ops.registry import get_op
 
@@ -30,7 +30,7 @@ class DepthwiseConv(nn.Module):
 
 class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, *, dtype: torch.dtype, device=None,
-                 ops_backend: str = "auto"):
+                 ops_backend: str = "auto", quant: QuantScheme | None = None):
         super().__init__()
         self.layer_id, self.ops_backend = layer_id, ops_backend
         self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
@@ -38,13 +38,14 @@ class GatedDeltaNet(nn.Module):
         self.r = self.hv // self.hk
         key_dim, value_dim = self.hk * self.dk, self.hv * self.dv
         kw = dict(dtype=dtype, device=device)
-        self.in_proj_qkvz = Linear(cfg.hidden_size, 2 * key_dim + 2 * value_dim, **kw)
-        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, **kw)
+        dense = dict(kw, quant=quant.dense if quant else None, ops_backend=ops_backend)
+        self.in_proj_qkvz = make_linear(cfg.hidden_size, 2 * key_dim + 2 * value_dim, **dense)
+        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, **kw)                      # kept plain (gates)
         self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim, **kw)
         self.A_log = empty_param(self.hv, dtype=torch.float32, device=device)    # gating stays float32
         self.dt_bias = empty_param(self.hv, dtype=torch.float32, device=device)
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, **kw)
-        self.out_proj = Linear(value_dim, cfg.hidden_size, **kw)
+        self.out_proj = make_linear(value_dim, cfg.hidden_size, **dense)
 
     def _split(self, qkvz: torch.Tensor, ba: torch.Tensor):
         """Checkpoint layout -> mixed [T, conv_dim] (all q | all k | all v), z [T, Hv, Dv], b, a [T, Hv]."""

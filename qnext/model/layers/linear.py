@@ -1,19 +1,63 @@
-"""Linear layer whose weight representation can be swapped (bf16/fp32 today; FP8-block or int4 later).
+"""Linear layers and the weight representation of each: plain (bf16/fp32) or FP8 block-scaled, plus the scheme
+that says which projections of the model are quantized how.
 
-The weight is a plain [out_features, in_features] parameter named `weight`, as in the checkpoint. A quantized
-variant keeps the same module names and `forward(x)` contract and adds its scale tensors next to `weight`.
+Plain:  weight [out, in] in the model dtype, as in the checkpoint.
+FP8:    weight [out, in] float8_e4m3fn + weight_scale_inv [ceil(out/128), ceil(in/128)] float32 (the FP8
+        checkpoint's names and layout, so its tensors load as they are); W_real = weight * scale per 128x128 block.
+Both keep forward(x) [..., in] -> [..., out] in x.dtype; the FP8 matmul is the "fp8_linear" op (Triton on CUDA,
+dequantize + F.linear as the torch reference).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, INT4_GROUPS, Fp8BlockWeight
+from qnext.ops.registry import get_op
+
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
     """An uninitialised inference parameter (the loader or a test fills it); works on device="meta"."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Resident weight formats: `dense` for the attention / GDN / shared-expert / dense-MLP projections (None or
+    "fp8"), `experts` for the routed experts (None, "fp8" or "int4", group-wise along K). Never quantized: router,
+    shared_expert_gate, in_proj_ba, embeddings, lm_head, norms, conv (small, or precision-critical)."""
+    dense: str | None = None
+    experts: str | None = None
+    group_size: int = 128              # int4 group along K
+
+    @staticmethod
+    def named(name: str | None, cfg=None) -> "QuantScheme":
+        """EngineConfig.quantization -> scheme: None (all plain), "fp8" (FP8 everywhere it applies), "int4"
+        (4-bit experts, FP8 elsewhere); "int4-bf16" (4-bit experts, plain elsewhere) for comparisons."""
+        dense, experts = {None: (None, None), "fp8": ("fp8", "fp8"), "int4": ("fp8", "int4"),
+                          "int4-bf16": (None, "int4")}[name]
+        return QuantScheme(dense, experts, int4_group(cfg) if experts == "int4" and cfg is not None else 128)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.dense is None and self.experts is None
+
+
+def int4_group(cfg) -> int:
+    """Largest supported group dividing both reduction dims of the experts (hidden for gate_up, I for down)."""
+    for g in sorted(INT4_GROUPS, reverse=True):
+        if cfg.hidden_size % g == 0 and cfg.moe_intermediate_size % g == 0:
+            return g
+    raise ValueError(f"int4 experts need hidden_size ({cfg.hidden_size}) and moe_intermediate_size "
+                     f"({cfg.moe_intermediate_size}) divisible by one of {INT4_GROUPS}")
 
 
 class Linear(nn.Module):
@@ -30,3 +74,37 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 ops_backend: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = empty_param(out_features, in_features, dtype=FP8_DTYPE, device=device)
+        self.weight_scale_inv = empty_param(cdiv(out_features, FP8_BLOCK), cdiv(in_features, FP8_BLOCK),
+                                            dtype=torch.float32, device=device)
+        self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
+        # the Triton kernels take 128-multiples and 16-bit activations; others (tiny test models) use the reference
+        aligned = in_features % FP8_BLOCK == 0 and out_features % FP8_BLOCK == 0
+        self.ops_backend = ops_backend if aligned and dtype in (torch.bfloat16, torch.float16) else "torch"
+
+    def quant_weight(self) -> Fp8BlockWeight:
+        return Fp8BlockWeight(self.weight, self.weight_scale_inv, FP8_BLOCK)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return get_op("fp8_linear", self.ops_backend, x.device)(x, self.quant_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block {FP8_BLOCK}"
+
+
+def make_linear(in_features: int, out_features: int, *, quant: str | None = None, ops_backend: str = "auto",
+                **kw) -> nn.Module:
+    """A projection in the given format (None: plain, "fp8": block-scaled)."""
+    if quant is None:
+        return Linear(in_features, out_features, **kw)
+    if quant == "fp8":
+        return Fp8Linear(in_features, out_features, ops_backend=ops_backend, **kw)
+    raise ValueError(f"unknown dense quantization {quant!r} (fp8)")

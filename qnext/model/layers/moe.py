@@ -2,7 +2,10 @@
 
 MoE: p = softmax(router logits) in float32, top-k, renormalised when norm_topk_prob;
 y = sum_e p_e * down_e(silu(gate_e x) * up_e x) + sigmoid(x . w_sg) * shared(x).
-Routed experts are fused as in transformers: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+Routed experts are fused as in transformers: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I],
+resident as plain tensors, FP8 blocks (+ `<name>_scale_inv` [E, ceil(N/128), ceil(K/128)] float32) or int4 groups
+(packed uint8 [E, N, K/2] + `<name>_scale` [E, N, K/group] bf16; layouts in qnext.ops.quant). The expert math is
+the "fused_moe" op: Triton (GEMV for decode, grouped GEMM for prefill; no host sync) on CUDA, torch reference on CPU.
 """
 
 from __future__ import annotations
@@ -12,60 +15,81 @@ import torch.nn.functional as F
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, empty_param
+from qnext.model.layers.linear import Linear, QuantScheme, cdiv, empty_param, make_linear
+from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
+from qnext.ops.registry import get_op
+
+_PLAIN = QuantScheme()
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, *, dtype: torch.dtype, device=None):
+    def __init__(self, hidden: int, intermediate: int, *, dtype: torch.dtype, device=None, quant: str | None = None,
+                 ops_backend: str = "auto"):
         super().__init__()
-        kw = dict(dtype=dtype, device=device)
-        self.gate_proj = Linear(hidden, intermediate, **kw)
-        self.up_proj = Linear(hidden, intermediate, **kw)
-        self.down_proj = Linear(intermediate, hidden, **kw)
+        kw = dict(dtype=dtype, device=device, quant=quant, ops_backend=ops_backend)
+        self.gate_proj = make_linear(hidden, intermediate, **kw)
+        self.up_proj = make_linear(hidden, intermediate, **kw)
+        self.down_proj = make_linear(intermediate, hidden, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype: torch.dtype, device=None):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype: torch.dtype, device=None,
+                 quant: str | None = None, group_size: int = 128, ops_backend: str = "auto"):
         super().__init__()
-        self.num_experts = num_experts
-        self.gate_up_proj = empty_param(num_experts, 2 * intermediate, hidden, dtype=dtype, device=device)
-        self.down_proj = empty_param(num_experts, hidden, intermediate, dtype=dtype, device=device)
+        self.num_experts, self.quant, self.group_size = num_experts, quant, group_size
+        self.ops_backend = ops_backend
+        for name, (n, k) in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
+            if quant is None:
+                setattr(self, name, empty_param(num_experts, n, k, dtype=dtype, device=device))
+            elif quant == "fp8":
+                setattr(self, name, empty_param(num_experts, n, k, dtype=FP8_DTYPE, device=device))
+                setattr(self, name + "_scale_inv", empty_param(num_experts, cdiv(n, FP8_BLOCK), cdiv(k, FP8_BLOCK),
+                                                               dtype=torch.float32, device=device))
+            elif quant == "int4":
+                if k % group_size:
+                    raise ValueError(f"int4 experts: group {group_size} does not divide K={k} of {name}")
+                setattr(self, name, empty_param(num_experts, n, k // 2, dtype=torch.uint8, device=device))
+                setattr(self, name + "_scale", empty_param(num_experts, n, k // group_size, dtype=torch.bfloat16,
+                                                           device=device))
+            else:
+                raise ValueError(f"unknown expert quantization {quant!r} (fp8, int4)")
+        fp8_odd = quant == "fp8" and (hidden % FP8_BLOCK or intermediate % FP8_BLOCK)
+        if fp8_odd or dtype not in (torch.bfloat16, torch.float16):
+            self.ops_backend = "torch"     # the Triton kernels take 128-multiple fp8 blocks and 16-bit activations
+
+    def quant_weights(self) -> tuple[QuantWeight, QuantWeight]:
+        """(w13 [E, 2I, H], w2 [E, H, I]) in the resident format (views, no copies)."""
+        if self.quant == "fp8":
+            return (Fp8BlockWeight(self.gate_up_proj, self.gate_up_proj_scale_inv),
+                    Fp8BlockWeight(self.down_proj, self.down_proj_scale_inv))
+        if self.quant == "int4":
+            return (Int4GroupWeight(self.gate_up_proj, self.gate_up_proj_scale, self.group_size),
+                    Int4GroupWeight(self.down_proj, self.down_proj_scale, self.group_size))
+        return self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H]. Reference: tokens grouped by expert, one matmul
-        pair per expert that got tokens, accumulated in float32."""
-        k = topk_ids.shape[1]
-        flat = topk_ids.flatten()
-        order = flat.argsort(stable=True)                      # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        weights = topk_weights.flatten().float()
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            picks = order[start:start + n]
-            start += n
-            tokens = picks // k
-            gate, up = F.linear(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out.index_add_(0, tokens, y.float() * weights[picks, None])
-        return out.to(x.dtype)
+        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H]."""
+        w13, w2 = self.quant_weights()
+        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids)
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype, device=None, quant: QuantScheme | None = None,
+                 ops_backend: str = "auto"):
         super().__init__()
+        q = quant or _PLAIN
         kw = dict(dtype=dtype, device=device)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, **kw)                    # router
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, **kw)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant=q.experts,
+                               group_size=q.group_size, ops_backend=ops_backend, **kw)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size > 0:
-            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, **kw)
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, quant=q.dense,
+                                     ops_backend=ops_backend, **kw)
             self.shared_expert_gate = Linear(cfg.hidden_size, 1, **kw)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""End to end on the GPU: the whole model through the fast paths, parity first, then `bench latency` figures.
+
+    python3 scripts/gpu_e2e.py --out $OUT --budget 240
+
+(a) parity: a narrow model (full-size heads, hidden 256, 4 layers, 16 experts; random weights) runs greedy on the
+    device in bf16, eager and with decode CUDA graphs, and is checked against the CPU float32 reference path with
+    the same weights: prefill logits (relative error) and teacher-forced greedy ids (each device-chosen token must
+    be within a tolerance of the reference's best logit at that position; exact matches are reported too).
+    Done for plain bf16 and for int4 experts + FP8 dense.
+(b) speed: full-size synthetic qwen3-coder-next (int4 experts + FP8 dense made on the GPU, router uniform) in the
+    engine, measured like `qnext bench latency`: decode-b1 at 1K context (256 tokens), decode b8 / b32 at 1K,
+    prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); eager
+    decode for comparison; then the same with bf16 dense projections if time is left.
+Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
+--out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qnext.bench.latency import _decode_once, _prefill_once  # noqa: E402
+from qnext.cache.model_cache import ModelCache  # noqa: E402
+from qnext.config import EngineConfig, ModelConfig  # noqa: E402
+from qnext.engine.forward_batch import ForwardBatch  # noqa: E402
+from qnext.engine.llm_engine import LLMEngine  # noqa: E402
+from qnext.model.layers.linear import QuantScheme  # noqa: E402
+from qnext.model.qwen3_next import Qwen3NextForCausalLM  # noqa: E402
+from qnext.sampling_params import SamplingParams  # noqa: E402
+from qnext.weights.presets import preset_config  # noqa: E402
+from qnext.weights.synthetic import fill_synthetic_  # noqa: E402
+
+T0 = time.time()
+BUDGET = 240.0
+OUT = "out"
+R: dict = {"env": {}, "parity": {}, "bench": {}, "errors": {}, "log": []}
+
+# Narrow model with the full model's head shapes (the kernels compile for the same constants as the 80B's).
+NARROW = {**preset_config("tiny"), "vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 4,
+          "full_attention_interval": 2, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+          "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+          "linear_value_head_dim": 128, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
+          "shared_expert_intermediate_size": 128, "intermediate_size": 512, "max_position_embeddings": 4096}
+
+
+def log(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    R["log"].append(line)
+    print(line, flush=True)
+
+
+def left() -> float:
+    return BUDGET - (time.time() - T0)
+
+
+def save() -> None:
+    R["elapsed_s"] = time.time() - T0
+    with open(os.path.join(OUT, "gpu_e2e.json"), "w") as f:
+        json.dump(R, f, indent=1, default=str)
+
+
+def guarded(name: str, need_s: float, fn, *a, **kw):
+    """fn(*a, **kw) unless less than need_s seconds are left; an exception is recorded, not raised."""
+    if left() < need_s:
+        R["errors"][name] = f"skipped: {left():.0f}s left, needs ~{need_s:.0f}s"
+        log(f"[skip] {name}: {R['errors'][name]}")
+        save()
+        return None
+    t = time.time()
+    log(f"[start] {name}")
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # keep going: one failure must not lose the other figures
+        R["errors"][name] = f"{type(e).__name__}: {e}"
+        log(f"[error] {name}: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        sys.stdout.flush()
+    finally:
+        log(f"[done] {name} in {time.time() - t:.1f}s, {left():.0f}s left")
+        save()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def env(device: str) -> None:
+    e = R["env"]
+    e["torch"], e["date"] = torch.__version__, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if device == "cuda":
+        e["device"] = torch.cuda.get_device_name()
+        try:
+            e["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception as ex:
+            e["nvidia_smi"] = repr(ex)
+        import triton
+        e["triton"] = triton.__version__
+        try:
+            import fla
+            e["fla"] = getattr(fla, "__version__", "?")
+        except Exception as ex:
+            e["fla"] = repr(ex)
+    log(f"[env] {e}")
+
+
+# ---- (a) parity ------------------------------------------------------------------------------------------------------
+
+def generate(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"g{i}", p, params)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+    return [out[f"g{i}"] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompts: list[list[int]], device) -> torch.Tensor:
+    """Last-position logits [B, V] float32 of fresh prompts, own cache."""
+    cfg = model.config
+    batch = ForwardBatch.for_prompts(prompts, 16, device)
+    pages = batch.block_tables.numel()
+    cache = ModelCache(cfg, num_blocks=pages, block_size=16, num_slots=len(prompts), dtype=model.dtype,
+                       device=device)
+    hidden = model(batch, cache)
+    return model.compute_logits(hidden[batch.logits_indices]).float().cpu()
+
+
+@torch.inference_mode()
+def all_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), V] at every position of one sequence (reference, CPU)."""
+    batch = ForwardBatch.for_prompts([ids], 16, "cpu")
+    cache = ModelCache(model.config, num_blocks=batch.block_tables.numel(), block_size=16, num_slots=1,
+                       dtype=model.dtype, device="cpu")
+    return model.compute_logits(model(batch, cache)).float()
+
+
+def teacher_forced(ref, prompts, outs, tol_sigma: float) -> dict:
+    """Each generated token vs the reference's logits at its position: ok when within tol_sigma row-stds of the
+    best one (near ties may go either way in bf16)."""
+    ok = total = worst = 0
+    for p, gen in zip(prompts, outs):
+        lg = all_logits(ref, p + gen[:-1])[len(p) - 1:]                        # [n, V]
+        for j, tok in enumerate(gen):
+            row = lg[j]
+            gap = float((row.max() - row[tok]) / row.std())
+            worst = max(worst, gap)
+            ok += gap <= tol_sigma
+            total += 1
+    return {"ok": ok, "total": total, "worst_gap_sigma": worst, "pass": ok == total}
+
+
+def parity_case(scheme_name: str | None, device: str, tol_logits: float, tol_sigma: float) -> None:
+    cfg = ModelConfig.from_hf(NARROW)
+    scheme = QuantScheme.named(scheme_name, cfg)
+    ref = fill_synthetic_(Qwen3NextForCausalLM(cfg, dtype=torch.float32, device="cpu", quantization=scheme,
+                                               ops_backend="torch").eval(), seed=3)
+    dev = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, device=device, quantization=scheme).eval()
+    dev.load_state_dict(ref.state_dict())                                       # same weights, cast to bf16
+    rng = random.Random(1)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in (5, 17, 40)]
+    key = f"narrow {scheme_name or 'bf16'}"
+    err = ((prompt_logits(dev, prompts, device) - prompt_logits(ref, prompts, "cpu")).norm()
+           / prompt_logits(ref, prompts, "cpu").norm()).item()
+    R["parity"][f"{key} prefill logits"] = {"rel_err": err, "tol": tol_logits, "pass": err < tol_logits}
+    log(f"[parity] {key} prefill logits rel err {err:.2e} (tol {tol_logits:.0e})")
+    ref_engine = LLMEngine(ref, cfg, EngineConfig(device="cpu", num_kv_blocks=64, max_num_seqs=4))
+    ref_out = generate(ref_engine, prompts, 8)
+    for eager in (True, False):
+        ec = EngineConfig(device=device, num_kv_blocks=64, max_num_seqs=4, enforce_eager=eager)
+        outs = generate(LLMEngine(dev, cfg, ec), prompts, 8)
+        tf = teacher_forced(ref, prompts, outs, tol_sigma)
+        exact = sum(a == b for o, r in zip(outs, ref_out) for a, b in zip(o, r))
+        name = f"{key} greedy {'eager' if eager else 'graphs'}"
+        R["parity"][name] = {**tf, "exact_vs_cpu": f"{exact}/{sum(map(len, ref_out))}", "ids": outs,
+                             "cpu_ids": ref_out}
+        log(f"[parity] {name}: teacher-forced {tf['ok']}/{tf['total']} within {tol_sigma} sigma "
+            f"(worst {tf['worst_gap_sigma']:.3f}), exact vs cpu {exact}/{sum(map(len, ref_out))}")
+
+
+# ---- (b) speed -------------------------------------------------------------------------------------------------------
+
+def build_full(preset: str, scheme_name: str, device: str):
+    cfg = ModelConfig.from_hf(preset_config(preset))
+    scheme = QuantScheme.named(scheme_name, cfg)
+    t = time.time()
+    model = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, device=device, quantization=scheme).eval()
+    fill_synthetic_(model, seed=0)
+    sync(device)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    log(f"[build] {preset} {scheme}: {nbytes / 2**30:.1f} GiB of weights in {time.time() - t:.1f}s")
+    return cfg, model, nbytes
+
+
+def engine_for(model, cfg, device: str, eager: bool, max_model_len: int) -> LLMEngine:
+    t = time.time()
+    ec = EngineConfig(device=device, max_num_seqs=32, max_model_len=max_model_len, max_num_batched_tokens=8192,
+                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager)
+    engine = LLMEngine(model, cfg, ec)
+    log(f"[engine] eager={eager} ready in {time.time() - t:.1f}s (graph capture included)")
+    return engine
+
+
+def rand_prompts(rng: random.Random, b: int, n: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(vocab) for _ in range(n)] for _ in range(b)]
+
+
+def record(tag: str, name: str, value: dict) -> None:
+    R["bench"].setdefault(tag, {})[name] = value
+    log(f"[bench] {tag} {name}: {value}")
+
+
+def bench_decode(tag: str, engine: LLMEngine, b: int, depth: int, gen: int, repeats: int) -> None:
+    rng, vocab = random.Random(b), engine.model_config.vocab_size
+    _decode_once(engine, rand_prompts(rng, b, depth, vocab), min(gen, 8))         # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        times.append(_decode_once(engine, rand_prompts(rng, b, depth, vocab), gen))
+        if left() < 30:
+            break
+    t = statistics.median(times)
+    record(tag, f"decode b{b} @ {depth} ({gen} tokens)",
+           {"tokens_per_s": b * (gen - 1) / t, "ms_per_step": 1e3 * t / (gen - 1), "seconds": times})
+
+
+def bench_prefill(tag: str, engine: LLMEngine, n: int, repeats: int) -> None:
+    rng, vocab = random.Random(n), engine.model_config.vocab_size
+    _prefill_once(engine, rand_prompts(rng, 1, n, vocab)[0])                     # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        times.append(_prefill_once(engine, rand_prompts(rng, 1, n, vocab)[0]))
+        if left() < 30:
+            break
+    t = statistics.median(times)
+    record(tag, f"prefill {n}", {"tokens_per_s": n / t, "ttft_ms": 1e3 * t, "seconds": times})
+
+
+def bench_replay(tag: str, engine: LLMEngine, reps: int = 20) -> None:
+    """Device time of one captured decode step per bucket (what a step costs without the host's share)."""
+    graphs = engine.runner.decode_forward
+    if graphs is None:
+        return
+    out = {}
+    for b in (1, 8, 32):
+        if b not in graphs.graphs:
+            continue
+        g = graphs.graphs[b][0]
+        g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[f"b{b}"] = start.elapsed_time(end) / reps
+    record(tag, "graph replay ms per decode step", out)
+
+
+def check_logits(tag: str, engine: LLMEngine) -> None:
+    """One fresh 64-token prompt straight through the model: logits finite, their spread."""
+    rng = random.Random(7)
+    lg = prompt_logits(engine.model, rand_prompts(rng, 2, 64, engine.model_config.vocab_size), engine.device)
+    record(tag, "logits check", {"finite": bool(torch.isfinite(lg).all()), "std": float(lg.std()),
+                                 "max": float(lg.max())})
+
+
+def graph_vs_eager(tag: str, graph_engine: LLMEngine, eager_engine: LLMEngine) -> None:
+    prompts = rand_prompts(random.Random(11), 2, 256, graph_engine.model_config.vocab_size)
+    a, b = generate(graph_engine, prompts, 24), generate(eager_engine, prompts, 24)
+    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+    record(tag, "greedy graphs vs eager (same ids)", {"same": same, "total": sum(map(len, a)),
+                                                       "first_diff": [next((i for i, (x, y) in enumerate(zip(p, q))
+                                                                            if x != y), None) for p, q in zip(a, b)]})
+
+
+def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
+    cfg, model, nbytes = build_full(preset, scheme_name, device)
+    R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
+    max_len = max(args.prefill, args.depth + args.gen_b1) + 512
+    engine = guarded(f"{tag} engine", 20, engine_for, model, cfg, device, False, max_len)
+    if engine is None:                                     # graph capture failed: measure eagerly
+        free_memory()
+        tag += " (eager: capture failed)"
+        engine = guarded(f"{tag} engine", 20, engine_for, model, cfg, device, True, max_len)
+        extended = False
+    if engine is None:
+        return
+    d = args.depth
+    guarded(f"{tag} logits", 10, check_logits, tag, engine)
+    guarded(f"{tag} decode-b1", 15, bench_decode, tag, engine, 1, d, args.gen_b1, 2)
+    guarded(f"{tag} prefill-{args.prefill}", 15, bench_prefill, tag, engine, args.prefill, 2)
+    if extended:
+        guarded(f"{tag} decode-b8", 15, bench_decode, tag, engine, 8, d, 64, 1)
+        guarded(f"{tag} decode-b32", 20, bench_decode, tag, engine, 32, d, 64, 1)
+    if device == "cuda":
+        guarded(f"{tag} replay", 5, bench_replay, tag, engine)
+    eager = None
+    if extended:
+        eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
+        if eager is not None:
+            guarded(f"{tag} eager decode-b1", 15, bench_decode, tag + " eager", eager, 1, d, 64, 1)
+            guarded(f"{tag} graphs vs eager", 10, graph_vs_eager, tag, engine, eager)
+        del eager
+    del engine, model
+    free_memory()
+
+
+def summary() -> str:
+    lines = [f"device: {R['env'].get('device')} | {R['env'].get('nvidia_smi')} | torch {R['env'].get('torch')} "
+             f"triton {R['env'].get('triton')} fla {R['env'].get('fla')} | {R['env'].get('date')}", "",
+             "| variant | measurement | value |", "|---|---|---|"]
+    for tag, rows in R["bench"].items():
+        for name, v in rows.items():
+            if isinstance(v, dict) and "tokens_per_s" in v:
+                extra = (f", {v['ms_per_step']:.2f} ms/step" if "ms_per_step" in v
+                         else f", TTFT {v['ttft_ms']:.0f} ms" if "ttft_ms" in v else "")
+                lines.append(f"| {tag} | {name} | {v['tokens_per_s']:.1f} tok/s{extra} |")
+            else:
+                lines.append(f"| {tag} | {name} | {v} |")
+    lines.append("")
+    for name, v in R["parity"].items():
+        lines.append(f"parity {name}: {'PASS' if v.get('pass') else 'FAIL'} "
+                     f"{ {k: v[k] for k in v if k not in ('ids', 'cpu_ids')} }")
+    lines.append(f"errors: {R['errors']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global BUDGET, OUT
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--budget", type=float, default=240.0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="qwen3-coder-next")
+    ap.add_argument("--gen-b1", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=1024, help="context of the decode measurements")
+    ap.add_argument("--prefill", type=int, default=8192, help="prompt length of the prefill measurement")
+    ap.add_argument("--skip-parity", action="store_true")
+    args = ap.parse_args()
+    BUDGET, OUT = args.budget, args.out
+    os.makedirs(OUT, exist_ok=True)
+    logging_setup()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))     # `timeout`: still write the summary below
+    try:
+        env(args.device)
+        if not args.skip_parity:
+            guarded("parity bf16", 30, parity_case, None, args.device, 4e-2, 0.05)
+        guarded("full int4", 60, full_variant, "int4+fp8", args.preset, "int4", args.device,
+                args, True)
+        if not args.skip_parity:
+            guarded("parity int4", 25, parity_case, "int4", args.device, 6e-2, 0.1)
+        guarded("full int4 bf16-dense", 50, full_variant, "int4+bf16", args.preset,
+                "int4-bf16", args.device, args, False)
+    finally:
+        text = summary()
+        with open(os.path.join(OUT, "gpu_e2e.md"), "w") as f:
+            f.write(text + "\n")
+        save()
+        print(text, flush=True)
+
+
+def logging_setup() -> None:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
