@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -37,8 +36,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 import build_corpus  # noqa: E402
 # Qwen's 26 added tokens (order, special flags), its pre-tokenizer split and tokenizer_config.json: shared with
 # `qnext synth`'s tokenizer, which learns its merges from a fixed file list instead of this corpus.
-from qnext.weights.synth_tokenizer import _SPLIT as QWEN_SPLIT  # noqa: E402
-from qnext.weights.synth_tokenizer import QWEN_ADDED_TOKENS, tokenizer_config  # noqa: E402
+from qnext.weights.synth_tokenizer import build_tokenizer, tokenizer_config  # noqa: E402
 
 T0 = time.time()
 
@@ -51,25 +49,6 @@ def log(msg: str) -> None:
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_ADDED_TOKENS), min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN_ADDED_TOKENS])
-    if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {vocab_size}")
-    return tok
-
-
 def write_tokenizer_files(tok, out: Path, model_max_length: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     cfg = tokenizer_config(tok.get_vocab_size(), model_max_length)  # added tokens sit at the last 26 ids
@@ -288,7 +267,7 @@ def train(a: argparse.Namespace) -> int:
             break
         tok_texts.append(t)
         size += len(t)
-    tok = train_tokenizer(tok_texts, a.vocab_size)
+    tok = build_tokenizer(a.vocab_size, texts=tok_texts)
     eot = tok.token_to_id("<|endoftext|>")
     log(f"tokenizer: {tok.get_vocab_size()} tokens, trained on {size / 1e6:.1f} MB")
 

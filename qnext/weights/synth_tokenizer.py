@@ -55,8 +55,12 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(size: int) -> Tokenizer:
-    """Deterministic byte-level BPE tokenizer with exactly `size` entries (see module doc)."""
+def build_tokenizer(size: int, texts: list[str] | None = None) -> Tokenizer:
+    """Deterministic byte-level BPE tokenizer with exactly `size` entries (see module doc).
+
+    texts: the training corpus (the demo model's trainer passes its own); default: a fixed set of stdlib files,
+    of which at most MAX_TRAINED entries are learnt.
+    """
     if size < MIN_SIZE:
         raise ValueError(f"tokenizer size must be >= {MIN_SIZE}, got {size}")
     base = size - NUM_ADDED
@@ -67,9 +71,10 @@ def build_tokenizer(size: int) -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(base, MAX_TRAINED), min_frequency=2, show_progress=False,
+    trained = base if texts is not None else min(base, MAX_TRAINED)
+    trainer = trainers.BpeTrainer(vocab_size=trained, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else _corpus(), trainer=trainer)
 
     # Fill the BPE vocabulary up to `base` with entries no merge produces, then add Qwen's tokens at fixed ids.
     spec = json.loads(tok.to_str())
