@@ -284,6 +284,29 @@ def bench_replay(tag: str, engine: LLMEngine, reps: int = 20) -> None:
     record(tag, "graph replay ms per decode step", out)
 
 
+def profile_step(tag: str, engine: LLMEngine, top: int = 12) -> None:
+    """Kernels of one captured decode step at batch 1 (torch profiler, CUDA activity): how many launches a step
+    is, and where its device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.runner.decode_forward
+    if graphs is None or 1 not in graphs.graphs:
+        return
+    g = graphs.graphs[1][0]
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+            for e in prof.key_averages()]
+    rows = [r for r in rows if r[2] > 0]
+    rows.sort(key=lambda r: -r[2])
+    record(tag, "decode b1 step kernels", {
+        "launches": sum(r[1] for r in rows), "device_ms": round(sum(r[2] for r in rows) / 1e3, 3),
+        "top": [[k[:70], n, round(us, 1)] for k, n, us in rows[:top]]})
+
+
 def check_logits(tag: str, engine: LLMEngine) -> None:
     """One fresh 64-token prompt straight through the model: logits finite, their spread."""
     rng = random.Random(7)
@@ -322,6 +345,7 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} decode-b32", 20, bench_decode, tag, engine, 32, d, 64, 1)
     if device == "cuda":
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
+        guarded(f"{tag} profile", 5, profile_step, tag, engine)
     eager = None
     if extended:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)

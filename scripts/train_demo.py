@@ -239,6 +239,29 @@ def choose_experts_impl(model, batch, autocast) -> None:
         + f"; using {best}")
 
 
+def gdn_kernels(cuda: bool) -> str:
+    """HF's Qwen3Next picks flash-linear-attention's chunked GDN kernels (forward and backward) when `fla` imports,
+    else its torch fallback (~3x slower to train). Probe fla with one small forward+backward first; if that fails,
+    hide it from transformers so a broken install costs the fallback's speed, not the run."""
+    if not cuda:
+        return "torch fallback (no CUDA)"
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(1, 128, 2, device="cuda")).requires_grad_()
+        beta = torch.rand(1, 128, 2, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+        o.float().sum().backward()
+        torch.cuda.synchronize()
+        import fla
+        return f"flash-linear-attention {getattr(fla, '__version__', '?')}"
+    except Exception as e:  # noqa: BLE001
+        sys.modules["fla"] = None  # transformers then falls back to its torch implementation
+        return f"torch fallback (fla unavailable: {type(e).__name__}: {str(e)[:160]})"
+
+
 def train(a: argparse.Namespace) -> int:
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
@@ -278,6 +301,7 @@ def train(a: argparse.Namespace) -> int:
     log(f"tokens: train {len(train_ids) / 1e6:.2f} M ({chars / len(train_ids):.2f} chars/token, "
         f"{len(chat_docs)} chat docs), held-out {len(held_ids) / 1e6:.3f} M")
 
+    log(f"GDN kernels for training: {gdn_kernels(cuda)}")
     cfg = make_config(a, tok)
     model = hf_model(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())

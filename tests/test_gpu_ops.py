@@ -272,6 +272,78 @@ def test_causal_conv_matches_reference():
     assert rel(y, ref_y) < 1e-2 and rel(new[slots], ref_s) == 0.0
 
 
+
+@cuda_only
+def test_slot_conv_ops_with_column_map_match_reference():
+    """The GDN layer's call: q, k, v channels read through a column map out of in_proj_qkvz's interleaved output,
+    states in place at slots, one fresh sequence (no initial state) in the decode batch too."""
+    from qnext.ops import causal_conv, triton_conv1d
+    torch.manual_seed(4)
+    c, kw, width = 1000, 4, 1536
+    w = torch.randn(c, kw, device="cuda").bfloat16()
+    cols = torch.randperm(width, device="cuda")[:c].to(torch.int32)
+    cache = torch.randn(9, c, kw - 1, device="cuda").bfloat16()
+    slots = torch.tensor([4, 0, 8, 2, 6], device="cuda")
+    init = torch.tensor([True, False, True, True, False], device="cuda")
+    cu = torch.tensor([0, 1, 3, 90, 93, 300], device="cuda", dtype=torch.int32)
+    x = torch.randn(300, width, device="cuda").bfloat16()
+    mine, ref = cache.clone(), cache.clone()
+    y = triton_conv1d.causal_conv1d_prefill_(x, w, mine, slots, init, cu, x_cols=cols)
+    y_ref = causal_conv.causal_conv1d_prefill_(x.float(), w.float(), ref, slots, init, cu, x_cols=cols)
+    assert rel(y, y_ref) < 1e-2 and torch.equal(mine, ref)
+    xs = torch.randn(5, width, device="cuda").bfloat16()
+    y = triton_conv1d.causal_conv1d_update_(xs, w, mine, slots, init, x_cols=cols)
+    y_ref = causal_conv.causal_conv1d_update_(xs.float(), w.float(), ref, slots, init, x_cols=cols)
+    assert rel(y, y_ref) < 1e-2 and torch.equal(mine, ref)
+
+
+# ---- CUDA: norms and feed-forward glue ---------------------------------------------------------------------------
+
+@cuda_only
+@pytest.mark.parametrize("rows,d", [(1, 2048), (37, 2048), (5, 96)])
+def test_rmsnorm_kernels_match_reference(rows, d):
+    from qnext.ops import norm, triton_norm
+    torch.manual_seed(5)
+    x, r = (torch.randn(rows, d, device="cuda").bfloat16() for _ in range(2))
+    w = (torch.randn(d, device="cuda") * 0.1).bfloat16()
+    assert rel(triton_norm.rmsnorm(x, w, 1e-6), norm.rmsnorm(x.float(), w.float(), 1e-6)) < 5e-3
+    (y, s), (y_ref, s_ref) = triton_norm.rmsnorm(x, w, 1e-6, r), norm.rmsnorm(x, w, 1e-6, r)
+    assert torch.equal(s, s_ref) and rel(y, y_ref) < 5e-3            # the residual add rounds like torch's
+    heads = torch.randn(rows, 16, 512, device="cuda").bfloat16()      # [q | gate] per head: q is strided
+    q, wq = heads[..., :256], (torch.randn(256, device="cuda") * 0.1).bfloat16()
+    ang = torch.randn(rows, 32, device="cuda")
+    assert rel(triton_norm.rmsnorm(q, wq, 1e-6), norm.rmsnorm(q.float(), wq.float(), 1e-6)) < 5e-3
+    assert rel(triton_norm.rmsnorm_rope(q, wq, 1e-6, ang.cos(), ang.sin()),
+               norm.rmsnorm_rope(q, wq, 1e-6, ang.cos(), ang.sin())) < 5e-3
+    qkvz = torch.randn(rows, 16, 768, device="cuda").bfloat16()      # z of 2 value heads per key head
+    z = qkvz[..., 512:].unflatten(-1, (2, 128))
+    o = torch.randn(rows, 16, 2, 128, device="cuda").bfloat16()
+    wg = torch.rand(128, device="cuda").bfloat16()
+    assert rel(triton_norm.gated_rmsnorm(o, z, wg, 1e-6), norm.gated_rmsnorm(o.float(), z.float(), wg.float(),
+                                                                               1e-6)) < 5e-3
+
+
+@cuda_only
+@pytest.mark.parametrize("t", [1, 8, 333])
+def test_ffn_glue_kernels_match_reference(t):
+    from qnext.ops import moe, triton_ffn
+    torch.manual_seed(6)
+    logits = torch.randn(t, 512, device="cuda") * 3                  # float32: no ties, so the ids must agree
+    ids, weights = triton_ffn.moe_route(logits, 10, True)
+    ids_ref, weights_ref = moe.moe_route(logits, 10, True)
+    assert torch.equal(ids, ids_ref) and rel(weights, weights_ref) < 1e-5
+    logits = logits.bfloat16()                                       # bf16 ties may order differently
+    (ids, weights), (_, weights_ref) = triton_ffn.moe_route(logits, 10, True), moe.moe_route(logits, 10, True)
+    assert rel(weights, weights_ref) < 1e-5 and (ids.sort(-1)[0].diff(dim=-1) > 0).all()
+    ids, weights = triton_ffn.moe_route(logits[:, :60], 4, False)
+    ids_ref, weights_ref = moe.moe_route(logits[:, :60], 4, False)
+    assert torch.equal(ids, ids_ref) and rel(weights, weights_ref) < 1e-5
+    g, u, y = (torch.randn(t, 2048, device="cuda").bfloat16() for _ in range(3))
+    gate = torch.randn(t, 1, device="cuda").bfloat16()
+    assert rel(triton_ffn.silu_mul(g, u), moe.silu_mul(g.float(), u.float())) < 5e-3
+    assert rel(triton_ffn.sigmoid_gate_add(y, gate, u), moe.sigmoid_gate_add(y.float(), gate.float(), u.float())) < 5e-3
+
+
 # ---- CUDA: paged attention ---------------------------------------------------------------------------------------
 
 def _paged_case(ctx, qlens, block_size, num_blocks=200, hq=16, hkv=2, d=256):

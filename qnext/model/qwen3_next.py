@@ -1,6 +1,7 @@
 """Qwen3-Next causal LM: hybrid Gated DeltaNet / gated full attention decoder layers with sparse MoE.
 
     h = x + mixer(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+    (carried as a residual stream: each norm adds its input to the stream in the same fused op)
     hidden = norm(last layer);  logits = lm_head(hidden)
 
 Module names mirror the checkpoint (model.layers.N.linear_attn.*, .self_attn.*, .mlp.*, model.norm, lm_head).
@@ -35,16 +36,23 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(cfg, layer_id, ops_backend=ops_backend, quant=quant, **kw)
         self.mlp = (SparseMoeBlock(cfg, quant=quant, ops_backend=ops_backend, **kw) if cfg.is_moe_layer(layer_id)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, quant=quant.dense, ops_backend=ops_backend, **kw))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
 
     @property
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
-    def forward(self, x, batch, cache, rope):  # x [T, hidden]
-        h = x + self.mixer(self.input_layernorm(x), batch, cache, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, batch, cache, rope):
+        """x [T, hidden]: the previous layer's MLP output (the embeddings at layer 0, residual None); residual: the
+        stream before it. Returns (this layer's MLP output, the stream before it); their sum is the layer's output,
+        formed by the next norm's fused residual add (the same rounding as h = x + mixer(norm(x)) etc.)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual)
+        return self.mlp(h), residual
 
 
 class Embedding(nn.Module):
@@ -59,18 +67,18 @@ class Embedding(nn.Module):
 class Qwen3NextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, **kw):
         super().__init__()
-        kw_no_ops = {k: v for k, v in kw.items() if k not in ("ops_backend", "quant")}
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw_no_ops)
+        plain = {k: v for k, v in kw.items() if k in ("dtype", "device")}
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **plain)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw_no_ops)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops_backend=kw["ops_backend"], **plain)
         self.rotary_emb = RotaryEmbedding(cfg)
 
     def forward(self, batch, cache) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
+        x, residual = self.embed_tokens(batch.input_ids), None
         rope = self.rotary_emb(batch.positions)
         for layer in self.layers:
-            x = layer(x, batch, cache, rope)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch, cache, rope)
+        return self.norm(x, residual)[0]
 
 
 class Qwen3NextForCausalLM(nn.Module):

@@ -49,3 +49,28 @@ def _weight(w: QuantWeight, e: int, dtype: torch.dtype) -> Tensor:
     if isinstance(w, Tensor):
         return w[e]
     return dequantize(_select(w, e), dtype)
+
+
+# ---- the glue around the experts (one Triton launch each in qnext.ops.triton_ffn) -------------------------------
+
+@register("moe_route", "torch")
+def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (topk_ids [T, k] int64, topk_weights [T, k] float32): p = softmax(logits) in
+    float32, the k largest, divided by their sum when renormalize (norm_topk_prob)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights
+
+
+@register("silu_mul", "torch")
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU activation: gate, up [..., I] -> silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+@register("sigmoid_gate_add", "torch")
+def sigmoid_gate_add(y: Tensor, gate: Tensor, s: Tensor) -> Tensor:
+    """The shared expert's entry: y, s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s."""
+    return y + torch.sigmoid(gate) * s

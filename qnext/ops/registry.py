@@ -29,6 +29,14 @@ OPS = (
     "paged_attention",             # write K/V at slot_mapping, attend over the paged cache
     "fused_moe",                   # routed experts, bf16 / fp8 block / int4 group weights
     "fp8_linear",                  # FP8 block-scaled dense projection
+    "causal_conv1d_prefill_",      # causal_conv1d with the state in place at cache slots (what the GDN layer calls)
+    "causal_conv1d_update_",       # causal_conv1d_update with the state in place at cache slots
+    "rmsnorm",                     # zero-centred RMSNorm, optionally fused with the residual add
+    "gated_rmsnorm",               # GDN output norm gated by silu(z)
+    "rmsnorm_rope",                # attention q/k norm + partial rotary embedding
+    "moe_route",                   # router softmax + top-k + renormalise
+    "silu_mul",                    # SwiGLU activation
+    "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same
@@ -36,9 +44,10 @@ OPS = (
 # A module that fails to import (no GPU packages) is skipped; a backend none of whose modules import is unavailable.
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("qnext.ops.delta_rule", "qnext.ops.causal_conv", "qnext.ops.paged_attention", "qnext.ops.moe",
-              "qnext.ops.fp8_linear"),
+              "qnext.ops.fp8_linear", "qnext.ops.norm"),
     "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention",
-               "qnext.ops.triton_moe", "qnext.ops.triton_linear_fp8"),
+               "qnext.ops.triton_moe", "qnext.ops.triton_linear_fp8", "qnext.ops.triton_norm",
+               "qnext.ops.triton_ffn"),
     "fla": ("qnext.ops.fla_gdn",),
 }
 AUTO_ORDER = ("triton", "fla")  # preference on CUDA; CPU always gets "torch"

@@ -7,9 +7,11 @@ the last K-1 inputs of (old state ++ new tokens). Math in float32.
 fla-core has a causal conv too, but its state keeps K columns (ours, the model cache's, keeps K-1), so these are
 our own small kernels, slot-indexed and in place on the model's conv cache [num_slots, C, K-1]:
     causal_conv1d_prefill_(x, weight, conv_cache, state_slots, has_initial_state, cu_seqlens) -> y   (2 launches)
-    causal_conv1d_update_(x, weight, conv_cache, state_slots) -> y                                  (1 launch)
+    causal_conv1d_update_(x, weight, conv_cache, state_slots, has_initial_state) -> y               (1 launch)
 plus registry-compatible wrappers causal_conv1d / causal_conv1d_update (functional: state in, state out).
-x may be a strided view (row stride != C, unit channel stride), e.g. columns of the in_proj output.
+x may be a strided view (row stride != C, unit channel stride), e.g. columns of the in_proj output, and with
+x_cols [C] int32 channel c reads x's column x_cols[c] (the GDN layer's q, k, v heads straight out of in_proj_qkvz's
+interleaved output, without the copy that would gather them).
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ Tensor = torch.Tensor
 
 @triton.jit
 def _conv_prefill_kernel(
-    x_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, seq_ptr, cu_ptr, y_ptr,
+    x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, seq_ptr, cu_ptr, y_ptr,
     T, C, stride_xt, stride_yt, stride_ss, stride_sc,
-    KW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr,
+    KW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr,
 ):
     """grid (cdiv(T, BT), cdiv(C, BC)): y for BT tokens x BC channels; reads (never writes) the state."""
     ot = tl.program_id(0) * BT + tl.arange(0, BT)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     tmask = ot < T
     cmask = oc < C
+    xc = tl.load(cols_ptr + oc, mask=cmask, other=0) if HAS_COLS else oc      # x column of channel c
     seq = tl.load(seq_ptr + ot, mask=tmask, other=0)
     bos = tl.load(cu_ptr + seq, mask=tmask, other=0)
     slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
@@ -41,7 +44,7 @@ def _conv_prefill_kernel(
         wj = tl.load(w_ptr + oc * KW + j, mask=cmask, other=0).to(tl.float32)
         src = ot - (KW - 1) + j                    # input token of tap j
         inside = src >= bos
-        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + oc[None, :],
+        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + xc[None, :],
                      mask=(tmask & inside)[:, None] & cmask[None, :], other=0).to(tl.float32)
         col = (KW - 1) + src - bos                 # state column when src precedes the sequence: 0..K-2
         sv = tl.load(state_ptr + slot[:, None] * stride_ss + oc[None, :] * stride_sc + col[:, None],
@@ -55,9 +58,9 @@ def _conv_prefill_kernel(
 
 @triton.jit
 def _conv_state_kernel(
-    x_ptr, state_ptr, slots_ptr, init_ptr, cu_ptr,
+    x_ptr, cols_ptr, state_ptr, slots_ptr, init_ptr, cu_ptr,
     C, stride_xt, stride_ss, stride_sc,
-    KW: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+    KW: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, HAS_COLS: tl.constexpr,
 ):
     """grid (N, cdiv(C, BC)): state[slot] <- last K-1 inputs of (old state ++ tokens [cu[n], cu[n+1]))."""
     n = tl.program_id(0)
@@ -66,16 +69,17 @@ def _conv_state_kernel(
     bos = tl.load(cu_ptr + n)
     eos = tl.load(cu_ptr + n + 1)
     slot = tl.load(slots_ptr + n).to(tl.int64)
-    init = tl.load(init_ptr + n).to(tl.int32) != 0
+    xc = tl.load(cols_ptr + oc, mask=cmask, other=0) if HAS_COLS else oc
     ow = tl.arange(0, BW)
+    init = tl.load(init_ptr + n + 0 * ow).to(tl.int32) != 0     # [BW]: a vector, as the interpreter wants
     wmask = ow < KW - 1
     src = eos - (KW - 1) + ow                       # input feeding new state column ow
     inside = src >= bos
-    xv = tl.load(x_ptr + src.to(tl.int64)[None, :] * stride_xt + oc[:, None],
+    xv = tl.load(x_ptr + src.to(tl.int64)[None, :] * stride_xt + xc[:, None],
                  mask=cmask[:, None] & (wmask & inside)[None, :], other=0)
     col = (KW - 1) + src - bos
     base = state_ptr + slot * stride_ss + oc[:, None] * stride_sc
-    sv = tl.load(base + col[None, :], mask=cmask[:, None] & (wmask & (~inside))[None, :] & init, other=0)
+    sv = tl.load(base + col[None, :], mask=cmask[:, None] & (wmask & (~inside) & init)[None, :], other=0)
     new = xv.to(tl.float32) + sv.to(tl.float32)
     tl.debug_barrier()                              # every old column is read before any is overwritten
     tl.store(base + ow[None, :], new.to(state_ptr.dtype.element_ty), mask=cmask[:, None] & wmask[None, :])
@@ -83,24 +87,28 @@ def _conv_state_kernel(
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, w_ptr, state_ptr, slots_ptr, y_ptr,
+    x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, y_ptr,
     C, stride_xn, stride_yn, stride_ss, stride_sc,
-    KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr,
+    KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
-    state columns, so the in-place shift needs no barrier."""
+    state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros."""
     n = tl.program_id(0)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = oc < C
+    xc = tl.load(cols_ptr + oc, mask=cmask, other=0) if HAS_COLS else oc
     slot = tl.load(slots_ptr + n).to(tl.int64)
+    smask = cmask
+    if HAS_INIT:
+        smask = cmask & (tl.load(init_ptr + n + 0 * oc).to(tl.int32) != 0)
     base = state_ptr + slot * stride_ss + oc * stride_sc
-    xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + oc, mask=cmask, other=0).to(tl.float32)
+    xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + xc, mask=cmask, other=0).to(tl.float32)
     acc = xv * tl.load(w_ptr + oc * KW + (KW - 1), mask=cmask, other=0).to(tl.float32)
-    prev = tl.load(base, mask=cmask, other=0)       # column 0 (oldest)
+    prev = tl.load(base, mask=smask, other=0)       # column 0 (oldest)
     for j in tl.static_range(1, KW):
         acc += prev.to(tl.float32) * tl.load(w_ptr + oc * KW + (j - 1), mask=cmask, other=0).to(tl.float32)
         if j < KW - 1:
-            cur = tl.load(base + j, mask=cmask, other=0)
+            cur = tl.load(base + j, mask=smask, other=0)
             tl.store(base + (j - 1), cur, mask=cmask)
             prev = cur
     tl.store(base + (KW - 2), xv.to(state_ptr.dtype.element_ty), mask=cmask)
@@ -116,11 +124,13 @@ def _seq_index(cu: Tensor, t: int) -> Tensor:
 
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
-                           seq_index: Tensor | None = None, bt: int = 32, bc: int = 128) -> Tensor:
-    """x [T, C] (unit channel stride); weight [C, K] (or [C, 1, K]); conv_cache [num_slots, C, K-1];
-    state_slots [N]; has_initial_state [N] bool; cu_seqlens [N+1] -> y [T, C] in x.dtype; state updated in place.
+                           x_cols: Tensor | None = None, seq_index: Tensor | None = None, bt: int = 32,
+                           bc: int = 128) -> Tensor:
+    """x [T, C] (unit channel stride), or [T, *] with x_cols [C] int32 naming the column of each channel;
+    weight [C, K] (or [C, 1, K]); conv_cache [num_slots, C, K-1]; state_slots [N]; has_initial_state [N] bool;
+    cu_seqlens [N+1] -> y [T, C] in x.dtype; state updated in place.
     seq_index [T] (token -> sequence) may be passed to save its computation."""
-    t, c = x.shape
+    t, c = x.shape[0], weight.shape[0]
     w = weight.reshape(c, -1).contiguous()
     kw = w.shape[1]
     if x.stride(1) != 1 or conv_cache.stride(2) != 1:
@@ -129,31 +139,35 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
     if t == 0:
         return y
     seq = _seq_index(cu_seqlens, t) if seq_index is None else seq_index
+    cols = x_cols if x_cols is not None else w
     _conv_prefill_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-        x, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, y,
+        x, cols, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, y,
         t, c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", num_warps=4)
+        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", HAS_COLS=x_cols is not None, num_warps=4)
     n = cu_seqlens.shape[0] - 1
     _conv_state_kernel[(n, triton.cdiv(c, 256))](
-        x, conv_cache, state_slots, has_initial_state, cu_seqlens,
+        x, cols, conv_cache, state_slots, has_initial_state, cu_seqlens,
         c, x.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=kw, BW=triton.next_power_of_2(max(kw - 1, 1)), BC=256, num_warps=4)
+        KW=kw, BW=triton.next_power_of_2(max(kw - 1, 1)), BC=256, HAS_COLS=x_cols is not None, num_warps=4)
     return y
 
 
 def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
-                          activation: str | None = "silu", bc: int = 256) -> Tensor:
-    """x [N, C] one token per sequence; conv_cache [num_slots, C, K-1] updated in place at state_slots [N]
-    -> y [N, C] in x.dtype."""
-    n, c = x.shape
+                          has_initial_state: Tensor | None = None, activation: str | None = "silu",
+                          x_cols: Tensor | None = None, bc: int = 256) -> Tensor:
+    """x [N, C] one token per sequence (or [N, *] with x_cols [C] int32); conv_cache [num_slots, C, K-1] updated
+    in place at state_slots [N]; has_initial_state [N] bool or None (= all true) -> y [N, C] in x.dtype."""
+    n, c = x.shape[0], weight.shape[0]
     w = weight.reshape(c, -1).contiguous()
     if x.stride(1) != 1 or conv_cache.stride(2) != 1:
         raise ValueError("x and conv_cache need a unit stride in their last dim")
     y = torch.empty(n, c, dtype=x.dtype, device=x.device)
     _conv_update_kernel[(n, triton.cdiv(c, bc))](
-        x, w, conv_cache, state_slots, y,
+        x, x_cols if x_cols is not None else w, w, conv_cache, state_slots,
+        has_initial_state if has_initial_state is not None else state_slots, y,
         c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=w.shape[1], BC=bc, SILU=activation == "silu", num_warps=4)
+        KW=w.shape[1], BC=bc, SILU=activation == "silu", HAS_COLS=x_cols is not None,
+        HAS_INIT=has_initial_state is not None, num_warps=4)
     return y
 
 
@@ -179,7 +193,7 @@ def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor,
     """x [N, C]; state [N, C, K-1]; weight [C, K] -> (y [N, C], new_state [N, C, K-1])."""
     new_state = state.contiguous().clone()
     slots = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-    return causal_conv1d_update_(x, weight, new_state, slots, activation), new_state
+    return causal_conv1d_update_(x, weight, new_state, slots, None, activation), new_state
 
 
 def register_backend(name: str) -> None:

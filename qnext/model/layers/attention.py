@@ -11,7 +11,6 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import QuantScheme, make_linear
 from qnext.model.layers.norm import RMSNorm
-from qnext.model.layers.rotary import apply_rotary
 from qnext.ops.registry import get_op
 
 
@@ -29,15 +28,15 @@ class GatedAttention(nn.Module):
         self.k_proj = make_linear(h, kvd, **dense)
         self.v_proj = make_linear(h, kvd, **dense)
         self.o_proj = make_linear(qd, h, **dense)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **kw)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **kw)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
 
     def forward(self, x: torch.Tensor, batch, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; rope = (cos, sin) [T, rotary_dim/2] -> [T, hidden]."""
         t, d = x.shape[0], self.head_dim
         q, gate = self.q_proj(x).view(t, self.num_heads, 2 * d).split(d, dim=-1)     # [T, Hq, D] each
-        q = apply_rotary(self.q_norm(q), *rope)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, d)), *rope)
+        q = self.q_norm.with_rope(q, rope)
+        k = self.k_norm.with_rope(self.k_proj(x).view(t, self.num_kv_heads, d), rope)
         v = self.v_proj(x).view(t, self.num_kv_heads, d)
         k_cache, v_cache = cache.kv[self.layer_id]
         attn = get_op("paged_attention", self.ops_backend, x.device)(

@@ -6,7 +6,9 @@ conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
 and finally the gated RMSNorm with silu(z) per value head and out_proj.
 State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
-the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place.
+the causal_conv1d_*_ ops read q, k, v straight out of in_proj_qkvz's output (a column map) with the conv state in
+place, the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place, and the gated
+norm reads z where it lies: per decode step and GDN layer the glue is one small copy (b, a).
 """
 
 from __future__ import annotations
@@ -44,41 +46,48 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim, **kw)
         self.A_log = empty_param(self.hv, dtype=torch.float32, device=device)    # gating stays float32
         self.dt_bias = empty_param(self.hv, dtype=torch.float32, device=device)
-        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, **kw)
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
         self.out_proj = make_linear(value_dim, cfg.hidden_size, **dense)
+        self._qkv_cols: torch.Tensor | None = None
 
-    def _split(self, qkvz: torch.Tensor, ba: torch.Tensor):
-        """Checkpoint layout -> mixed [T, conv_dim] (all q | all k | all v), z [T, Hv, Dv], b, a [T, Hv]."""
-        t, r = qkvz.shape[0], self.r
-        q, k, v, z = qkvz.view(t, self.hk, -1).split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
-        b, a = ba.view(t, self.hk, 2 * r).split([r, r], dim=-1)
-        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
-        return mixed, z.reshape(t, self.hv, self.dv), b.reshape(t, self.hv), a.reshape(t, self.hv)
+    def qkv_columns(self, device: torch.device) -> torch.Tensor:
+        """[conv_dim] int32: the in_proj_qkvz output column feeding each conv channel (all q | all k | all v), so
+        the conv reads q, k, v out of the interleaved layout without a gathering copy. Made once per device (at
+        the first forward, before any CUDA-graph capture)."""
+        if self._qkv_cols is None or self._qkv_cols.device != device:
+            hk, dk, rdv = self.hk, self.dk, self.r * self.dv
+            group = 2 * dk + 2 * rdv                                    # columns per key head
+            head = torch.arange(hk)[:, None] * group
+            q, k = head + torch.arange(dk), head + dk + torch.arange(dk)
+            v = head + 2 * dk + torch.arange(rdv)
+            self._qkv_cols = torch.cat((q.flatten(), k.flatten(), v.flatten())).to(device, torch.int32)
+        return self._qkv_cols
 
     def forward(self, x: torch.Tensor, batch, cache, rope=None) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         t, dev, be = x.shape[0], x.device, self.ops_backend
-        mixed, z, b, a = self._split(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        slots, decode = batch.state_slots, batch.is_decode
+        hk, r, dk, dv = self.hk, self.r, self.dk, self.dv
+        qkvz = self.in_proj_qkvz(x)                                                     # [T, Hk * (2Dk + 2rDv)]
+        z = qkvz.view(t, hk, -1)[..., 2 * dk + r * dv:].unflatten(-1, (r, dv))         # [T, Hk, r, Dv] view
+        ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # [T, b|a, Hv] copy
+        b, a = ba[:, 0], ba[:, 1]
+        slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state
 
-        conv_cache = cache.conv[self.layer_id]                                          # [S, C, K-1]
-        conv_state = conv_cache[slots].masked_fill(~batch.has_initial_state[:, None, None], 0)
+        conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
         weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
         if decode:
-            mixed, conv_state = get_op("causal_conv1d_update", be, dev)(mixed, conv_state, weight)
+            mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols)
         else:
-            mixed, conv_state = get_op("causal_conv1d", be, dev)(mixed, weight, conv_state, batch.cu_query_lens)
-        conv_cache.index_copy_(0, slots, conv_state.to(conv_cache.dtype))
-
-        kd = self.hk * self.dk
-        q, k, v = mixed.split([kd, kd, self.hv * self.dv], dim=-1)
-        q, k, v = q.view(t, self.hk, self.dk), k.view(t, self.hk, self.dk), v.view(t, self.hv, self.dv)
+            mixed = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
+                                                              batch.cu_query_lens, x_cols=cols)
+        kd = hk * dk
+        q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
+        q, k, v = q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, self.hv, dv)
         ssm_cache = cache.ssm[self.layer_id]                                            # [S, Hv, Dk, Dv] float32
         if decode:
-            out = get_op("gdn_decode_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
-                                                 batch.has_initial_state)
+            out = get_op("gdn_decode_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots, has_init)
         else:
             out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
-                                                  batch.has_initial_state, batch.cu_query_lens)
-        out = self.norm(out, z)                                                         # [T, Hv, Dv]
+                                                  has_init, batch.cu_query_lens)
+        out = self.norm(out.view(t, hk, r, dv), z)                                      # [T, Hk, r, Dv]
         return self.out_proj(out.reshape(t, -1))

@@ -11,7 +11,6 @@ the "fused_moe" op: Triton (GEMV for decode, grouped GEMM for prefill; no host s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qnext.config import ModelConfig
@@ -26,13 +25,15 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, *, dtype: torch.dtype, device=None, quant: str | None = None,
                  ops_backend: str = "auto"):
         super().__init__()
+        self.ops_backend = ops_backend
         kw = dict(dtype=dtype, device=device, quant=quant, ops_backend=ops_backend)
         self.gate_proj = make_linear(hidden, intermediate, **kw)
         self.up_proj = make_linear(hidden, intermediate, **kw)
         self.down_proj = make_linear(intermediate, hidden, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(act)
 
 
 class Experts(nn.Module):
@@ -81,6 +82,7 @@ class SparseMoeBlock(nn.Module):
                  ops_backend: str = "auto"):
         super().__init__()
         q = quant or _PLAIN
+        self.ops_backend = ops_backend
         kw = dict(dtype=dtype, device=device)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, **kw)                    # router
@@ -94,15 +96,12 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights
+        return get_op("moe_route", self.ops_backend, x.device)(self.gate(x), self.top_k, self.norm_topk_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         ids, weights = self.route(x)
         y = self.experts(x, ids, weights)
         if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, self.shared_expert_gate(x),
+                                                                       self.shared_expert(x))
         return y

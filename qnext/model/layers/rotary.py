@@ -72,11 +72,3 @@ class RotaryEmbedding(nn.Module):
         angles = positions.float()[:, None] * inv_freq[None, :]
         return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin [T, R/2] -> x with dims [0, R) rotated in pairs (i, i + R/2), rest untouched."""
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-    return torch.cat((rotated, rest), dim=-1)

@@ -1,0 +1,53 @@
+"""RMSNorms of Qwen3-Next, torch reference (the CPU path and the oracle of qnext.ops.triton_norm).
+
+rmsnorm (every norm except the GDN output norm) is zero-centred: y = x * rsqrt(mean(x^2) + eps) * (1 + w), with an
+optional residual: s = x + residual (in x's dtype, as a plain residual add rounds), y = rmsnorm(s), returns (y, s).
+That fused form is how the decoder layer carries its residual stream (one op instead of an add and a norm).
+gated_rmsnorm (GDN output, per value head) is plain and gated: y = w * x * rsqrt(mean(x^2) + eps) * silu(z).
+rmsnorm_rope (attention q/k) is rmsnorm per head followed by the partial rotary embedding (NeoX rotate-half on the
+first R dims: dims i and i + R/2 form a pair).
+Math in float32, results cast back to x's dtype (after the norm and again after the rotation, as two ops would).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qnext.ops.registry import register
+
+Tensor = torch.Tensor
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@register("rmsnorm", "torch")
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x [..., D] (any strides); weight [D]; residual like x or None -> y [..., D], or (y, x + residual)."""
+    if residual is not None:
+        x = x + residual
+    y = (_rms(x.float(), eps) * (1.0 + weight.float())).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+@register("gated_rmsnorm", "torch")
+def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x, z [..., D] of one shape (any strides); weight [D] -> y [..., D] in x.dtype."""
+    return (_rms(x.float(), eps) * weight.float() * F.silu(z.float())).to(x.dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D]; cos, sin [T, R/2] -> x with dims [0, R) rotated in pairs (i, i + R/2), rest untouched."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+@register("rmsnorm_rope", "torch")
+def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] float32 -> rotary(rmsnorm(x)) [T, H, D]."""
+    return apply_rotary(rmsnorm(x, weight, eps), cos, sin)

@@ -1,0 +1,112 @@
+"""RMSNorm kernels (Triton): one launch per norm, the residual add fused in. Semantics of qnext.ops.norm.
+
+One program per row of D elements; rows are addressed through up to three leading strides, so strided views (q/k
+heads split out of a projection, the GDN gate z inside in_proj_qkvz's output) are read where they lie, without a
+copy. Outputs are new contiguous tensors (never aliasing an input, so CUDA-graph capture needs no care).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _norm_kernel(
+    x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr,
+    B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, eps,
+    HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr,
+):
+    """grid (rows,): row = (i0, i1, i2) over leading dims [A, B, C]; y and s are contiguous [rows, D].
+    HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF]."""
+    row = tl.program_id(0).to(tl.int64)
+    i0, i1, i2 = row // (B * C), (row // C) % B, row % C
+    offs = tl.arange(0, BD)
+    m = offs < D
+    x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + offs, mask=m, other=0.0)
+    if HAS_RES:  # s = x + residual, rounded to x's dtype as a plain tensor add does
+        r = tl.load(r_ptr + i0 * sr0 + i1 * sr1 + i2 * sr2 + offs, mask=m, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * D + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if GATED:
+        z = tl.load(z_ptr + i0 * sz0 + i1 * sz1 + i2 * sz2 + offs, mask=m, other=0.0).to(tl.float32)
+        y = xf * rstd * w * (z * tl.sigmoid(z))
+    else:
+        y = xf * rstd * (1.0 + w)
+    if HALF > 0:
+        # the pair partner of dim i < 2*HALF is i +- HALF: load and normalise it too (same row, same rstd),
+        # rounding both to x's dtype first, as the norm's output is before a separate rotary op
+        rot = offs < 2 * HALF
+        first = offs < HALF
+        p = tl.where(first, offs + HALF, offs - HALF)
+        xp = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + p, mask=rot, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)
+        yp = (xp * rstd * (1.0 + wp)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        j = tl.where(first, offs, offs - HALF)
+        c = tl.load(cos_ptr + i1 * HALF + j, mask=rot, other=1.0)
+        sn = tl.load(sin_ptr + i1 * HALF + j, mask=rot, other=0.0)
+        y = tl.where(rot, tl.where(first, y * c - yp * sn, y * c + yp * sn), y)
+    tl.store(y_ptr + row * D + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int]]:
+    """t [..., D] -> (t, leading shape padded to 3 dims, their strides); copies only when the last dim is strided
+    or there are more than 3 leading dims."""
+    if t.stride(-1) != 1 or t.dim() > 4:
+        t = t.contiguous().view(-1, t.shape[-1]) if t.dim() > 4 else t.contiguous()
+    lead, strides = list(t.shape[:-1]), list(t.stride()[:-1])
+    while len(lead) < 3:
+        lead.insert(0, 1)
+        strides.insert(0, 0)
+    return t, lead, strides
+
+
+def _num_warps(d: int) -> int:
+    return 8 if d >= 2048 else 4 if d >= 512 else 2 if d >= 256 else 1
+
+
+def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: Tensor | None,
+            rope: tuple[Tensor, Tensor] | None = None):
+    if residual is not None and residual.shape != x.shape or z is not None and z.shape != x.shape:
+        raise ValueError(f"norm inputs differ in shape: x {tuple(x.shape)}, "
+                         f"{'residual' if residual is not None else 'z'} "
+                         f"{tuple((residual if residual is not None else z).shape)}")
+    d = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else y
+    if x.numel() == 0:
+        return y, s
+    x, lead, sx = _rows(x)
+    r, _, sr = _rows(residual) if residual is not None else (x, None, [0, 0, 0])
+    g, _, sz = _rows(z) if z is not None else (x, None, [0, 0, 0])
+    cos, sin = (c.float().contiguous() for c in rope) if rope is not None else (weight, weight)
+    _norm_kernel[(lead[0] * lead[1] * lead[2],)](
+        x, r, g, weight, y, s, cos, sin, lead[1], lead[2], d, *sx, *sr, *sz, eps,
+        HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
+        BD=triton.next_power_of_2(d), num_warps=_num_warps(d))
+    return y, s
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x [..., D] (any strides); weight [D]; residual like x or None -> y, or (y, x + residual)."""
+    y, s = _launch(x, weight, eps, residual, None)
+    return y if residual is None else (y, s)
+
+
+def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x, z [..., D] of one shape (any strides); weight [D] -> w * rmsnorm(x) * silu(z) in x.dtype."""
+    return _launch(x, weight, eps, None, z)[0]
+
+
+def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] -> rotary(rmsnorm(x)) in x.dtype."""
+    if x.dim() != 3 or cos.shape[0] != x.shape[0] or 2 * cos.shape[-1] > x.shape[-1]:
+        raise ValueError(f"rmsnorm_rope: x {tuple(x.shape)} must be [T, H, D] and cos {tuple(cos.shape)} [T, <=D/2]")
+    return _launch(x, weight, eps, None, None, (cos, sin))[0]

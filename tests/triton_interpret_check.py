@@ -1,0 +1,105 @@
+"""Run by tests/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (Triton's CPU interpreter):
+our Triton kernels against their torch references on CPU tensors, then the tiny model's greedy tokens through the
+Triton backend against the torch backend. Prints one JSON object {check: error or bool}.
+
+Float32 inputs are exact up to reduction order; bf16 ones differ by the interpreter's rounding (it truncates where
+the GPU rounds to nearest), so their bar is loose: the GPU parity tests (tests/test_gpu_ops.py) are the tight ones.
+Not a test module itself (the name does not start with test_): the interpreter must be chosen before Triton
+kernels are defined, which a shared pytest process cannot promise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from qnext.ops import causal_conv as ref_conv, moe as ref_ffn, norm as ref_norm  # noqa: E402
+from qnext.ops import triton_conv1d, triton_ffn, triton_norm  # noqa: E402
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def op_checks() -> dict:
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        n = str(dt).split(".")[1]
+        x, r = torch.randn(5, 3, 40, dtype=dt), torch.randn(5, 3, 40, dtype=dt)
+        w = torch.randn(40, dtype=dt) * 0.1
+        out[f"rmsnorm/{n}"] = err(triton_norm.rmsnorm(x, w, 1e-6), ref_norm.rmsnorm(x, w, 1e-6))
+        (y1, s1), (y2, s2) = triton_norm.rmsnorm(x, w, 1e-6, r), ref_norm.rmsnorm(x, w, 1e-6, r)
+        out[f"rmsnorm_residual/{n}"] = max(err(y1, y2), err(s1, s2))
+        xs = torch.randn(4, 2, 120, dtype=dt)[..., 40:80]                 # strided rows, as q/k heads are
+        zs = torch.randn(4, 3, 2, 40, dtype=dt)[:, 1:, 1]
+        out[f"rmsnorm_strided/{n}"] = err(triton_norm.rmsnorm(xs, w, 1e-6), ref_norm.rmsnorm(xs, w, 1e-6))
+        out[f"gated_rmsnorm/{n}"] = err(triton_norm.gated_rmsnorm(xs, zs, w, 1e-6),
+                                        ref_norm.gated_rmsnorm(xs, zs, w, 1e-6))
+        qh = torch.randn(6, 3, 2 * 40, dtype=dt)[..., :40]                 # q heads split from [q | gate]
+        ang = torch.randn(6, 10)
+        out[f"rmsnorm_rope/{n}"] = err(triton_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()),
+                                       ref_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()))
+        logits = torch.randn(7, 24, dtype=dt)
+        for k, renorm in ((5, True), (3, False)):
+            (i1, w1), (i2, w2) = triton_ffn.moe_route(logits, k, renorm), ref_ffn.moe_route(logits, k, renorm)
+            out[f"moe_route_ids/k{k}/{n}"] = bool(torch.equal(i1, i2) and i1.dtype == torch.int64)
+            out[f"moe_route_weights/k{k}/{n}"] = err(w1, w2)
+        g, u = torch.randn(6, 50, dtype=dt), torch.randn(6, 50, dtype=dt)
+        out[f"silu_mul/{n}"] = err(triton_ffn.silu_mul(g, u), ref_ffn.silu_mul(g.float(), u.float()))
+        gate = torch.randn(6, 1, dtype=dt)
+        out[f"sigmoid_gate_add/{n}"] = err(triton_ffn.sigmoid_gate_add(g, gate, u),
+                                           ref_ffn.sigmoid_gate_add(g.float(), gate.float(), u.float()))
+    # conv: columns picked out of a wider input, slots, a sequence without initial state
+    c, k = 12, 4
+    cols = torch.randperm(20)[:c].to(torch.int32)
+    wt = torch.randn(c, k)
+    cache1 = torch.randn(5, c, k - 1)
+    cache2 = cache1.clone()
+    slots, init = torch.tensor([3, 1, 4]), torch.tensor([True, False, True])
+    cu = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    x = torch.randn(9, 20)
+    y1 = triton_conv1d.causal_conv1d_prefill_(x, wt, cache1, slots, init, cu, x_cols=cols)
+    y2 = ref_conv.causal_conv1d_prefill_(x, wt, cache2, slots, init, cu, x_cols=cols)
+    out["conv_prefill"] = max(err(y1, y2), err(cache1, cache2))
+    xd = torch.randn(3, 20)
+    y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
+    y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)
+    out["conv_update"] = max(err(y1, y2), err(cache1, cache2))
+    return out
+
+
+def model_check() -> dict:
+    """Greedy tokens of the tiny float32 model: every op through the Triton backend vs the torch backend. fla-core
+    (the chunked GDN prefill) is a GPU package, so prefill's delta rule stays the torch reference; the routed
+    experts take the torch path in float32 (their kernels want 16-bit activations)."""
+    from qnext import LLM, SamplingParams
+    from qnext.ops import registry
+    from qnext.weights.checkpoint_writer import write_checkpoint
+
+    registry.resolve_backend("triton", "cpu")
+    for op in ("gdn_prefill_", "chunk_gated_delta_rule"):
+        registry._impls[(op, "triton")] = registry._impls[(op, "torch")]
+    path = write_checkpoint(tempfile.mkdtemp() + "/tiny", "tiny", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 70, 1)]
+    tokens = {}
+    for backend in ("torch", "triton"):
+        registry._resolved[("auto", "cpu")] = backend
+        llm = LLM(model=str(path), device="cpu", dtype="float32", num_kv_blocks=256, block_size=4)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    return {"model_greedy_equal": tokens["torch"] == tokens["triton"], "tokens": tokens}
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    result = op_checks()
+    if "--model" in sys.argv:
+        result.update(model_check())
+    print(json.dumps(result))
