@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
-    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8]
+    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -516,6 +516,23 @@ def fp8_section(quick: bool) -> None:
         del ws, wb
 
 
+def fp8_gemv_sweep() -> None:
+    """Tile sweep of the batch-1 fp8 GEMV over the model's dense shapes (qkvz, out_proj, q_proj, shared expert
+    gate/up and down): which (BN rows, NG scale groups per step, warps) is fastest for each."""
+    from qnext.ops.triton_linear_fp8 import fp8_gemv
+    torch.manual_seed(0)
+    for n, k in ((12288, 2048), (2048, 4096), (8192, 2048), (512, 2048), (2048, 512)):
+        ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        for bn in (8, 16, 32):
+            for ng in (2, 4, 8):
+                if ng * 128 > k:
+                    continue
+                us = time_graph(lambda i, bn=bn, ng=ng: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng), 8)
+                record(f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng}", us, bytes_=n * k * 1.0)
+        del ws
+
+
 def main() -> None:
     global BUDGET, DECODE_ONLY
     ap = argparse.ArgumentParser()
@@ -539,6 +556,8 @@ def main() -> None:
             gdn_section(args.quick)
         if "attn" in only:
             attn_section(args.quick)
+        if "fp8gemv" in only:
+            fp8_gemv_sweep()
         if "fp8" in only:
             fp8_section(args.quick)
         if "conv" in only:

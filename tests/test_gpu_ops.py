@@ -332,16 +332,36 @@ def test_ffn_glue_kernels_match_reference(t):
     ids, weights = triton_ffn.moe_route(logits, 10, True)
     ids_ref, weights_ref = moe.moe_route(logits, 10, True)
     assert torch.equal(ids, ids_ref) and rel(weights, weights_ref) < 1e-5
-    logits = logits.bfloat16()                                       # bf16 ties may order differently
-    (ids, weights), (_, weights_ref) = triton_ffn.moe_route(logits, 10, True), moe.moe_route(logits, 10, True)
-    assert rel(weights, weights_ref) < 1e-5 and (ids.sort(-1)[0].diff(dim=-1) > 0).all()
     ids, weights = triton_ffn.moe_route(logits[:, :60], 4, False)
     ids_ref, weights_ref = moe.moe_route(logits[:, :60], 4, False)
     assert torch.equal(ids, ids_ref) and rel(weights, weights_ref) < 1e-5
+    logits = logits.bfloat16()                                       # bf16 ties may order differently
+    (ids, weights), (_, weights_ref) = triton_ffn.moe_route(logits, 10, True), moe.moe_route(logits, 10, True)
+    assert rel(weights, weights_ref) < 1e-5 and (ids.sort(-1)[0].diff(dim=-1) > 0).all()
     g, u, y = (torch.randn(t, 2048, device="cuda").bfloat16() for _ in range(3))
     gate = torch.randn(t, 1, device="cuda").bfloat16()
     assert rel(triton_ffn.silu_mul(g, u), moe.silu_mul(g.float(), u.float())) < 5e-3
     assert rel(triton_ffn.sigmoid_gate_add(y, gate, u), moe.sigmoid_gate_add(y.float(), gate.float(), u.float())) < 5e-3
+    per_expert = torch.randn(t, 10, 2048, device="cuda").bfloat16()              # unsummed routed outputs
+    assert rel(triton_ffn.sigmoid_gate_add(per_expert, gate, u),
+               moe.sigmoid_gate_add(per_expert.float(), gate.float(), u.float())) < 5e-3
+
+
+@cuda_only
+@pytest.mark.parametrize("m", [1, 300])
+def test_fused_moe_unreduced_sums_to_reduced(m):
+    from qnext.ops.triton_moe import fused_moe
+    torch.manual_seed(7)
+    e, h, inter, k = 16, 256, 128, 4
+    w13 = quantize_int4_group(torch.randn(e, 2 * inter, h, device="cuda") / 16, 128)
+    w2 = quantize_int4_group(torch.randn(e, h, inter, device="cuda") / 16, 128)
+    x = torch.randn(m, h, device="cuda").bfloat16()
+    ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(m)])
+    tw = torch.rand(m, k, device="cuda")
+    whole = fused_moe(x, w13, w2, tw, ids)
+    parts = fused_moe(x, w13, w2, tw, ids, reduce=False)
+    assert parts.dim() in (2, 3)
+    assert rel(parts.sum(1) if parts.dim() == 3 else parts, whole) < 1e-2
 
 
 # ---- CUDA: paged attention ---------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def op_checks() -> dict:
         gate = torch.randn(6, 1, dtype=dt)
         out[f"sigmoid_gate_add/{n}"] = err(triton_ffn.sigmoid_gate_add(g, gate, u),
                                            ref_ffn.sigmoid_gate_add(g.float(), gate.float(), u.float()))
+        per_expert = torch.randn(6, 3, 50, dtype=dt)                       # unsummed routed outputs [T, k, H]
+        out[f"sigmoid_gate_add_sum/{n}"] = err(triton_ffn.sigmoid_gate_add(per_expert, gate, u),
+                                               ref_ffn.sigmoid_gate_add(per_expert.float(), gate.float(),
+                                                                        u.float()))
     # conv: columns picked out of a wider input, slots, a sequence without initial state
     c, k = 12, 4
     cols = torch.randperm(20)[:c].to(torch.int32)

@@ -24,7 +24,8 @@ def num_experts(w: QuantWeight) -> int:
 
 @register("fused_moe", "torch")
 def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor, topk_ids: Tensor, *,
-              path: str = "auto", config: dict | None = None) -> Tensor:
+              path: str = "auto", config: dict | None = None, reduce: bool = True) -> Tensor:
+    # reduce=False lets a fast path return its per-expert outputs [M, k, H] unsummed; this one always sums
     k = topk_ids.shape[1]
     flat = topk_ids.flatten().long()
     order = flat.argsort(stable=True)                      # assignments grouped by expert
@@ -72,5 +73,8 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 @register("sigmoid_gate_add", "torch")
 def sigmoid_gate_add(y: Tensor, gate: Tensor, s: Tensor) -> Tensor:
-    """The shared expert's entry: y, s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s."""
+    """The shared expert's entry: y [T, H] (or the routed experts' unsummed outputs [T, k, H], summed here);
+    s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s."""
+    if y.dim() == 3:
+        y = y.sum(1)
     return y + torch.sigmoid(gate) * s

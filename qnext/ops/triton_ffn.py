@@ -3,6 +3,7 @@
     moe_route(logits, top_k, renormalize) -> (ids, weights)   softmax + top-k (+ renormalise), one program per token
     silu_mul(gate, up) -> silu(gate) * up                     SwiGLU activation
     sigmoid_gate_add(y, gate, s) -> y + sigmoid(gate) * s     shared expert added to the routed experts' output
+                                                              (y may be their unsummed [T, k, H]: summed here)
 Math in float32, one rounding to the output dtype (torch's chain rounds after each op: differences of ~1 ulp).
 """
 
@@ -51,8 +52,7 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         be = triton.next_power_of_2(e)
         _route_kernel[(t,)](logits, ids, weights, e, logits.stride(0), K=top_k, BE=be,
-                            BK=triton.next_power_of_2(top_k), RENORM=renormalize,
-                            num_warps=4 if be >= 256 else 1)
+                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1)
     return ids, weights
 
 
@@ -66,13 +66,16 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, BLOCK: tl.constexpr):
-    """grid (T, cdiv(H, BLOCK)): o[t] = y[t] + sigmoid(g[t]) * s[t]; g is one scalar per token."""
+def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    """grid (T, cdiv(H, BLOCK)): o[t] = sum_j y[t, j] + sigmoid(g[t]) * s[t] (y [T, K, H]); g is one scalar per
+    token."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < H
-    gate = tl.sigmoid(tl.load(g_ptr + t).to(tl.float32))
-    y = tl.load(y_ptr + t * H + offs, mask=m, other=0.0).to(tl.float32)
+    gate = tl.sigmoid(tl.load(g_ptr + t + 0 * offs).to(tl.float32))
+    y = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        y += tl.load(y_ptr + (t * K + j) * H + offs, mask=m, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + t * H + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + t * H + offs, (y + gate * s).to(o_ptr.dtype.element_ty), mask=m)
 
@@ -88,10 +91,11 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def sigmoid_gate_add(y: Tensor, gate: Tensor, s: Tensor) -> Tensor:
-    """y, s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s in y.dtype."""
+    """y [T, H] or [T, k, H] (summed over k here); s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s in y.dtype."""
     y, s, gate = y.contiguous(), s.contiguous(), gate.contiguous()
-    t, h = y.shape
-    out = torch.empty_like(y)
+    t, h = s.shape
+    out = torch.empty_like(s)
     if t:
-        _gate_add_kernel[(t, triton.cdiv(h, 1024))](y, gate, s, out, h, BLOCK=1024, num_warps=4)
+        _gate_add_kernel[(t, triton.cdiv(h, 1024))](y, gate, s, out, h, K=y.shape[1] if y.dim() == 3 else 1,
+                                                    BLOCK=1024, num_warps=4)
     return out

@@ -331,7 +331,8 @@ def _full_k(w: _KW) -> tuple[int, int]:
     return triton.next_power_of_2(triton.cdiv(w.klim, gs)), gs
 
 
-def _moe_gemv_split(x: Tensor, w13: _KW, w2: _KW, tw: Tensor, ids: Tensor, m: int, top_k: int, cfg: dict) -> Tensor:
+def _moe_gemv_split(x: Tensor, w13: _KW, w2: _KW, tw: Tensor, ids: Tensor, m: int, top_k: int, cfg: dict,
+                    reduce: bool) -> Tensor:
     """Few pairs (batch-1 decode): the cost is latency, not bandwidth, so every program does exactly one step.
     Kernel 1 takes whole rows (BN = sbn1 rows x all of K) per program; the down projection runs one program per
     (pair, sbn2 rows) -- the kernel-2 GEMV with TOPK = 1 -- writing y [P, H] scaled by the router weight, and a
@@ -351,12 +352,12 @@ def _moe_gemv_split(x: Tensor, w13: _KW, w2: _KW, tw: Tensor, ids: Tensor, m: in
         hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"])
-    return y.view(m, top_k, hidden).sum(dim=1)
+    return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
 
 
 def moe_gemv(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Tensor,
-             config: dict | None = None) -> Tensor:
-    """Decode path; x [M, H] -> [M, H]. See the module docstring."""
+             config: dict | None = None, reduce: bool = True) -> Tensor:
+    """Decode path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
     m, top_k = topk_ids.shape
     p, inter, hidden = m * top_k, w2.k, w2.n
     cfg = _gemv_cfg(w13, config)
@@ -364,7 +365,7 @@ def moe_gemv(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Tenso
     tw = topk_weights.reshape(-1).contiguous()
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
     if split:
-        return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg)
+        return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg, reduce)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     if w13.kind == INT4 and cfg["int4_dot"]:
         _moe_gemv_int4_dot_gate_up_kernel[(p, triton.cdiv(inter, cfg["dbn1"]))](
@@ -515,8 +516,8 @@ def _sorted_cfg(w: _KW, config: dict | None) -> dict:
 
 
 def moe_sorted(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Tensor,
-               config: dict | None = None) -> Tensor:
-    """Prefill path; x [M, H] -> [M, H]. See the module docstring."""
+               config: dict | None = None, reduce: bool = True) -> Tensor:
+    """Prefill path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
     m, top_k = topk_ids.shape
     p, inter, hidden, experts = m * top_k, w2.k, w2.n, w13.data.shape[0]
     cfg = _sorted_cfg(w13, config)
@@ -538,15 +539,17 @@ def moe_sorted(x: Tensor, w13: _KW, w2: _KW, topk_weights: Tensor, topk_ids: Ten
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
         num_warps=cfg["warps2"], num_stages=cfg["stages2"])
-    return y.view(m, top_k, hidden).sum(dim=1)
+    return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
 
 
 # ---- entry point -------------------------------------------------------------------------------------------------
 
 def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor, topk_ids: Tensor, *,
-              path: str = "auto", config: dict | None = None) -> Tensor:
+              path: str = "auto", config: dict | None = None, reduce: bool = True) -> Tensor:
     """Routed experts. x [M, H] bf16/fp16; w13 [E, 2I, H], w2 [E, H, I] (bf16 | Fp8BlockWeight | Int4GroupWeight,
-    both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype.
+    both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype. With
+    reduce=False the paths that end in a sum over the k experts return [M, k, H] instead (the caller's
+    sigmoid_gate_add sums them in its pass), others still [M, H].
     path: "auto" (GEMV up to GEMV_MAX_PAIRS[kind] pairs, else sorted), "gemv" or "sorted"."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe takes bf16/fp16 activations, got {x.dtype}")
@@ -563,9 +566,9 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
     if path == "auto":
         path = "gemv" if topk_ids.numel() <= GEMV_MAX_PAIRS[a.kind] else "sorted"
     if path == "gemv":
-        return moe_gemv(x, a, b, topk_weights, topk_ids, config)
+        return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "sorted":
-        return moe_sorted(x, a, b, topk_weights, topk_ids, config)
+        return moe_sorted(x, a, b, topk_weights, topk_ids, config, reduce)
     raise ValueError(f"unknown MoE path {path!r} (auto, gemv, sorted)")
 
 

@@ -71,10 +71,11 @@ class Experts(nn.Module):
                     Int4GroupWeight(self.down_proj, self.down_proj_scale, self.group_size))
         return self.gate_up_proj, self.down_proj
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H]."""
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                reduce: bool = True) -> torch.Tensor:
+        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed)."""
         w13, w2 = self.quant_weights()
-        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids)
+        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
 
 
 class SparseMoeBlock(nn.Module):
@@ -100,7 +101,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         ids, weights = self.route(x)
-        y = self.experts(x, ids, weights)
+        y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
             y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, self.shared_expert_gate(x),
                                                                        self.shared_expert(x))
