@@ -120,8 +120,20 @@ def _check(w: Fp8BlockWeight) -> tuple[int, int]:
     return n, k
 
 
-def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int = 16, ng: int = 4, num_warps: int = 4) -> Tensor:
+def gemv_tiles(n: int, k: int) -> tuple[int, int]:
+    """(BN rows, NG scale groups per step) for an N x K weight at M = 1, from scripts/gpu_check.py's sweep on the
+    H100 (docs/perf-notes.md): narrow outputs want small row tiles (enough programs to fill 132 SMs) and long
+    steps; wide ones 16 rows and short steps."""
+    if n <= 2048:
+        return 8, min(8, k // 128)
+    return 16, 2 if n >= 12288 else 4
+
+
+def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
+             num_warps: int = 4) -> Tensor:
     n, k = _check(w)
+    tiles = gemv_tiles(n, k)
+    bn, ng = bn or tiles[0], ng or tiles[1]
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     s = w.scale_inv.float().contiguous()
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
