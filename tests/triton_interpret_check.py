@@ -76,6 +76,14 @@ def op_checks() -> dict:
     y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
     y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)
     out["conv_update"] = max(err(y1, y2), err(cache1, cache2))
+    # fp8 block-scaled GEMV: K = 640 is 5 scale groups, not a power of two (the tiles must still be)
+    from qnext.ops.quant import dequantize, quantize_fp8_block
+    from qnext.ops.triton_linear_fp8 import fp8_gemv
+    w8 = quantize_fp8_block(torch.randn(384, 640) / 640 ** 0.5)
+    xg = torch.randn(3, 640)
+    ref = xg @ dequantize(w8).t()
+    out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
+    out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
     return out
 
 

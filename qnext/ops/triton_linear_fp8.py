@@ -124,9 +124,9 @@ def gemv_tiles(n: int, k: int) -> tuple[int, int]:
     """(BN rows, NG scale groups per step) for an N x K weight at M = 1, from scripts/gpu_check.py's sweep on the
     H100 (docs/perf-notes.md): narrow outputs want small row tiles (enough programs to fill 132 SMs) and long
     steps; wide ones 16 rows and short steps."""
-    if n <= 2048:
-        return 8, min(8, k // 128)
-    return 16, 2 if n >= 12288 else 4
+    bn, ng = (8, 8) if n <= 2048 else (16, 2 if n >= 12288 else 4)
+    steps = max(1, k // 128)
+    return bn, min(ng, 1 << (steps.bit_length() - 1))              # NG is a power of two (tl.arange)
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
