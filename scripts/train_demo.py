@@ -239,12 +239,15 @@ def choose_experts_impl(model, batch, autocast) -> None:
         + f"; using {best}")
 
 
-def gdn_kernels(cuda: bool) -> str:
+def gdn_kernels(cuda: bool, choice: str) -> str:
     """HF's Qwen3Next picks flash-linear-attention's chunked GDN kernels (forward and backward) when `fla` imports,
-    else its torch fallback (~3x slower to train). Probe fla with one small forward+backward first; if that fails,
-    hide it from transformers so a broken install costs the fallback's speed, not the run."""
-    if not cuda:
-        return "torch fallback (no CUDA)"
+    else its torch fallback. "torch" hides fla from transformers (what the bundled demo was trained with). "fla"
+    probes it with one small forward+backward first and falls back if that fails: fla-core 0.6.0 refuses its
+    backward on Hopper with Triton < 3.7.1 (incorrect results, its issue #640), which is the GPU machine's
+    H100 + Triton 3.6, and the probe's compiles cost ~75 s before that refusal."""
+    if choice == "torch" or not cuda:
+        sys.modules["fla"] = None
+        return "torch fallback" + ("" if cuda else " (no CUDA)")
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -301,7 +304,7 @@ def train(a: argparse.Namespace) -> int:
     log(f"tokens: train {len(train_ids) / 1e6:.2f} M ({chars / len(train_ids):.2f} chars/token, "
         f"{len(chat_docs)} chat docs), held-out {len(held_ids) / 1e6:.3f} M")
 
-    log(f"GDN kernels for training: {gdn_kernels(cuda)}")
+    log(f"GDN kernels for training: {gdn_kernels(cuda, a.gdn_kernels)}")
     cfg = make_config(a, tok)
     model = hf_model(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -417,6 +420,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    p.add_argument("--gdn-kernels", choices=("torch", "fla"), default="torch",
+                   help="GDN kernels for training: transformers' torch fallback, or flash-linear-attention if it "
+                        "runs (see gdn_kernels)")
     build_corpus.add_args(p)
     p.set_defaults(max_mb=120.0)
     p.add_argument("--stdlib-repeat", type=int, default=2, help="times the stdlib train files appear")

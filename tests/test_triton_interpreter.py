@@ -1,5 +1,6 @@
 """Our Triton kernels on the CPU, through Triton's interpreter (tests/triton_interpret_check.py in a subprocess):
-the glue kernels (norms, routing, activation, conv with its column map, the fp8 GEMV) against their torch references, and
+the glue kernels (norms, routing, activation, conv with its column map), the fp8 GEMV and the fused
+MoE paths (GEMV and sorted; 16-bit, int4 and fp8 weights) against their torch references, and
 the tiny model's greedy tokens through the whole Triton backend against the torch backend. Skipped where Triton
 is not installed; the GPU runs of tests/test_gpu_ops.py check the same kernels compiled."""
 
@@ -34,6 +35,7 @@ def test_glue_kernels_match_reference(results):
         elif isinstance(value, float):
             exact = "float32" in name or name.startswith(("conv", "fp8"))     # float32 math on both sides
             assert value < (1e-6 if exact else 2e-2), (name, value)
+    assert sum(name.startswith("moe_") for name in results) == 12          # 2 paths x 3 formats x (summed or not)
 
 
 def test_model_greedy_tokens_same_through_triton_backend(results):

@@ -84,6 +84,34 @@ def op_checks() -> dict:
     ref = xg @ dequantize(w8).t()
     out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
     out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
+    out.update(moe_checks())
+    return out
+
+
+def moe_checks() -> dict:
+    """fused_moe's GEMV (decode) and sorted grouped-GEMM (prefill) paths for the three weight formats. fp16
+    activations: this interpreter's tl.dot is wrong for bf16 operands (a plain 16x16 bf16 dot is off by 1e10),
+    right for fp16 and float32."""
+    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
+    from qnext.ops.triton_moe import fused_moe
+
+    e, h, inter, k = 8, 256, 128, 2
+    w13f, w2f = torch.randn(e, 2 * inter, h) / 16, torch.randn(e, h, inter) / 16
+    formats = {"fp16": (w13f.half(), w2f.half(), w13f, w2f),
+               "int4": (quantize_int4_group(w13f, 128), quantize_int4_group(w2f, 128)),
+               "fp8": (quantize_fp8_block(w13f), quantize_fp8_block(w2f))}
+    out = {}
+    for name, ws in formats.items():
+        w13, w2 = ws[:2]
+        ref13, ref2 = ws[2:] if len(ws) == 4 else ws
+        for m, path in ((1, "gemv"), (5, "sorted")):
+            x = torch.randn(m, h).half()
+            ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)])
+            tw = torch.rand(m, k)
+            ref = ref_ffn.fused_moe(x.float(), ref13, ref2, tw, ids)
+            out[f"moe_{path}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
+            parts = fused_moe(x, w13, w2, tw, ids, path=path, reduce=False)
+            out[f"moe_{path}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
     return out
 
 
