@@ -35,7 +35,7 @@ def test_glue_kernels_match_reference(results):
         elif isinstance(value, float):
             exact = "float32" in name or name.startswith(("conv", "fp8"))     # float32 math on both sides
             assert value < (1e-6 if exact else 2e-2), (name, value)
-    assert sum(name.startswith("moe_") for name in results) == 12          # 2 paths x 3 formats x (summed or not)
+    assert sum(name.startswith("fused_moe_") for name in results) == 12          # 2 paths x 3 formats x (summed or not)
 
 
 def test_model_greedy_tokens_same_through_triton_backend(results):

@@ -109,9 +109,9 @@ def moe_checks() -> dict:
             ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)])
             tw = torch.rand(m, k)
             ref = ref_ffn.fused_moe(x.float(), ref13, ref2, tw, ids)
-            out[f"moe_{path}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
+            out[f"fused_moe_{path}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
             parts = fused_moe(x, w13, w2, tw, ids, path=path, reduce=False)
-            out[f"moe_{path}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
+            out[f"fused_moe_{path}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
     return out
 
 
