@@ -133,7 +133,7 @@ def test_fused_moe_int4_fma_gemv(group):
 
 @cuda_only
 def test_moe_align_covers_every_pair_once():
-    from qnext.ops.triton_moe import moe_align
+    from qnext.ops.triton_moe_sorted import moe_align
     ids = torch.randint(0, 11, (37, 4), device="cuda")
     pairs, block_e = moe_align(ids, 11, 16)
     p = ids.numel()

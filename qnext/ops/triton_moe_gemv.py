@@ -1,0 +1,309 @@
+"""Fused MoE, GEMV path (decode, few (token, expert) pairs): no sorting and no torch bookkeeping, so it sits in a
+CUDA graph as 2-3 launches. Modes and formats: qnext/ops/triton_moe.py's docstring."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
+
+Tensor = torch.Tensor
+
+# GEMV tiles per weight kind: BN rows x RB stored units of K per step (elements for bf16/fp8, bytes for int4),
+# split into NG groups of GS units (fp8: GS = 128, the scale block; int4: GS = group / 2 bytes, one scale; bf16:
+# NG = 1). Kernel 1 (gate_up) loads two such tiles per step, kernel 2 (down) one. Overridable per call through
+# `config` (keys bn1, rb1, w1, bn2, rb2, w2); tuned by scripts/gpu_check.py.
+GEMV_DEFAULTS = {
+    BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
+    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4),
+    INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4,
+               int4_dot=True, dbn1=32, dw1=4, dbn2=32, dw2=4, dst=3),     # tensor-core GEMV (int4_dot)
+}
+# One step per program (the split mode) up to this many pairs (M <= 3 at top-10: latency bound; it lost at M = 8
+# except bf16).
+SPLIT_MAX_PAIRS = 32
+
+
+@triton.jit
+def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM,
+               KIND: tl.constexpr, GS: tl.constexpr):
+    """acc [BN, NG, GS] += one weight tile times the activations.
+
+    rows [BN] output rows; gg [NG] group (fp8: 128-block, int4: quant group, bf16: GS chunk) indices;
+    kp [NG, GS] stored column of each element, km its bound mask.
+    bf16 / fp8: xa [NG, GS] activation at k = kp (fp8: already times the block scale); xb unused.
+    int4: xa / xb [NG, GS] activations of the low / high nibbles (k = g*2GS + j and g*2GS + GS + j).
+    """
+    ptrs = w_base + rows[:, None, None] * stride_wn + kp[None, :, :]
+    mask = rmask[:, None, None] & km[None, :, :]
+    if KIND == 2:
+        p = tl.load(ptrs, mask=mask, other=0)
+        # q - 8 without an int->float convert (quarter rate): (0x4B000000 | q) is the float 2^23 + q
+        lo = ((p & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        hi = ((p >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        sc = tl.load(s_base + rows[:, None] * stride_sn + gg[None, :],
+                     mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
+        acc += (lo * xa[None, :, :] + hi * xb[None, :, :]) * sc[:, :, None]
+    else:
+        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += w * xa[None, :, :]
+    return acc
+
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
+    N, KLIM, NGRP, TOPK,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+    KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+):
+    """grid (P, cdiv(N, BN)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + pid_p).to(tl.int64)
+    tok = pid_p // TOPK
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    wg = w_ptr + e * stride_we
+    wu = wg + N * stride_wn
+    if KIND == 1:   # scale row of this tile's 128-row block (BN divides 128, N % 128 == 0)
+        sg = s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn
+        su = s_ptr + e * stride_se + ((N + pid_n * BN) // 128) * stride_sn
+    else:
+        sg = s_ptr + e * stride_se
+        su = sg + N * stride_sn
+    x_row = x_ptr + tok.to(tl.int64) * stride_xm
+    acc_g = tl.zeros([BN, NG, GS], dtype=tl.float32)
+    acc_u = tl.zeros([BN, NG, GS], dtype=tl.float32)
+    j = tl.arange(0, GS)
+    for g0 in range(0, NGRP, NG):
+        gg = g0 + tl.arange(0, NG)
+        kp = gg[:, None] * GS + j[None, :]
+        km = kp < KLIM
+        if KIND == 2:
+            xa = tl.load(x_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32)
+            xb = tl.load(x_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32)
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
+        elif KIND == 1:
+            xa = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
+            gm = gg * GS < KLIM
+            xg = xa * tl.load(sg + gg, mask=gm, other=0)[:, None]
+            xu = xa * tl.load(su + gg, mask=gm, other=0)[:, None]
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xg, xg, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xu, xu, stride_wn, stride_sn, KLIM, KIND, GS)
+        else:
+            xa = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+    gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
+    up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
+    N, KLIM, NGRP, TOPK,
+    stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+):
+    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    acc = tl.zeros([BN, NG, GS], dtype=tl.float32)
+    j = tl.arange(0, GS)
+    for kk in range(0, TOPK):
+        p = m * TOPK + kk
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        wt = tl.load(tw_ptr + p).to(tl.float32)
+        wb = w_ptr + e * stride_we
+        if KIND == 1:
+            sb = s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn
+        else:
+            sb = s_ptr + e * stride_se
+        h_row = h_ptr + p.to(tl.int64) * stride_hm
+        for g0 in range(0, NGRP, NG):
+            gg = g0 + tl.arange(0, NG)
+            kp = gg[:, None] * GS + j[None, :]
+            km = kp < KLIM
+            if KIND == 2:
+                xa = tl.load(h_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32) * wt
+                xb = tl.load(h_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32) * wt
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
+            elif KIND == 1:
+                xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32)
+                xa = xa * (tl.load(sb + gg, mask=gg * GS < KLIM, other=0) * wt)[:, None]
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+            else:
+                xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32) * wt
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+# int4 GEMV on tensor cores: the token's activations are row 0 of a 16-row tile (mma needs M >= 16; the other rows
+# are masked zeros), the weight tile is dequantized to bf16 in registers and fed to tl.dot; the per-(row, group)
+# scale multiplies the [16, BN] partial product, so each weight element costs ~2 integer ops instead of ~7 ops on
+# the FMA path (measured by SASS instruction counts; see docs/perf-notes.md).
+
+@triton.jit
+def _moe_gemv_int4_dot_gate_up_kernel(
+    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
+    N, K, TOPK,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+    BN: tl.constexpr, G: tl.constexpr,
+):
+    """grid (P, cdiv(N, BN)); one quant group (G columns, G/2 bytes per row) per step; K % G == 0."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + pid_p).to(tl.int64)
+    tok = (pid_p // TOPK).to(tl.int64)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r16 = tl.arange(0, 16)
+    j = tl.arange(0, G // 2)
+    x_tile = x_ptr + tok * stride_xm + (r16 * 0)[:, None] + j[None, :]          # [16, G/2], row 0 is real
+    xmask = (r16 == 0)[:, None]
+    wg = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
+    wu = wg + N * stride_wn
+    sg = s_ptr + e * stride_se + rows * stride_sn
+    su = sg + N * stride_sn
+    acc_g = tl.zeros([16, BN], dtype=tl.float32)
+    acc_u = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in range(0, K, G):
+        g = k0 // G
+        x_lo = tl.load(x_tile + k0, mask=xmask, other=0.0)
+        x_hi = tl.load(x_tile + k0 + G // 2, mask=xmask, other=0.0)
+        lo, hi = int4_dq(tl.load(wg + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)   # [BN, G/2]
+        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+        acc_g += part * tl.load(sg + g, mask=rmask, other=0).to(tl.float32)[None, :]
+        lo, hi = int4_dq(tl.load(wu + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
+        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+        acc_u += part * tl.load(su + g, mask=rmask, other=0).to(tl.float32)[None, :]
+    gate = tl.sum(acc_g, axis=0)                    # rows 1..15 are exactly zero
+    up = tl.sum(acc_u, axis=0)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _moe_gemv_int4_dot_down_kernel(
+    h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
+    N, K, TOPK,
+    stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    BN: tl.constexpr, G: tl.constexpr,
+):
+    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r16 = tl.arange(0, 16)
+    j = tl.arange(0, G // 2)
+    xmask = (r16 == 0)[:, None]
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    for kk in range(0, TOPK):
+        p = m * TOPK + kk
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        wt = tl.load(tw_ptr + p).to(tl.float32)
+        h_tile = h_ptr + p.to(tl.int64) * stride_hm + (r16 * 0)[:, None] + j[None, :]
+        wb = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
+        sb = s_ptr + e * stride_se + rows * stride_sn
+        for k0 in range(0, K, G):
+            x_lo = tl.load(h_tile + k0, mask=xmask, other=0.0)
+            x_hi = tl.load(h_tile + k0 + G // 2, mask=xmask, other=0.0)
+            lo, hi = int4_dq(tl.load(wb + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
+            part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+            acc += part * (tl.load(sb + k0 // G, mask=rmask, other=0).to(tl.float32) * wt)[None, :]
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def _gemv_cfg(w: KernelWeight, config: dict | None) -> dict:
+    """-> dict(bn, ng, gs, warps) for kernel 1 (suffix 1) and kernel 2 (suffix 2) (+ the int4 dot variant's and
+    the split mode's: split (None = auto), sbn1, sbn2, sw)."""
+    cfg = dict(GEMV_DEFAULTS[w.kind], split=None, sbn1=4, sbn2=16, sw=4)
+    if config:
+        cfg.update({k: v for k, v in config.items() if k in cfg})
+    for i in ("1", "2"):
+        bn, rb = cfg["bn" + i], cfg["rb" + i]
+        gs = {BF16: rb, FP8: 128, INT4: w.group // 2}[w.kind]
+        if w.kind == FP8 and 128 % bn:
+            raise ValueError(f"fp8 GEMV tiles need BN dividing 128, got {bn}")
+        cfg["gs" + i], cfg["ng" + i] = gs, max(1, rb // gs)
+    return cfg
+
+
+def _full_k(w: KernelWeight) -> tuple[int, int]:
+    """(NG, GS) covering a whole row of w in one step (the latency-bound few-pairs case)."""
+    if w.kind == BF16:
+        return 1, triton.next_power_of_2(w.klim)
+    gs = 128 if w.kind == FP8 else w.group // 2
+    return triton.next_power_of_2(triton.cdiv(w.klim, gs)), gs
+
+
+def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int, cfg: dict,
+                    reduce: bool) -> Tensor:
+    """Few pairs (batch-1 decode): the cost is latency, not bandwidth, so every program does exactly one step.
+    Kernel 1 takes whole rows (BN = sbn1 rows x all of K) per program; the down projection runs one program per
+    (pair, sbn2 rows) -- the kernel-2 GEMV with TOPK = 1 -- writing y [P, H] scaled by the router weight, and a
+    sum over the k experts finishes. 3 launches instead of 2, but no program loops."""
+    p, inter, hidden = m * top_k, w2.k, w2.n
+    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    ng, gs = _full_k(w13)
+    _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["sbn1"]))](
+        x, w13.data, w13.scale, ids, h,
+        inter, w13.klim, triton.cdiv(w13.klim, gs), top_k,
+        x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
+        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, num_warps=cfg["sw"])
+    y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
+    ng, gs = _full_k(w2)
+    _moe_gemv_down_kernel[(p, triton.cdiv(hidden, cfg["sbn2"]))](
+        h, w2.data, w2.scale, ids, tw, y,
+        hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
+        h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
+        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"])
+    return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
+
+
+def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
+             config: dict | None = None, reduce: bool = True) -> Tensor:
+    """Decode path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
+    m, top_k = topk_ids.shape
+    p, inter, hidden = m * top_k, w2.k, w2.n
+    cfg = _gemv_cfg(w13, config)
+    ids = topk_ids.reshape(-1).contiguous()
+    tw = topk_weights.reshape(-1).contiguous()
+    split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
+    if split:
+        return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg, reduce)
+    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    if w13.kind == INT4 and cfg["int4_dot"]:
+        _moe_gemv_int4_dot_gate_up_kernel[(p, triton.cdiv(inter, cfg["dbn1"]))](
+            x, w13.data, w13.scale, ids, h, inter, w13.k, top_k,
+            x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1),
+            h.stride(0), BN=cfg["dbn1"], G=w13.group, num_warps=cfg["dw1"], num_stages=cfg["dst"])
+        out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+        _moe_gemv_int4_dot_down_kernel[(m, triton.cdiv(hidden, cfg["dbn2"]))](
+            h, w2.data, w2.scale, ids, tw, out, hidden, w2.k, top_k,
+            h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1),
+            out.stride(0), BN=cfg["dbn2"], G=w2.group, num_warps=cfg["dw2"], num_stages=cfg["dst"])
+        return out
+    _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["bn1"]))](
+        x, w13.data, w13.scale, ids, h,
+        inter, w13.klim, triton.cdiv(w13.klim, cfg["gs1"]), top_k,
+        x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
+        KIND=w13.kind, BN=cfg["bn1"], NG=cfg["ng1"], GS=cfg["gs1"], num_warps=cfg["w1"])
+    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+    _moe_gemv_down_kernel[(m, triton.cdiv(hidden, cfg["bn2"]))](
+        h, w2.data, w2.scale, ids, tw, out,
+        hidden, w2.klim, triton.cdiv(w2.klim, cfg["gs2"]), top_k,
+        h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
+        KIND=w2.kind, BN=cfg["bn2"], NG=cfg["ng2"], GS=cfg["gs2"], num_warps=cfg["w2"])
+    return out

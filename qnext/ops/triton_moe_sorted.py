@@ -1,0 +1,170 @@
+"""Fused MoE, sorted path (prefill, many pairs): pairs grouped by expert and padded to BM rows (moe_align, torch
+ops, no host sync), then a grouped GEMM with tl.dot per (BM block, BN block) of each expert. Formats and tile
+notes: qnext/ops/triton_moe.py's docstring."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
+
+Tensor = torch.Tensor
+
+# Grouped-GEMM tiles: gate_up (bn, warps, stages) and down (bn2, warps2, stages2); bm from the tokens per expert
+# unless given; bk = 64 (bf16), 128 (fp8 block), group (int4). Chosen without spills (ptxas report) and by
+# scripts/gpu_check.py timings; overridable per call through `config`.
+SORTED_DEFAULTS = {
+    BF16: dict(bk=64, bn=128, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
+    FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
+    INT4: dict(bk=None, bn=32, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
+}
+
+
+def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Group (token, expert) pairs by expert, each expert's run padded to a multiple of block_m. Torch ops only,
+    no host sync, static output sizes (so it can sit in a CUDA graph).
+
+    topk_ids [M, k] -> sorted_pairs [NB * block_m] int32 (pair index p = token * k + slot; padding = P),
+                       block_expert [NB] int32 (expert of each block; num_experts past the last used block),
+    with NB = cdiv(P, block_m) + min(E, P), an upper bound on the padded block count.
+    """
+    flat = topk_ids.reshape(-1).long()
+    p = flat.numel()
+    nb = triton.cdiv(p, block_m) + min(num_experts, p)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)                      # pairs grouped by expert
+    sorted_e = flat[order]
+    rank = torch.arange(p, device=flat.device) - (counts.cumsum(0) - counts)[sorted_e]
+    sorted_pairs = torch.full((nb * block_m,), p, dtype=torch.int32, device=flat.device)
+    sorted_pairs[starts[sorted_e] + rank] = order.to(torch.int32)
+    block_start = torch.arange(nb, device=flat.device) * block_m
+    block_expert = torch.searchsorted(ends, block_start, right=True).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _moe_dot_kernel(
+    a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_e_ptr, tw_ptr,
+    N, K, P, TOPK, E,
+    stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    KIND: tl.constexpr, GATE_UP: tl.constexpr, A_SORTED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """grid (NB, cdiv(N, BN)); block pid_m holds BM pairs of expert e = block_e[pid_m].
+    GATE_UP: a = x gathered by token (pair // TOPK), out = h [NB*BM, N] in sorted order, h = silu(gate) * up with
+             gate rows [0, N) and up rows [N, 2N) of w13.
+    else:    a = h in sorted order (A_SORTED), out = y [P, N] by pair, scaled by the router weight tw[pair]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_e_ptr + pid_m)
+    if e >= E:
+        return
+    e = e.to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    mvalid = pair < P
+    if A_SORTED:
+        arow = offs_m.to(tl.int64)
+    else:
+        arow = (pair // TOPK).to(tl.int64)
+    rows = pid_n * BN + tl.arange(0, BN)
+    nmask = rows < N
+    wb = w_ptr + e * stride_we
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    a_rows = a_ptr + arow[:, None] * stride_am
+    if KIND == 2:
+        jj = tl.arange(0, BK // 2)
+        for k0 in range(0, K, BK):              # BK == group, K % BK == 0; half-split packing
+            a_e = tl.load(a_rows + (k0 + jj)[None, :], mask=mvalid[:, None], other=0.0)
+            a_o = tl.load(a_rows + (k0 + BK // 2 + jj)[None, :], mask=mvalid[:, None], other=0.0)
+            pk = k0 // 2 + jj
+            p = tl.load(wb + rows[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+            lo, hi = int4_dq(p, a_e.dtype)
+            sc = tl.load(s_ptr + e * stride_se + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+            acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc[None, :]
+            if GATE_UP:
+                p2 = tl.load(wb + (rows + N)[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+                lo2, hi2 = int4_dq(p2, a_e.dtype)
+                sc2 = tl.load(s_ptr + e * stride_se + (rows + N) * stride_sn + k0 // BK,
+                              mask=nmask, other=0).to(tl.float32)
+                acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2[None, :]
+    else:
+        kk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            ka = k0 + kk
+            kmask = ka < K
+            a = tl.load(a_rows + ka[None, :], mask=mvalid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            if KIND == 1:                        # BK == 128, BN divides 128, N % 128 == 0
+                s = tl.load(s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
+                acc += tl.dot(a, w.to(a.dtype)) * s
+            else:
+                acc = tl.dot(a, w, acc)
+            if GATE_UP:
+                w2 = tl.load(wb + (rows + N)[None, :] * stride_wn + ka[:, None],
+                             mask=kmask[:, None] & nmask[None, :], other=0.0)
+                if KIND == 1:
+                    s2 = tl.load(s_ptr + e * stride_se + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
+                    acc2 += tl.dot(a, w2.to(a.dtype)) * s2
+                else:
+                    acc2 = tl.dot(a, w2, acc2)
+    if GATE_UP:
+        h = acc * tl.sigmoid(acc) * acc2
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + rows[None, :],
+                 h.to(out_ptr.dtype.element_ty), mask=nmask[None, :])
+    else:
+        tw = tl.load(tw_ptr + pair, mask=mvalid, other=0.0).to(tl.float32)
+        y = acc * tw[:, None]
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + rows[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mvalid[:, None] & nmask[None, :])
+
+
+def _pick_bm(pairs: int, experts: int) -> int:
+    per_expert = pairs / max(1, experts)
+    return 16 if per_expert < 24 else 32 if per_expert < 64 else 64
+
+
+def _sorted_cfg(w: KernelWeight, config: dict | None) -> dict:
+    cfg = dict(SORTED_DEFAULTS[w.kind])
+    if config:
+        cfg.update({k: v for k, v in config.items() if k in cfg or k == "bm"})
+    if w.kind == INT4:
+        cfg["bk"] = w.group
+    if w.kind == FP8 and (cfg["bk"] != 128 or 128 % cfg["bn"] or 128 % cfg["bn2"]):
+        raise ValueError("fp8 sorted tiles need BK == 128 and BN dividing 128")
+    return cfg
+
+
+def moe_sorted(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
+               config: dict | None = None, reduce: bool = True) -> Tensor:
+    """Prefill path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
+    m, top_k = topk_ids.shape
+    p, inter, hidden, experts = m * top_k, w2.k, w2.n, w13.data.shape[0]
+    cfg = _sorted_cfg(w13, config)
+    bm = cfg.get("bm") or _pick_bm(p, experts)
+    sorted_pairs, block_expert = moe_align(topk_ids, experts, bm)
+    nb = block_expert.shape[0]
+    tw = topk_weights.reshape(-1).contiguous()
+    h = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)
+    _moe_dot_kernel[(nb, triton.cdiv(inter, cfg["bn"]))](
+        x, w13.data, w13.scale, h, sorted_pairs, block_expert, tw,
+        inter, w13.k, p, top_k, experts,
+        x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
+        KIND=w13.kind, GATE_UP=True, A_SORTED=False, BM=bm, BN=cfg["bn"], BK=cfg["bk"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
+    _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg["bn2"]))](
+        h, w2.data, w2.scale, y, sorted_pairs, block_expert, tw,
+        hidden, w2.k, p, top_k, experts,
+        h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
+        KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
+        num_warps=cfg["warps2"], num_stages=cfg["stages2"])
+    return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
