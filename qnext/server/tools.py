@@ -1,5 +1,9 @@
 """Qwen3-Coder tool calls: the model's XML -> typed calls, for whole texts and for streams.
 
+This file: the call-level scanner (rules 1-3, 7 below). qnext/server/tool_call_body.py: one call's body ->
+typed JSON arguments (rules 4-6) and the public data classes; qnext/server/tool_schema.py: tool schemas, typing
+(convert_value) and tool_choice.
+
 Public API
 ----------
 parse_tool_calls(text, tools) -> (content: str | None, calls: list[ToolCall])
@@ -85,29 +89,12 @@ Cost: linear in the text for any feeding pattern, held stretches included (long 
 
 from __future__ import annotations
 
-import json
 import uuid
-from dataclasses import dataclass
-from typing import Any
 
-from qnext.server.tool_schema import (  # noqa: F401 (re-exported: the public API lives here)
-    FUNCTION_CLOSE,
-    FUNCTION_OPEN,
-    PARAMETER_CLOSE,
-    PARAMETER_OPEN,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    WS,
-    NON_WS,
-    convert_value,
-    forced_tool_prefix,
-    normalize_tools,
-    null_step,
-    param_schema,
-    parse_container,
-    schema_types,
-    validate_tool_choice,
-)
+from qnext.server.tool_call_body import (NEED, REJECT, CallBody, StreamEvent, ToolCall, find_marker,
+                                         partial_start, read_name)
+from qnext.server.tool_schema import (FUNCTION_CLOSE, FUNCTION_OPEN, NON_WS, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, WS,
+                                      convert_value, forced_tool_prefix, normalize_tools, validate_tool_choice)
 
 __all__ = [
     "ToolCall",
@@ -120,294 +107,7 @@ __all__ = [
     "forced_tool_prefix",
 ]
 
-
-_MAX_NAME = 256
 _MAX_GAP = 64  # whitespace allowed between <tool_call> and <function= (the model writes one "\n")
-_NEED = "need"      # verdict: more text is needed to decide
-_REJECT = "reject"  # verdict: not a tag; the marker is plain text
-
-
-# --------------------------------------------------------------------------------------------------------
-# Public data
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: dict
-    arguments_json: str  # == json.dumps(arguments, ensure_ascii=False) == the concatenated "args" deltas
-
-    def to_openai(self) -> dict:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments_json}}
-
-    def to_anthropic(self) -> dict:
-        return {"type": "tool_use", "id": self.id, "name": self.name, "input": self.arguments}
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    kind: str                    # "text" | "call" | "args" | "end"
-    text: str = ""               # "text": content delta; "args": JSON fragment
-    index: int = 0               # call index in this output ("call", "args", "end")
-    id: str = ""                 # "call", "end"
-    name: str = ""               # "call", "end"
-    call: ToolCall | None = None  # "end"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Scanning helpers (all positions are indices into one buffer)
-
-
-def _at_bol(buf: str, p: int, bol0: bool) -> bool:
-    """Is position p at a line start? bol0 says whether the buffer's start is."""
-    return buf[p - 1] == "\n" if p > 0 else bol0
-
-
-def _find(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool, hi: int | None = None) -> int:
-    """First marker starting in [lo, hi) (at a line start if need_bol), or -1."""
-    end = len(buf) if hi is None else min(len(buf), hi + len(marker) - 1)
-    i = buf.find(marker, lo, end)
-    if need_bol:
-        while i != -1 and not _at_bol(buf, i, bol0):
-            i = buf.find(marker, i + 1, end)
-    return i
-
-
-def _partial_start(buf: str, marker: str, lo: int, need_bol: bool, bol0: bool) -> int:
-    """Smallest p >= lo where buf[p:] is a non-empty proper prefix of marker (at a line start if need_bol);
-    len(buf) if none. Only the last len(marker)-1 characters are looked at."""
-    n = len(buf)
-    for k in range(min(len(marker) - 1, n - lo), 0, -1):
-        p = n - k
-        if marker.startswith(buf[p:]) and (not need_bol or _at_bol(buf, p, bol0)):
-            return p
-    return n
-
-
-def _read_name(buf: str, start: int, eof: bool):
-    """`NAME>` at buf[start:] -> (name, end after '>'), _NEED or _REJECT."""
-    stop = start + _MAX_NAME + 1
-    gt = buf.find(">", start, stop)
-    seg = buf[start:gt] if gt != -1 else buf[start:stop]
-    if "\n" in seg or "<" in seg:
-        return _REJECT
-    if gt == -1:
-        return _REJECT if eof or len(seg) > _MAX_NAME else _NEED
-    name = seg.strip()
-    return (name, gt + 1) if name else _REJECT
-
-
-def _strip_value(raw: str) -> str:
-    """A parameter's raw segment -> its text: one final `</parameter>` (then only whitespace) removed, then
-    one leading and one trailing newline."""
-    if raw.startswith("\r\n"):
-        raw = raw[2:]
-    elif raw.startswith("\n"):
-        raw = raw[1:]
-    return _strip_tail(raw)
-
-
-def _strip_tail(r: str) -> str:
-    j = len(r.rstrip(WS))
-    if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
-        r = r[: j - len(PARAMETER_CLOSE)]
-    if r.endswith("\r\n"):
-        return r[:-2]
-    if r.endswith("\n"):
-        return r[:-1]
-    return r
-
-
-def _hold_start(r: str, j: int | None = None) -> int:
-    """Smallest p such that r[p:] is a prefix of some suffix _strip_tail could remove, i.e. of
-    L = (\\r?\\n)? </parameter> [ \\t\\r\\n]*  |  \\r?\\n.  r[:p] is final whatever follows.
-    Minimality makes the result of (r + more) never fall below the result of r, so a caller may keep only
-    the unemitted tail. j: start of r's trailing whitespace run, when the caller knows it."""
-    n = len(r)
-    if j is None:
-        j = len(r.rstrip(WS))
-    if j >= len(PARAMETER_CLOSE) and r.startswith(PARAMETER_CLOSE, j - len(PARAMETER_CLOSE)):
-        p = j - len(PARAMETER_CLOSE)
-    else:
-        p = _partial_start(r, PARAMETER_CLOSE, 0, False, False)
-        if p == n:
-            if r.endswith("\r\n"):
-                return n - 2
-            return n - 1 if r.endswith(("\n", "\r")) else n
-    if p >= 2 and r.startswith("\r\n", p - 2):
-        return p - 2
-    return p - 1 if p >= 1 and r[p - 1] == "\n" else p
-
-
-def _esc(s: str) -> str:
-    """JSON string body of s; a per-character map, so escaping pieces == escaping the whole."""
-    return json.dumps(s, ensure_ascii=False)[1:-1]
-
-
-# --------------------------------------------------------------------------------------------------------
-# One parameter value
-
-_STRING, _NSTRING, _DEFERRED, _SKIP = range(4)
-
-
-def _value_mode(schema: dict | None, root: dict | None) -> int:
-    """How a value streams; must agree with convert_value: _STRING/_NSTRING only when the result is always
-    the raw text (or, for _NSTRING, None when the text is null/none)."""
-    types = schema_types(schema, root) if schema is not None else set()
-    if not types:
-        return _STRING
-    if types - {"null"} <= {"string"}:
-        return _NSTRING if "null" in types else _STRING
-    return _DEFERRED
-
-
-class _Value:
-    """Raw segment text of one parameter in, JSON fragments out (the key is written by the caller)."""
-
-    def __init__(self, name: str, schema: dict | None, root: dict | None, mode: int):
-        self.name, self.schema, self.root, self.mode = name, schema, root, mode
-        self.raw: list[str] = []   # the whole segment: the final value is computed from it alone
-        self.head = ""             # first characters until the leading-newline decision
-        self.lead_done = False
-        self.tail = ""             # text after the leading newline, not yet emitted (streaming modes)
-        self.tail_ws = 0           # start of tail's trailing whitespace run (kept so long runs stay linear)
-        self.sent = 0              # value characters already emitted
-        self.opened = mode == _STRING  # has the opening quote been written?
-        self.null_state: tuple[str, bool] | None = ("", False)  # _NSTRING before opening: can it be null?
-        self.checked = 0           # _NSTRING before opening: tail characters already run through null_state
-
-    def add(self, t: str) -> str:
-        if self.mode == _SKIP:
-            return ""
-        self.raw.append(t)
-        if self.mode == _DEFERRED:
-            return ""
-        if not self.lead_done:
-            h = self.head + t
-            if h == "\r":  # may still become "\r\n"
-                self.head = h
-                return ""
-            self.head, self.lead_done = "", True
-            t = h[2:] if h.startswith("\r\n") else h[1:] if h.startswith("\n") else h
-        stripped = len(t.rstrip(WS))
-        if stripped:
-            self.tail_ws = len(self.tail) + stripped
-        self.tail += t
-        p = _hold_start(self.tail, self.tail_ws)
-        prefix = ""
-        if not self.opened:
-            # tail[:p] is final and only grows, so each character goes through the automaton once
-            state = self.null_state
-            for c in self.tail[self.checked:p]:
-                state = null_step(state, c)
-                if state is None:
-                    break
-            self.null_state, self.checked = state, p
-            if state is not None:
-                return ""  # may still be null: wait
-            self.opened, prefix = True, '"'
-        out, self.tail = self.tail[:p], self.tail[p:]
-        self.tail_ws = max(0, self.tail_ws - p)
-        self.sent += len(out)
-        return prefix + _esc(out)
-
-    def close(self) -> tuple[str, Any]:
-        if self.mode == _SKIP:
-            return "", None
-        text = _strip_value("".join(self.raw))
-        value = convert_value(text, self.schema, self.root)
-        if self.opened:  # a string whose head is already out; text[:sent] was emitted (see _hold_start)
-            return _esc(text[self.sent:]) + '"', value
-        return json.dumps(value, ensure_ascii=False), value
-
-
-# --------------------------------------------------------------------------------------------------------
-# One call's body -> arguments
-
-
-class _Call:
-    """Body text of one call in (already cut by the call-level scanner), argument events out."""
-
-    def __init__(self, index: int, cid: str, name: str, tool_schema: dict | None, out: list):
-        self.index, self.id, self.name = index, cid, name
-        self.tool_schema = tool_schema  # None: unknown tool, nothing typed
-        self.out = out
-        self.buf = ""        # undecided body text
-        self.bol = False     # does buf start a line (is the last text handed on a "\n")?
-        self.value: _Value | None = None
-        self.junk: list[str] = []  # body text before the first parameter
-        self.args: dict[str, Any] = {}
-        self.keys: set[str] = set()  # parameter names seen (a repeat is skipped)
-
-    def _emit(self, frag: str) -> None:
-        if frag:
-            self.out.append(StreamEvent("args", frag, index=self.index))
-
-    def feed(self, text: str, eof: bool = False) -> None:
-        buf, pos = self.buf + text, 0
-        while True:
-            in_value = self.value is not None
-            i = _find(buf, PARAMETER_OPEN, pos, in_value, self.bol)
-            if i == -1:
-                break
-            r = _read_name(buf, i + len(PARAMETER_OPEN), eof)
-            if r is _REJECT:
-                pos = i + len(PARAMETER_OPEN)
-                continue
-            self._text(buf[:i])
-            if r is _NEED:
-                self.buf = buf[i:]
-                return
-            self._open(r[0])
-            buf, pos = buf[r[1]:], 0
-        cut = len(buf) if eof else _partial_start(buf, PARAMETER_OPEN, pos, self.value is not None, self.bol)
-        self._text(buf[:cut])
-        self.buf = buf[cut:]
-
-    def _text(self, t: str) -> None:
-        if not t:
-            return
-        if self.value is None:
-            self.junk.append(t)
-        else:
-            self._emit(self.value.add(t))
-        self.bol = t[-1] == "\n"
-
-    def _open(self, name: str) -> None:
-        self._close_value()
-        schema = param_schema(self.tool_schema, name)
-        if name in self.keys:
-            mode = _SKIP
-        else:
-            mode = _value_mode(schema, self.tool_schema)
-            self._emit(("{" if not self.keys else ", ") + json.dumps(name, ensure_ascii=False) + ": "
-                       + ('"' if mode == _STRING else ""))
-            self.keys.add(name)
-        self.value = _Value(name, schema, self.tool_schema, mode)
-        self.bol = False
-
-    def _close_value(self) -> None:
-        v, self.value = self.value, None
-        if v is None:
-            return
-        frag, value = v.close()
-        if v.mode != _SKIP:
-            self._emit(frag)
-            self.args[v.name] = value
-
-    def finish(self) -> ToolCall:
-        self.feed("", eof=True)
-        self._close_value()
-        if self.keys:
-            self._emit("}")
-        else:
-            obj = parse_container("".join(self.junk).strip(WS))
-            if isinstance(obj, dict):  # the model wrote JSON arguments instead of parameters
-                self.args = obj
-            self._emit(json.dumps(self.args, ensure_ascii=False))
-        return ToolCall(self.id, self.name, self.args, json.dumps(self.args, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -428,7 +128,7 @@ class StreamingToolParser:
         self._ws_known = 0      # _TOP: _buf[:_ws_known] is whitespace
         self._open_ws = 0       # _TOP: see _opener
         self._body_nl = False   # _BODY: is the last body text handed on a "\n"?
-        self._call: _Call | None = None
+        self._call: CallBody | None = None
         # _TENT: text held from a candidate `</function>` (inclusive), kept as chunks so that holding a long
         # stretch costs linear time; _tdec: (position, marker) of the first decider, once seen.
         self._tchunks: list[str] = []
@@ -475,7 +175,7 @@ class StreamingToolParser:
                            StreamEvent(run[0].kind, "".join(e.text for e in run), index=run[0].index))
                 run.clear()
 
-        for ev in self._events:  # cleared in place below: the open _Call appends to this same list
+        for ev in self._events:  # cleared in place below: the open CallBody appends to this same list
             if run and not (ev.kind == run[0].kind and ev.index == run[0].index):
                 flush()
             if ev.kind in ("text", "args"):
@@ -497,7 +197,7 @@ class StreamingToolParser:
             self._events.append(StreamEvent("text", t))
 
     def _opener(self, buf: str, at: int, wrapped: bool, eof: bool):
-        """Verdict on the opener at buf[at]: (name, end of `<function=NAME>`), _NEED or _REJECT."""
+        """Verdict on the opener at buf[at]: (name, end of `<function=NAME>`), NEED or REJECT."""
         if wrapped:
             # _open_ws: where the whitespace after a <tool_call> held at _ws_known was scanned up to
             lo = at + len(TOOL_CALL_OPEN)
@@ -505,16 +205,16 @@ class StreamingToolParser:
             k = m.start() if m else len(buf)
             self._open_ws = k
             if k - lo > _MAX_GAP:
-                return _REJECT
+                return REJECT
             head = buf[k:k + len(FUNCTION_OPEN)]
             if head != FUNCTION_OPEN:
-                return _NEED if not eof and FUNCTION_OPEN.startswith(head) else _REJECT
+                return NEED if not eof and FUNCTION_OPEN.startswith(head) else REJECT
             start = k + len(FUNCTION_OPEN)
         else:
             start = at + len(FUNCTION_OPEN)
-        r = _read_name(buf, start, eof)
+        r = read_name(buf, start, eof)
         if isinstance(r, tuple) and not wrapped and self._schemas and r[0] not in self._schemas:
-            return _REJECT  # a bare opener must name a known tool: prose is not turned into calls
+            return REJECT  # a bare opener must name a known tool: prose is not turned into calls
         return r
 
     def _top(self, eof: bool) -> bool:
@@ -531,18 +231,18 @@ class StreamingToolParser:
 
         while True:
             i = buf.find(TOOL_CALL_OPEN, pos)
-            j = _find(buf, FUNCTION_OPEN, pos, True, self._bol, None if i == -1 else i)
+            j = find_marker(buf, FUNCTION_OPEN, pos, True, self._bol, None if i == -1 else i)
             if i == -1 and j == -1:
                 break
             wrapped = i != -1 and (j == -1 or i < j)
             at = i if wrapped else j
             v = self._opener(buf, at, wrapped, eof)
-            if v is _REJECT:
+            if v is REJECT:
                 pos = at + len(TOOL_CALL_OPEN if wrapped else FUNCTION_OPEN)
                 continue
             cut = run_start(at)
             self._emit_text(buf[:cut])
-            if v is _NEED:
+            if v is NEED:
                 if cut:
                     self._bol = buf[cut - 1] == "\n"
                 self._buf, self._ws_known = buf[cut:], at - cut
@@ -555,8 +255,8 @@ class StreamingToolParser:
             cut = run_start(len(buf)) if self.tool_calls else len(buf)
             hold = cut
         else:
-            hold = min(_partial_start(buf, TOOL_CALL_OPEN, pos, False, False),
-                       _partial_start(buf, FUNCTION_OPEN, pos, True, self._bol))
+            hold = min(partial_start(buf, TOOL_CALL_OPEN, pos, False, False),
+                       partial_start(buf, FUNCTION_OPEN, pos, True, self._bol))
             cut = run_start(hold)
         self._emit_text(buf[:cut])
         if cut:
@@ -569,7 +269,7 @@ class StreamingToolParser:
         index = len(self.tool_calls)
         cid = f"{self._id_prefix}{uuid.uuid4().hex[:24]}"
         self._events.append(StreamEvent("call", index=index, id=cid, name=name))
-        self._call = _Call(index, cid, name, self._schemas.get(name), self._events)
+        self._call = CallBody(index, cid, name, self._schemas.get(name), self._events)
         self._state, self._body_nl = _BODY, False
 
     def _deliver(self, t: str) -> None:
@@ -587,7 +287,7 @@ class StreamingToolParser:
     def _body(self, eof: bool) -> bool:
         buf = self._buf
         i = buf.find(FUNCTION_CLOSE)
-        j = _find(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl)
+        j = find_marker(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl)
         if i != -1 and (j == -1 or i < j):
             self._deliver(buf[:i])
             self._buf = ""
@@ -601,8 +301,8 @@ class StreamingToolParser:
             self._deliver(buf)
             self._end_call("")
             return True
-        hold = min(_partial_start(buf, FUNCTION_CLOSE, 0, False, False),
-                   _partial_start(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl))
+        hold = min(partial_start(buf, FUNCTION_CLOSE, 0, False, False),
+                   partial_start(buf, TOOL_CALL_CLOSE, 0, True, self._body_nl))
         self._deliver(buf[:hold])
         self._buf = buf[hold:]
         return False
@@ -693,3 +393,4 @@ def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str | 
     parser.feed(text)
     parser.finish()
     return parser.content, parser.tool_calls
+
