@@ -248,8 +248,8 @@ def _full_k(w: KernelWeight) -> tuple[int, int]:
     return triton.next_power_of_2(triton.cdiv(w.klim, gs)), gs
 
 
-def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int, cfg: dict,
-                    reduce: bool) -> Tensor:
+def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int,
+                    cfg: dict, reduce: bool) -> Tensor:
     """Few pairs (batch-1 decode): the cost is latency, not bandwidth, so every program does exactly one step.
     Kernel 1 takes whole rows (BN = sbn1 rows x all of K) per program; the down projection runs one program per
     (pair, sbn2 rows) -- the kernel-2 GEMV with TOPK = 1 -- writing y [P, H] scaled by the router weight, and a
