@@ -10,8 +10,9 @@
     Done for plain bf16 and for int4 experts + FP8 dense.
 (b) speed: full-size synthetic qwen3-coder-next (int4 experts + FP8 dense made on the GPU, router uniform) in the
     engine, measured like `qnext bench latency`: decode-b1 at 1K context (256 tokens), decode b8 / b32 at 1K,
-    prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); eager
-    decode for comparison; then the same with bf16 dense projections if time is left.
+    prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); the
+    kernels of one replayed b1 step (torch profiler: launches, device time, the top kernels); eager decode for
+    comparison; then the same with bf16 dense projections if time is left.
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
