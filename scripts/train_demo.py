@@ -15,6 +15,10 @@ chat_template.jinja is the copy of qnext/assets/chat_template.jinja that the scr
 the interpreter (its stdlib, test suite present or not, and with --site-packages the packages installed), so another
 machine gives a similar, not an identical, model. A CPU smoke test of every step (about a minute):
     .venv/bin/python scripts/train_demo.py --out /tmp/demo-tiny --tiny --minutes 0.3
+Towards a stronger demo (docs/quality.md: the parse-rate target is missed): eager training is launch bound (~10^4
+kernels per 32 x 2048 step), fla-core's backward refuses this H100's Triton (--gdn-kernels), and memory allows
+about 1.5x the batch (a 2048-token sequence holds ~1.1 GB of activations in float32 through the torch fallback),
+so --cuda-graph (the whole step replayed as one CUDA graph) is the lever to try; it has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -265,6 +269,61 @@ def gdn_kernels(cuda: bool, choice: str) -> str:
         return f"torch fallback (fla unavailable: {type(e).__name__}: {str(e)[:160]})"
 
 
+class TrainStep:
+    """One optimizer step on a batch [B, L+1] of ids: forward, backward, gradient clipping, AdamW; returns the
+    cross-entropy part of the loss (a device scalar). Eager by default. capture() records the whole step as one
+    CUDA graph that later calls replay: the model is so small that launching its ~10^4 kernels per step (the
+    GDN torch fallback loops over chunks), not the math, bounds eager training. The graph needs static tensors:
+    a fixed input the batch is copied into, gradients zeroed in place rather than freed, the learning rate in a
+    tensor (AdamW capturable), autocast without its cache."""
+
+    def __init__(self, model, opt, aux_loss: float, clip: float, autocast):
+        self.model, self.opt, self.aux_loss, self.clip, self.autocast = model, opt, aux_loss, clip, autocast
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graph = self.x = self.ce = None
+
+    def _body(self, x: torch.Tensor, keep_grads: bool) -> torch.Tensor:
+        with self.autocast():
+            out = self.model(input_ids=x, labels=x, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=not keep_grads)
+        aux = self.aux_loss * out.aux_loss.detach() if self.aux_loss > 0 else 0.0
+        return out.loss.detach() - aux
+
+    def capture(self, x0: torch.Tensor, warmup: int = 2) -> None:
+        """Warm-up steps on a side stream (real steps on x0: they allocate gradients and optimizer state), then
+        the capture. Raises when something in the step cannot be captured (a host sync); the caller goes on
+        eagerly."""
+        self.x = x0.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._body(self.x, keep_grads=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.ce = self._body(self.x, keep_grads=True)
+        self.graph = graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._body(x, keep_grads=False)
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.ce                     # overwritten by the next replay, which stream order puts after its use
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)              # the captured step reads it
+        else:
+            g["lr"] = lr
+
+
 def train(a: argparse.Namespace) -> int:
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
@@ -332,8 +391,22 @@ def train(a: argparse.Namespace) -> int:
     model.config.output_router_logits = a.aux_loss > 0
     if cuda or a.tiny:
         choose_experts_impl(model, batch, autocast)
-    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=cuda)
+    graphed = a.cuda_graph and cuda
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=torch.tensor(a.lr, device=device) if graphed
+                            else a.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda, capturable=graphed)
+    if graphed:
+        step_fn = TrainStep(model, opt, a.aux_loss, a.clip,
+                            lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+        try:
+            t = time.time()
+            set_lr(opt, a.lr / a.warmup)
+            step_fn.capture(batch())
+            log(f"training step captured as a CUDA graph in {time.time() - t:.1f} s (2 warm-up steps taken)")
+        except Exception as e:  # noqa: BLE001
+            step_fn.graph = None
+            log(f"CUDA-graph capture failed, training eagerly: {type(e).__name__}: {str(e)[:300]}")
+    else:
+        step_fn = TrainStep(model, opt, a.aux_loss, a.clip, autocast)
     budget = a.minutes * 60
     log(f"training: {budget:.0f} s budget, batch {B} x {L + 1} tokens, peak lr {a.lr}, warm-up {a.warmup} steps")
     model.train()
@@ -347,17 +420,8 @@ def train(a: argparse.Namespace) -> int:
         frac = elapsed / budget
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (
             1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = batch()
-        with autocast():
-            out = model(input_ids=x, labels=x, use_cache=False)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ce = out.loss.detach() - (a.aux_loss * out.aux_loss.detach() if a.aux_loss > 0 else 0.0)
-        log_loss += ce
+        set_lr(opt, lr)
+        log_loss += step_fn(batch())
         log_n += 1
         step += 1
         tokens += B * L
@@ -420,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step as one CUDA graph (TrainStep; not yet run on a GPU)")
     p.add_argument("--gdn-kernels", choices=("torch", "fla"), default="torch",
                    help="GDN kernels for training: transformers' torch fallback, or flash-linear-attention if it "
                         "runs (see gdn_kernels)")
