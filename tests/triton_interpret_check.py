@@ -85,6 +85,60 @@ def op_checks() -> dict:
     out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
     out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
     out.update(moe_checks())
+    out.update(attention_and_gdn_checks())
+    return out
+
+
+def _paged_case(ctx: list[int], qlens: list[int], block_size: int = 16, hq: int = 4, hkv: int = 2, d: int = 32):
+    """Random paged KV cache and new q/k/v for sequences with ctx cached tokens and qlens new ones."""
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(ctx, qlens)) + 3
+    perm, tables = torch.randperm(num_blocks).tolist(), []
+    for c, n in zip(ctx, qlens):
+        pages = -(-(c + n) // block_size)
+        tables.append(perm[:pages])
+        perm = perm[pages:]
+    width = max(map(len, tables))
+    slots = [tables[i][p // block_size] * block_size + p % block_size
+             for i, (c, n) in enumerate(zip(ctx, qlens)) for p in range(c, c + n)]
+    t = sum(qlens)
+    return dict(q=torch.randn(t, hq, d), k=torch.randn(t, hkv, d), v=torch.randn(t, hkv, d),
+                k_cache=torch.randn(num_blocks, block_size, hkv, d),
+                v_cache=torch.randn(num_blocks, block_size, hkv, d),
+                slot_mapping=torch.tensor(slots),
+                block_tables=torch.tensor([tb + [0] * (width - len(tb)) for tb in tables], dtype=torch.int32),
+                seq_lens=torch.tensor([c + n for c, n in zip(ctx, qlens)], dtype=torch.int32),
+                query_lens=list(qlens), context_lens=list(ctx), scale=d ** -0.5)
+
+
+def attention_and_gdn_checks() -> dict:
+    """Paged attention (decode with several splits, prefill chunks over cached context) and the fused GDN decode
+    step with its state in place at slots, float32."""
+    from qnext.ops import delta_rule, paged_attention, triton_paged_attention
+    from qnext.ops.fla_gdn import gdn_decode_
+
+    out = {}
+    for name, ctx, qlens in (("decode", [0, 16, 140, 299], [1, 1, 1, 1]), ("prefill", [0, 37, 5], [10, 6, 1])):
+        case = _paged_case(ctx, qlens)
+        mine = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
+        ref = paged_attention.paged_attention(**dict(case, k_cache=case["k_cache"].clone(),
+                                                     v_cache=case["v_cache"].clone()))
+        out[f"paged_attention_{name}"] = err(triton_paged_attention.paged_attention(**mine), ref)
+        if name == "decode":  # the split-K path (what long contexts use), several split counts
+            for splits in (1, 3):
+                o = triton_paged_attention.paged_decode_attention(case["q"], mine["k_cache"], mine["v_cache"],
+                                                                  case["block_tables"], case["seq_lens"],
+                                                                  case["scale"], max_seq_len=300, num_splits=splits)
+                out[f"paged_attention_decode_splits{splits}"] = err(o, ref)
+    n, hk, hv, dk, dv, slots_total = 3, 2, 4, 16, 16, 6
+    q, k = torch.randn(n, hk, dk), torch.randn(n, hk, dk)
+    v, a, b = torch.randn(n, hv, dv), torch.randn(n, hv), torch.randn(n, hv)
+    a_log, dt_bias = torch.randn(hv) * 0.5, torch.randn(hv) * 0.5
+    cache = torch.randn(slots_total, hv, dk, dv)
+    slots, init = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
+    mine, ref_cache = cache.clone(), cache.clone()
+    o = gdn_decode_(q, k, v, a, b, a_log, dt_bias, mine, slots, init)
+    o_ref = delta_rule.gdn_decode_(q, k, v, a, b, a_log, dt_bias, ref_cache, slots, init)
+    out["gdn_decode"] = max(err(o, o_ref), err(mine, ref_cache))
     return out
 
 
