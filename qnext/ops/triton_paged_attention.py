@@ -31,6 +31,28 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, visible, kvh, od, block_size, scale_log2,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, m_i, l_i, acc):
+    """One online-softmax step over the keys at positions `on` [BN] (nmask: inside the sequence; visible [R, BN]:
+    which query rows may see them): K/V gathered through the page table, log2-unit scores, running max m_i,
+    sum l_i and unnormalised output acc [R, D] rescaled. Returns the updated (m_i, l_i, acc)."""
+    page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
+    off = (on % block_size).to(tl.int64)
+    k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
+                mask=nmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale_log2                                         # [R, BN], log2 units
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
+                mask=nmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
@@ -58,20 +80,9 @@ def _paged_decode_kernel(
     for n0 in range(start, end, BN):
         on = n0 + tl.arange(0, BN)
         nmask = on < end
-        page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
-        off = (on % block_size).to(tl.int64)
-        k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
-                    mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2                                     # [BG, BN], log2 units
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
-                    mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, nmask[None, :], kvh, od, block_size,
+                                      scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      m_i, l_i, acc)
     if SPLIT:
         idx = (b * HQ + heads).to(tl.int64) * NS + sp                               # [BG]
         tl.store(pm_ptr + idx, m_i, mask=gmask)
@@ -197,20 +208,10 @@ def _paged_prefill_kernel(
     for n0 in range(0, kv_end, BN):
         on = n0 + tl.arange(0, BN)
         nmask = on < kv_end
-        page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
-        off = (on % block_size).to(tl.int64)
-        k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
-                    mask=nmask[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k)) * scale_log2
-        sc = tl.where((on[None, :] <= qpos[:, None]) & nmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))         # key 0 is visible to every row: finite from step 1
-        p = tl.exp2(sc - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
-                    mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        causal = (on[None, :] <= qpos[:, None]) & nmask[None, :]   # key 0 is visible to every row: m finite
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, causal, kvh, od, block_size,
+                                      scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + qrow[:, None] * stride_ot + heads[:, None] * stride_oh + od[None, :],
              out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
