@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.registry import register
+from qnext.ops.slots import slot_states
 
 Tensor = torch.Tensor
 
@@ -61,13 +62,6 @@ def _gather(x: Tensor, x_cols: Tensor | None) -> Tensor:
     return x if x_cols is None else x.index_select(1, x_cols.long())
 
 
-def _slot_states(conv_cache: Tensor, slots: Tensor, has_initial_state: Tensor | None) -> Tensor:
-    state = conv_cache.index_select(0, slots)
-    if has_initial_state is not None:
-        state = state.masked_fill(~has_initial_state[:, None, None], 0)
-    return state
-
-
 @register("causal_conv1d_prefill_", "torch")
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
@@ -76,7 +70,7 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
     state_slots [N] (zeros where has_initial_state [N] is false). x [T, C], or [T, *] with x_cols [C] naming
     the column of x that feeds each channel -> y [T, C]."""
     slots = state_slots.long()
-    y, final = causal_conv1d(_gather(x, x_cols), weight, _slot_states(conv_cache, slots, has_initial_state),
+    y, final = causal_conv1d(_gather(x, x_cols), weight, slot_states(conv_cache, slots, has_initial_state),
                              cu_seqlens, activation)
     conv_cache.index_copy_(0, slots, final.to(conv_cache.dtype))
     return y
@@ -89,7 +83,7 @@ def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_s
     """causal_conv1d_update in place at the cache slots (has_initial_state None = all true); x [N, C] or
     [N, *] with x_cols -> y [N, C]."""
     slots = state_slots.long()
-    y, new = causal_conv1d_update(_gather(x, x_cols), _slot_states(conv_cache, slots, has_initial_state), weight,
+    y, new = causal_conv1d_update(_gather(x, x_cols), slot_states(conv_cache, slots, has_initial_state), weight,
                                   activation)
     conv_cache.index_copy_(0, slots, new.to(conv_cache.dtype))
     return y

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.registry import register
+from qnext.ops.slots import slot_states
 
 Tensor = torch.Tensor
 
@@ -148,13 +149,6 @@ def gdn_gates(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor) -> tuple[Ten
     return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float()), b.float().sigmoid()
 
 
-def _slot_states(ssm_cache: Tensor, slots: Tensor, has_initial_state: Tensor | None) -> Tensor:
-    state = ssm_cache.index_select(0, slots).float()                       # [N, Hv, Dk, Dv]
-    if has_initial_state is not None:
-        state = state.masked_fill(~has_initial_state.view(-1, 1, 1, 1), 0)
-    return state
-
-
 @register("gdn_prefill_", "torch")
 def gdn_prefill_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
                  ssm_cache: Tensor, state_slots: Tensor, has_initial_state: Tensor, cu_seqlens: Tensor,
@@ -167,7 +161,7 @@ def gdn_prefill_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: T
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     slots = state_slots.long()
     o, final = chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], scale=scale,
-                                      initial_state=_slot_states(ssm_cache, slots, has_initial_state),
+                                      initial_state=slot_states(ssm_cache, slots, has_initial_state).float(),
                                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True, chunk_size=chunk_size)
     ssm_cache.index_copy_(0, slots, final.to(ssm_cache.dtype))
     return o[0]
@@ -181,7 +175,7 @@ def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Te
     (T = N, vectorised over sequences); has_initial_state None means all true."""
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     slots = state_slots.long()
-    h0 = _slot_states(ssm_cache, slots, has_initial_state)
+    h0 = slot_states(ssm_cache, slots, has_initial_state).float()            # [N, Hv, Dk, Dv]
     if cu_seqlens is None:   # [N, 1, ...]: the batch axis carries the sequences
         o, final = recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
                                               scale=scale, initial_state=h0, use_qk_l2norm_in_kernel=True)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qnext.ops.slots import slot_states
+
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,7 @@ def gdn_prefill_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: T
     has_initial_state [N] bool; cu_seqlens [N+1] -> o [T, Hv, Dv] in v.dtype."""
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     slots = state_slots.long()
-    h0 = ssm_cache.index_select(0, slots).float()
-    h0 = torch.where(has_initial_state.view(-1, 1, 1, 1), h0, torch.zeros((), device=h0.device))
+    h0 = slot_states(ssm_cache, slots, has_initial_state).float()
     o, final = chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], scale=scale,
                                       initial_state=h0, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
                                       chunk_size=chunk_size)
