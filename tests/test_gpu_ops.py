@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_case import paged_case
 
 from qnext.ops.quant import (Fp8BlockWeight, Int4GroupWeight, dequantize, moe_forward_ref, pack_int4, quantize,
                              quantize_fp8_block, quantize_int4_group, select_experts, unpack_int4)
@@ -366,25 +367,9 @@ def test_fused_moe_unreduced_sums_to_reduced(m):
 
 # ---- CUDA: paged attention ---------------------------------------------------------------------------------------
 
-def _paged_case(ctx, qlens, block_size, num_blocks=200, hq=16, hkv=2, d=256):
-    perm = torch.randperm(num_blocks).tolist()
-    tables, used = [], 0
-    for c, n in zip(ctx, qlens):
-        pages = -(-(c + n) // block_size)
-        tables.append(perm[used:used + pages])
-        used += pages
-    width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    slot = torch.tensor([tables[i][p // block_size] * block_size + p % block_size
-                         for i, (c, n) in enumerate(zip(ctx, qlens)) for p in range(c, c + n)], device="cuda")
-    kc = torch.randn(num_blocks, block_size, hkv, d, device="cuda").bfloat16()
-    vc = torch.randn(num_blocks, block_size, hkv, d, device="cuda").bfloat16()
-    t = sum(qlens)
-    q = torch.randn(t, hq, d, device="cuda").bfloat16()
-    k, v = (torch.randn(t, hkv, d, device="cuda").bfloat16() for _ in range(2))
-    seq_lens = torch.tensor([c + n for c, n in zip(ctx, qlens)], dtype=torch.int32, device="cuda")
-    return dict(q=q, k=k, v=v, k_cache=kc, v_cache=vc, slot_mapping=slot, block_tables=bt, seq_lens=seq_lens,
-                query_lens=list(qlens), context_lens=list(ctx), scale=d ** -0.5)
+def _paged_case(ctx, qlens, block_size):
+    return paged_case(ctx, qlens, block_size, hq=16, hkv=2, d=256, num_blocks=200, device="cuda",
+                      dtype=torch.bfloat16)
 
 
 def _paged_ref(case):

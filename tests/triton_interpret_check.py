@@ -18,6 +18,7 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from paged_case import paged_case  # noqa: E402
 
 from qnext.ops import causal_conv as ref_conv, moe as ref_ffn, norm as ref_norm  # noqa: E402
 from qnext.ops import triton_conv1d, triton_ffn, triton_norm  # noqa: E402
@@ -89,27 +90,6 @@ def op_checks() -> dict:
     return out
 
 
-def _paged_case(ctx: list[int], qlens: list[int], block_size: int = 16, hq: int = 4, hkv: int = 2, d: int = 32):
-    """Random paged KV cache and new q/k/v for sequences with ctx cached tokens and qlens new ones."""
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(ctx, qlens)) + 3
-    perm, tables = torch.randperm(num_blocks).tolist(), []
-    for c, n in zip(ctx, qlens):
-        pages = -(-(c + n) // block_size)
-        tables.append(perm[:pages])
-        perm = perm[pages:]
-    width = max(map(len, tables))
-    slots = [tables[i][p // block_size] * block_size + p % block_size
-             for i, (c, n) in enumerate(zip(ctx, qlens)) for p in range(c, c + n)]
-    t = sum(qlens)
-    return dict(q=torch.randn(t, hq, d), k=torch.randn(t, hkv, d), v=torch.randn(t, hkv, d),
-                k_cache=torch.randn(num_blocks, block_size, hkv, d),
-                v_cache=torch.randn(num_blocks, block_size, hkv, d),
-                slot_mapping=torch.tensor(slots),
-                block_tables=torch.tensor([tb + [0] * (width - len(tb)) for tb in tables], dtype=torch.int32),
-                seq_lens=torch.tensor([c + n for c, n in zip(ctx, qlens)], dtype=torch.int32),
-                query_lens=list(qlens), context_lens=list(ctx), scale=d ** -0.5)
-
-
 def attention_and_gdn_checks() -> dict:
     """Paged attention (decode with several splits, prefill chunks over cached context) and the fused GDN decode
     step with its state in place at slots, float32."""
@@ -118,7 +98,7 @@ def attention_and_gdn_checks() -> dict:
 
     out = {}
     for name, ctx, qlens in (("decode", [0, 16, 140, 299], [1, 1, 1, 1]), ("prefill", [0, 37, 5], [10, 6, 1])):
-        case = _paged_case(ctx, qlens)
+        case = paged_case(ctx, qlens, 16, hq=4, hkv=2, d=32)
         mine = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
         ref = paged_attention.paged_attention(**dict(case, k_cache=case["k_cache"].clone(),
                                                      v_cache=case["v_cache"].clone()))
