@@ -30,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -215,11 +216,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def choose_experts_impl(model, batch, autocast) -> None:
-    """Time a few forward+backward passes with each routed-experts implementation HF offers and keep the fastest
-    that runs (grouped_mm in fp32 under autocast is not available on every torch build)."""
+def choose_experts_impl(model, batch, autocast, impls=("grouped_mm", "eager", "dense")) -> None:
+    """Time a few forward+backward passes with each experts implementation (HF's two, and dense_experts_forward)
+    and keep the fastest that runs (grouped_mm in fp32 under autocast is not available on every torch build)."""
     times = {}
-    for impl in ("grouped_mm", "eager"):
+    for impl in impls:
         try:
             model.set_experts_implementation(impl)
             for i in range(5):
@@ -241,6 +242,31 @@ def choose_experts_impl(model, batch, autocast) -> None:
     model.set_experts_implementation(best)
     log("forward+backward per step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
         + f"; using {best}")
+
+
+def dense_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """HF experts implementation "dense": every expert on every token, each weighted by its routing weight (zero
+    where the router did not pick it), as two dense matmuls. The same sum as the routed computation (an unpicked
+    expert adds exactly 0 and gets a zero gradient), but with no sort and no data-dependent shapes, so the training
+    step can be captured in a CUDA graph (HF's grouped_mm path cannot be); at 16 experts of width 64 the extra
+    FLOPs cost less than the routed path's launches.
+    hidden_states [T, H], top_k_index / top_k_weights [T, k]; gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    T, H = hidden_states.shape
+    E, I = self.num_experts, self.intermediate_dim
+    gate_up = (hidden_states @ self.gate_up_proj.reshape(E * 2 * I, H).t()).view(T, E, 2 * I)
+    gate, up = gate_up.chunk(2, dim=-1)                                                        # [T, E, I] each
+    weights = torch.zeros(T, E, dtype=top_k_weights.dtype, device=hidden_states.device)
+    weights = weights.scatter(1, top_k_index, top_k_weights)                                   # [T, E]
+    act = self.act_fn(gate) * up * weights.unsqueeze(-1).to(up.dtype)
+    down = self.down_proj.transpose(1, 2).reshape(E * I, H)                                    # [E*I, H]
+    return (act.reshape(T, E * I) @ down).to(hidden_states.dtype)
+
+
+def register_dense_experts() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register("dense", dense_experts_forward)
 
 
 def gdn_kernels(cuda: bool, choice: str) -> str:
@@ -316,6 +342,22 @@ class TrainStep:
         return self.ce                     # overwritten by the next replay, which stream order puts after its use
 
 
+def capturable_balance_loss() -> None:
+    """Make HF's router load-balancing loss capturable in a CUDA graph. Without an attention mask it counts expert
+    picks with torch.bincount, which reads the ids' maximum back to the host (a sync, refused during capture); its
+    masked branch counts with scatter_add instead. An all-ones mask gives the same loss through that branch."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+    original = hf.load_balancing_loss_func
+
+    def loss(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        if attention_mask is None and isinstance(gate_logits, tuple):
+            attention_mask = torch.ones(gate_logits[0].shape[0], device=gate_logits[0].device)
+        return original(gate_logits, num_experts, top_k, attention_mask)
+
+    hf.load_balancing_loss_func = loss
+
+
 def set_lr(opt, lr: float) -> None:
     for g in opt.param_groups:
         if torch.is_tensor(g["lr"]):
@@ -389,22 +431,28 @@ def train(a: argparse.Namespace) -> int:
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     model.config.output_router_logits = a.aux_loss > 0
-    if cuda or a.tiny:
-        choose_experts_impl(model, batch, autocast)
     graphed = a.cuda_graph and cuda
+    register_dense_experts()
+    if graphed:
+        model.set_experts_implementation("dense")      # the one that captures
+    elif cuda or a.tiny:
+        choose_experts_impl(model, batch, autocast)
     opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=torch.tensor(a.lr, device=device) if graphed
                             else a.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda, capturable=graphed)
     if graphed:
+        capturable_balance_loss()
         step_fn = TrainStep(model, opt, a.aux_loss, a.clip,
                             lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
         try:
             t = time.time()
             set_lr(opt, a.lr / a.warmup)
             step_fn.capture(batch())
-            log(f"training step captured as a CUDA graph in {time.time() - t:.1f} s (2 warm-up steps taken)")
+            log(f"training step (dense experts) captured as a CUDA graph in {time.time() - t:.1f} s (2 warm-up steps taken)")
         except Exception as e:  # noqa: BLE001
             step_fn.graph = None
-            log(f"CUDA-graph capture failed, training eagerly: {type(e).__name__}: {str(e)[:300]}")
+            where = traceback.format_exc().strip().splitlines()[-12:]
+            log(f"CUDA-graph capture failed, training eagerly: {type(e).__name__}: {str(e)[:300]}\n  "
+                + "\n  ".join(where))
     else:
         step_fn = TrainStep(model, opt, a.aux_loss, a.clip, autocast)
     budget = a.minutes * 60
@@ -422,6 +470,8 @@ def train(a: argparse.Namespace) -> int:
             1 + math.cos(math.pi * frac)))
         set_lr(opt, lr)
         log_loss += step_fn(batch())
+        if step_fn.graph is not None:
+            torch.cuda.synchronize()   # replays queue far ahead otherwise: the clock (budget, lr) would run early
         log_n += 1
         step += 1
         tokens += B * L
@@ -485,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each training step as one CUDA graph (TrainStep; not yet run on a GPU)")
+                   help="replay each training step as one CUDA graph (TrainStep)")
     p.add_argument("--gdn-kernels", choices=("torch", "fla"), default="torch",
                    help="GDN kernels for training: transformers' torch fallback, or flash-linear-attention if it "
                         "runs (see gdn_kernels)")
