@@ -47,7 +47,7 @@ def op_checks() -> dict:
         ang = torch.randn(6, 10)
         out[f"rmsnorm_rope/{n}"] = err(triton_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()),
                                        ref_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()))
-        logits = torch.randn(7, 24, dtype=dt)
+        logits = (torch.randperm(7 * 24).view(7, 24) / 50 - 1.5).to(dt)   # distinct in bf16 too: no ties to order
         for k, renorm in ((5, True), (3, False)):
             (i1, w1), (i2, w2) = triton_ffn.moe_route(logits, k, renorm), ref_ffn.moe_route(logits, k, renorm)
             out[f"moe_route_ids/k{k}/{n}"] = bool(torch.equal(i1, i2) and i1.dtype == torch.int64)
@@ -61,6 +61,12 @@ def op_checks() -> dict:
         out[f"sigmoid_gate_add_sum/{n}"] = err(triton_ffn.sigmoid_gate_add(per_expert, gate, u),
                                                ref_ffn.sigmoid_gate_add(per_expert.float(), gate.float(),
                                                                         u.float()))
+        gu = torch.randn(6, 100, dtype=dt)                                 # stacked [gate | up] projection
+        out[f"silu_mul_halves/{n}"] = err(triton_ffn.silu_mul(gu[:, :50], gu[:, 50:]),
+                                          ref_ffn.silu_mul(gu[:, :50].float(), gu[:, 50:].float()))
+        rg = torch.randn(6, 25, dtype=dt)[:, 24:]                          # last column of [router | shared gate]
+        out[f"sigmoid_gate_add_strided_gate/{n}"] = err(triton_ffn.sigmoid_gate_add(g, rg, u),
+                                                        ref_ffn.sigmoid_gate_add(g.float(), rg.float(), u.float()))
     # conv: columns picked out of a wider input, slots, a sequence without initial state
     c, k = 12, 4
     cols = torch.randperm(20)[:c].to(torch.int32)

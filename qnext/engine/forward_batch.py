@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qnext.engine.host_device import to_device
+from qnext.engine.host_device import pack_to_device
 
 Tensor = torch.Tensor
 
@@ -63,24 +63,19 @@ class ForwardBatch:
             slots.extend(pages[p // block_size] * block_size + p % block_size for p in range(ctx, end))
             cu.append(cu[-1] + len(toks))
         width = max(len(p) for p in block_tables)
-        table = [list(p) + [0] * (width - len(p)) for p in block_tables]
-
-        def t(data, dtype):
-            return to_device(data, dtype, device)  # pinned + async on CUDA: no wait for the previous step
-
+        table = [i for p in block_tables for i in (*p, *[0] * (width - len(p)))]
+        i64, i32 = torch.int64, torch.int32
+        # one pinned buffer, one asynchronous copy on CUDA: no wait for the previous step
+        (input_ids, positions, cu_t, seq_lens, tables, slot_mapping, slots_t, has_init,
+         logits_indices) = pack_to_device([
+            (flat, i64), (positions, i64), (cu, i32), ([c + n for c, n in zip(context_lens, query_lens)], i32),
+            (table, i32), (slots, i64), (state_slots, i64), ([c > 0 for c in context_lens], torch.bool),
+            ([c - 1 for c in cu[1:]], i64)], device)
         return ForwardBatch(
-            input_ids=t(flat, torch.int64),
-            positions=t(positions, torch.int64),
-            query_lens=query_lens,
-            context_lens=list(context_lens),
-            cu_query_lens=t(cu, torch.int32),
-            seq_lens=t([c + n for c, n in zip(context_lens, query_lens)], torch.int32),
-            block_tables=t(table, torch.int32),
-            slot_mapping=t(slots, torch.int64),
-            state_slots=t(state_slots, torch.int64),
-            has_initial_state=t([c > 0 for c in context_lens], torch.bool),
-            logits_indices=t([c - 1 for c in cu[1:]], torch.int64),
-            block_size=block_size,
+            input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=list(context_lens),
+            cu_query_lens=cu_t, seq_lens=seq_lens, block_tables=tables.view(len(block_tables), width),
+            slot_mapping=slot_mapping, state_slots=slots_t, has_initial_state=has_init,
+            logits_indices=logits_indices, block_size=block_size,
         )
 
     @staticmethod

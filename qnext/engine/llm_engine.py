@@ -66,6 +66,8 @@ class LLMEngine:
         param = next(model.parameters())
         self.model, self.model_config, self.engine_config = model, model_config, ec
         self.device, self.dtype = param.device, getattr(model, "dtype", param.dtype)
+        if hasattr(model, "stack_projections"):
+            model.stack_projections()   # fewer, larger GEMVs per decode step; the weights are final here
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.generation_config = dict(generation_config or {})
         self.model_path = model_path

@@ -94,6 +94,14 @@ class Qwen3NextForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
         self.tie_weights()
 
+    def stack_projections(self) -> None:
+        """For inference engines, once the weights are final: projections that read the same input run as one
+        (the shared expert's gate and up, the router and the shared-expert gate); see stack_projections in
+        qnext/model/layers/linear.py. Idempotent."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "stack_projections"):
+                m.stack_projections()
+
     def tie_weights(self) -> None:
         """tie_word_embeddings: one parameter under both names (named_parameters() lists only the embedding)."""
         if self.config.tie_word_embeddings:

@@ -57,22 +57,25 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+    """grid (rows, cdiv(N, BLOCK)): o[r] = silu(g[r]) * u[r] over N columns; g and u rows may be strided (the two
+    halves of one [T, 2I] projection), o is contiguous."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + offs, (g * tl.sigmoid(g) * u).to(o_ptr.dtype.element_ty), mask=m)
+    g = tl.load(g_ptr + r * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride_u + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + r * N + offs, (g * tl.sigmoid(g) * u).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, stride_g, K: tl.constexpr, BLOCK: tl.constexpr):
     """grid (T, cdiv(H, BLOCK)): o[t] = sum_j y[t, j] + sigmoid(g[t]) * s[t] (y [T, K, H]); g is one scalar per
-    token."""
+    token, stride_g apart (a column of the router's stacked output)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < H
-    gate = tl.sigmoid(tl.load(g_ptr + t + 0 * offs).to(tl.float32))
+    gate = tl.sigmoid(tl.load(g_ptr + t * stride_g + 0 * offs).to(tl.float32))
     y = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(K):
         y += tl.load(y_ptr + (t * K + j) * H + offs, mask=m, other=0.0).to(tl.float32)
@@ -81,21 +84,22 @@ def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, K: tl.constexpr, BLOCK: tl.c
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """gate, up [..., I] -> silu(gate) * up."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024, num_warps=4)
-    return out
+    """gate, up [..., I] (rows may be strided, columns contiguous) -> silu(gate) * up, contiguous."""
+    shape, n = gate.shape, gate.shape[-1]
+    gate, up = (t.reshape(-1, n) if t.stride(-1) == 1 else t.contiguous().view(-1, n) for t in (gate, up))
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        _silu_mul_kernel[(gate.shape[0], triton.cdiv(n, 1024))](gate, up, out, n, gate.stride(0), up.stride(0),
+                                                                BLOCK=1024, num_warps=4)
+    return out.view(shape)
 
 
 def sigmoid_gate_add(y: Tensor, gate: Tensor, s: Tensor) -> Tensor:
     """y [T, H] or [T, k, H] (summed over k here); s [T, H]; gate [T, 1] -> y + sigmoid(gate) * s in y.dtype."""
-    y, s, gate = y.contiguous(), s.contiguous(), gate.contiguous()
+    y, s = y.contiguous(), s.contiguous()
     t, h = s.shape
     out = torch.empty_like(s)
     if t:
-        _gate_add_kernel[(t, triton.cdiv(h, 1024))](y, gate, s, out, h, K=y.shape[1] if y.dim() == 3 else 1,
-                                                    BLOCK=1024, num_warps=4)
+        _gate_add_kernel[(t, triton.cdiv(h, 1024))](y, gate, s, out, h, gate.stride(0),
+                                                    K=y.shape[1] if y.dim() == 3 else 1, BLOCK=1024, num_warps=4)
     return out

@@ -108,3 +108,34 @@ def make_linear(in_features: int, out_features: int, *, quant: str | None = None
     if quant == "fp8":
         return Fp8Linear(in_features, out_features, ops_backend=ops_backend, **kw)
     raise ValueError(f"unknown dense quantization {quant!r} (fp8)")
+
+
+def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
+    """One projection whose output is `projs`' outputs side by side ([..., sum of out_features]), for an inference
+    engine: a decode step then makes one GEMV launch instead of several small ones. The weights (and FP8 scales)
+    are stacked along `out` once; each original keeps views into the stacked tensors, so no second copy exists and
+    state_dict is unchanged. Call it once the weights are final: the result is not a submodule (named_parameters,
+    state_dict and .to() do not see it). None, and the projections stay apart, when formats, dtypes or inputs
+    differ, when one has a bias, or for FP8 when an out size is not a multiple of the 128-row scale block."""
+    first = projs[0]
+    if (len({type(p) for p in projs}) != 1 or type(first) not in (Linear, Fp8Linear)
+            or any(p.bias is not None for p in projs) or len({p.in_features for p in projs}) != 1
+            or len({p.weight.dtype for p in projs}) != 1 or len({p.weight.device for p in projs}) != 1):
+        return None
+    fp8 = isinstance(first, Fp8Linear)
+    if fp8 and any(p.out_features % FP8_BLOCK for p in projs):
+        return None
+    out = sum(p.out_features for p in projs)
+    names = ("weight", "weight_scale_inv") if fp8 else ("weight",)
+    stacked = (Fp8Linear if fp8 else Linear)(first.in_features, out, device="meta")
+    if fp8:
+        stacked.ops_backend = first.ops_backend
+    for name in names:
+        full = torch.cat([getattr(p, name).data for p in projs])
+        setattr(stacked, name, nn.Parameter(full, requires_grad=False))
+        start = 0
+        for p in projs:
+            n = getattr(p, name).shape[0]
+            setattr(p, name, nn.Parameter(full[start:start + n], requires_grad=False))
+            start += n
+    return stacked

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, QuantScheme, cdiv, empty_param, make_linear
+from qnext.model.layers.linear import Linear, QuantScheme, cdiv, empty_param, make_linear, stack_projections
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
 from qnext.ops.registry import get_op
 
@@ -30,10 +30,17 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(hidden, intermediate, **kw)
         self.up_proj = make_linear(hidden, intermediate, **kw)
         self.down_proj = make_linear(intermediate, hidden, **kw)
+        object.__setattr__(self, "gate_up", None)   # stack_projections(): not a submodule (see there)
+
+    def stack_projections(self) -> None:
+        object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        act = get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(act)
+        silu_mul = get_op("silu_mul", self.ops_backend, x.device)
+        if self.gate_up is None:
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate_up, i = self.gate_up(x), self.gate_proj.out_features                  # [T, 2I]
+        return self.down_proj(silu_mul(gate_up[..., :i], gate_up[..., i:]))
 
 
 class Experts(nn.Module):
@@ -94,15 +101,27 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, quant=q.dense,
                                      ops_backend=ops_backend, **kw)
             self.shared_expert_gate = Linear(cfg.hidden_size, 1, **kw)
+        object.__setattr__(self, "router_and_shared_gate", None)   # stack_projections(): not a submodule
+
+    def stack_projections(self) -> None:
+        if self.shared_expert_gate is not None:
+            object.__setattr__(self, "router_and_shared_gate",
+                               stack_projections([self.gate, self.shared_expert_gate]))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
         return get_op("moe_route", self.ops_backend, x.device)(self.gate(x), self.top_k, self.norm_topk_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        ids, weights = self.route(x)
+        if self.router_and_shared_gate is None:
+            ids, weights = self.route(x)
+            shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None
+        else:
+            logits, e = self.router_and_shared_gate(x), self.gate.out_features     # [T, E + 1]
+            ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits[:, :e], self.top_k,
+                                                                          self.norm_topk_prob)
+            shared_gate = logits[:, e:]                                             # [T, 1]
         y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
-            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, self.shared_expert_gate(x),
-                                                                       self.shared_expert(x))
+            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, self.shared_expert(x))
         return y
