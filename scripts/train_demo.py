@@ -447,7 +447,8 @@ def train(a: argparse.Namespace) -> int:
             t = time.time()
             set_lr(opt, a.lr / a.warmup)
             step_fn.capture(batch())
-            log(f"training step (dense experts) captured as a CUDA graph in {time.time() - t:.1f} s (2 warm-up steps taken)")
+            log(f"training step (dense experts) captured as a CUDA graph in {time.time() - t:.1f} s "
+                "(2 warm-up steps taken)")
         except Exception as e:  # noqa: BLE001
             step_fn.graph = None
             where = traceback.format_exc().strip().splitlines()[-12:]

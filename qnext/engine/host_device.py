@@ -24,7 +24,7 @@ def to_device(data: Sequence, dtype: torch.dtype, device: torch.device | str) ->
 
 
 def pack_to_device(parts: Sequence[tuple[Sequence, torch.dtype]], device: torch.device | str) -> list[torch.Tensor]:
-    """Several flat host lists as 1-D tensors of their dtypes on `device`, through one pinned staging buffer and
+    """Several flat (1-D) host lists as 1-D tensors of their dtypes on `device`, through one pinned staging buffer and
     one asynchronous copy on CUDA (a step's ~9 small tensors each cost a pinned allocation and a copy launch of
     their own through `to_device`). Each part starts 8-byte aligned in the buffer, so every dtype can view it."""
     device = torch.device(device)

@@ -33,7 +33,8 @@ class MLP(nn.Module):
         object.__setattr__(self, "gate_up", None)   # stack_projections(): not a submodule (see there)
 
     def stack_projections(self) -> None:
-        object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
+        if self.gate_up is None:     # once: a captured CUDA graph keeps reading the first stacked tensors
+            object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         silu_mul = get_op("silu_mul", self.ops_backend, x.device)
@@ -104,7 +105,7 @@ class SparseMoeBlock(nn.Module):
         object.__setattr__(self, "router_and_shared_gate", None)   # stack_projections(): not a submodule
 
     def stack_projections(self) -> None:
-        if self.shared_expert_gate is not None:
+        if self.shared_expert_gate is not None and self.router_and_shared_gate is None:   # once (see MLP)
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
