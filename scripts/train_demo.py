@@ -7,18 +7,21 @@ time, bf16 autocast on CUDA), measure held-out loss, and write an ordinary HF-la
 sharded bf16 safetensors with Qwen's per-expert tensor names, tokenizer.json, tokenizer_config.json,
 generation_config.json (and chat_template.jinja when qnext/assets/chat_template.jinja exists).
 
-The bundled demo (qnext/assets/demo) was made on one H100 (torch 2.11, transformers 5.17, Python 3.12) with
-    python3 scripts/train_demo.py --out OUT/demo --site-packages --minutes 5.5
-in 390 s end to end: corpus 8 s, tokenizer 3 s, tokenizing 14 s, 737 steps of 32 x 2048 tokens (48 M tokens,
-146 k tokens/s: HF's torch fallback for the GDN kernels bounds the speed), saving and checks 20 s.
-chat_template.jinja is the copy of qnext/assets/chat_template.jinja that the script writes. The corpus depends on
-the interpreter (its stdlib, test suite present or not, and with --site-packages the packages installed), so another
-machine gives a similar, not an identical, model. A CPU smoke test of every step (about a minute):
+The bundled demo (qnext/assets/demo) was made on one H200 (torch 2.11, transformers 5.17, Python 3.12) with
+    python3 scripts/train_demo.py --out OUT/demo --site-packages --minutes 7.0 --cuda-graph
+in 470 s end to end: corpus 7 s, tokenizer 2.5 s, tokenizing 13 s, model set-up 10 s, CUDA-graph capture 6 s,
+1,729 steps of 32 x 2048 tokens (113 M tokens, 2.6 epochs, 270 k tokens/s), held-out loss 2.073, saving and
+checks 10 s. chat_template.jinja is the copy of qnext/assets/chat_template.jinja that the script writes. The corpus
+depends on the interpreter (its stdlib, test suite present or not, and with --site-packages the packages
+installed), so another machine gives a similar, not an identical, model. A CPU smoke test of every step (about a
+minute):
     .venv/bin/python scripts/train_demo.py --out /tmp/demo-tiny --tiny --minutes 0.3
-Towards a stronger demo (docs/quality.md: the parse-rate target is missed): eager training is launch bound (~10^4
-kernels per 32 x 2048 step), fla-core's backward refuses this H100's Triton (--gdn-kernels), and memory allows
-about 1.5x the batch (a 2048-token sequence holds ~1.1 GB of activations in float32 through the torch fallback),
-so --cuda-graph (the whole step replayed as one CUDA graph) is the lever to try; it has not run on a GPU yet.
+Speed: eager training is launch bound (~10^4 kernels per 32 x 2048 step; 120-146 k tokens/s on an H100 through
+HF's torch GDN fallback; fla-core's backward refuses this machine's Triton, see --gdn-kernels). --cuda-graph
+replays the whole step (forward, backward, clipping, AdamW) as one CUDA graph: 270 k tokens/s on the H200, where
+eager forward + backward alone ran at 197 k (whole eager steps on the H100: 122 k). It needs every op in the step to be capturable: HF's routed experts sort tokens by expert with
+data-dependent shapes, so the graph uses dense_experts_forward (same math), and HF's balance loss goes through
+its scatter_add branch (capturable_balance_loss).
 """
 
 from __future__ import annotations
