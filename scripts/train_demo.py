@@ -19,9 +19,10 @@ minute):
 Speed: eager training is launch bound (~10^4 kernels per 32 x 2048 step; 120-146 k tokens/s on an H100 through
 HF's torch GDN fallback; fla-core's backward refuses this machine's Triton, see --gdn-kernels). --cuda-graph
 replays the whole step (forward, backward, clipping, AdamW) as one CUDA graph: 270 k tokens/s on the H200, where
-eager forward + backward alone ran at 197 k (whole eager steps on the H100: 122 k). It needs every op in the step to be capturable: HF's routed experts sort tokens by expert with
-data-dependent shapes, so the graph uses dense_experts_forward (same math), and HF's balance loss goes through
-its scatter_add branch (capturable_balance_loss).
+eager forward + backward alone ran at 197 k (whole eager steps on the H100: 122 k). Every op in the step must be
+capturable: HF's routed experts sort tokens by expert with data-dependent shapes, so the graph uses
+dense_experts_forward (same math), and HF's balance loss goes through its scatter_add branch
+(capturable_balance_loss).
 """
 
 from __future__ import annotations
@@ -219,11 +220,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def choose_experts_impl(model, batch, autocast, impls=("grouped_mm", "eager", "dense")) -> None:
+def choose_experts_impl(model, batch, autocast) -> None:
     """Time a few forward+backward passes with each experts implementation (HF's two, and dense_experts_forward)
     and keep the fastest that runs (grouped_mm in fp32 under autocast is not available on every torch build)."""
     times = {}
-    for impl in impls:
+    for impl in ("grouped_mm", "eager", "dense"):
         try:
             model.set_experts_implementation(impl)
             for i in range(5):

@@ -109,19 +109,14 @@ class SparseMoeBlock(nn.Module):
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
-        return get_op("moe_route", self.ops_backend, x.device)(self.gate(x), self.top_k, self.norm_topk_prob)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        if self.router_and_shared_gate is None:
-            ids, weights = self.route(x)
-            shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None
+        if self.router_and_shared_gate is not None:
+            both, e = self.router_and_shared_gate(x), self.gate.out_features            # [T, E + 1]
+            logits, shared_gate = both[:, :e], both[:, e:]
         else:
-            logits, e = self.router_and_shared_gate(x), self.gate.out_features     # [T, E + 1]
-            ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits[:, :e], self.top_k,
-                                                                          self.norm_topk_prob)
-            shared_gate = logits[:, e:]                                             # [T, 1]
+            logits = self.gate(x)                                                       # [T, E]
+            shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
+        ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob)
         y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
             y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, self.shared_expert(x))
