@@ -110,6 +110,29 @@ def test_cli_synth(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_cli_synth_config_only_serves_synthetic_weights(tmp_path, capsys):
+    """`qnext synth --config-only` writes a directory without weights that `--synthetic` runs (and the server) use
+    for their config and tokenizer; serving one without a tokenizer is refused with a message."""
+    import httpx
+    from server_fixture import MODEL_NAME, ServerProcess
+
+    from qnext.cli import main
+
+    out = tmp_path / "shape"
+    assert main(["synth", "--preset", "tiny", "--out", str(out), "--config-only"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json"]
+    with ServerProcess(out, "--synthetic", "--max-model-len", "256") as server:
+        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((out / "config.json").read_text())
+    assert main(["serve", "--model", str(tmp_path / "bare"), "--synthetic", "--device", "cpu"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
 def test_default_model_created_once(tmp_path, monkeypatch):
     import qnext.default_model as dm
 

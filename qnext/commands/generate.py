@@ -39,8 +39,10 @@ def sampling_params(engine, args: argparse.Namespace, default_max_tokens: int):
         stop=args.stop, ignore_eos=args.ignore_eos or None)
 
 
-def stream(engine, prompt_ids: list[int], params, out=sys.stdout, show_ids: bool = False):
-    """Run one request to the end, writing its text (or token ids) as it comes; returns the final output."""
+def stream(engine, prompt_ids: list[int], params, out=None, show_ids: bool = False):
+    """Run one request to the end, writing its text (or token ids) to `out` (default: the sys.stdout of the call,
+    not of the import) as it comes; returns the final output."""
+    out = out or sys.stdout
     rid = f"cli-{time.monotonic_ns()}"
     max_tokens = params.max_tokens
     if max_tokens is not None and len(prompt_ids) + max_tokens > engine.max_model_len:  # fit, don't fail

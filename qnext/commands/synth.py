@@ -15,6 +15,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", default="4GB", help="largest safetensors shard, e.g. 4GB, 500MB")
     p.add_argument("--mtp", action="store_true", help="also write a random MTP head (mtp.* tensors)")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config.json and the tokenizer files only, no weights: a directory for --synthetic "
+                        "runs (qnext serve / generate / bench), which make the weights on the device")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = write_checkpoint(args.out, args.preset, dtype=args.dtype, fp8=args.fp8, seed=args.seed,
-                               shard_size=args.shard_size, mtp=args.mtp, progress=True)
+                               shard_size=args.shard_size, mtp=args.mtp, tensors=not args.config_only,
+                               progress=True)
     except FileExistsError as e:
         raise ValueError(str(e)) from e
-    print(f"wrote {args.preset} checkpoint to {out}")
+    print(f"wrote {args.preset} {'config and tokenizer' if args.config_only else 'checkpoint'} to {out}")
     return 0

@@ -74,12 +74,13 @@ def _state_dict_source(weights: Mapping[str, torch.Tensor]) -> Callable[[str], t
 def write_checkpoint(out_dir: str | Path, config: str | dict | ModelConfig = "tiny", dtype: str = "bfloat16",
                      fp8: bool = False, seed: int = 0, shard_size: int | str = "4GB", *,
                      weights: Mapping[str, torch.Tensor] | None = None, mtp: bool = False,
-                     tokenizer: bool = True, progress: bool = False) -> Path:
+                     tokenizer: bool = True, tensors: bool = True, progress: bool = False) -> Path:
     """Write a checkpoint of `config` (a preset name, a config.json dict or a ModelConfig) to `out_dir`.
 
     Values: synthetic (qnext.weights.synthetic, from `seed`) or cut from `weights` (our parameter names, fused
     experts). fp8: 2-D projection weights stored as block FP8 e4m3 + weight_scale_inv (128x128 blocks).
-    mtp: also write a random MTP head (`mtp.*`). Returns the directory. The directory must be empty or absent.
+    mtp: also write a random MTP head (`mtp.*`). tensors=False: config and tokenizer files only (for runs that make
+    the weights on the device: `--synthetic`). Returns the directory. The directory must be empty or absent.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -112,8 +113,9 @@ def write_checkpoint(out_dir: str | Path, config: str | dict | ModelConfig = "ti
         raise ValueError(f"the tokenizer would have {tok_size} entries but vocab_size is {cfg.vocab_size}")
 
     out.mkdir(parents=True, exist_ok=True)
-    source = _state_dict_source(weights) if weights is not None else None
-    _write_tensors(out, layout, quant, DTYPES[dtype], seed, parse_size(shard_size), source, progress)
+    if tensors:
+        source = _state_dict_source(weights) if weights is not None else None
+        _write_tensors(out, layout, quant, DTYPES[dtype], seed, parse_size(shard_size), source, progress)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer:
         _write_tokenizer(out, tok_size, cfg)
