@@ -13,7 +13,7 @@ set -euo pipefail
 out=${1:?usage: gpu_serve_bench.sh OUT_DIR [serve flags...]}
 shift
 mkdir -p "$out"
-model=/tmp/qnext_serve_bench_model
+model=$(mktemp -d)/model
 port=${SERVE_BENCH_PORT:-8765}
 if [[ "${SERVE_BENCH_SMALL:-0}" == 1 ]]; then
   preset=tiny; ilen=64; olen=16; n=8; c=4; serve_flags=(--device cpu --max-num-seqs 4 --max-model-len 256)

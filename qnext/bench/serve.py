@@ -91,14 +91,16 @@ async def _arrivals(n: int, request_rate: float, burstiness: float, rng: random.
 
 async def run_load(base_url: str, endpoint: str, model: str, prompts: list[BenchPrompt], *,
                    max_concurrency: int | None, request_rate: float, burstiness: float, ignore_eos: bool,
-                   temperature: float, seed: int, num_warmups: int, api_key: str | None,
+                   temperature: float, seed: int, warmups: list[BenchPrompt] | None = None, api_key: str | None,
                    timeout_s: float) -> tuple[list[RequestResult], float]:
+    """Send `warmups` one at a time (not measured), then `prompts` under the concurrency / arrival-rate limits:
+    (one result per prompt, the measured duration)."""
     url = base_url.rstrip("/") + endpoint
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=max_concurrency or 1000)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits) as client:
-        for p in prompts[:num_warmups]:
+        for p in warmups or []:
             await send_one(client, url, _payload(endpoint, model, p, ignore_eos, temperature), p.prompt_len, 0.0)
         t0 = time.perf_counter()
 

@@ -63,9 +63,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     warm, prompts = prompts[: args.num_warmups], prompts[args.num_warmups:]
     model = args.model or asyncio.run(first_model(args.base_url, args.api_key))
     results, duration = asyncio.run(run_load(
-        args.base_url, args.endpoint, model, warm + prompts, max_concurrency=args.max_concurrency,
+        args.base_url, args.endpoint, model, prompts, max_concurrency=args.max_concurrency,
         request_rate=args.request_rate, burstiness=args.burstiness, ignore_eos=args.ignore_eos,
-        temperature=args.temperature, seed=args.seed, num_warmups=args.num_warmups, api_key=args.api_key,
+        temperature=args.temperature, seed=args.seed, warmups=warm, api_key=args.api_key,
         timeout_s=args.timeout))
     metrics = aggregate(results, duration, percentiles, slo)
     print(format_table(metrics, percentiles))
