@@ -214,6 +214,8 @@ def moe_section(kinds, quick: bool) -> None:
                      None],
         "int4_32": [dict(int4_dot=False)],
     }
+    grouped_sweeps = [dict(bn=16), dict(bn=64), dict(bn2=32), dict(bn2=128), dict(stages=2, stages2=2),
+                      dict(stages=4, stages2=4), dict(warps=2, warps2=2)]
     prefill_sweeps = {
         "bf16": [None, dict(bn=64, stages=3, bn2=64, stages2=3)],
         "fp8": [None, dict(bn2=64, warps2=4, stages2=3)],
@@ -226,20 +228,23 @@ def moe_section(kinds, quick: bool) -> None:
         layers = [make_layer(kind, s) for s in (1, 2)]
         per_expert = expert_bytes(*layers[0])
         # parity at full size
-        for m, path in ((1, "gemv"), (8, "gemv"), (8, "sorted"), (32, "sorted"), (32, "gemv")):
+        for m, path in ((1, "gemv"), (8, "gemv"), (8, "sorted"), (32, "sorted"), (32, "gemv"), (1, "grouped"),
+                        (32, "grouped"), (200, "grouped")):
             w, ids = routings(m, 1, seed=100 + m)[0]
             x = torch.randn(m, H, device="cuda").bfloat16()
             ref = quant.moe_forward_ref(x, *layers[0], w, ids, h_dtype=torch.bfloat16)
             parity(f"moe {kind} {path} M={m}", rel(fused_moe(x, *layers[0], w, ids, path=path), ref), 1.5e-2)
         # decode timings, rotating over 2 layers x 8 routings (so L2 never holds the experts of the next call)
-        for m in (1, 8, 32):
+        for m in (1, 8, 32, 64):
             routes = routings(m, 8, seed=m)
             xs = [torch.randn(m, H, device="cuda").bfloat16() for _ in range(4)]
             uniq = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
             nbytes = uniq * per_expert
-            paths = ["gemv", "sorted"]
+            paths = ["gemv", "grouped", "sorted"]
             for path in paths:
                 cfgs = [None] + (sweeps[kind] if (m == 1 and path == "gemv" and not quick) else [])
+                if path == "grouped" and not quick:
+                    cfgs += grouped_sweeps
                 if m > 1 and path == "gemv" and kind.startswith("int4"):
                     cfgs.append(dict(int4_dot=False))
                 if m > 1 and path == "gemv":

@@ -102,7 +102,7 @@ def _moe_weights(kind: str, e: int, h: int, inter: int, device="cuda"):
 
 @cuda_only
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "int4_128", "int4_32"])
-@pytest.mark.parametrize("path", ["gemv", "sorted"])
+@pytest.mark.parametrize("path", ["gemv", "grouped", "sorted"])
 @pytest.mark.parametrize("m,e,k", [(1, 16, 4), (7, 13, 3), (133, 20, 5)])
 def test_fused_moe(kind, path, m, e, k):
     from qnext.ops.triton_moe import fused_moe
@@ -145,6 +145,20 @@ def test_moe_align_covers_every_pair_once():
         row = blocks[b][blocks[b] < p].long()
         if row.numel():
             assert (ids.reshape(-1)[row] == block_e[b]).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("p_tokens,e,k", [(1, 512, 10), (32, 512, 10), (300, 64, 8)])
+def test_group_pairs_lists_every_pair_under_its_expert(p_tokens, e, k):
+    from qnext.ops.triton_moe_grouped import group_pairs
+    ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(p_tokens)]).int()
+    slot_e, slot_cnt, slot_pairs, used = group_pairs(ids, e)
+    flat, n = ids.reshape(-1), int(used)
+    experts = flat.unique()
+    assert n == experts.numel() and torch.equal(slot_e[:n], experts.int())
+    for s in range(n):
+        want = (flat == slot_e[s]).nonzero().flatten().int()
+        assert torch.equal(slot_pairs[s, : int(slot_cnt[s])], want)
 
 
 # ---- CUDA: gated delta rule --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Our Triton kernels on the CPU, through Triton's interpreter (tests/triton_interpret_check.py in a subprocess):
 the glue kernels (norms, routing, activation, conv with its column map), the fp8 GEMV, the fused MoE
-paths (GEMV and sorted; 16-bit, int4 and fp8 weights), paged attention (decode with splits, prefill over cached
+paths (GEMV, grouped and sorted; 16-bit, int4 and fp8 weights), paged attention (decode with splits, prefill over cached
 context) and the fused GDN decode step against their torch references, and
 the tiny model's greedy tokens through the whole Triton backend against the torch backend. Skipped where Triton
 is not installed; the GPU runs of tests/test_gpu_ops.py check the same kernels compiled."""
@@ -31,12 +31,14 @@ def results():
 
 def test_glue_kernels_match_reference(results):
     for name, value in results.items():
-        if name.startswith("moe_route_ids"):
+        if name.startswith(("moe_route_ids", "moe_group_pairs")):
             assert value is True, name
         elif isinstance(value, float):
             exact = "float32" in name or name.startswith(("conv", "fp8", "paged", "gdn"))  # float32 on both sides
             assert value < (1e-6 if exact else 2e-2), (name, value)
-    assert sum(name.startswith("fused_moe_") for name in results) == 12          # 2 paths x 3 formats x (summed or not)
+    # (gemv, sorted, grouped at 3 and 70 tokens) x 3 formats x (summed or not)
+    assert sum(name.startswith("fused_moe_") for name in results) == 24
+    assert results["moe_group_pairs_ids"] is True
 
 
 def test_model_greedy_tokens_same_through_triton_backend(results):

@@ -129,11 +129,14 @@ def attention_and_gdn_checks() -> dict:
 
 
 def moe_checks() -> dict:
-    """fused_moe's GEMV (decode) and sorted grouped-GEMM (prefill) paths for the three weight formats. fp16
+    """fused_moe's GEMV and grouped (decode) and sorted grouped-GEMM (prefill) paths for the three weight formats
+    (grouped at 70 tokens: 140 pairs over 8 experts, so each expert's pairs take several 16-row chunks), and
+    group_pairs against a torch grouping. fp16
     activations: this interpreter's tl.dot is wrong for bf16 operands (a plain 16x16 bf16 dot is off by 1e10),
     right for fp16 and float32."""
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
     from qnext.ops.triton_moe import fused_moe
+    from qnext.ops.triton_moe_grouped import group_pairs
 
     e, h, inter, k = 8, 256, 128, 2
     w13f, w2f = torch.randn(e, 2 * inter, h) / 16, torch.randn(e, h, inter) / 16
@@ -144,14 +147,22 @@ def moe_checks() -> dict:
     for name, ws in formats.items():
         w13, w2 = ws[:2]
         ref13, ref2 = ws[2:] if len(ws) == 4 else ws
-        for m, path in ((1, "gemv"), (5, "sorted")):
+        for m, path in ((1, "gemv"), (5, "sorted"), (3, "grouped"), (70, "grouped")):
             x = torch.randn(m, h).half()
             ids = torch.stack([torch.randperm(e)[:k] for _ in range(m)])
             tw = torch.rand(m, k)
             ref = ref_ffn.fused_moe(x.float(), ref13, ref2, tw, ids)
-            out[f"fused_moe_{path}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
+            tag = f"{path}{m}" if path == "grouped" else path
+            out[f"fused_moe_{tag}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
             parts = fused_moe(x, w13, w2, tw, ids, path=path, reduce=False)
-            out[f"fused_moe_{path}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
+            out[f"fused_moe_{tag}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
+    ids = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
+    slot_e, slot_cnt, slot_pairs, used = group_pairs(ids, 12)
+    flat, n = ids.reshape(-1), int(used)
+    experts = flat.unique()
+    out["moe_group_pairs_ids"] = (n == len(experts) and slot_e[:n].tolist() == experts.tolist()
+                                  and all(slot_pairs[s, :slot_cnt[s]].tolist() == (flat == slot_e[s]).nonzero()
+                                          .flatten().tolist() for s in range(n)))
     return out
 
 

@@ -32,6 +32,7 @@ import torch
 
 from qnext.ops.quant import Fp8BlockWeight, Int4GroupWeight, QuantWeight
 from qnext.ops.triton_moe_gemv import moe_gemv
+from qnext.ops.triton_moe_grouped import moe_grouped
 from qnext.ops.triton_moe_sorted import moe_sorted
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, kernel_view
 
@@ -48,7 +49,7 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
     both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype. With
     reduce=False the paths that end in a sum over the k experts return [M, k, H] instead (the caller's
     sigmoid_gate_add sums them in its pass), others still [M, H].
-    path: "auto" (GEMV up to GEMV_MAX_PAIRS[kind] pairs, else sorted), "gemv" or "sorted"."""
+    path: "auto" (GEMV up to GEMV_MAX_PAIRS[kind] pairs, else sorted), "gemv", "grouped" or "sorted"."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe takes bf16/fp16 activations, got {x.dtype}")
     a, b = kernel_view(w13), kernel_view(w2)
@@ -67,7 +68,9 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
         return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "sorted":
         return moe_sorted(x, a, b, topk_weights, topk_ids, config, reduce)
-    raise ValueError(f"unknown MoE path {path!r} (auto, gemv, sorted)")
+    if path == "grouped":
+        return moe_grouped(x, a, b, topk_weights, topk_ids, config, reduce)
+    raise ValueError(f"unknown MoE path {path!r} (auto, gemv, grouped, sorted)")
 
 
 def weight_bytes_touched(w13: QuantWeight, w2: QuantWeight, topk_ids: Tensor) -> int:

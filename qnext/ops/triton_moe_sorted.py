@@ -49,6 +49,53 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
 
 
 @triton.jit
+def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, stride_sn,
+                 KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(acc, acc2) [BM, BN] float32: the BM activation rows a_rows (pointers to row starts; rows not in mvalid read
+    zeros) times rows `rows` of one expert's weight (wb: its data, sb: its scales); acc2 = the up rows N + rows
+    when GATE_UP (else zeros). fp8: BK == 128, BN divides 128, N % 128 == 0; int4: BK == group, K % BK == 0."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    if KIND == 2:
+        jj = tl.arange(0, BK // 2)
+        for k0 in range(0, K, BK):              # half-split packing: low nibbles k0.., high nibbles k0 + BK/2..
+            a_e = tl.load(a_rows + (k0 + jj)[None, :], mask=mvalid[:, None], other=0.0)
+            a_o = tl.load(a_rows + (k0 + BK // 2 + jj)[None, :], mask=mvalid[:, None], other=0.0)
+            pk = k0 // 2 + jj
+            p = tl.load(wb + rows[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+            lo, hi = int4_dq(p, a_e.dtype)
+            sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+            acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc[None, :]
+            if GATE_UP:
+                p2 = tl.load(wb + (rows + N)[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+                lo2, hi2 = int4_dq(p2, a_e.dtype)
+                sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+                acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2[None, :]
+    else:
+        kk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            ka = k0 + kk
+            kmask = ka < K
+            a = tl.load(a_rows + ka[None, :], mask=mvalid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            if KIND == 1:
+                s = tl.load(sb + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
+                acc += tl.dot(a, w.to(a.dtype)) * s
+            else:
+                acc = tl.dot(a, w, acc)
+            if GATE_UP:
+                w2 = tl.load(wb + (rows + N)[None, :] * stride_wn + ka[:, None],
+                             mask=kmask[:, None] & nmask[None, :], other=0.0)
+                if KIND == 1:
+                    s2 = tl.load(sb + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
+                    acc2 += tl.dot(a, w2.to(a.dtype)) * s2
+                else:
+                    acc2 = tl.dot(a, w2, acc2)
+    return acc, acc2
+
+
+@triton.jit
 def _moe_dot_kernel(
     a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_e_ptr, tw_ptr,
     N, K, P, TOPK, E,
@@ -75,47 +122,8 @@ def _moe_dot_kernel(
         arow = (pair // TOPK).to(tl.int64)
     rows = pid_n * BN + tl.arange(0, BN)
     nmask = rows < N
-    wb = w_ptr + e * stride_we
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    a_rows = a_ptr + arow[:, None] * stride_am
-    if KIND == 2:
-        jj = tl.arange(0, BK // 2)
-        for k0 in range(0, K, BK):              # BK == group, K % BK == 0; half-split packing
-            a_e = tl.load(a_rows + (k0 + jj)[None, :], mask=mvalid[:, None], other=0.0)
-            a_o = tl.load(a_rows + (k0 + BK // 2 + jj)[None, :], mask=mvalid[:, None], other=0.0)
-            pk = k0 // 2 + jj
-            p = tl.load(wb + rows[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
-            lo, hi = int4_dq(p, a_e.dtype)
-            sc = tl.load(s_ptr + e * stride_se + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-            acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc[None, :]
-            if GATE_UP:
-                p2 = tl.load(wb + (rows + N)[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
-                lo2, hi2 = int4_dq(p2, a_e.dtype)
-                sc2 = tl.load(s_ptr + e * stride_se + (rows + N) * stride_sn + k0 // BK,
-                              mask=nmask, other=0).to(tl.float32)
-                acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2[None, :]
-    else:
-        kk = tl.arange(0, BK)
-        for k0 in range(0, K, BK):
-            ka = k0 + kk
-            kmask = ka < K
-            a = tl.load(a_rows + ka[None, :], mask=mvalid[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
-            if KIND == 1:                        # BK == 128, BN divides 128, N % 128 == 0
-                s = tl.load(s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
-                acc += tl.dot(a, w.to(a.dtype)) * s
-            else:
-                acc = tl.dot(a, w, acc)
-            if GATE_UP:
-                w2 = tl.load(wb + (rows + N)[None, :] * stride_wn + ka[:, None],
-                             mask=kmask[:, None] & nmask[None, :], other=0.0)
-                if KIND == 1:
-                    s2 = tl.load(s_ptr + e * stride_se + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
-                    acc2 += tl.dot(a, w2.to(a.dtype)) * s2
-                else:
-                    acc2 = tl.dot(a, w2, acc2)
+    acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we, s_ptr + e * stride_se,
+                             rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK)
     if GATE_UP:
         h = acc * tl.sigmoid(acc) * acc2
         tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + rows[None, :],
