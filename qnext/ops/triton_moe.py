@@ -5,10 +5,10 @@ Weights (any of the three formats in qnext.ops.quant, the same format for both):
     bf16/fp16 tensors | Fp8BlockWeight (e4m3 + 128x128 scale_inv) | Int4GroupWeight (packed nibbles + bf16 scales)
 Routing: topk_ids [M, k] (int32/int64), topk_weights [M, k] float32 (already renormalised).
 Reference: qnext.ops.quant.moe_forward_ref (float32 over dequantized weights).
-Files: this one (fused_moe, the path choice), triton_moe_gemv.py, triton_moe_sorted.py, triton_moe_weights.py
-(the kernel view of a weight and the int4 dequant both paths use).
+Files: this one (fused_moe, the path choice), triton_moe_gemv.py, triton_moe_grouped.py, triton_moe_sorted.py,
+triton_moe_weights.py (the kernel view of a weight and the int4 dequant all paths use).
 
-Two paths, chosen by the number of (token, expert) pairs P = M * k (GEMV_MAX_PAIRS, measured on H100):
+Three paths, chosen by the number of (token, expert) pairs P = M * k (see GEMV_MAX_PAIRS; measured on H100):
 * "gemv" (decode): no sorting, no torch bookkeeping, so it sits in a CUDA graph as 2-3 launches.
   - split mode (P <= SPLIT_MAX_PAIRS, i.e. batch <= 3 at top-10; latency bound): kernel 1 gives each program whole
     rows (4 rows x all of K) of one pair's gate and up, writing h = silu(g) * u [P, I]; kernel 2 runs one program
@@ -18,6 +18,9 @@ Two paths, chosen by the number of (token, expert) pairs P = M * k (GEMV_MAX_PAI
   bf16/fp8/int4 on CUDA cores keep a [BN, NG, GS] float32 accumulator reduced once at the end, weights dequantized
   in registers; int4 outside split mode uses tensor cores instead (_moe_gemv_int4_dot_*: the token is row 0 of a
   16-row tl.dot, one quant group per step, fewer instructions per weight byte).
+* "grouped" (decode batches, triton_moe_grouped.py): one kernel groups the pairs by expert (a sort in one
+  program), then one program per (used expert, BN rows) multiplies the expert's tile by all of its pairs (16-row
+  tl.dot chunks), so each used expert is read once per call; 3 launches, CUDA-graph safe.
 * "sorted" (prefill): pairs are grouped by expert and padded to BM rows (moe_align, torch ops, no host sync); a
   grouped GEMM with tl.dot runs per (BM block, BN block) of each expert. gate_up writes h in sorted order, down
   multiplies by the router weight and writes y [P, H] by pair; y.view(M, k, H).sum(1) finishes.
@@ -38,9 +41,12 @@ from qnext.ops.triton_moe_weights import BF16, FP8, INT4, kernel_view
 
 Tensor = torch.Tensor
 
-# auto picks the GEMV path up to this many (token, expert) pairs (H100: GEMV beat sorted at M = 8 and 32 tokens x
-# top-10 for bf16/int4, at M = 8 but not 32 for fp8).
-GEMV_MAX_PAIRS = {BF16: 320, FP8: 160, INT4: 320}
+# auto's choice by the number of (token, expert) pairs P (H100, scripts/gpu_check.py, docs/perf-notes.md): GEMV up to
+# GEMV_MAX_PAIRS (bf16 GEMV streams at ~100% of bandwidth up to 32 tokens; for fp8/int4 only the latency-bound split
+# mode at batch <= 3 beats grouping), then the grouped path up to GROUPED_AUTO_MAX_PAIRS (int4 at 32 / 64 tokens:
+# 243 / 367 us against GEMV 310 / 606 and sorted 315 / 433; fp8 310 / 472 against 386 / 541 sorted), then sorted.
+GEMV_MAX_PAIRS = {BF16: 320, FP8: 32, INT4: 32}
+GROUPED_AUTO_MAX_PAIRS = {BF16: 0, FP8: 1024, INT4: 1024}
 
 
 def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor, topk_ids: Tensor, *,
@@ -49,7 +55,7 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
     both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype. With
     reduce=False the paths that end in a sum over the k experts return [M, k, H] instead (the caller's
     sigmoid_gate_add sums them in its pass), others still [M, H].
-    path: "auto" (GEMV up to GEMV_MAX_PAIRS[kind] pairs, else sorted), "gemv", "grouped" or "sorted"."""
+    path: "auto" (by the pair count, see GEMV_MAX_PAIRS), "gemv", "grouped" or "sorted"."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe takes bf16/fp16 activations, got {x.dtype}")
     a, b = kernel_view(w13), kernel_view(w2)
@@ -63,7 +69,9 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
     if topk_ids.numel() == 0:
         return torch.zeros_like(x)
     if path == "auto":
-        path = "gemv" if topk_ids.numel() <= GEMV_MAX_PAIRS[a.kind] else "sorted"
+        p = topk_ids.numel()
+        path = ("gemv" if p <= GEMV_MAX_PAIRS[a.kind] else "grouped" if p <= GROUPED_AUTO_MAX_PAIRS[a.kind]
+                else "sorted")
     if path == "gemv":
         return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "sorted":
