@@ -481,19 +481,19 @@ def attn_section(quick: bool) -> None:
 
 @guard("fp8_linear")
 def fp8_section(quick: bool) -> None:
-    from qnext.ops.triton_linear_fp8 import fp8_linear
+    from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
     torch.manual_seed(0)
     for n, k in ((12288, 2048), (2048, 4096)):
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         wb = [quant.dequantize(w, torch.bfloat16) for w in ws[:4]]
-        for m in (1, 8, 8192):
+        for m in (1, 8, 32, 8192):
             x = torch.randn(m, k, device="cuda").bfloat16()
             wf = quant.dequantize(ws[0])
             ref = x.float() @ wf.t()
             blocks = x.float().view(m, -1, 128)                # activations as w8a8 / scaled_mm round them
             sc = (blocks.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
             ref_q = ((blocks / sc).to(torch.float8_e4m3fn).float() * sc).view(m, -1) @ wf.t()
-            paths = (["gemv", "scaled_mm", "w8a8"] if m <= 32 else ["w8a8", "w8a16", "scaled_mm", "dequant"])
+            paths = (["gemv", "scaled_mm", "w8a8", "w8a16"] if m <= 32 else ["w8a8", "w8a16", "scaled_mm", "dequant"])
             if m == 1:
                 paths += ["w8a16", "dequant"]
             for path in paths:
@@ -511,6 +511,11 @@ def fp8_section(quick: bool) -> None:
                 else:
                     us = time_events(lambda i, path=path: fp8_linear(x, ws[i % 8], path=path), 8, iters=5)
                     record(f"fp8 linear {path} M={m} N={n} K={k}", us, flops=2 * m * n * k)
+            if 1 < m <= 32:                                     # small-M w8a16 tile variants
+                for t in (dict(bn=32), dict(bn=64), dict(bn=16), dict(num_stages=3), dict(num_warps=2)):
+                    tiles = {**small_m_tiles(m, n), **t}
+                    us = time_graph(lambda i, tiles=tiles: fp8_linear(x, ws[i % 8], path="w8a16", tiles=tiles), 8)
+                    record(f"fp8 linear w8a16 M={m} N={n} K={k} {t}", us, bytes_=n * k * 1.0)
             if m <= 32:
                 us = time_graph(lambda i: F.linear(x, wb[i % 4]), 4)
                 record(f"bf16 cuBLAS linear M={m} N={n} K={k}", us, bytes_=n * k * 2.0)

@@ -91,6 +91,10 @@ def op_checks() -> dict:
     ref = xg @ dequantize(w8).t()
     out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
     out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
+    # decode batches (auto: w8a16 tl.dot with small tiles); fp16, as this interpreter's bf16 tl.dot is wrong
+    from qnext.ops.triton_linear_fp8 import fp8_linear
+    xh = torch.randn(20, 640).half()
+    out["linear_fp8_small_m/fp16"] = err(fp8_linear(xh, w8).float(), xh.float() @ dequantize(w8).t())
     out.update(moe_checks())
     out.update(attention_and_gdn_checks())
     return out
