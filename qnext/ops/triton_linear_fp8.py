@@ -164,9 +164,11 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
 
 
 def small_m_tiles(m: int, n: int) -> dict:
-    """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring)."""
-    return dict(bm=max(16, triton.next_power_of_2(m)), bn=32 if n >= 4096 else 16, group_m=1, num_warps=4,
-                num_stages=4)
+    """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring). H100 sweep
+    (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
+    bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23)."""
+    bn = 16 if n < 4096 else 32 if m <= 16 else 64
+    return dict(bm=max(16, triton.next_power_of_2(m)), bn=bn, group_m=1, num_warps=4, num_stages=4)
 
 
 def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
