@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.triton_moe_sorted import _expert_tile
+from qnext.ops.triton_moe_sorted import _expert_tile, tile_cfg
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight
 
 Tensor = torch.Tensor
@@ -127,23 +127,12 @@ def group_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Ten
     return slot_e, slot_cnt, slot_pairs, used
 
 
-def _grouped_cfg(w: KernelWeight, config: dict | None) -> dict:
-    cfg = dict(GROUPED_DEFAULTS[w.kind])
-    if config:
-        cfg.update({k: v for k, v in config.items() if k in cfg})
-    if w.kind == INT4:
-        cfg["bk"] = w.group
-    if w.kind == FP8 and (cfg["bk"] != 128 or 128 % cfg["bn"] or 128 % cfg["bn2"]):
-        raise ValueError("fp8 grouped tiles need BK == 128 and BN dividing 128")
-    return cfg
-
-
 def moe_grouped(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
                 config: dict | None = None, reduce: bool = True) -> Tensor:
     """Decode-batch path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
     m, top_k = topk_ids.shape
     p, inter, hidden = m * top_k, w2.k, w2.n
-    cfg = _grouped_cfg(w13, config)
+    cfg = tile_cfg(w13, config, GROUPED_DEFAULTS)
     slot_e, slot_cnt, slot_pairs, used = group_pairs(topk_ids, w13.data.shape[0])
     slots, maxc = slot_pairs.shape
     tw = topk_weights.reshape(-1).contiguous()

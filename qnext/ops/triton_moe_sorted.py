@@ -140,14 +140,16 @@ def _pick_bm(pairs: int, experts: int) -> int:
     return 16 if per_expert < 24 else 32 if per_expert < 64 else 64
 
 
-def _sorted_cfg(w: KernelWeight, config: dict | None) -> dict:
-    cfg = dict(SORTED_DEFAULTS[w.kind])
+def tile_cfg(w: KernelWeight, config: dict | None, defaults: dict, extra: tuple[str, ...] = ()) -> dict:
+    """_expert_tile launch settings: defaults[w.kind] updated by config's known keys (and `extra` ones); int4's BK
+    is its group; fp8 needs BK == 128 and BN dividing 128 (one scale block per tile)."""
+    cfg = dict(defaults[w.kind])
     if config:
-        cfg.update({k: v for k, v in config.items() if k in cfg or k == "bm"})
+        cfg.update({k: v for k, v in config.items() if k in cfg or k in extra})
     if w.kind == INT4:
         cfg["bk"] = w.group
     if w.kind == FP8 and (cfg["bk"] != 128 or 128 % cfg["bn"] or 128 % cfg["bn2"]):
-        raise ValueError("fp8 sorted tiles need BK == 128 and BN dividing 128")
+        raise ValueError("fp8 MoE tiles need BK == 128 and BN dividing 128")
     return cfg
 
 
@@ -156,7 +158,7 @@ def moe_sorted(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Ten
     """Prefill path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
     m, top_k = topk_ids.shape
     p, inter, hidden, experts = m * top_k, w2.k, w2.n, w13.data.shape[0]
-    cfg = _sorted_cfg(w13, config)
+    cfg = tile_cfg(w13, config, SORTED_DEFAULTS, extra=("bm",))
     bm = cfg.get("bm") or _pick_bm(p, experts)
     sorted_pairs, block_expert = moe_align(topk_ids, experts, bm)
     nb = block_expert.shape[0]
