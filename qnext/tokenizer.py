@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders as _decoders
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -38,6 +39,9 @@ class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None, extra_eos_ids: Iterable[int] = ()):
         self._tok = tokenizer
         self.config = dict(config or {})
+        # Byte-level BPE (Qwen's) decodes token by token: decode(a + b) == decode(a) + decode(b) whenever a ends on
+        # a whole UTF-8 character, which IncrementalDetokenizer uses to skip a decode per token.
+        self.decode_concatenates = isinstance(tokenizer.decoder, _decoders.ByteLevel)
         self._added = {i: t for i, t in tokenizer.get_added_tokens_decoder().items()}
         self.all_special_ids = frozenset(i for i, t in self._added.items() if t.special)
         self.special_tokens = {
@@ -137,6 +141,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._concatenates = getattr(tokenizer, "decode_concatenates", False)
         self.token_ids: list[int] = []
         self._pieces: list[str] = []  # everything emitted so far (joined only when output_text is read)
         self._prefix = 0  # window start
@@ -161,9 +166,13 @@ class IncrementalDetokenizer:
         start = len(self._prefix_text) + self._emitted_past_read
         if not text.endswith(REPLACEMENT_CHAR) and len(text) > len(self._prefix_text):
             piece = text[start:]
-            # Advance: the old read point becomes the context start; the new read point is the end.
+            # Advance: the old read point becomes the context start; the new read point is the end. The old window
+            # text ends on a whole character, so with a concatenating decoder the new prefix text is its tail.
             self._prefix, self._read = self._read, len(self.token_ids)
-            self._prefix_text = self._decode(self.token_ids[self._prefix : self._read])
+            if self._concatenates:
+                self._prefix_text = text[len(self._prefix_text):]
+            else:
+                self._prefix_text = self._decode(self.token_ids[self._prefix : self._read])
             self._emitted_past_read = 0
         else:
             stable = len(text.rstrip(REPLACEMENT_CHAR))

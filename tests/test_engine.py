@@ -259,3 +259,18 @@ def test_logprob_deltas_add_up(loaded, prompts):
     for lp, tok, total in zip(deltas, c.token_ids, cum):
         running += lp[tok].logprob
         assert total == pytest.approx(running)
+
+
+def test_pack_to_device_round_trips_every_dtype_on_cpu():
+    from qnext.engine.host_device import pack_to_device
+
+    parts = [([1, 2, 3], torch.int64), ([], torch.int32), ([4, -5, 6, 7, 8], torch.int32), ([True, False], torch.bool),
+             ([9], torch.int64), ([0.5, -2.0], torch.float32), ([2**40, -1], torch.int64)]
+    out = pack_to_device(parts, "cpu")
+    for (data, dtype), t in zip(parts, out):
+        assert t.dtype == dtype and t.shape == (len(data),)
+        assert t.tolist() == torch.tensor(data, dtype=dtype).tolist()
+    out[0][0] = 7                                     # writable, and parts do not overlap
+    assert out[0].tolist() == [7, 2, 3] and out[2].tolist() == [4, -5, 6, 7, 8]
+    with pytest.raises(OverflowError):
+        pack_to_device([([2**40], torch.int32)], "cpu")

@@ -107,6 +107,24 @@ def test_streaming_random_ids_join_to_full_decode(tk):
         assert "".join(pieces) == tk.decode(ids, skip_special_tokens=skip)
 
 
+def test_streaming_same_pieces_with_and_without_the_concatenating_shortcut(tk):
+    """Byte-level decoding concatenates, so the detokenizer derives the next window's prefix text instead of
+    decoding it: the pieces must be exactly those of the general path."""
+    assert tk.decode_concatenates
+    rng = random.Random(1)
+    text = " ".join(SAMPLES * 3)
+    for trial in range(30):
+        ids = tk.encode(text) if trial == 0 else [rng.randrange(tk.vocab_size + 3) for _ in range(60)]
+        chunks = rng.choice([1, 1, 2, 3])
+        fast = stream(tk, ids, chunks)[1]
+        tk.decode_concatenates = False
+        try:
+            slow = stream(tk, ids, chunks)[1]
+        finally:
+            tk.decode_concatenates = True
+        assert fast == slow
+
+
 def test_streaming_special_tokens(tk):
     ids = tk.encode("<|im_start|>assistant\nok<tool_call>x</tool_call><|im_end|>")
     assert "".join(stream(tk, ids)[1]) == "assistant\nok<tool_call>x</tool_call>"

@@ -6,6 +6,7 @@ continue the context_len_i tokens already in its KV pages and GDN state slot. No
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,11 @@ class ForwardBatch:
             slots.extend(pages[p // block_size] * block_size + p % block_size for p in range(ctx, end))
             cu.append(cu[-1] + len(toks))
         width = max(len(p) for p in block_tables)
-        table = [i for p in block_tables for i in (*p, *[0] * (width - len(p)))]
+        table = array("i")
+        for p in block_tables:
+            table.extend(p)
+            if len(p) < width:
+                table.frombytes(bytes(4 * (width - len(p))))  # zero pages past the sequence's own
         i64, i32 = torch.int64, torch.int32
         # one pinned buffer, one asynchronous copy on CUDA: no wait for the previous step
         (input_ids, positions, cu_t, seq_lens, tables, slot_mapping, slots_t, has_init,

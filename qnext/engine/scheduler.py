@@ -104,8 +104,10 @@ class Scheduler:
         def pending(r: Request) -> int:
             return r.num_tokens - r.num_computed_tokens
 
-        order = [r for r in self.running if pending(r) == 1] + [r for r in self.running if pending(r) != 1]
-        for req in order:
+        decodes, others = [], []
+        for r in self.running:                          # decodes first, then prefill chunks
+            (decodes if pending(r) == 1 else others).append(r)
+        for req in decodes + others:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
@@ -124,7 +126,8 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            req.block_ids += self.pool.allocate(need)
+            if need > 0:
+                req.block_ids += self.pool.allocate(need)
             chosen[req.request_id] = self._chunk(req, n)
             budget -= n
 

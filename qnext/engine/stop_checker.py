@@ -108,7 +108,7 @@ class StopChecker:
                 if piece:
                     old_len = self._len
                     self._append(piece)
-                    if stoppable and self._check_stop_strings(old_len):
+                    if stoppable and self.stop_strings and self._check_stop_strings(old_len):
                         break
             if len(self.token_ids) >= self.max_tokens:
                 self._finish("length", None)
@@ -155,7 +155,7 @@ class StopChecker:
         return longest
 
     def _take_delta(self) -> str:
-        end = self._len if self.finished else self._len - self._held_back()
+        end = self._len if self.finished or not self.stop_strings else self._len - self._held_back()
         if end <= self._released:
             return ""
         delta = self._tail(self._len - self._released)[: end - self._released]
