@@ -41,7 +41,7 @@ def pack_to_device(parts: Sequence[tuple[Sequence, torch.dtype]], device: torch.
         buf += array(_TYPECODES[dtype], data).tobytes()
         spans.append((start, len(buf), dtype))
         buf += bytes(-len(buf) % 8)
-    host = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    host = torch.frombuffer(buf or bytearray(8), dtype=torch.uint8)   # never a zero-size pinned copy
     if device.type == "cuda":
         staging = torch.empty(host.numel(), dtype=torch.uint8, pin_memory=True)
         staging.copy_(host)
