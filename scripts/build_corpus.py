@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import hashlib
 import json
 import os
@@ -196,8 +197,13 @@ def write_docs(path: Path, docs: list[tuple[str, str]]) -> None:
 
 
 def read_docs(path: str | Path) -> list[str]:
-    """Documents of a corpus file (split at lines holding only <|endoftext|>); a plain file is one document."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Documents of a corpus file, gzipped or not (split at lines holding only <|endoftext|>); a plain file is one
+    document."""
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = Path(path).read_text(encoding="utf-8")
     return [d for d in text.split(f"\n{DOC_SEP}\n") if d.strip()]
 
 

@@ -13,7 +13,10 @@ in 470 s end to end: corpus 7 s, tokenizer 2.5 s, tokenizing 13 s, model set-up 
 1,729 steps of 32 x 2048 tokens (113 M tokens, 2.6 epochs, 270 k tokens/s), held-out loss 2.073, saving and
 checks 10 s. chat_template.jinja is the copy of qnext/assets/chat_template.jinja that the script writes. The corpus
 depends on the interpreter (its stdlib, test suite present or not, and with --site-packages the packages
-installed), so another machine gives a similar, not an identical, model. A CPU smoke test of every step (about a
+installed), so another machine gives a similar, not an identical, model. `--extra-train FILE` adds the train.txt
+(or .txt.gz) of `scripts/build_corpus.py --out DIR` run on another machine, e.g. one whose Python has the stdlib test
+suite that the training machine's lacks (most held-out headers of `qnext eval complete` on such a machine are test
+methods). A CPU smoke test of every step (about a
 minute):
     .venv/bin/python scripts/train_demo.py --out /tmp/demo-tiny --tiny --minutes 0.3
 Speed: eager training is launch bound (~10^4 kernels per 32 x 2048 step; 120-146 k tokens/s on an H100 through
@@ -28,6 +31,7 @@ dense_experts_forward (same math), and HF's balance loss goes through its scatte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -383,6 +387,14 @@ def train(a: argparse.Namespace) -> int:
     corpus = build_corpus.collect(a.heldout_permille, a.site_packages, a.skip_tests, max_mb=a.max_mb)
     log(f"corpus: {json.dumps(corpus['stats'])}")
     train_docs = [t for _, t in corpus["train"]]
+    for path in a.extra_train:
+        # train.txt of scripts/build_corpus.py run elsewhere (e.g. an interpreter with the stdlib test suite): the
+        # same held-out rule applied there; documents already here (same text) are not added twice
+        have = {hashlib.sha1(t.encode()).digest() for t in train_docs}
+        extra = [t for t in build_corpus.read_docs(path) if hashlib.sha1(t.encode()).digest() not in have]
+        corpus["train"] += [("extra/" + str(i), t) for i, t in enumerate(extra)]
+        train_docs += extra
+        log(f"extra train documents from {path}: {len(extra)} new ({sum(map(len, extra)) / 1e6:.1f} MB)")
     chats = corpus["chats"]
     chat_budget = a.chat_share * sum(map(len, train_docs))
     chat_docs, used = [], 0
@@ -547,6 +559,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     build_corpus.add_args(p)
     p.set_defaults(max_mb=120.0)
     p.add_argument("--stdlib-repeat", type=int, default=2, help="times the stdlib train files appear")
+    p.add_argument("--extra-train", action="append", default=[], metavar="TRAIN_TXT",
+                   help="more train documents: a train.txt written by scripts/build_corpus.py on another machine "
+                        "(its Python's stdlib test suite, say); repeatable")
     p.add_argument("--chat-share", type=float, default=0.08, help="chat text as a share of train text")
     p.add_argument("--tokenizer-mb", type=float, default=40.0, help="text the tokenizer is trained on")
     p.add_argument("--vocab-size", type=int, default=4096)
