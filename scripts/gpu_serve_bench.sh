@@ -9,6 +9,8 @@
 #    time, after 2 warm-up requests; then a short c1 run (4 requests) for the unloaded TPOT.
 # OUT_DIR gets serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
 # Off the GPU, SERVE_BENCH_SMALL=1 runs the same steps on the tiny preset (a check of the script, not a figure).
+# Needs qnext's server packages; the GPU machine lacks fastapi, uvicorn, starlette, pydantic (+ pydantic-core,
+# annotated-types, typing-inspection), sniffio and opentelemetry-api: carry them as wheels (docs/benchmarks.md).
 set -euo pipefail
 out=${1:?usage: gpu_serve_bench.sh OUT_DIR [serve flags...]}
 shift
