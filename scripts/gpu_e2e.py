@@ -12,7 +12,8 @@
     engine, measured like `qnext bench latency`: decode-b1 at 1K context (256 tokens), decode b8 / b32 at 1K,
     prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); the
     kernels of one replayed b1 step (torch profiler: launches, device time, the top kernels); eager decode for
-    comparison; then the same with bf16 dense projections if time is left.
+    comparison; where a b32 step's host time goes (cProfile over engine steps); then the same with bf16 dense
+    projections if time is left.
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -308,6 +309,37 @@ def profile_step(tag: str, engine: LLMEngine, top: int = 12) -> None:
         "top": [[k[:70], n, round(us, 1)] for k, n, us in rows[:top]]})
 
 
+def profile_host(tag: str, engine: LLMEngine, b: int = 32, steps: int = 24, top: int = 16) -> None:
+    """Where a decode step's host time goes at batch b: cProfile over whole engine steps once all b requests
+    decode (the step minus the graph replay is the host's share; the profiler itself inflates Python time)."""
+    import cProfile
+    import pstats
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i, p in enumerate(rand_prompts(random.Random(5), b, 256, engine.model_config.vocab_size)):
+        engine.add_request(f"host-profile-{i}", p, params)
+    while engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / steps
+    engine.abort_all()
+    stats = pstats.Stats(prof).stats.items()       # (file, line, function): (calls, ncalls, self s, cumulative s, ..)
+
+    def table(key: int) -> list:
+        rows = sorted(stats, key=lambda kv: -kv[1][key])[:top]
+        return [[f"{os.path.basename(f)}:{line}({fn})", round(1e3 * ct / steps, 3), round(1e3 * tt / steps, 3)]
+                for (f, line, fn), (_, _, tt, ct, _) in rows]
+    record(tag, f"host profile b{b}", {"ms_per_step_profiled": round(1e3 * wall, 3),
+                                       "top_cumulative [name, cumulative ms, self ms]": table(3),
+                                       "top_self [name, cumulative ms, self ms]": table(2)})
+
+
 def check_logits(tag: str, engine: LLMEngine) -> None:
     """One fresh 64-token prompt straight through the model: logits finite, their spread."""
     rng = random.Random(7)
@@ -347,6 +379,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if device == "cuda":
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
+    if extended:
+        guarded(f"{tag} host profile", 15, profile_host, tag, engine)
     eager = None
     if extended:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
