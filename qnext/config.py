@@ -222,6 +222,7 @@ class EngineConfig:
     quantization: str | None = None      # None | "fp8" | "int4": quantize at load time
     seed: int = 0
     enforce_eager: bool = False          # no CUDA graphs for decode steps
+    no_overlap: bool = False             # schedule a step only after the previous one's tokens are read
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

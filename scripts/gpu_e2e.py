@@ -357,6 +357,21 @@ def graph_vs_eager(tag: str, graph_engine: LLMEngine, eager_engine: LLMEngine) -
                                                                             if x != y), None) for p, q in zip(a, b)]})
 
 
+def overlap_vs_plain(tag: str, engine: LLMEngine, args) -> None:
+    """The same engine with step overlap off: greedy ids must not change; decode speed at b1 and b32 without it."""
+    prompts = rand_prompts(random.Random(13), 4, 256, engine.model_config.vocab_size)
+    with_overlap = generate(engine, prompts, 24)
+    engine.overlap = False
+    try:
+        plain = generate(engine, prompts, 24)
+        same = sum(x == y for p, q in zip(with_overlap, plain) for x, y in zip(p, q))
+        record(tag, "greedy overlap vs no overlap (same ids)", {"same": same, "total": sum(map(len, plain))})
+        bench_decode(tag + " no-overlap", engine, 1, args.depth, args.gen_b1, 1)
+        bench_decode(tag + " no-overlap", engine, 32, args.depth, 64, 1)
+    finally:
+        engine.overlap = True
+
+
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -381,6 +396,7 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
     if extended:
         guarded(f"{tag} host profile", 15, profile_host, tag, engine)
+        guarded(f"{tag} overlap vs plain", 20, overlap_vs_plain, tag, engine, args)
     eager = None
     if extended:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)

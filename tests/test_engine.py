@@ -117,6 +117,46 @@ def test_preemption_identical(loaded, prompts, alone):
     assert got == alone
 
 
+def test_overlap_gives_the_plain_loops_outputs(loaded, prompts, alone):
+    """Step n+1 queued before step n's tokens are read (the default) against no_overlap, under preemption: greedy
+    and seeded rows, requests ended early by a stop token (their extra token is computed and dropped), a
+    penalised row (steps holding it do not overlap) and an abort while a step is in flight."""
+    def drive(no_overlap: bool):
+        engine = make_engine(loaded, max_num_seqs=8, num_kv_blocks=16, max_num_batched_tokens=32,
+                             no_overlap=no_overlap)
+        reqs = {rid: (p, greedy()) for rid, p in prompts.items()}
+        for rid in ("g2", "g9", "g14"):   # stop at the third token the request writes alone
+            reqs[rid] = (prompts[rid], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                      stop_token_ids=[alone[rid][2]]))
+        reqs["seeded"] = (prompts["g5"], SamplingParams(temperature=1.0, top_k=20, seed=3, max_tokens=MAX_TOKENS,
+                                                        ignore_eos=True))
+        reqs["penalty"] = (prompts["g7"], SamplingParams(temperature=0.0, repetition_penalty=1.3,
+                                                         max_tokens=MAX_TOKENS, ignore_eos=True))
+        for rid, (p, params) in reqs.items():
+            engine.add_request(rid, p, params)
+        done, steps, overlapped = {}, 0, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
+            steps += 1
+            overlapped += engine._in_flight is not None
+            if steps == 3:
+                out = engine.abort_request("g3")
+                done["g3"] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
+            engine.check_integrity()
+        s = engine.stats()
+        assert (s.kv_pages_used, s.state_slots_used) == (0, 0)
+        return done, overlapped, s
+
+    plain, none, plain_stats = drive(no_overlap=True)
+    got, overlapped, stats = drive(no_overlap=False)
+    assert none == 0 and overlapped > 0 and stats.num_preemptions > 0
+    assert got == plain
+    assert got["g3"][1] == "abort" and got["g2"][1] == "stop" and got["g2"][0] == alone["g2"][:len(got["g2"][0])]
+    assert stats.num_generation_tokens == plain_stats.num_generation_tokens
+
+
 def test_abort_frees_pages_and_slots(loaded, prompts):
     engine = make_engine(loaded, max_num_seqs=4, max_num_batched_tokens=16)
     for rid, p in prompts.items():

@@ -187,6 +187,25 @@ def test_fla_chunk_matches_reference_varlen():
 
 
 @cuda_only
+def test_fla_chunk_bounds_converted_once_per_batch():
+    """All GDN layers of a step share one int64 copy of its cu_seqlens (fla's identity-keyed cache then computes
+    the chunk indices, a host sync, once per step); the next batch's bounds never come from the old copy."""
+    from qnext.ops import delta_rule
+    from qnext.ops.fla_gdn import _int64_bounds, chunk_gated_delta_rule
+    torch.manual_seed(3)
+    for bounds in ([0, 1, 65, 200, 203], [0, 130, 131, 140, 203]):
+        cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+        assert _int64_bounds(cu, cu.device) is _int64_bounds(cu, cu.device)
+        q, k, v, g, beta, h0 = _gdn_inputs(203, n=4)
+        ref_o, ref_s = delta_rule.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                                             use_qk_l2norm_in_kernel=True)
+        for _ in range(2):  # the second call hits fla's cached chunk indices
+            o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                          use_qk_l2norm_in_kernel=True)
+            assert rel(o, ref_o) < 2e-2 and rel(s, ref_s) < 2e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("impl", ["ours", "fla"])
 def test_recurrent_matches_reference(impl):
     from qnext.ops import delta_rule, fla_gdn

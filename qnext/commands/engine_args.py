@@ -28,6 +28,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
                           "default: the checkpoint's (an FP8 checkpoint stays FP8 on CUDA)"),
     "seed": (int, "seed of sampling for requests without their own seed (reproducible runs)"),
     "enforce_eager": (bool, "run decode steps eagerly (no CUDA graphs)"),
+    "no_overlap": (bool, "prepare each step only after the previous one's tokens are read (by default the host "
+                         "prepares step n+1 while the device runs step n)"),
 }
 
 

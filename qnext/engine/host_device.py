@@ -51,10 +51,29 @@ def pack_to_device(parts: Sequence[tuple[Sequence, torch.dtype]], device: torch.
     return [host[a:b].view(dtype) for a, b, dtype in spans]
 
 
+class HostCopy:
+    """Device tensors on their way to pinned host memory. `wait()` waits for these copies alone (a CUDA event), not
+    for work queued on the stream after them (the next step, when the engine overlaps), and returns their
+    `.tolist()`s."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.event = None
+        if not any(t.device.type == "cuda" for t in tensors):
+            self.host = list(tensors)
+            return
+        # pinned destinations: a copy into pageable memory would block the host until the stream drains
+        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(self.host, tensors):
+            h.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.tolist() for t in self.host]
+
+
 def to_host(*tensors: torch.Tensor) -> list[list]:
     """`.tolist()` of each tensor, waiting once for the device (not once per tensor)."""
-    if not tensors or all(t.device.type != "cuda" for t in tensors):
-        return [t.tolist() for t in tensors]
-    staged = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return [t.tolist() for t in staged]
+    return HostCopy(tensors).wait()

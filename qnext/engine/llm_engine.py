@@ -1,8 +1,9 @@
 """LLMEngine: the synchronous core. add_request / step / abort_request; the offline LLM and AsyncEngine drive it.
 
-One step: scheduler.schedule() -> runner.execute() (forward + sample) -> per sampled request: append the token,
-stop checks and incremental detokenization (StopChecker), logprobs, RequestOutput; finished requests free their
-KV pages and GDN slot at once. An engine request is one sequence: `params.n` is fanned out by its callers
+One step: scheduler.schedule() -> runner.launch() (forward + sample queued) -> once its tokens are read, per
+sampled request: append the token, stop checks and incremental detokenization (StopChecker), logprobs,
+RequestOutput; finished requests free their KV pages and GDN slot at once. The next step is launched before
+the tokens are read (see step). An engine request is one sequence: `params.n` is fanned out by its callers
 (LLM, server), each with its own request id.
 
 Outputs carry deltas: a running request's RequestOutput holds only this step's token, text and logprobs
@@ -83,6 +84,8 @@ class LLMEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(ec.seed)
         self.runner = ModelRunner(model, self.cache, Sampler(generator))
+        self.overlap = not ec.no_overlap
+        self._in_flight = None   # a launched step whose tokens are not read yet (see step)
         if use_graphs:
             from qnext.engine.cuda_graphs import DecodeGraphs
             graphs = DecodeGraphs(model, self.cache, max_num_seqs=ec.max_num_seqs, max_model_len=plan.max_model_len,
@@ -199,6 +202,9 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(prompt)
             req.num_prompt_logprobs = 1  # the first prompt token has no logprob
+        req.needs_sync = bool(params.logits_processors or params.min_tokens or params.prompt_logprobs is not None
+                              or params.repetition_penalty != 1.0 or params.frequency_penalty
+                              or params.presence_penalty)
         self.scheduler.add_request(req)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -219,7 +225,23 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; one RequestOutput per request that got a token."""
+        """Schedule, run and sample one step; one RequestOutput per request that got a token.
+
+        Overlap (the default; `no_overlap` turns it off): once step n is queued on the device, step n+1 is
+        scheduled, built and queued before step n's tokens are read, so the host's share of a step (scheduling,
+        batch building, detokenizing, stop checks) runs while the device computes instead of between steps. Step
+        n+1 feeds each request's step-n token from the device (ModelRunner.prepare). Requests that finish at step n
+        (a stop token or string) then have one extra token computed and dropped; their pages and slot are freed
+        at once all the same: every later step is queued behind that one on the same stream. A request whose
+        sampling reads its previous token (Request.needs_sync) turns overlap off for the steps it is in."""
+        pending, self._in_flight = self._in_flight or self._launch(None), None
+        if pending is None:
+            return []
+        if self.overlap and not any(s.request.needs_sync for s in pending.scheduled):
+            self._in_flight = self._launch(pending)
+        return self._collect(pending)
+
+    def _launch(self, previous):
         sched = self.scheduler.schedule()
         now = time.monotonic()
         for s in sched.scheduled:
@@ -228,14 +250,24 @@ class LLMEngine:
                 r.first_scheduled_time = now
             if s.is_last_chunk:
                 r.sampling_row.banned_token_ids = r.stop_checker.suppressed_token_ids()
-        result = self.runner.execute(sched.scheduled)
-        if result is None:
-            return []
+        step = self.runner.launch(sched.scheduled, previous)
+        if step is not None:
+            for r in step.requests:
+                r.num_inflight += 1
+        return step
+
+    def _collect(self, step) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for them) and apply them to its requests."""
+        result = step.result()
+        for r in result.requests:
+            r.num_inflight -= 1
         for chunk in result.prompt_logprobs:
             self._store_prompt_logprobs(chunk)
         now = time.monotonic()
         outputs = []
         for i, req in enumerate(result.requests):
+            if req.is_finished:      # finished (stop, abort) after this step was queued: its token is dropped
+                continue
             token = result.sampler_output.token_ids[i]
             if not req.output_token_ids:
                 self._num_prompt_tokens += req.num_prompt_tokens

@@ -44,6 +44,9 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # tokens sampled by a step still on the device (0 or 1): the engine may schedule the next step before reading
+    # them, which then feeds this token from the device (see LLMEngine.step)
+    num_inflight: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)   # KV pages, in token order
     state_slot: int | None = None                          # GDN state slot while running
@@ -53,6 +56,9 @@ class Request:
     detokenizer: Any = None
     stop_checker: Any = None
     sampling_row: Any = None           # SamplingRow: params, live output ids, seeded generator
+    # sampling reads this request's previous token (penalties, logits processors, min_tokens) or the step scores
+    # prompt logprobs: the next step is scheduled only once this one's tokens are read
+    needs_sync: bool = False
     cumulative_logprob: float = 0.0
     logprobs: list | None = None       # one dict per output token, when params.logprobs is set
     # when params.prompt_logprobs is set: [None] + one dict per later prompt token, filled as prefill chunks run;

@@ -9,9 +9,10 @@ Owns the model and its ModelCache. Per step:
   3. logits only for the requests whose chunk ends at their current last token (finished prefills and
      decodes), sampled by the Sampler, plus, for requests that ask for prompt_logprobs, logits of every prompt
      position of their chunk not scored yet.
-Host syncs: one per step, where the Sampler brings the sampled ids (and their logprobs) back; a step that scores
-prompt logprobs brings those back with one more (by then the device is idle). Host lists reach the device
-through `to_device` (pinned, asynchronous), so nothing else waits for queued kernels.
+`launch` queues all of it and returns a PendingStep; its `result()` is the step's one host sync (sampled ids,
+logprobs and prompt logprobs come back through events, so work queued after the step does not delay them).
+Between the two the engine may launch the next step (see LLMEngine.step). Host lists reach the device through
+`to_device` / `pack_to_device` (pinned, asynchronous), so nothing else waits for queued kernels.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 
 from qnext.cache.model_cache import ModelCache
 from qnext.engine.forward_batch import ForwardBatch
-from qnext.engine.host_device import to_device, to_host
+from qnext.engine.host_device import HostCopy, to_device
 from qnext.engine.request import Request
-from qnext.engine.sampler import Sampler, SamplerOutput, logprob_dicts, topn_logprobs
+from qnext.engine.sampler import PendingSample, Sampler, SamplerOutput, logprob_dicts, topn_logprobs
 from qnext.engine.scheduler import ScheduledRequest
 from qnext.sampling_params import Logprob
 
@@ -48,6 +49,32 @@ class StepResult:
     prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)
 
 
+@dataclass
+class PendingStep:
+    """A step queued on the device; result() waits for its sampled tokens (and prompt logprobs)."""
+    scheduled: list[ScheduledRequest]
+    requests: list[Request]                      # the requests that get a token, in batch order
+    sample: PendingSample | None                 # None: no chunk ends a sequence
+    prompt_plan: list = field(default_factory=list)
+    prompt_copy: HostCopy | None = None
+
+    def row_of(self) -> dict[Request, int]:
+        """request -> its row in sample.sampled."""
+        return {r: i for i, r in enumerate(self.requests)}
+
+    def result(self) -> StepResult:
+        out = self.sample.result() if self.sample is not None else None
+        chunks = []
+        if self.prompt_plan:
+            entries = logprob_dicts(*self.prompt_copy.wait(), [r.params.prompt_logprobs for r, _, _, targets
+                                                               in self.prompt_plan for _ in targets])
+            k = 0
+            for r, first, _, targets in self.prompt_plan:
+                chunks.append(PromptLogprobsChunk(r, first, entries[k: k + len(targets)]))
+                k += len(targets)
+        return StepResult(self.requests, out, chunks)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: ModelCache, sampler: Sampler | None = None):
         self.model = model
@@ -58,15 +85,30 @@ class ModelRunner:
         # Decode-only batches (every q_len == 1) call this with the batch; a CUDA-graph runner replaces it.
         self.decode_forward: Callable[[ForwardBatch], torch.Tensor] | None = None
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
-        token_ids, context_lens, tables, slots = [], [], [], []
+    def prepare(self, scheduled: list[ScheduledRequest], previous: PendingStep | None = None) -> ForwardBatch:
+        """The step's batch. A request whose last token is still being sampled by `previous` (the step queued
+        before this one, not read back yet) feeds that token straight from previous's sampled ids on the device."""
+        token_ids, context_lens, tables, slots, patch = [], [], [], [], []
+        rows, flat = None, 0
         for s in scheduled:
             r = s.request
-            token_ids.append(r.all_token_ids[s.context_len: s.context_len + s.num_new_tokens])
+            ids = r.all_token_ids[s.context_len: s.context_len + s.num_new_tokens]
+            if len(ids) < s.num_new_tokens:            # the last one is in flight (Request.num_inflight)
+                if rows is None:
+                    rows = previous.row_of()
+                patch.append((flat + len(ids), rows[r]))
+                ids = ids + [0]
+            token_ids.append(ids)
             context_lens.append(s.context_len)
             tables.append(r.block_ids)
             slots.append(r.state_slot)
-        return ForwardBatch.build(token_ids, context_lens, tables, slots, self.block_size, self.device)
+            flat += s.num_new_tokens
+        batch = ForwardBatch.build(token_ids, context_lens, tables, slots, self.block_size, self.device)
+        if patch:
+            dst, src = zip(*patch)
+            idx = to_device(dst + src, torch.int64, self.device)
+            batch.input_ids[idx[: len(dst)]] = previous.sample.sampled[idx[len(dst):]]
+        return batch
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -76,16 +118,14 @@ class ModelRunner:
         return self.model(batch, self.cache)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> StepResult | None:
-        """Run one step; None when no chunk ends a sequence and none scores prompt logprobs."""
+    def launch(self, scheduled: list[ScheduledRequest], previous: PendingStep | None = None) -> PendingStep | None:
+        """Queue one step (forward, sampling, copies to the host) without waiting for it; None when nothing is
+        scheduled. `previous`: the step queued before, when its tokens are not read yet (see prepare)."""
         if not scheduled:
             return None
-        batch = self.prepare(scheduled)
+        batch = self.prepare(scheduled, previous)
         last = [i for i, s in enumerate(scheduled) if s.is_last_chunk]
         plan = _prompt_logprob_rows(scheduled, batch.query_lens)
-        if not last and not plan:
-            self.forward(batch)
-            return None
         idx = None
         if last and len(last) < len(scheduled):  # made before the forward is queued: no wait for it
             ends = _cumsum(batch.query_lens)
@@ -93,21 +133,13 @@ class ModelRunner:
         prompt_targets = (to_device([t for _, _, _, targets in plan for t in targets], torch.int64, self.device)
                           if plan else None)
         hidden = self.forward(batch)                                   # [T, hidden]
-        prompt_lp = self._score_prompt(hidden, plan, prompt_targets) if plan else None
-        requests = [scheduled[i].request for i in last]
-        out = None
+        step = PendingStep(scheduled, [scheduled[i].request for i in last], None, plan)
+        if plan:
+            step.prompt_copy = HostCopy(self._score_prompt(hidden, plan, prompt_targets))
         if last:
             logits = self.model.compute_logits(hidden[batch.logits_indices if idx is None else idx])  # [B', V]
-            out = self.sampler.sample(logits, [r.sampling_row for r in requests])
-        chunks = []
-        if plan:
-            entries = logprob_dicts(*to_host(*prompt_lp), [r.params.prompt_logprobs
-                                                          for r, _, _, targets in plan for _ in targets])
-            k = 0
-            for r, first, _, targets in plan:
-                chunks.append(PromptLogprobsChunk(r, first, entries[k: k + len(targets)]))
-                k += len(targets)
-        return StepResult(requests, out, chunks)
+            step.sample = self.sampler.sample_async(logits, [r.sampling_row for r in step.requests])
+        return step
 
     def _score_prompt(self, hidden: torch.Tensor, plan: list, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Raw log_softmax of the logits at every planned row, scored against the next prompt token; top-N."""

@@ -24,7 +24,8 @@ rows without top_k use all V tokens (a full sort only when they use top_p).
 Seeds: a row with a generator draws its q from that generator alone (k or V values), so a seed gives the same
 tokens whatever the batch mates; rows without one share the sampler's generator (torch's default when None).
 For n > 1 the engine should seed completion i with seed + i.
-Host syncs: one per call (the sampled ids and logprobs come back together, `to_host`); host lists reach the
+Host syncs: one per call (the sampled ids and logprobs come back together), in PendingSample.result() for
+`sample_async`, which lets the caller queue more work before waiting; host lists reach the
 device through `to_device` (no wait for queued kernels), and no step sizes a tensor by its data (no boolean-mask
 indexing or unique), except for ids past the logits' width, which the engine never produces.
 """
@@ -36,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from qnext.engine.host_device import to_device, to_host
+from qnext.engine.host_device import HostCopy, to_device, to_host
 from qnext.sampling_params import Logprob, SamplingParams
 
 
@@ -130,8 +131,12 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator  # for rows without their own; None = torch's default RNG
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        return self.sample_async(logits, rows).result()
+
+    @torch.no_grad()
+    def sample_async(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> "PendingSample":
+        """Queue the sampling and the copy of its results to the host; PendingSample.result() waits for them."""
         B, V = logits.shape
         if B != len(rows):
             raise ValueError(f"logits has {B} rows but {len(rows)} SamplingRows were given")
@@ -163,9 +168,8 @@ class Sampler:
                 sampled = tok
             else:
                 sampled[rows_t] = tok
-        lp = logprob_tensors(x, sampled, rows)  # queued before the one wait below
-        token_ids, *lp_lists = to_host(sampled, *lp.tensors)
-        return SamplerOutput(token_ids, sampled, lp.dicts(lp_lists))
+        lp = logprob_tensors(x, sampled, rows)
+        return PendingSample(sampled, lp, HostCopy((sampled, *lp.tensors)))
 
     def _race(self, probs: torch.Tensor, rows: Sequence[SamplingRow], widths: Sequence[int]) -> torch.Tensor:
         """probs [R, W] candidate weights (0 = excluded) -> [R] int64 column of the winner: argmax p / q.
@@ -180,6 +184,18 @@ class Sampler:
                 q[j, : widths[j]].exponential_(generator=r.generator)
                 q[j, widths[j] :] = 1.0
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+@dataclass
+class PendingSample:
+    sampled: torch.Tensor    # [B] int64 on the logits' device: a next step can read it before the host does
+    logprobs: "LogprobTensors"
+    copy: HostCopy
+
+    def result(self) -> SamplerOutput:
+        """Waits for this sample's copy (one wait for ids and logprobs together)."""
+        token_ids, *lp_lists = self.copy.wait()
+        return SamplerOutput(token_ids, self.sampled, self.logprobs.dicts(lp_lists))
 
 
 # ---- steps 1-3: processed logits ---------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Scheduler: continuous batching as plain Python over token counts (no tensors).
 
-One rule (see request.py): each step a request is given up to `num_tokens - num_computed_tokens` tokens.
+One rule (see request.py): each step a request is given up to `num_tokens - num_computed_tokens` tokens, plus
+the token a step still on the device is sampling for it (`num_inflight`), unless that one is its last.
 A step's token budget (`max_num_batched_tokens`) is filled in this order:
   1. running requests that are decoding (one token each), oldest first;
   2. running requests still in prefill (a chunk each, as much as the budget leaves);
@@ -102,7 +103,9 @@ class Scheduler:
         chosen: dict[str, ScheduledRequest] = {}
 
         def pending(r: Request) -> int:
-            return r.num_tokens - r.num_computed_tokens
+            if r.num_inflight and r.num_output_tokens + r.num_inflight >= r.max_tokens:
+                return 0     # its token in flight is its last (max_tokens): nothing more to compute
+            return r.num_tokens + r.num_inflight - r.num_computed_tokens
 
         decodes, others = [], []
         for r in self.running:                          # decodes first, then prefill chunks
@@ -154,7 +157,8 @@ class Scheduler:
 
     @staticmethod
     def _chunk(req: Request, n: int) -> ScheduledRequest:
-        return ScheduledRequest(req, n, req.num_computed_tokens, req.num_computed_tokens + n == req.num_tokens)
+        return ScheduledRequest(req, n, req.num_computed_tokens,
+                                req.num_computed_tokens + n == req.num_tokens + req.num_inflight)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -207,7 +211,8 @@ class Scheduler:
         assert len(self.running) <= self.max_num_seqs, "more running requests than max_num_seqs"
         for r in self.running:
             assert r.status is RequestStatus.RUNNING and r.state_slot is not None, r.request_id
-            assert 0 < r.num_computed_tokens <= r.num_tokens, (r.request_id, r.num_computed_tokens, r.num_tokens)
+            assert 0 < r.num_computed_tokens <= r.num_tokens + r.num_inflight, (
+                r.request_id, r.num_computed_tokens, r.num_tokens, r.num_inflight)
             assert len(r.block_ids) == self.pool.blocks_for_tokens(r.num_computed_tokens), (
                 f"{r.request_id}: {len(r.block_ids)} pages for {r.num_computed_tokens} computed tokens")
         for r in self.waiting:

@@ -188,6 +188,22 @@ def _fla():
     return chunk, rec
 
 
+_last_bounds: list = [None, None]   # [cu_seqlens given last, its int64 copy on the device]
+
+
+def _int64_bounds(cu_seqlens: Tensor | list[int], device: torch.device) -> Tensor:
+    """cu_seqlens as int64 on `device`, the same tensor object for the same input object.
+
+    fla memoises its chunk indices per cu_seqlens *object* (fla.utils.tensor_cache, identity keyed) and computing
+    them reads the lengths on the host (a device sync). A fresh .long() copy in each of the 36 GDN layers would
+    miss that cache and sync 36 times per prefill step; one batch's cu_query_lens object maps to one copy here."""
+    if not torch.is_tensor(cu_seqlens):  # a list may change in place: no memo
+        return torch.as_tensor(cu_seqlens, device=device).long()
+    if _last_bounds[0] is not cu_seqlens:
+        _last_bounds[:] = [cu_seqlens, cu_seqlens.to(device, torch.int64)]
+    return _last_bounds[1]
+
+
 def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                            scale: float | None = None, initial_state: Tensor | None = None,
                            cu_seqlens: Tensor | list[int] | None = None,
@@ -202,7 +218,7 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
                                                  chunk_size=chunk_size)
     chunk, _ = _fla()
     if cu_seqlens is not None:
-        cu_seqlens = torch.as_tensor(cu_seqlens, device=q.device).long()
+        cu_seqlens = _int64_bounds(cu_seqlens, q.device)
     # beta in q's dtype as fla's own tests and callers pass it (bf16 keeps ~3 digits; g stays float32)
     o, final = chunk(q, k, v, g.float(), beta.to(q.dtype), scale=scale,
                      initial_state=None if initial_state is None else initial_state.float(),
