@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Tile sweep of the sorted (prefill) MoE path at full model size, int4 g128 experts: parity then timing per tile.
+
+    python3 scripts/gpu_moe_prefill_sweep.py --out $OUT [--budget 300]
+
+Phase 1 varies the gate_up tiles and BM (down tiles at their defaults), phase 2 the down tiles at the best BM.
+Each config: parity against the torch reference at 1,024 tokens (the same kernels, fewer rows), then CUDA-event
+time of fused_moe at 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
+Writes moe_sweep.json under --out and prints a table, fastest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa: E402
+
+from qnext.ops import quant  # noqa: E402
+from qnext.ops.triton_moe import fused_moe  # noqa: E402
+
+GATE_UP = [dict(bm=64, bn=32, warps=4, stages=3),            # the defaults (bm from 160 pairs per expert: 64)
+           dict(bm=64, bn=64, warps=4, stages=3), dict(bm=64, bn=64, warps=8, stages=3),
+           dict(bm=64, bn=128, warps=8, stages=3), dict(bm=64, bn=64, warps=4, stages=4),
+           dict(bm=128, bn=32, warps=4, stages=3), dict(bm=128, bn=64, warps=8, stages=3),
+           dict(bm=128, bn=64, warps=4, stages=3), dict(bm=128, bn=128, warps=8, stages=3),
+           dict(bm=32, bn=64, warps=4, stages=3)]
+DOWN = [dict(bn2=128, warps2=4, stages2=4), dict(bn2=128, warps2=8, stages2=4), dict(bn2=256, warps2=8, stages2=3),
+        dict(bn2=64, warps2=4, stages2=3), dict(bn2=128, warps2=8, stages2=3), dict(bn2=256, warps2=8, stages2=4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--budget", type=float, default=300.0)
+    args = ap.parse_args()
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    layers = [make_layer("int4_128", s) for s in (1, 2)]
+    wt, ids = routings(8192, 1, seed=7)[0]
+    x = torch.randn(8192, H, device="cuda").bfloat16()
+    ref = quant.moe_forward_ref(x[:1024], *layers[0], wt[:1024], ids[:1024], h_dtype=torch.bfloat16)
+    flops = 2 * 8192 * TOPK * 3 * H * I
+    rows = []
+
+    def measure(cfg: dict) -> dict | None:
+        if time.time() - t0 > args.budget:
+            return None
+        row = {"config": cfg}
+        try:
+            row["parity_rel"] = rel(fused_moe(x[:1024], *layers[0], wt[:1024], ids[:1024], path="sorted",
+                                              config=cfg), ref)
+            for m in (8192, 2048):
+                row[f"us_{m}"] = time_events(lambda i, m=m: fused_moe(x[:m], *layers[i % 2], wt[:m], ids[:m],
+                                                                      path="sorted", config=cfg),
+                                             n_inputs=2, iters=5)
+            row["tflops_8192"] = flops / row["us_8192"] / 1e6
+        except Exception as e:  # noqa: BLE001 - a tile that fails to compile is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    for cfg in GATE_UP:
+        measure(cfg)
+    ok = [r for r in rows if "us_8192" in r and r["parity_rel"] < 1.5e-2]
+    best = min(ok, key=lambda r: r["us_8192"])["config"] if ok else GATE_UP[0]
+    for down in DOWN[1:]:
+        measure({**best, **down})
+    with open(os.path.join(args.out, "moe_sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| config | parity rel | us @8192 | TFLOP/s | us @2048 |\n|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r.get("us_8192", 1e30)):
+        if "error" in r:
+            print(f"| {r['config']} | error: {r['error'][:80]} | | | |")
+        else:
+            print(f"| {r['config']} | {r['parity_rel']:.1e} | {r['us_8192']:.0f} | {r['tflops_8192']:.0f} | "
+                  f"{r['us_2048']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
