@@ -3,7 +3,7 @@
 
     python3 scripts/gpu_moe_prefill_sweep.py --out $OUT [--budget 300]
 
-Phase 1 varies the gate_up tiles and BM (down tiles at their defaults), phase 2 the down tiles at the best BM.
+Phase 1 tries the swapped-operand tiles (swap / swap2) and the current defaults, phase 2 the down tiles at the best.
 Each config: parity against the torch reference at 1,024 tokens (the same kernels, fewer rows), then CUDA-event
 time of fused_moe at 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
 Writes moe_sweep.json under --out and prints a table, fastest first.
@@ -27,6 +27,14 @@ from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa
 from qnext.ops import quant  # noqa: E402
 from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
+SWAPPED = [dict(bm=64, bn=64, warps=4, stages=3, swap=True, swap2=True),
+           dict(bm=64, bn=64, warps=4, stages=4, swap=True, swap2=True),
+           dict(bm=128, bn=64, warps=4, stages=3, swap=True, swap2=True),
+           dict(bm=128, bn=128, warps=8, stages=3, swap=True, swap2=True),
+           dict(bm=64, bn=128, warps=4, stages=3, swap=True, swap2=True),
+           dict(bm=32, bn=64, warps=4, stages=3, swap=True, swap2=True),
+           dict(bm=64, bn=64, warps=4, stages=4, swap=True),            # gate_up swapped, down as before
+           dict(bm=64, bn=64, warps=4, stages=4, swap2=True)]            # down swapped only
 GATE_UP = [dict(bm=64, bn=32, warps=4, stages=3),            # the defaults (bm from 160 pairs per expert: 64)
            dict(bm=64, bn=64, warps=4, stages=3), dict(bm=64, bn=64, warps=8, stages=3),
            dict(bm=64, bn=128, warps=8, stages=3), dict(bm=64, bn=64, warps=4, stages=4),
@@ -69,11 +77,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    for cfg in GATE_UP:
+    for cfg in SWAPPED + GATE_UP[:2]:
         measure(cfg)
     ok = [r for r in rows if "us_8192" in r and r["parity_rel"] < 1.5e-2]
     best = min(ok, key=lambda r: r["us_8192"])["config"] if ok else GATE_UP[0]
-    for down in DOWN[1:]:
+    for down in DOWN[1:4]:
         measure({**best, **down})
     with open(os.path.join(args.out, "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -18,7 +18,9 @@ Tensor = torch.Tensor
 SORTED_DEFAULTS = {
     BF16: dict(bk=64, bn=128, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
     FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
-    INT4: dict(bk=None, bn=32, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
+    # int4: swapped operands (see _int4_tile_swapped) on both GEMMs, 3.4 vs 4.6 ms at 8K tokens (H100 sweep,
+    # scripts/gpu_moe_prefill_sweep.py)
+    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=True, swap2=True),
 }
 
 
@@ -96,12 +98,38 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
 
 
 @triton.jit
+def _int4_tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, N, K, stride_wn, stride_sn,
+                       GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_expert_tile for int4 weights with the MMA operands swapped ("swap-AB"): acc^T [BN, BM] += W [BN, BK] x
+    A^T [BK, BM]. The dequantized weight tile is the MMA's first operand, which Hopper's wgmma reads from
+    registers (the normal order must stage it through shared memory), and the expert's tokens are its N, which
+    may be small. a_rows: [BM] pointers to the activation rows. Returns (acc, acc2) [BM, BN] like _expert_tile."""
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    acc2 = tl.zeros([BN, BM], dtype=tl.float32)
+    jj = tl.arange(0, BK // 2)
+    for k0 in range(0, K, BK):                  # half-split packing, as in _expert_tile
+        a_e = tl.load(a_rows[None, :] + (k0 + jj)[:, None], mask=mvalid[None, :], other=0.0)           # [BK/2, BM]
+        a_o = tl.load(a_rows[None, :] + (k0 + BK // 2 + jj)[:, None], mask=mvalid[None, :], other=0.0)
+        pk = k0 // 2 + jj
+        p = tl.load(wb + rows[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)        # [BN, BK/2]
+        lo, hi = int4_dq(p, a_e.dtype)
+        sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+        acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc[:, None]
+        if GATE_UP:
+            p2 = tl.load(wb + (rows + N)[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)
+            lo2, hi2 = int4_dq(p2, a_e.dtype)
+            sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+            acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2[:, None]
+    return tl.trans(acc), tl.trans(acc2)
+
+
+@triton.jit
 def _moe_dot_kernel(
     a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_e_ptr, tw_ptr,
     N, K, P, TOPK, E,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, A_SORTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
 ):
     """grid (NB, cdiv(N, BN)); block pid_m holds BM pairs of expert e = block_e[pid_m].
     GATE_UP: a = x gathered by token (pair // TOPK), out = h [NB*BM, N] in sorted order, h = silu(gate) * up with
@@ -122,8 +150,14 @@ def _moe_dot_kernel(
         arow = (pair // TOPK).to(tl.int64)
     rows = pid_n * BN + tl.arange(0, BN)
     nmask = rows < N
-    acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we, s_ptr + e * stride_se,
-                             rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK)
+    if SWAP:   # int4 only
+        acc, acc2 = _int4_tile_swapped(a_ptr + arow * stride_am, mvalid, w_ptr + e * stride_we,
+                                       s_ptr + e * stride_se, rows, nmask, N, K, stride_wn, stride_sn,
+                                       GATE_UP, BM, BN, BK)
+    else:
+        acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we,
+                                 s_ptr + e * stride_se, rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND,
+                                 GATE_UP, BM, BN, BK)
     if GATE_UP:
         h = acc * tl.sigmoid(acc) * acc2
         tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + rows[None, :],
@@ -169,12 +203,12 @@ def moe_sorted(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Ten
         inter, w13.k, p, top_k, experts,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
         KIND=w13.kind, GATE_UP=True, A_SORTED=False, BM=bm, BN=cfg["bn"], BK=cfg["bk"],
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+        SWAP=cfg.get("swap", False), num_warps=cfg["warps"], num_stages=cfg["stages"])
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, y, sorted_pairs, block_expert, tw,
         hidden, w2.k, p, top_k, experts,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
-        num_warps=cfg["warps2"], num_stages=cfg["stages2"])
+        SWAP=cfg.get("swap2", False), num_warps=cfg["warps2"], num_stages=cfg["stages2"])
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
