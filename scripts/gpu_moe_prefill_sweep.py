@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Tile sweep of the sorted (prefill) MoE path at full model size, int4 g128 experts: parity then timing per tile.
+"""Tile sweep of the fused MoE's sorted (prefill) path at full model size, int4 g128 experts: parity then timing
+per tile.
 
     python3 scripts/gpu_moe_prefill_sweep.py --out $OUT [--budget 300]
 
-Phase 1 tries the swapped-operand tiles (swap / swap2) and the current defaults, phase 2 the down tiles at the best.
+The defaults (swapped MMA operands) against the former defaults (unswapped) and variants in SORTED.
 Each config: parity against the torch reference at 1,024 tokens (the same kernels, fewer rows), then CUDA-event
 time of fused_moe at 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
 Writes moe_sweep.json under --out and prints a table, fastest first.
@@ -27,22 +28,9 @@ from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa
 from qnext.ops import quant  # noqa: E402
 from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
-SWAPPED = [dict(bm=64, bn=64, warps=4, stages=3, swap=True, swap2=True),
-           dict(bm=64, bn=64, warps=4, stages=4, swap=True, swap2=True),
-           dict(bm=128, bn=64, warps=4, stages=3, swap=True, swap2=True),
-           dict(bm=128, bn=128, warps=8, stages=3, swap=True, swap2=True),
-           dict(bm=64, bn=128, warps=4, stages=3, swap=True, swap2=True),
-           dict(bm=32, bn=64, warps=4, stages=3, swap=True, swap2=True),
-           dict(bm=64, bn=64, warps=4, stages=4, swap=True),            # gate_up swapped, down as before
-           dict(bm=64, bn=64, warps=4, stages=4, swap2=True)]            # down swapped only
-GATE_UP = [dict(bm=64, bn=32, warps=4, stages=3),            # the defaults (bm from 160 pairs per expert: 64)
-           dict(bm=64, bn=64, warps=4, stages=3), dict(bm=64, bn=64, warps=8, stages=3),
-           dict(bm=64, bn=128, warps=8, stages=3), dict(bm=64, bn=64, warps=4, stages=4),
-           dict(bm=128, bn=32, warps=4, stages=3), dict(bm=128, bn=64, warps=8, stages=3),
-           dict(bm=128, bn=64, warps=4, stages=3), dict(bm=128, bn=128, warps=8, stages=3),
-           dict(bm=32, bn=64, warps=4, stages=3)]
-DOWN = [dict(bn2=128, warps2=4, stages2=4), dict(bn2=128, warps2=8, stages2=4), dict(bn2=256, warps2=8, stages2=3),
-        dict(bn2=64, warps2=4, stages2=3), dict(bn2=128, warps2=8, stages2=3), dict(bn2=256, warps2=8, stages2=4)]
+# sorted path at 8K: the defaults (swapped operands), the former defaults (unswapped, bn 32), one more stage
+SORTED = [None, dict(bn=32, swap=False, swap2=False), dict(stages=4), dict(bm=32), dict(bn=128, warps=8),
+          dict(swap=False, bn=64, stages=4)]
 
 
 def main() -> None:
@@ -62,7 +50,7 @@ def main() -> None:
     def measure(cfg: dict) -> dict | None:
         if time.time() - t0 > args.budget:
             return None
-        row = {"config": cfg}
+        row = {"config": cfg or {}}
         try:
             row["parity_rel"] = rel(fused_moe(x[:1024], *layers[0], wt[:1024], ids[:1024], path="sorted",
                                               config=cfg), ref)
@@ -77,12 +65,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    for cfg in SWAPPED + GATE_UP[:2]:
+    for cfg in SORTED:
         measure(cfg)
-    ok = [r for r in rows if "us_8192" in r and r["parity_rel"] < 1.5e-2]
-    best = min(ok, key=lambda r: r["us_8192"])["config"] if ok else GATE_UP[0]
-    for down in DOWN[1:4]:
-        measure({**best, **down})
     with open(os.path.join(args.out, "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print("\n| config | parity rel | us @8192 | TFLOP/s | us @2048 |\n|---|---|---|---|---|")
