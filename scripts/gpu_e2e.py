@@ -340,6 +340,54 @@ def profile_host(tag: str, engine: LLMEngine, b: int = 32, steps: int = 24, top:
                                        "top_self [name, cumulative ms, self ms]": table(2)})
 
 
+def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: int = 12) -> None:
+    """Where the device idles during whole decode steps at batch b (overlap on): torch profiler over `steps` engine
+    steps; device busy time (union of kernel and copy intervals) against the span, and the longest idle gaps
+    with the device activity before and after each. The Chrome trace goes to OUT/trace_b{b}.json.gz."""
+    import gzip
+    import shutil
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i, p in enumerate(rand_prompts(random.Random(6), b, 256, engine.model_config.vocab_size)):
+        engine.add_request(f"trace-{i}", p, params)
+    while engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    engine.abort_all()
+    dev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start))
+    busy, gaps, end, last = 0.0, [], None, ""
+    for a, z, name in dev:
+        if end is None or a > end:
+            if end is not None:
+                gaps.append((a - end, last[:60], name[:60]))
+            busy += z - a
+            end, last = z, name
+        else:
+            busy += max(0.0, z - end)
+            if z > end:
+                end, last = z, name
+    span = dev[-1][1] - dev[0][0] if dev else 0.0
+    gaps.sort(reverse=True)
+    record(tag, f"device trace b{b} ({steps} steps)", {
+        "span_ms_per_step": round(span / steps / 1e3, 3), "busy_ms_per_step": round(busy / steps / 1e3, 3),
+        "idle_ms_per_step": round((span - busy) / steps / 1e3, 3), "device_events": len(dev),
+        "longest_gaps [us, before, after]": [[round(g, 1), x, y] for g, x, y in gaps[:top]]})
+    raw = os.path.join(OUT, f"trace_b{b}.json")
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.remove(raw)
+
+
 def check_logits(tag: str, engine: LLMEngine) -> None:
     """One fresh 64-token prompt straight through the model: logits finite, their spread."""
     rng = random.Random(7)
@@ -397,6 +445,7 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if extended:
         guarded(f"{tag} host profile", 15, profile_host, tag, engine)
         guarded(f"{tag} overlap vs plain", 20, overlap_vs_plain, tag, engine, args)
+        guarded(f"{tag} device trace", 20, trace_steps, tag, engine)
     eager = None
     if extended:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
