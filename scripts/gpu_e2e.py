@@ -309,18 +309,24 @@ def profile_step(tag: str, engine: LLMEngine, top: int = 12) -> None:
         "top": [[k[:70], n, round(us, 1)] for k, n, us in rows[:top]]})
 
 
+def start_decoding(engine: LLMEngine, name: str, b: int, steps: int, seed: int) -> None:
+    """b greedy requests of 256 random prompt tokens, stepped until all of them decode, with room for `steps` more
+    steps (the caller aborts them afterwards)."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i, p in enumerate(rand_prompts(random.Random(seed), b, 256, engine.model_config.vocab_size)):
+        engine.add_request(f"{name}-{i}", p, params)
+    while engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+
+
 def profile_host(tag: str, engine: LLMEngine, b: int = 32, steps: int = 24, top: int = 16) -> None:
     """Where a decode step's host time goes at batch b: cProfile over whole engine steps once all b requests
     decode (the step minus the graph replay is the host's share; the profiler itself inflates Python time)."""
     import cProfile
     import pstats
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    for i, p in enumerate(rand_prompts(random.Random(5), b, 256, engine.model_config.vocab_size)):
-        engine.add_request(f"host-profile-{i}", p, params)
-    while engine.scheduler.waiting:
-        engine.step()
-    engine.step()
+    start_decoding(engine, "host-profile", b, steps, seed=5)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -350,12 +356,7 @@ def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: i
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    for i, p in enumerate(rand_prompts(random.Random(6), b, 256, engine.model_config.vocab_size)):
-        engine.add_request(f"trace-{i}", p, params)
-    while engine.scheduler.waiting:
-        engine.step()
-    engine.step()
+    start_decoding(engine, "trace", b, steps, seed=6)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
