@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Tile sweep of the fused MoE's sorted (prefill) path at full model size, int4 g128 experts: parity then timing
-per tile.
+"""Tile sweep of the fused MoE's sorted (prefill) path at full model size, int4 g128 and / or fp8 block experts:
+parity then timing per tile.
 
-    python3 scripts/gpu_moe_prefill_sweep.py --out $OUT [--budget 300]
+    python3 scripts/gpu_moe_prefill_sweep.py --out $OUT [--budget 300] [--kinds int4_128,fp8]
 
-The defaults (swapped MMA operands) against the former defaults (unswapped) and variants in SORTED.
+Per kind, its defaults first, then the variants in SORTED (swapped or unswapped MMA operands, tiles).
 Each config: parity against the torch reference at 1,024 tokens (the same kernels, fewer rows), then CUDA-event
 time of fused_moe at 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
 Writes moe_sweep.json under --out and prints a table, fastest first.
@@ -28,55 +28,56 @@ from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa
 from qnext.ops import quant  # noqa: E402
 from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
-# sorted path at 8K: the defaults (swapped operands), the former defaults (unswapped, bn 32), one more stage
-SORTED = [None, dict(bn=32, swap=False, swap2=False), dict(stages=4), dict(bm=32), dict(bn=128, warps=8),
-          dict(swap=False, bn=64, stages=4)]
+# sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands) against its former
+# defaults (unswapped, bn 32) and variants; fp8's (unswapped) against swapped operands
+SORTED = {"int4_128": [None, dict(bn=32, swap=False, swap2=False), dict(stages=4), dict(bm=32), dict(bn=128, warps=8),
+                       dict(swap=False, bn=64, stages=4)],
+          "fp8": [None, dict(swap=True, swap2=True), dict(swap=True), dict(swap2=True),
+                  dict(swap=True, swap2=True, stages=4), dict(swap=True, swap2=True, bn=128, warps=8)]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--kinds", default="int4_128", help="comma-separated: int4_128, fp8")
     args = ap.parse_args()
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
-    layers = [make_layer("int4_128", s) for s in (1, 2)]
     wt, ids = routings(8192, 1, seed=7)[0]
     x = torch.randn(8192, H, device="cuda").bfloat16()
-    ref = quant.moe_forward_ref(x[:1024], *layers[0], wt[:1024], ids[:1024], h_dtype=torch.bfloat16)
     flops = 2 * 8192 * TOPK * 3 * H * I
     rows = []
-
-    def measure(cfg: dict) -> dict | None:
-        if time.time() - t0 > args.budget:
-            return None
-        row = {"config": cfg or {}}
-        try:
-            row["parity_rel"] = rel(fused_moe(x[:1024], *layers[0], wt[:1024], ids[:1024], path="sorted",
-                                              config=cfg), ref)
-            for m in (8192, 2048):
-                row[f"us_{m}"] = time_events(lambda i, m=m: fused_moe(x[:m], *layers[i % 2], wt[:m], ids[:m],
-                                                                      path="sorted", config=cfg),
-                                             n_inputs=2, iters=5)
-            row["tflops_8192"] = flops / row["us_8192"] / 1e6
-        except Exception as e:  # noqa: BLE001 - a tile that fails to compile is a result too
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        return row
-
-    for cfg in SORTED:
-        measure(cfg)
+    for kind in args.kinds.split(","):
+        layers = [make_layer(kind, s) for s in (1, 2)]
+        ref = quant.moe_forward_ref(x[:1024], *layers[0], wt[:1024], ids[:1024], h_dtype=torch.bfloat16)
+        for cfg in SORTED[kind]:
+            if time.time() - t0 > args.budget:
+                break
+            row = {"kind": kind, "config": cfg or {}}
+            try:
+                row["parity_rel"] = rel(fused_moe(x[:1024], *layers[0], wt[:1024], ids[:1024], path="sorted",
+                                                  config=cfg), ref)
+                for m in (8192, 2048):
+                    row[f"us_{m}"] = time_events(lambda i, m=m: fused_moe(x[:m], *layers[i % 2], wt[:m], ids[:m],
+                                                                          path="sorted", config=cfg),
+                                                 n_inputs=2, iters=5)
+                row["tflops_8192"] = flops / row["us_8192"] / 1e6
+            except Exception as e:  # noqa: BLE001 - a tile that fails to compile is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del layers
+        torch.cuda.empty_cache()
     with open(os.path.join(args.out, "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print("\n| config | parity rel | us @8192 | TFLOP/s | us @2048 |\n|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: r.get("us_8192", 1e30)):
+    print("\n| kind | config | parity rel | us @8192 | TFLOP/s | us @2048 |\n|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["kind"], r.get("us_8192", 1e30))):
         if "error" in r:
-            print(f"| {r['config']} | error: {r['error'][:80]} | | | |")
+            print(f"| {r['kind']} | {r['config']} | error: {r['error'][:80]} | | | |")
         else:
-            print(f"| {r['config']} | {r['parity_rel']:.1e} | {r['us_8192']:.0f} | {r['tflops_8192']:.0f} | "
-                  f"{r['us_2048']:.0f} |")
-
+            print(f"| {r['kind']} | {r['config']} | {r['parity_rel']:.1e} | {r['us_8192']:.0f} | "
+                  f"{r['tflops_8192']:.0f} | {r['us_2048']:.0f} |")
 
 if __name__ == "__main__":
     main()

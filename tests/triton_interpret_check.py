@@ -160,13 +160,17 @@ def moe_checks() -> dict:
             out[f"fused_moe_{tag}/{name}"] = err(fused_moe(x, w13, w2, tw, ids, path=path), ref)
             parts = fused_moe(x, w13, w2, tw, ids, path=path, reduce=False)
             out[f"fused_moe_{tag}_unreduced/{name}"] = err(parts.float().sum(1) if parts.dim() == 3 else parts, ref)
-    # the int4 sorted path without its default swapped MMA operands (70 tokens: several 16-row blocks per expert)
+    # the sorted path's other operand orders: int4 unswapped, fp8 with both GEMMs swapped (70 tokens: several
+    # 16-row blocks per expert)
     x = torch.randn(70, h).half()
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(70)])
     tw = torch.rand(70, k)
     ref = ref_ffn.fused_moe(x.float(), *formats["int4"], tw, ids)
     out["moe_sorted70_unswapped/int4"] = err(fused_moe(x, *formats["int4"], tw, ids, path="sorted",
                                                        config=dict(bm=16, swap=False, swap2=False)), ref)
+    ref = ref_ffn.fused_moe(x.float(), *formats["fp8"], tw, ids)      # fp8 with both GEMMs swapped
+    out["moe_sorted70_swapped/fp8"] = err(fused_moe(x, *formats["fp8"], tw, ids, path="sorted",
+                                                    config=dict(bm=16, swap=True, swap2=True)), ref)
     ids = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
     slot_e, slot_cnt, slot_pairs, used = group_pairs(ids, 12)
     flat, n = ids.reshape(-1), int(used)

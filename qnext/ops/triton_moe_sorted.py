@@ -17,8 +17,10 @@ Tensor = torch.Tensor
 # scripts/gpu_check.py timings; overridable per call through `config`.
 SORTED_DEFAULTS = {
     BF16: dict(bk=64, bn=128, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
-    FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4),
-    # int4: swapped operands (see _int4_tile_swapped) on both GEMMs, 3.4 vs 4.6 ms at 8K tokens (H100 sweep,
+    # fp8: swapped operands on the down GEMM only: 3.7 vs 4.4 ms at 8K tokens, 2.1 vs 2.6 at 2K (one H100 sweep;
+    # gate_up swapped gained nothing)
+    FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=False, swap2=True),
+    # int4: swapped operands (see _tile_swapped) on both GEMMs, 3.4 vs 4.6 ms at 8K tokens (H100 sweep,
     # scripts/gpu_moe_prefill_sweep.py)
     INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=True, swap2=True),
 }
@@ -98,28 +100,45 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
 
 
 @triton.jit
-def _int4_tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, N, K, stride_wn, stride_sn,
-                       GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """_expert_tile for int4 weights with the MMA operands swapped ("swap-AB"): acc^T [BN, BM] += W [BN, BK] x
-    A^T [BK, BM]. The dequantized weight tile is the MMA's first operand, which Hopper's wgmma reads from
-    registers (the normal order must stage it through shared memory), and the expert's tokens are its N, which
-    may be small. a_rows: [BM] pointers to the activation rows. Returns (acc, acc2) [BM, BN] like _expert_tile."""
+def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, stride_sn,
+                  KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_expert_tile for int4 (KIND 2) or fp8 block (KIND 1) weights with the MMA operands swapped ("swap-AB"):
+    acc^T [BN, BM] += W [BN, BK] x A^T [BK, BM]. The dequantized weight tile is the MMA's first operand, which
+    Hopper's wgmma reads from registers (the normal order must stage it through shared memory), and the expert's
+    tokens are its N, which may be small. a_rows: [BM] pointers to the activation rows. Returns (acc, acc2)
+    [BM, BN] like _expert_tile."""
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
-    jj = tl.arange(0, BK // 2)
-    for k0 in range(0, K, BK):                  # half-split packing, as in _expert_tile
-        a_e = tl.load(a_rows[None, :] + (k0 + jj)[:, None], mask=mvalid[None, :], other=0.0)           # [BK/2, BM]
-        a_o = tl.load(a_rows[None, :] + (k0 + BK // 2 + jj)[:, None], mask=mvalid[None, :], other=0.0)
-        pk = k0 // 2 + jj
-        p = tl.load(wb + rows[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)        # [BN, BK/2]
-        lo, hi = int4_dq(p, a_e.dtype)
-        sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-        acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc[:, None]
-        if GATE_UP:
-            p2 = tl.load(wb + (rows + N)[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)
-            lo2, hi2 = int4_dq(p2, a_e.dtype)
-            sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-            acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2[:, None]
+    if KIND == 2:
+        jj = tl.arange(0, BK // 2)
+        for k0 in range(0, K, BK):              # half-split packing, as in _expert_tile
+            a_e = tl.load(a_rows[None, :] + (k0 + jj)[:, None], mask=mvalid[None, :], other=0.0)       # [BK/2, BM]
+            a_o = tl.load(a_rows[None, :] + (k0 + BK // 2 + jj)[:, None], mask=mvalid[None, :], other=0.0)
+            pk = k0 // 2 + jj
+            p = tl.load(wb + rows[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)    # [BN, BK/2]
+            lo, hi = int4_dq(p, a_e.dtype)
+            sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+            acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc[:, None]
+            if GATE_UP:
+                p2 = tl.load(wb + (rows + N)[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)
+                lo2, hi2 = int4_dq(p2, a_e.dtype)
+                sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
+                acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2[:, None]
+    else:
+        kk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):              # BK == 128: one scale block per tile, as in _expert_tile
+            ka = k0 + kk
+            kmask = ka < K
+            a = tl.load(a_rows[None, :] + ka[:, None], mask=mvalid[None, :] & kmask[:, None], other=0.0)  # [BK, BM]
+            w = tl.load(wb + rows[:, None] * stride_wn + ka[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0)                                                                        # [BN, BK]
+            s = tl.load(sb + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
+            acc += tl.dot(w.to(a.dtype), a) * s
+            if GATE_UP:
+                w2 = tl.load(wb + (rows + N)[:, None] * stride_wn + ka[None, :],
+                             mask=nmask[:, None] & kmask[None, :], other=0.0)
+                s2 = tl.load(sb + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
+                acc2 += tl.dot(w2.to(a.dtype), a) * s2
     return tl.trans(acc), tl.trans(acc2)
 
 
@@ -150,10 +169,9 @@ def _moe_dot_kernel(
         arow = (pair // TOPK).to(tl.int64)
     rows = pid_n * BN + tl.arange(0, BN)
     nmask = rows < N
-    if SWAP:   # int4 only
-        acc, acc2 = _int4_tile_swapped(a_ptr + arow * stride_am, mvalid, w_ptr + e * stride_we,
-                                       s_ptr + e * stride_se, rows, nmask, N, K, stride_wn, stride_sn,
-                                       GATE_UP, BM, BN, BK)
+    if SWAP:   # int4 / fp8
+        acc, acc2 = _tile_swapped(a_ptr + arow * stride_am, mvalid, w_ptr + e * stride_we, s_ptr + e * stride_se,
+                                  rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK)
     else:
         acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we,
                                  s_ptr + e * stride_se, rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND,
