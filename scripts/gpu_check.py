@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
-    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv]
+    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv,fp8prefill]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -542,6 +542,27 @@ def fp8_gemv_sweep() -> None:
         del ws
 
 
+def fp8_prefill_sweep() -> None:
+    """Prefill-sized FP8 projections over the model's dense shapes (in_proj_qkvz, stacked q/k/v, out_proj and
+    o_proj, shared expert gate+up and down): scaled_mm against dequant + cuBLAS by row count, with bf16 cuBLAS
+    on resident bf16 weights beside them (where DEQUANT_MIN_M should be)."""
+    from qnext.ops.triton_linear_fp8 import fp8_linear
+    torch.manual_seed(0)
+    for n, k in ((12288, 2048), (9216, 2048), (2048, 4096), (1024, 2048), (2048, 512)):
+        ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(4)]
+        wb = [quant.dequantize(w, torch.bfloat16) for w in ws]
+        for m in (256, 512, 1024, 2048, 8192):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            ref = x.float() @ quant.dequantize(ws[0]).t()
+            for path in ("scaled_mm", "dequant"):
+                parity(f"fp8 prefill {path} M={m} N={n} K={k}", rel(fp8_linear(x, ws[0], path=path), ref), 1e-2)
+                us = time_events(lambda i, path=path: fp8_linear(x, ws[i % 4], path=path), 4, iters=7)
+                record(f"fp8 prefill {path} M={m} N={n} K={k}", us, flops=2 * m * n * k)
+            us = time_events(lambda i: F.linear(x, wb[i % 4]), 4, iters=7)
+            record(f"bf16 cuBLAS M={m} N={n} K={k}", us, flops=2 * m * n * k)
+        del ws, wb
+
+
 def main() -> None:
     global BUDGET, DECODE_ONLY
     ap = argparse.ArgumentParser()
@@ -567,6 +588,8 @@ def main() -> None:
             attn_section(args.quick)
         if "fp8gemv" in only:
             fp8_gemv_sweep()
+        if "fp8prefill" in only:
+            fp8_prefill_sweep()
         if "fp8" in only:
             fp8_section(args.quick)
         if "conv" in only:

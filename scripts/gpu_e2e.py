@@ -221,12 +221,12 @@ def build_full(preset: str, scheme_name: str, device: str):
     return cfg, model, nbytes
 
 
-def engine_for(model, cfg, device: str, eager: bool, max_model_len: int) -> LLMEngine:
+def engine_for(model, cfg, device: str, eager: bool, max_model_len: int, **kw) -> LLMEngine:
     t = time.time()
     ec = EngineConfig(device=device, max_num_seqs=32, max_model_len=max_model_len, max_num_batched_tokens=8192,
-                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager)
+                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager, **kw)
     engine = LLMEngine(model, cfg, ec)
-    log(f"[engine] eager={eager} ready in {time.time() - t:.1f}s (graph capture included)")
+    log(f"[engine] eager={eager} {kw} ready in {time.time() - t:.1f}s (graph capture included)")
     return engine
 
 
@@ -421,6 +421,52 @@ def overlap_vs_plain(tag: str, engine: LLMEngine, args) -> None:
         engine.overlap = True
 
 
+def profile_prefill(tag: str, engine: LLMEngine, n: int, top: int = 16) -> None:
+    """Kernels of one n-token prefill (torch profiler, CUDA activity): device time per kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = rand_prompts(random.Random(17), 1, n, engine.model_config.vocab_size)[0]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _prefill_once(engine, ids)
+        sync(engine.device)
+    rows = [(e.key, e.count, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+            for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+    record(tag, f"prefill {n} kernels", {
+        "launches": sum(r[1] for r in rows), "device_ms": round(sum(r[2] for r in rows) / 1e3, 2),
+        "top [name, launches, ms]": [[k[:70], c, round(us / 1e3, 2)] for k, c, us in rows[:top]]})
+
+
+def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The same model with every kernel on one stream (no_side_stream), then the fp8 prefill projections through
+    scaled_mm instead of dequant + cuBLAS: greedy ids must not change; decode-b1 / b32, prefill and replay of
+    each, measured right after the default engine's own figures."""
+    from qnext.ops import triton_linear_fp8
+
+    prompts = rand_prompts(random.Random(19), 3, 200, cfg.vocab_size)
+    ids = generate(engine, prompts, 16)
+    one = guarded(f"{tag} one-stream engine", 20, engine_for, model, cfg, device, False, max_len,
+                  no_side_stream=True)
+    if one is None:
+        return
+    one_tag = tag + " one stream"
+    same = sum(x == y for p, q in zip(ids, generate(one, prompts, 16)) for x, y in zip(p, q))
+    record(one_tag, "greedy ids == side-stream engine", {"same": same, "total": 48})
+    guarded(f"{one_tag} decode-b1", 15, bench_decode, one_tag, one, 1, args.depth, args.gen_b1, 1)
+    guarded(f"{one_tag} decode-b32", 20, bench_decode, one_tag, one, 32, args.depth, 64, 1)
+    guarded(f"{one_tag} prefill", 15, bench_prefill, one_tag, one, args.prefill, 1)
+    guarded(f"{one_tag} replay", 5, bench_replay, one_tag, one)
+    del one
+    free_memory()
+    saved = triton_linear_fp8.DEQUANT_MIN_M
+    triton_linear_fp8.DEQUANT_MIN_M = 1 << 40                    # every prefill projection through scaled_mm
+    try:
+        guarded(f"{tag} prefill scaled_mm", 15, bench_prefill, tag + " fp8 prefill via scaled_mm", engine,
+                args.prefill, 2)
+    finally:
+        triton_linear_fp8.DEQUANT_MIN_M = saved
+
+
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -443,12 +489,16 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if device == "cuda":
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
-    if extended:
+        guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
+    if extended and "ab" in args.extras:
+        guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
+    if extended and "host" in args.extras:
         guarded(f"{tag} host profile", 15, profile_host, tag, engine)
         guarded(f"{tag} overlap vs plain", 20, overlap_vs_plain, tag, engine, args)
+    if extended and "trace" in args.extras:
         guarded(f"{tag} device trace", 20, trace_steps, tag, engine)
     eager = None
-    if extended:
+    if extended and "eager" in args.extras:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
         if eager is not None:
             guarded(f"{tag} eager decode-b1", 15, bench_decode, tag + " eager", eager, 1, d, 64, 1)
@@ -489,7 +539,14 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=1024, help="context of the decode measurements")
     ap.add_argument("--prefill", type=int, default=8192, help="prompt length of the prefill measurement")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--variants", default="int4,int4-bf16",
+                    help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
+                         "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
+    ap.add_argument("--extras", default="ab,host,trace,eager",
+                    help="extended measurements of the first variant: ab (side stream and fp8 prefill A/B), "
+                         "host (cProfile, overlap A/B), trace (device trace of b32 steps), eager (eager engine)")
     args = ap.parse_args()
+    args.extras = set(args.extras.split(",")) if args.extras else set()
     BUDGET, OUT = args.budget, args.out
     os.makedirs(OUT, exist_ok=True)
     logging_setup()
@@ -498,12 +555,11 @@ def main() -> None:
         env(args.device)
         if not args.skip_parity:
             guarded("parity bf16", 30, parity_case, None, args.device, 4e-2, 0.05)
-        guarded("full int4", 60, full_variant, "int4+fp8", args.preset, "int4", args.device,
-                args, True)
-        if not args.skip_parity:
-            guarded("parity int4", 25, parity_case, "int4", args.device, 6e-2, 0.1)
-        guarded("full int4 bf16-dense", 50, full_variant, "int4+bf16", args.preset,
-                "int4-bf16", args.device, args, False)
+        tags = {"int4": "int4+fp8", "fp8": "fp8+fp8", "int4-bf16": "int4+bf16"}
+        for i, name in enumerate(args.variants.split(",")):
+            guarded(f"full {name}", 60, full_variant, tags[name], args.preset, name, args.device, args, i == 0)
+            if i == 0 and not args.skip_parity:
+                guarded("parity int4", 25, parity_case, "int4", args.device, 6e-2, 0.1)
     finally:
         text = summary()
         with open(os.path.join(OUT, "gpu_e2e.md"), "w") as f:

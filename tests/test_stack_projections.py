@@ -52,6 +52,7 @@ def test_model_stacking_keeps_logits_state_dict_and_is_done_once():
         before = model(ForwardBatch.for_prompts(prompts), _cache(model, cfg))
         model.stack_projections()
         moe = next(m for m in model.modules() if getattr(m, "router_and_shared_gate", None) is not None)
+        assert any(getattr(m, "qkv_proj", None) is not None for m in model.modules())   # attention q, k, v
         first = moe.router_and_shared_gate.weight
         model.stack_projections()
         assert moe.router_and_shared_gate.weight is first

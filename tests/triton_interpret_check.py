@@ -85,14 +85,16 @@ def op_checks() -> dict:
     out["conv_update"] = max(err(y1, y2), err(cache1, cache2))
     # fp8 block-scaled GEMV: K = 640 is 5 scale groups, not a power of two (the tiles must still be)
     from qnext.ops.quant import dequantize, quantize_fp8_block
-    from qnext.ops.triton_linear_fp8 import fp8_gemv
+    from qnext.ops.triton_linear_fp8 import dequantize_fp8, fp8_gemv, fp8_linear
     w8 = quantize_fp8_block(torch.randn(384, 640) / 640 ** 0.5)
     xg = torch.randn(3, 640)
     ref = xg @ dequantize(w8).t()
     out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
     out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
+    # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
+    out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
+    out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)
     # decode batches (auto: w8a16 tl.dot with small tiles); fp16, as this interpreter's bf16 tl.dot is wrong
-    from qnext.ops.triton_linear_fp8 import fp8_linear
     xh = torch.randn(20, 640).half()
     out["linear_fp8_small_m/fp16"] = err(fp8_linear(xh, w8).float(), xh.float() @ dequantize(w8).t())
     out.update(moe_checks())

@@ -40,8 +40,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, max_num_seqs: int, max_model_len: int,
-                 dummy_page: int, dummy_slot: int):
+                 dummy_page: int, dummy_slot: int, side_stream: "torch.cuda.Stream | None" = None):
         self.model, self.cache = model, cache
+        self.side_stream = side_stream         # captured as parallel branches of each graph (SideBranch)
         self.block_size = cache.block_size
         self.max_model_len = max_model_len
         self.dummy_page, self.dummy_slot = dummy_page, dummy_slot
@@ -66,7 +67,7 @@ class DecodeGraphs:
             context_lens=[self.max_model_len - 1] * b, cu_query_lens=self.cu_query_lens[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:b],
             state_slots=self.state_slots[:b], has_initial_state=self.has_initial_state[:b],
-            logits_indices=self.logits_indices[:b], block_size=self.block_size)
+            logits_indices=self.logits_indices[:b], block_size=self.block_size, side_stream=self.side_stream)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -52,7 +52,7 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual)
-        return self.mlp(h), residual
+        return self.mlp(h, batch.side_stream), residual
 
 
 class Embedding(nn.Module):

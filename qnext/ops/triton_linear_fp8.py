@@ -15,8 +15,12 @@ Paths (fp8_linear(path="auto") picks by the number of rows M):
            each weight tile is read once, and narrow BN, so even N = 2048 gives enough programs): there it moves half
            the bytes of bf16 cuBLAS, while scaled_mm pays an activation-quantization launch and tiles made for
            large M (H100, 32 rows: the FP8-dense decode step took 16.3 ms against 9.9 with bf16 dense weights).
-* "dequant" dequantize W to bf16 and call torch (cuBLAS); "scaled_mm" torch.nn.functional.scaled_mm with
-           BlockWise1x128 / BlockWise128x128 scales when this torch build supports it (scripts/gpu_check.py probes).
+* "dequant" (large M, prefill): one Triton pass writes W as x.dtype (float32(w) * scale, rounded: the torch
+           reference's dequantization bit for bit), then cuBLAS. At prefill sizes the GEMM is compute bound and
+           the pass costs ~3 bytes per weight, while the fp8 paths pay an activation-quantization pass and lose
+           precision on the activations (H100, 8K rows: 2048 x 4096 bf16 cuBLAS 197 us against scaled_mm 321).
+* "scaled_mm" torch.nn.functional.scaled_mm with BlockWise1x128 / BlockWise128x128 scales when this torch build
+           supports it (scripts/gpu_check.py probes).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ Tensor = torch.Tensor
 
 GEMV_MAX_M = 4
 SMALL_M_MAX = 64
+DEQUANT_MIN_M = 1024      # auto: "dequant" from this many rows (below it scaled_mm), see scripts/gpu_check.py
 
 
 @triton.jit
@@ -106,6 +111,30 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
             acc += tl.dot(a, w.to(a.dtype)) * ws
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, stride_yn, BN: tl.constexpr):
+    """grid (cdiv(N, BN), K / 128); BN divides 128: y[rows, block] = (float32(w) * scale of the block) in y's dtype."""
+    pid_n = tl.program_id(0)
+    kb = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    cols = kb * 128 + tl.arange(0, 128)
+    mask = (rows < N)[:, None]
+    scale = tl.load(s_ptr + ((pid_n * BN) // 128) * stride_sn + kb)
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_yn + cols[None, :],
+             (w.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_fp8(w: Fp8BlockWeight, dtype: torch.dtype) -> Tensor:
+    """W [N, K] in dtype, equal to qnext.ops.quant.dequantize_fp8_block(w, dtype)."""
+    n, k = _check(w)
+    y = torch.empty(n, k, dtype=dtype, device=w.w.device)
+    s = w.scale_inv.float().contiguous()
+    _dequant_kernel[(triton.cdiv(n, 32), k // 128)](w.w, s, y, n, k, w.w.stride(0), s.stride(0), y.stride(0),
+                                                     BN=32, num_warps=4)
+    return y
 
 
 def quantize_act_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,9 +229,9 @@ def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: s
                tiles: dict | None = None) -> Tensor:
     """x [..., K] -> [..., N]; path auto | gemv | w8a8 | w8a16 | dequant | scaled_mm; tiles: fp8_dot's keyword
     arguments for w8a16 (default small_m_tiles for small M, else fp8_dot's).
-    auto: GEMV up to GEMV_MAX_M rows (memory bound), w8a16 with small tiles up to SMALL_M_MAX, else cuBLASLt's
-    block-scaled fp8 GEMM when this torch has it (measured fastest for prefill, docs/perf-notes.md), else our w8a8
-    kernel."""
+    auto: GEMV up to GEMV_MAX_M rows (memory bound), w8a16 with small tiles up to SMALL_M_MAX, dequant + cuBLAS
+    from DEQUANT_MIN_M rows, between them cuBLASLt's block-scaled fp8 GEMM when this torch has it, else our w8a8
+    kernel (docs/perf-notes.md)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -213,6 +242,8 @@ def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: s
             path = "gemv"
         elif m <= SMALL_M_MAX:
             path = "w8a16"
+        elif m >= DEQUANT_MIN_M:
+            path = "dequant"
         else:
             path = "scaled_mm" if scaled_mm_supported(x2.device) else "w8a8"
     if path == "gemv":
@@ -222,7 +253,7 @@ def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: s
     elif path == "w8a16":
         y = fp8_dot(x2, w, w8a8=False, **(tiles or (small_m_tiles(m, w.w.shape[0]) if m <= SMALL_M_MAX else {})))
     elif path == "dequant":
-        y = F.linear(x2, dequantize_fp8_block(w, x.dtype))
+        y = F.linear(x2, dequantize_fp8(w, x2.dtype))
     elif path == "scaled_mm":
         y = fp8_scaled_mm(x2, w)
     else:

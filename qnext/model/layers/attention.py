@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import QuantScheme, make_linear
+from qnext.model.layers.linear import QuantScheme, make_linear, stack_projections
 from qnext.model.layers.norm import RMSNorm
 from qnext.ops.registry import get_op
 
@@ -30,18 +30,31 @@ class GatedAttention(nn.Module):
         self.o_proj = make_linear(qd, h, **dense)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
+        object.__setattr__(self, "qkv_proj", None)   # stack_projections(): not a submodule (see MLP)
+
+    def stack_projections(self) -> None:
+        if self.qkv_proj is None:     # once: a captured CUDA graph keeps reading the first stacked tensors
+            object.__setattr__(self, "qkv_proj", stack_projections([self.q_proj, self.k_proj, self.v_proj]))
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q_proj, k_proj, v_proj outputs ([T, 2 * Hq * D], [T, Hkv * D] twice; views of one
+        stacked projection's output when stacked)."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
+                                       self.v_proj.out_features], dim=-1)
 
     def forward(self, x: torch.Tensor, batch, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; rope = (cos, sin) [T, rotary_dim/2] -> [T, hidden]."""
         t, d = x.shape[0], self.head_dim
-        q, gate = self.q_proj(x).view(t, self.num_heads, 2 * d).split(d, dim=-1)     # [T, Hq, D] each
+        q, k, v = self._qkv(x)
+        q, gate = q.view(t, self.num_heads, 2 * d).split(d, dim=-1)                  # [T, Hq, D] each
         q = self.q_norm.with_rope(q, rope)
-        k = self.k_norm.with_rope(self.k_proj(x).view(t, self.num_kv_heads, d), rope)
-        v = self.v_proj(x).view(t, self.num_kv_heads, d)
+        k = self.k_norm.with_rope(k.view(t, self.num_kv_heads, d), rope)
+        v = v.view(t, self.num_kv_heads, d)
         k_cache, v_cache = cache.kv[self.layer_id]
         attn = get_op("paged_attention", self.ops_backend, x.device)(
             q, k, v, k_cache, v_cache, slot_mapping=batch.slot_mapping, block_tables=batch.block_tables,
             seq_lens=batch.seq_lens, query_lens=batch.query_lens, context_lens=batch.context_lens,
             scale=self.scale)                                                      # [T, Hq, D]
-        out = attn.reshape(t, -1) * torch.sigmoid(gate.reshape(t, -1))
-        return self.o_proj(out)
+        return self.o_proj((attn * torch.sigmoid(gate)).reshape(t, -1))              # gate: a strided view

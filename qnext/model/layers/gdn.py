@@ -19,6 +19,7 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear
 from qnext.model.layers.norm import GatedRMSNorm
+from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
 
 
@@ -67,10 +68,10 @@ class GatedDeltaNet(nn.Module):
         """x [T, hidden] -> [T, hidden]."""
         t, dev, be = x.shape[0], x.device, self.ops_backend
         hk, r, dk, dv = self.hk, self.r, self.dk, self.dv
+        with SideBranch(batch.side_stream) as side:                                     # beside in_proj_qkvz
+            ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # [T, b|a, Hv] copy
         qkvz = self.in_proj_qkvz(x)                                                     # [T, Hk * (2Dk + 2rDv)]
         z = qkvz.view(t, hk, -1)[..., 2 * dk + r * dv:].unflatten(-1, (r, dv))         # [T, Hk, r, Dv] view
-        ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # [T, b|a, Hv] copy
-        b, a = ba[:, 0], ba[:, 1]
         slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state
 
         conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
@@ -84,6 +85,8 @@ class GatedDeltaNet(nn.Module):
         q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
         q, k, v = q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, self.hv, dv)
         ssm_cache = cache.ssm[self.layer_id]                                            # [S, Hv, Dk, Dv] float32
+        side.join()
+        b, a = ba[:, 0], ba[:, 1]
         if decode:
             out = get_op("gdn_decode_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots, has_init)
         else:

@@ -15,6 +15,7 @@ from torch import nn
 
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import Linear, QuantScheme, cdiv, empty_param, make_linear, stack_projections
+from qnext.model.side_stream import SideBranch
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
 from qnext.ops.registry import get_op
 
@@ -36,7 +37,7 @@ class MLP(nn.Module):
         if self.gate_up is None:     # once: a captured CUDA graph keeps reading the first stacked tensors
             object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+    def forward(self, x: torch.Tensor, side_stream=None) -> torch.Tensor:  # [T, H]; side_stream unused (one chain)
         silu_mul = get_op("silu_mul", self.ops_backend, x.device)
         if self.gate_up is None:
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -109,7 +110,12 @@ class SparseMoeBlock(nn.Module):
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+    def forward(self, x: torch.Tensor, side_stream=None) -> torch.Tensor:  # [T, H]
+        """side_stream: the shared expert runs on it, beside the router and routed experts (see SideBranch)."""
+        shared = None
+        if self.shared_expert is not None:
+            with SideBranch(side_stream) as side:
+                shared = self.shared_expert(x)                                          # [T, H]
         if self.router_and_shared_gate is not None:
             both, e = self.router_and_shared_gate(x), self.gate.out_features            # [T, E + 1]
             logits, shared_gate = both[:, :e], both[:, e:]
@@ -119,5 +125,6 @@ class SparseMoeBlock(nn.Module):
         ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob)
         y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
-            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, self.shared_expert(x))
+            side.join()
+            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, shared)
         return y
