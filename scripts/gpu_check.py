@@ -396,6 +396,21 @@ def conv_section() -> None:
     seq = torch.zeros(t, dtype=torch.int32, device="cuda")
     us = time_events(lambda i: causal_conv1d_prefill_(x, w, work, slots, init, cu, seq_index=seq), iters=9)
     record("conv prefill T=8192 C=8192", us, bytes_=2 * t * CONV * 2)
+    # the GDN layer's call: channels read through its column map out of in_proj_qkvz's [T, 12288] output
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.weights.presets import preset_config
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("qwen3-coder-next")), 0, dtype=torch.bfloat16,
+                        device="meta")
+    cols = gdn.qkv_columns(torch.device("cuda"))
+    xq = torch.randn(t, gdn.in_proj_qkvz.out_features, device="cuda").bfloat16()
+    ref_y, _ = causal_conv.causal_conv1d(xq[:, cols.long()], w, cache[slots], cu)
+    for run in (1, gdn.qkv_run):
+        y = causal_conv1d_prefill_(xq, w, cache.clone(), slots, init, cu, x_cols=cols, x_cols_run=run)
+        parity(f"conv prefill T=8192 column map run {run}", rel(y, ref_y), 1e-2)
+        us = time_events(lambda i, run=run: causal_conv1d_prefill_(xq, w, work, slots, init, cu, x_cols=cols,
+                                                                   x_cols_run=run, seq_index=seq), iters=9)
+        record(f"conv prefill T=8192 C=8192 column map, run {run}", us, bytes_=2 * t * CONV * 2)
     for n in (1, 32):
         xs = torch.randn(n, CONV, device="cuda").bfloat16()
         sl = torch.randperm(64, device="cuda")[:n]
@@ -553,9 +568,14 @@ def fp8_prefill_sweep() -> None:
         wb = [quant.dequantize(w, torch.bfloat16) for w in ws]
         for m in (256, 512, 1024, 2048, 8192):
             x = torch.randn(m, k, device="cuda").bfloat16()
-            ref = x.float() @ quant.dequantize(ws[0]).t()
+            wf = quant.dequantize(ws[0])
+            blocks = x.float().view(m, -1, 128)                # activations as scaled_mm rounds them
+            sc = (blocks.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+            refs = {"dequant": x.float() @ wf.t(),
+                    "scaled_mm": ((blocks / sc).to(torch.float8_e4m3fn).float() * sc).view(m, -1) @ wf.t()}
             for path in ("scaled_mm", "dequant"):
-                parity(f"fp8 prefill {path} M={m} N={n} K={k}", rel(fp8_linear(x, ws[0], path=path), ref), 1e-2)
+                parity(f"fp8 prefill {path} M={m} N={n} K={k}", rel(fp8_linear(x, ws[0], path=path), refs[path]),
+                       1e-2)
                 us = time_events(lambda i, path=path: fp8_linear(x, ws[i % 4], path=path), 4, iters=7)
                 record(f"fp8 prefill {path} M={m} N={n} K={k}", us, flops=2 * m * n * k)
             us = time_events(lambda i: F.linear(x, wb[i % 4]), 4, iters=7)

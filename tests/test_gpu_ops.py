@@ -331,6 +331,31 @@ def test_slot_conv_ops_with_column_map_match_reference():
     assert rel(y, y_ref) < 1e-2 and torch.equal(mine, ref)
 
 
+@cuda_only
+@pytest.mark.parametrize("preset", ["small", "qwen3-coder-next"])
+def test_conv_prefill_reads_the_gdn_column_map_by_runs(preset):
+    """x_cols_run: the GDN layer's own map (aligned runs of consecutive columns) read block-wise."""
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.ops import causal_conv, triton_conv1d
+    from qnext.weights.presets import preset_config
+    torch.manual_seed(5)
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config(preset)), 0, dtype=torch.bfloat16, device="meta")
+    cols = gdn.qkv_columns(torch.device("cuda"))
+    c, kw = cols.numel(), 4
+    w = torch.randn(c, kw, device="cuda").bfloat16()
+    cache = torch.randn(9, c, kw - 1, device="cuda").bfloat16()
+    slots = torch.tensor([4, 0, 8], device="cuda")
+    init = torch.tensor([True, False, True], device="cuda")
+    cu = torch.tensor([0, 2, 70, 333], device="cuda", dtype=torch.int32)
+    x = torch.randn(333, gdn.in_proj_qkvz.out_features, device="cuda").bfloat16()
+    mine, ref = cache.clone(), cache.clone()
+    poison_allocator()
+    y = triton_conv1d.causal_conv1d_prefill_(x, w, mine, slots, init, cu, x_cols=cols, x_cols_run=gdn.qkv_run)
+    y_ref = causal_conv.causal_conv1d_prefill_(x.float(), w.float(), ref, slots, init, cu, x_cols=cols)
+    assert gdn.qkv_run >= 16 and rel(y, y_ref) < 1e-2 and torch.equal(mine, ref)
+
+
 # ---- CUDA: norms and feed-forward glue ---------------------------------------------------------------------------
 
 @cuda_only
@@ -463,9 +488,7 @@ def test_paged_prefill_matches_reference():
 @pytest.mark.parametrize("path", ["gemv", "w8a8", "w8a16", "dequant", "auto"])
 @pytest.mark.parametrize("m", [1, 3, 5, 33, 67, 300])
 def test_fp8_linear(path, m):
-    from qnext.ops.triton_linear_fp8 import SMALL_M_MAX, fp8_linear
-    if path == "auto" and m > SMALL_M_MAX:
-        pytest.skip("auto is scaled_mm there (activations rounded to fp8; covered by gpu_check's parity)")
+    from qnext.ops.triton_linear_fp8 import fp8_linear
     torch.manual_seed(m)
     w = quantize_fp8_block(torch.randn(384, 640, device="cuda") / 640 ** 0.5)
     x = torch.randn(m, 640, device="cuda").bfloat16()

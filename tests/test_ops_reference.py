@@ -210,3 +210,19 @@ def test_registry_backend_module_by_function_names(monkeypatch):
         registry._loaded.pop("fake", None)
         registry._resolved.pop(("fake", "cpu"), None)
         registry._impls.pop(("paged_attention", "fake"), None)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "qwen3-coder-next"])
+def test_gdn_column_map_keeps_its_run_promise(preset):
+    """GatedDeltaNet.qkv_run: every aligned run of that many conv channels reads consecutive in_proj_qkvz columns
+    starting at a multiple of the run (what the Triton conv's block-wise read of x_cols relies on)."""
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.weights.presets import preset_config
+
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config(preset)), 0, dtype=torch.float32, device="meta")
+    cols, run = gdn.qkv_columns(torch.device("cpu")).long(), gdn.qkv_run
+    assert run >= 16 and run & (run - 1) == 0 and cols.numel() % run == 0
+    blocks = cols.view(-1, run)
+    assert torch.equal(blocks - blocks[:, :1], torch.arange(run).expand_as(blocks))
+    assert (blocks[:, 0] % run == 0).all()
+    assert sorted(cols.tolist()) == sorted(set(cols.tolist()))          # each column feeds one channel

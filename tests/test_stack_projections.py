@@ -7,7 +7,7 @@ import torch
 
 from qnext.config import ModelConfig
 from qnext.engine.forward_batch import ForwardBatch
-from qnext.model.layers.linear import Fp8Linear, Linear, stack_projections
+from qnext.model.layers.linear import STACK_ALIGN, Fp8Linear, Linear, split_stacked, stack_projections
 from qnext.model.qwen3_next import Qwen3NextForCausalLM
 from qnext.ops.quant import quantize_fp8_block
 from qnext.weights.presets import preset_config
@@ -32,7 +32,12 @@ def test_stacked_output_is_the_outputs_side_by_side():
         separate = torch.cat([p(x) for p in projs], dim=-1)
         stacked = stack_projections(projs)
         assert stacked is not None
-        torch.testing.assert_close(stacked(x), separate, rtol=1e-6, atol=1e-5)
+        y = stacked(x)
+        assert y.shape[-1] % (STACK_ALIGN if isinstance(stacked, Linear) else 128) == 0   # padded when plain
+        assert torch.equal(y[:, separate.shape[-1]:], torch.zeros_like(y[:, separate.shape[-1]:]))
+        parts = split_stacked(stacked, y)
+        assert [t.shape[-1] for t in parts] == [p.out_features for p in projs]
+        torch.testing.assert_close(torch.cat(parts, dim=-1), separate, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(torch.cat([p(x) for p in projs], dim=-1), separate)   # originals still work
         assert projs[0].weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr()
 

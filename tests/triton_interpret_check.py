@@ -79,6 +79,19 @@ def op_checks() -> dict:
     y1 = triton_conv1d.causal_conv1d_prefill_(x, wt, cache1, slots, init, cu, x_cols=cols)
     y2 = ref_conv.causal_conv1d_prefill_(x, wt, cache2, slots, init, cu, x_cols=cols)
     out["conv_prefill"] = max(err(y1, y2), err(cache1, cache2))
+    # the GDN layer's own column map, read by aligned runs (x_cols_run) out of in_proj_qkvz's output
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.weights.presets import preset_config
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("tiny")), 0, dtype=torch.float32, device="meta")
+    gcols = gdn.qkv_columns(torch.device("cpu"))
+    xq = torch.randn(9, gdn.in_proj_qkvz.out_features)
+    wq = torch.randn(gcols.numel(), k)
+    cq1 = torch.randn(5, gcols.numel(), k - 1)
+    cq2 = cq1.clone()
+    y1 = triton_conv1d.causal_conv1d_prefill_(xq, wq, cq1, slots, init, cu, x_cols=gcols, x_cols_run=gdn.qkv_run)
+    y2 = ref_conv.causal_conv1d_prefill_(xq, wq, cq2, slots, init, cu, x_cols=gcols)
+    out["conv_prefill_column_runs"] = max(err(y1, y2), err(cq1, cq2))
     xd = torch.randn(3, 20)
     y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
     y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)
@@ -116,7 +129,7 @@ def attention_and_gdn_checks() -> dict:
                                                      v_cache=case["v_cache"].clone()))
         out[f"paged_attention_{name}"] = err(triton_paged_attention.paged_attention(**mine), ref)
         if name == "decode":  # the split-K path (what long contexts use), several split counts
-            for splits in (1, 3):
+            for splits in (1, 3, 8):
                 o = triton_paged_attention.paged_decode_attention(case["q"], mine["k_cache"], mine["v_cache"],
                                                                   case["block_tables"], case["seq_lens"],
                                                                   case["scale"], max_seq_len=300, num_splits=splits)

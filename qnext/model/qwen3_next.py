@@ -96,7 +96,8 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def stack_projections(self) -> None:
         """For inference engines, once the weights are final: projections that read the same input run as one
-        (the shared expert's gate and up, the router and the shared-expert gate); see stack_projections in
+        (the shared expert's gate and up, the router and the shared-expert gate, attention's q, k and v); see
+        stack_projections in
         qnext/model/layers/linear.py. Later calls change nothing (CUDA graphs captured by one engine keep reading
         the tensors stacked first, also when a second engine is built on the same model)."""
         for m in self.modules():

@@ -38,7 +38,11 @@ Tensor = torch.Tensor
 
 GEMV_MAX_M = 4
 SMALL_M_MAX = 64
-DEQUANT_MIN_M = 1024      # auto: "dequant" from this many rows (below it scaled_mm), see scripts/gpu_check.py
+# auto: "dequant" from this many rows (below it, if ever, scaled_mm). H200 (scripts/gpu_check.py --only fp8prefill,
+# docs/perf-notes.md): dequant + cuBLAS beats scaled_mm at every size from 256 rows for N <= 2048 (out_proj 8K rows
+# 240 vs 318 us) and ties it to 2K rows on the wide shapes; at 8K rows scaled_mm is ~20% faster there (12288 x 2048:
+# 465 vs 588 us) but its fp8 activations err ten times more (relative 2.6e-2 against 2.4e-3).
+DEQUANT_MIN_M = SMALL_M_MAX + 1
 
 
 @triton.jit

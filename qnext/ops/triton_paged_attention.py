@@ -8,7 +8,9 @@ causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / 
   the G query heads of its kv head as the rows of one tl.dot (G padded to 16), so every K/V byte is read once for
   all G heads; BN tokens per step are gathered row by row through the block table (any block_size). With more than
   one split (long contexts, few sequences) each split writes (acc, max, sum) in float32 and a second kernel merges
-  them (flash-decoding). num_splits is a host choice from max_seq_len, fixed per CUDA-graph bucket.
+  them (flash-decoding). num_splits is a host choice from max_seq_len, fixed per CUDA-graph bucket; each
+  sequence's split length is chosen on the device from its own seq_len (at least BN tokens), so a short context
+  in a graph captured for a long one still spreads over its splits, and the merge reads only the splits used.
 * paged_prefill_attention: q_len > 1 (prefill chunks, with or without cached context). One program per
   (BQ queries of one sequence, kv head); rows are (query, head) pairs, BQ * G of them; online softmax over the
   visible keys read from the paged cache (the new K/V must already be written there).
@@ -53,18 +55,26 @@ def _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, visible, kvh, od, block_si
 
 
 @triton.jit
+def _split_tokens(seq_len, NS, BN: tl.constexpr):
+    """Keys per split of one sequence: its seq_len over NS splits, rounded up to whole BN steps."""
+    return tl.cdiv(tl.cdiv(seq_len, NS), BN) * BN
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    block_size, scale_log2, tokens_per_split, NS, HQ,
+    block_size, scale_log2, NS, HQ,
     G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1) or partials [B, Hq, NS] (+ D)."""
+    """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1) or partials [B, Hq, NS] (+ D) of the splits
+    holding keys (split_tokens(seq_len, NS) each; the merge reads no others)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len = tl.load(seqlens_ptr + b)
+    tokens_per_split = _split_tokens(seq_len, NS, BN)
     start = sp * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     og = tl.arange(0, BG)
@@ -95,22 +105,24 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh, NS, HQ,
-                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr):
-    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (empty splits have m = -inf)."""
+def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, stride_ob, stride_oh, NS, HQ,
+                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    seq_len = tl.load(seqlens_ptr + b)
+    used = tl.cdiv(seq_len, _split_tokens(seq_len, NS, BN))        # splits holding keys, 1..NS
     base = (b * HQ + h).to(tl.int64) * NS
     os_ = tl.arange(0, BS)
-    m = tl.load(pm_ptr + base + os_, mask=os_ < NS, other=float("-inf"))
+    m = tl.load(pm_ptr + base + os_, mask=os_ < used, other=float("-inf"))
     big = tl.max(m, axis=0)
-    l = tl.load(pl_ptr + base + os_, mask=os_ < NS, other=0.0)
+    l = tl.load(pl_ptr + base + os_, mask=os_ < used, other=0.0)
     denom = tl.sum(tl.exp2(m - big) * l, axis=0)
     od = tl.arange(0, D)
     acc = tl.zeros([D], dtype=tl.float32)
-    for s0 in range(0, NS, CH):
+    for s0 in range(0, used, CH):
         oc = s0 + tl.arange(0, CH)
-        cm = oc < NS
+        cm = oc < used
         w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf")) - big)
         part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0)
         acc += tl.sum(part * w[:, None], axis=0)
@@ -128,8 +140,9 @@ MAX_SPLITS = 256
 
 
 def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device, bn: int = DECODE_BN,
-                  num_splits: int | None = None) -> tuple[int, int]:
-    """-> (num_splits, tokens_per_split): about two programs per SM, splits of at least 64 tokens."""
+                  num_splits: int | None = None) -> int:
+    """-> num_splits for contexts up to max_seq_len: about two programs per SM, splits of at least 64 tokens
+    (the kernel sizes each sequence's splits from its own length)."""
     if num_splits is None:
         if device.type != "cuda":
             sms = 132
@@ -138,7 +151,7 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.dev
         want = max(1, (2 * sms) // max(1, batch * kv_heads))
         num_splits = max(1, min(want, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
     tokens = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), bn) * bn
-    return triton.cdiv(max(max_seq_len, 1), tokens), tokens
+    return triton.cdiv(max(max_seq_len, 1), tokens)
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -152,7 +165,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     g = hq // hkv
     if hq % hkv or g & (g - 1) or k_cache.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("paged decode needs Hq/Hkv a power of two and unit-stride head dims")
-    ns, tokens = decode_splits(bsz, hkv, max_seq_len, q.device, bn, num_splits)
+    ns = decode_splits(bsz, hkv, max_seq_len, q.device, bn, num_splits)
     o = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
     split = ns > 1
     if split:
@@ -166,11 +179,11 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        k_cache.shape[1], scale * LOG2E, tokens, ns, hq,
+        k_cache.shape[1], scale * LOG2E, ns, hq,
         G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
     if split:
-        _paged_merge_kernel[(bsz, hq)](po, pm, pl, o, o.stride(0), o.stride(1), ns, hq,
-                                       D=d, BS=triton.next_power_of_2(ns), CH=16, num_warps=4)
+        _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, o.stride(0), o.stride(1), ns, hq,
+                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, num_warps=4)
     return o
 
 

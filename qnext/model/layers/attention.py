@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import QuantScheme, make_linear, stack_projections
+from qnext.model.layers.linear import QuantScheme, make_linear, split_stacked, stack_projections
 from qnext.model.layers.norm import RMSNorm
 from qnext.ops.registry import get_op
 
@@ -41,8 +41,7 @@ class GatedAttention(nn.Module):
         stacked projection's output when stacked)."""
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
-                                       self.v_proj.out_features], dim=-1)
+        return tuple(split_stacked(self.qkv_proj, self.qkv_proj(x)))
 
     def forward(self, x: torch.Tensor, batch, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; rope = (cos, sin) [T, rotary_dim/2] -> [T, hidden]."""

@@ -13,6 +13,8 @@ norm reads z where it lies: per decode step and GDN layer the glue is one small 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,6 +52,10 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
         self.out_proj = make_linear(value_dim, cfg.hidden_size, **dense)
         self._qkv_cols: torch.Tensor | None = None
+        # qkv_columns() maps aligned runs of this many channels (a power of two dividing Dk and r * Dv) to
+        # consecutive columns: the conv kernel then reads whole channel blocks as contiguous row segments
+        run = math.gcd(self.dk, self.r * self.dv)
+        self.qkv_run = run & -run
 
     def qkv_columns(self, device: torch.device) -> torch.Tensor:
         """[conv_dim] int32: the in_proj_qkvz output column feeding each conv channel (all q | all k | all v), so
@@ -80,7 +86,8 @@ class GatedDeltaNet(nn.Module):
             mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols)
         else:
             mixed = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
-                                                              batch.cu_query_lens, x_cols=cols)
+                                                              batch.cu_query_lens, x_cols=cols,
+                                                              x_cols_run=self.qkv_run)
         kd = hk * dk
         q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
         q, k, v = q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, self.hv, dv)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, QuantScheme, cdiv, empty_param, make_linear, stack_projections
+from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, split_stacked,
+                                      stack_projections)
 from qnext.model.side_stream import SideBranch
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
 from qnext.ops.registry import get_op
@@ -41,8 +42,7 @@ class MLP(nn.Module):
         silu_mul = get_op("silu_mul", self.ops_backend, x.device)
         if self.gate_up is None:
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-        gate_up, i = self.gate_up(x), self.gate_proj.out_features                  # [T, 2I]
-        return self.down_proj(silu_mul(gate_up[..., :i], gate_up[..., i:]))
+        return self.down_proj(silu_mul(*split_stacked(self.gate_up, self.gate_up(x))))   # gate, up [T, I] views
 
 
 class Experts(nn.Module):
@@ -117,8 +117,8 @@ class SparseMoeBlock(nn.Module):
             with SideBranch(side_stream) as side:
                 shared = self.shared_expert(x)                                          # [T, H]
         if self.router_and_shared_gate is not None:
-            both, e = self.router_and_shared_gate(x), self.gate.out_features            # [T, E + 1]
-            logits, shared_gate = both[:, :e], both[:, e:]
+            logits, shared_gate = split_stacked(self.router_and_shared_gate,
+                                                self.router_and_shared_gate(x))         # [T, E], [T, 1]
         else:
             logits = self.gate(x)                                                       # [T, E]
             shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
