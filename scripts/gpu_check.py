@@ -548,9 +548,9 @@ def fp8_gemv_sweep() -> None:
     for n, k in ((12288, 2048), (2048, 4096), (8192, 2048), (512, 2048), (2048, 512)):
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         x = torch.randn(1, k, device="cuda").bfloat16()
-        for bn in (8, 16, 32):
-            for ng in (2, 4, 8):
-                if ng * 128 > k:
+        for bn in (2, 4, 8, 16, 32):
+            for ng in (2, 4, 8, 16, 32):
+                if ng * 128 > k or bn * ng > 256:          # bn * ng float32 accumulators per thread (4 warps)
                     continue
                 us = time_graph(lambda i, bn=bn, ng=ng: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng), 8)
                 record(f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng}", us, bytes_=n * k * 1.0)

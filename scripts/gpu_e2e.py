@@ -286,7 +286,7 @@ def bench_replay(tag: str, engine: LLMEngine, reps: int = 20) -> None:
     record(tag, "graph replay ms per decode step", out)
 
 
-def profile_step(tag: str, engine: LLMEngine, top: int = 12) -> None:
+def profile_step(tag: str, engine: LLMEngine, top: int = 24) -> None:
     """Kernels of one captured decode step at batch 1 (torch profiler, CUDA activity): how many launches a step
     is, and where its device time goes."""
     from torch.profiler import ProfilerActivity, profile

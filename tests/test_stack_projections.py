@@ -3,11 +3,13 @@ weights, an unchanged state_dict, and a second call that changes nothing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qnext.config import ModelConfig
 from qnext.engine.forward_batch import ForwardBatch
-from qnext.model.layers.linear import STACK_ALIGN, Fp8Linear, Linear, split_stacked, stack_projections
+from qnext.model.layers.linear import (STACK_ALIGN, Fp8Linear, Linear, PaddedStackLinear, split_stacked,
+                                      stack_projections)
 from qnext.model.qwen3_next import Qwen3NextForCausalLM
 from qnext.ops.quant import quantize_fp8_block
 from qnext.weights.presets import preset_config
@@ -21,9 +23,10 @@ def _fp8(n: int, k: int) -> Fp8Linear:
     return lin
 
 
-def test_stacked_output_is_the_outputs_side_by_side():
+@pytest.mark.parametrize("rows", [5, PaddedStackLinear.PADDED_MIN_ROWS + 1])
+def test_stacked_output_is_the_outputs_side_by_side(rows):
     torch.manual_seed(0)
-    x = torch.randn(5, 256)
+    x = torch.randn(rows, 256)
     for projs in ([Linear(256, 7, dtype=torch.float32), Linear(256, 1, dtype=torch.float32)],
                   [_fp8(128, 256), _fp8(256, 256)]):
         for p in projs:
@@ -31,10 +34,12 @@ def test_stacked_output_is_the_outputs_side_by_side():
                 p.weight.data.normal_()
         separate = torch.cat([p(x) for p in projs], dim=-1)
         stacked = stack_projections(projs)
-        assert stacked is not None
+        assert stacked is not None and stacked.weight.shape[0] % (128 if isinstance(stacked, Fp8Linear)
+                                                                   else STACK_ALIGN) == 0
         y = stacked(x)
-        assert y.shape[-1] % (STACK_ALIGN if isinstance(stacked, Linear) else 128) == 0   # padded when plain
-        assert torch.equal(y[:, separate.shape[-1]:], torch.zeros_like(y[:, separate.shape[-1]:]))
+        width = separate.shape[-1]
+        assert y.shape[-1] == (width if rows <= PaddedStackLinear.PADDED_MIN_ROWS else stacked.weight.shape[0])
+        assert torch.equal(y[:, width:], torch.zeros_like(y[:, width:]))                 # padding: zero rows
         parts = split_stacked(stacked, y)
         assert [t.shape[-1] for t in parts] == [p.out_features for p in projs]
         torch.testing.assert_close(torch.cat(parts, dim=-1), separate, rtol=1e-6, atol=1e-5)
