@@ -223,7 +223,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False          # no CUDA graphs for decode steps
     no_overlap: bool = False             # schedule a step only after the previous one's tokens are read
-    no_side_stream: bool = False         # CUDA: no second stream for a layer's independent work (shared expert...)
+    no_side_stream: bool = False         # decode graphs on one stream (no shared-expert / in_proj_ba branches)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

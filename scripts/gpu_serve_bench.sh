@@ -5,9 +5,12 @@
 #
 # 1. `qnext synth --config-only`: the Qwen3-Coder-Next config and a full-vocabulary tokenizer, no weights;
 # 2. `qnext serve --synthetic`: int4 routed experts + FP8 dense made on the GPU, decode CUDA graphs up to 32 seqs;
-# 3. `qnext bench serve`: 64 requests of 8192 random prompt tokens and 1024 output tokens (ignore_eos), 32 at a
+# 3. a warm-up burst (c requests at concurrency c, 16 output tokens each; not measured): the server's Triton
+#    kernels meet the shapes of mixed prefill + decode steps before the clock starts (on a cold Triton cache their
+#    JIT compiles stalled the first measured wave by ~19 s on the H200, 2026-12-02);
+# 4. `qnext bench serve`: 64 requests of 8192 random prompt tokens and 1024 output tokens (ignore_eos), 32 at a
 #    time, after 2 warm-up requests; then a short c1 run (4 requests) for the unloaded TPOT.
-# OUT_DIR gets serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
+# OUT_DIR gets warmup_burst.json, serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
 # Off the GPU, SERVE_BENCH_SMALL=1 runs the same steps on the tiny preset (a check of the script, not a figure).
 # Needs qnext's server packages; the GPU machine lacks fastapi, uvicorn, starlette, pydantic (+ pydantic-core,
 # annotated-types, typing-inspection), sniffio and opentelemetry-api: carry them as wheels (docs/benchmarks.md).
@@ -48,6 +51,8 @@ while True:
 EOF
 bench=(python3 -m qnext bench serve --base-url "http://127.0.0.1:$port" --tokenizer "$model"
        --random-input-len "$ilen" --random-output-len "$olen" --ignore-eos --metric-percentiles 50,90,99)
+"${bench[@]}" --max-concurrency "$c" --num-prompts "$c" --random-output-len 16 --seed 2 \
+  --result-file "$out/warmup_burst.json" >/dev/null
 "${bench[@]}" --max-concurrency "$c" --num-prompts "$n" --num-warmups 2 --result-file "$out/serve_c$c.json"
 "${bench[@]}" --max-concurrency 1 --num-prompts 4 --seed 1 --result-file "$out/serve_c1.json"
 python3 -c "import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \

@@ -30,8 +30,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "enforce_eager": (bool, "run decode steps eagerly (no CUDA graphs)"),
     "no_overlap": (bool, "prepare each step only after the previous one's tokens are read (by default the host "
                          "prepares step n+1 while the device runs step n)"),
-    "no_side_stream": (bool, "run every kernel on one CUDA stream (by default the shared expert and GDN's in_proj_ba "
-                             "run on a second stream beside the routed experts and in_proj_qkvz)"),
+    "no_side_stream": (bool, "capture decode CUDA graphs on one stream (by default the shared expert and GDN's "
+                             "in_proj_ba run as graph branches beside the routed experts and in_proj_qkvz)"),
 }
 
 

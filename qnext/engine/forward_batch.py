@@ -30,8 +30,8 @@ class ForwardBatch:
     has_initial_state: Tensor  # [B] bool, context_lens > 0 (else the GDN state starts at zero)
     logits_indices: Tensor     # [B] int64, index into T of each sequence's last token
     block_size: int
-    # a second CUDA stream for work a layer can run beside its main chain (qnext/model/side_stream.py); None:
-    # everything on the current stream (CPU, tests, the engine's no_side_stream)
+    # a second CUDA stream for work a layer can run beside its main chain (qnext/model/side_stream.py); set by
+    # the decode CUDA graphs; None: everything on the current stream (eager steps, CPU, no_side_stream)
     side_stream: "torch.cuda.Stream | None" = None
 
     @property

@@ -83,12 +83,14 @@ class LLMEngine:
                                    max_queue=ec.max_queue, max_model_len=plan.max_model_len)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(ec.seed)
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" and not ec.no_side_stream else None
-        self.runner = ModelRunner(model, self.cache, Sampler(generator), side_stream=side)
+        self.runner = ModelRunner(model, self.cache, Sampler(generator))
         self.overlap = not ec.no_overlap
         self._in_flight = None   # a launched step whose tokens are not read yet (see step)
         if use_graphs:
             from qnext.engine.cuda_graphs import DecodeGraphs
+            # decode graphs capture a layer's independent work as parallel branches (SideBranch); eager steps
+            # (prefill, mixed) stay on one stream: there the branch measured slower (docs/perf-notes.md)
+            side = None if ec.no_side_stream else torch.cuda.Stream(self.device)
             graphs = DecodeGraphs(model, self.cache, max_num_seqs=ec.max_num_seqs, max_model_len=plan.max_model_len,
                                   dummy_page=plan.dummy_page, dummy_slot=plan.dummy_slot, side_stream=side)
             graphs.capture()

@@ -76,10 +76,8 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: ModelCache, sampler: Sampler | None = None,
-                 side_stream: "torch.cuda.Stream | None" = None):
+    def __init__(self, model: torch.nn.Module, cache: ModelCache, sampler: Sampler | None = None):
         self.model = model
-        self.side_stream = side_stream           # ForwardBatch.side_stream of every step
         self.cache = cache
         self.sampler = sampler or Sampler()
         self.device = cache.device
@@ -106,7 +104,6 @@ class ModelRunner:
             slots.append(r.state_slot)
             flat += s.num_new_tokens
         batch = ForwardBatch.build(token_ids, context_lens, tables, slots, self.block_size, self.device)
-        batch.side_stream = self.side_stream
         if patch:
             dst, src = zip(*patch)
             idx = to_device(dst + src, torch.int64, self.device)
