@@ -12,8 +12,10 @@
     engine, measured like `qnext bench latency`: decode-b1 at 1K context (256 tokens), decode b8 / b32 at 1K,
     prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); the
     kernels of one replayed b1 step (torch profiler: launches, device time, the top kernels); eager decode for
-    comparison; where a b32 step's host time goes (cProfile over engine steps); then the same with bf16 dense
-    projections if time is left.
+    comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
+    an A/B of the side stream (the same model in an engine with no_side_stream) and of the FP8 prefill path
+    (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
+    --extras picks the first variant's extended measurements (ab, host, trace, eager).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
