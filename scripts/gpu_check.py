@@ -560,7 +560,7 @@ def fp8_gemv_sweep() -> None:
 def fp8_prefill_sweep() -> None:
     """Prefill-sized FP8 projections over the model's dense shapes (in_proj_qkvz, stacked q/k/v, out_proj and
     o_proj, shared expert gate+up and down): scaled_mm against dequant + cuBLAS by row count, with bf16 cuBLAS
-    on resident bf16 weights beside them (where DEQUANT_MIN_M should be)."""
+    on resident bf16 weights beside them (which LARGE_M_PATH should be)."""
     from qnext.ops.triton_linear_fp8 import fp8_linear
     torch.manual_seed(0)
     for n, k in ((12288, 2048), (9216, 2048), (2048, 4096), (1024, 2048), (2048, 512)):

@@ -460,13 +460,13 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
     guarded(f"{one_tag} replay", 5, bench_replay, one_tag, one)
     del one
     free_memory()
-    saved = triton_linear_fp8.DEQUANT_MIN_M
-    triton_linear_fp8.DEQUANT_MIN_M = 1 << 40                    # every prefill projection through scaled_mm
+    saved = triton_linear_fp8.LARGE_M_PATH
+    triton_linear_fp8.LARGE_M_PATH = "scaled_mm"                 # every prefill projection through scaled_mm
     try:
         guarded(f"{tag} prefill scaled_mm", 15, bench_prefill, tag + " fp8 prefill via scaled_mm", engine,
                 args.prefill, 2)
     finally:
-        triton_linear_fp8.DEQUANT_MIN_M = saved
+        triton_linear_fp8.LARGE_M_PATH = saved
 
 
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:

@@ -517,11 +517,11 @@ def test_pack_to_device_round_trips_every_dtype():
 @cuda_only
 def test_fp8_dequant_pass_is_the_reference_bit_for_bit():
     from qnext.ops.quant import dequantize_fp8_block
-    from qnext.ops.triton_linear_fp8 import DEQUANT_MIN_M, dequantize_fp8, fp8_linear
+    from qnext.ops.triton_linear_fp8 import SMALL_M_MAX, dequantize_fp8, fp8_linear
     torch.manual_seed(0)
     w = quantize_fp8_block(torch.randn(384, 640, device="cuda") * 3)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         poison_allocator()
         assert torch.equal(dequantize_fp8(w, dtype), dequantize_fp8_block(w, dtype))
-    x = torch.randn(DEQUANT_MIN_M + 3, 640, device="cuda").bfloat16()        # auto takes the dequant path here
+    x = torch.randn(SMALL_M_MAX + 1003, 640, device="cuda").bfloat16()      # auto takes the dequant path here
     assert torch.equal(fp8_linear(x, w), torch.nn.functional.linear(x, dequantize_fp8_block(w, x.dtype)))

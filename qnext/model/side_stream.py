@@ -3,8 +3,9 @@ experts, GDN's small in_proj_ba beside in_proj_qkvz).
 
 A decode step at small batch is latency bound: each small kernel leaves most of the GPU idle, so a second stream
 lets two such chains overlap. Inside a CUDA-graph capture the fork and join become graph edges (parallel
-branches); eagerly they are event waits. Without a stream (CPU, or the engine's `no_side_stream`) the branch runs
-inline, so results never depend on it: the same kernels run on the same inputs either way.
+branches); eagerly they are event waits. Without a stream (the engine passes one to its decode graphs only: eager
+steps, CPU and `no_side_stream` get None) the branch runs inline, so results never depend on it: the same kernels
+run on the same inputs either way.
 
     with SideBranch(batch.side_stream) as side:
         shared = self.shared_expert(x)       # queued on the side stream, after everything queued before

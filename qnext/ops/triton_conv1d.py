@@ -13,8 +13,8 @@ x may be a strided view (row stride != C, unit channel stride), e.g. columns of 
 x_cols [C] int32 channel c reads x's column x_cols[c] (the GDN layer's q, k, v heads straight out of in_proj_qkvz's
 interleaved output, without the copy that would gather them). x_cols_run = R (a power of two) says more: every
 aligned run of R channels reads R consecutive columns, so the prefill kernel reads its channel block as one
-contiguous, vectorizable row segment from x_cols[block start]; per-channel gathered columns cost ~4x the time at
-8K tokens (H200, 1.42 ms against the contiguous ~0.33 ms).
+contiguous, vectorizable row segment from x_cols[block start]; per-channel gathered columns cost ~4x the time
+(H200, 8K tokens x 8192 channels: 1.58 ms against 0.38 by runs and 0.34 for a contiguous input).
 """
 
 from __future__ import annotations

@@ -15,34 +15,32 @@ Paths (fp8_linear(path="auto") picks by the number of rows M):
            each weight tile is read once, and narrow BN, so even N = 2048 gives enough programs): there it moves half
            the bytes of bf16 cuBLAS, while scaled_mm pays an activation-quantization launch and tiles made for
            large M (H100, 32 rows: the FP8-dense decode step took 16.3 ms against 9.9 with bf16 dense weights).
-* "dequant" (large M, prefill): one Triton pass writes W as x.dtype (float32(w) * scale, rounded: the torch
-           reference's dequantization bit for bit), then cuBLAS. At prefill sizes the GEMM is compute bound and
-           the pass costs ~3 bytes per weight, while the fp8 paths pay an activation-quantization pass and lose
-           precision on the activations (H100, 8K rows: 2048 x 4096 bf16 cuBLAS 197 us against scaled_mm 321).
+* "dequant" (auto above SMALL_M_MAX rows, prefill): one Triton pass writes W as x.dtype (float32(w) * scale,
+           rounded: the torch reference's dequantization bit for bit), then cuBLAS. At prefill sizes the GEMM is
+           compute bound and the pass costs ~3 bytes per weight, while the fp8 paths pay an
+           activation-quantization pass and round the activations (see LARGE_M_PATH for the measured trade).
 * "scaled_mm" torch.nn.functional.scaled_mm with BlockWise1x128 / BlockWise128x128 scales when this torch build
-           supports it (scripts/gpu_check.py probes).
+           supports it (torch 2.11 on Hopper does); "w8a8" our fp8 x fp8 kernel, the same rounding.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight, dequantize_fp8_block, quantize_fp8_block
+from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 
 Tensor = torch.Tensor
 
 GEMV_MAX_M = 4
 SMALL_M_MAX = 64
-# auto: "dequant" from this many rows (below it, if ever, scaled_mm). H200 (scripts/gpu_check.py --only fp8prefill,
-# docs/perf-notes.md): dequant + cuBLAS beats scaled_mm at every size from 256 rows for N <= 2048 (out_proj 8K rows
-# 240 vs 318 us) and ties it to 2K rows on the wide shapes; at 8K rows scaled_mm is ~20% faster there (12288 x 2048:
-# 465 vs 588 us) but its fp8 activations err ten times more (relative 2.6e-2 against 2.4e-3).
-DEQUANT_MIN_M = SMALL_M_MAX + 1
+# auto's path above SMALL_M_MAX rows. H200 (scripts/gpu_check.py --only fp8prefill, docs/perf-notes.md): dequant +
+# cuBLAS beats scaled_mm at every size from 256 rows for N <= 2048 (out_proj, 8K rows: 240 vs 318 us) and ties it up
+# to 2K rows on the wide shapes; at 8K rows scaled_mm is ~20% faster there (12288 x 2048: 465 vs 588 us), but its
+# fp8 activations err ten times more (relative 2.6e-2 against 2.4e-3).
+LARGE_M_PATH = "dequant"
 
 
 @triton.jit
@@ -217,26 +215,12 @@ def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
     return out[:m]
 
 
-@functools.lru_cache(maxsize=4)
-def scaled_mm_supported(device: torch.device) -> bool:
-    """Does this torch build run block-scaled F.scaled_mm here, and agree with our reference? (probed once)"""
-    try:
-        w = quantize_fp8_block(torch.randn(256, 256, device=device) / 16)
-        x = torch.randn(8, 256, device=device).bfloat16()
-        ref = x.float() @ dequantize_fp8_block(w).t()
-        out = fp8_scaled_mm(x, w).float()
-        return bool(((out - ref).norm() / ref.norm()) < 5e-2)
-    except Exception:  # older torch, other GPU, cuBLASLt without block scaling
-        return False
-
-
 def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: str = "auto",
                tiles: dict | None = None) -> Tensor:
     """x [..., K] -> [..., N]; path auto | gemv | w8a8 | w8a16 | dequant | scaled_mm; tiles: fp8_dot's keyword
     arguments for w8a16 (default small_m_tiles for small M, else fp8_dot's).
-    auto: GEMV up to GEMV_MAX_M rows (memory bound), w8a16 with small tiles up to SMALL_M_MAX, dequant + cuBLAS
-    from DEQUANT_MIN_M rows, between them cuBLASLt's block-scaled fp8 GEMM when this torch has it, else our w8a8
-    kernel (docs/perf-notes.md)."""
+    auto: GEMV up to GEMV_MAX_M rows (memory bound), w8a16 with small tiles up to SMALL_M_MAX, else LARGE_M_PATH
+    (dequant + cuBLAS; docs/perf-notes.md)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -247,10 +231,8 @@ def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: s
             path = "gemv"
         elif m <= SMALL_M_MAX:
             path = "w8a16"
-        elif m >= DEQUANT_MIN_M:
-            path = "dequant"
         else:
-            path = "scaled_mm" if scaled_mm_supported(x2.device) else "w8a8"
+            path = LARGE_M_PATH
     if path == "gemv":
         y = fp8_gemv(x2, w)
     elif path == "w8a8":
