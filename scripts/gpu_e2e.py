@@ -13,7 +13,7 @@
     prefill 8K (time to first token); CUDA-graph replay time per decode step (the device's share of a step); the
     kernels of one replayed b1 step (torch profiler: launches, device time, the top kernels); eager decode for
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
-    an A/B of the side stream (the same model in an engine with no_side_stream) and of the FP8 prefill path
+    an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
     --extras picks the first variant's extended measurements (ab, host, trace, eager).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
@@ -440,9 +440,9 @@ def profile_prefill(tag: str, engine: LLMEngine, n: int, top: int = 16) -> None:
 
 
 def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model with every kernel on one stream (no_side_stream), then the fp8 prefill projections through
-    scaled_mm instead of dequant + cuBLAS: greedy ids must not change; decode-b1 / b32, prefill and replay of
-    each, measured right after the default engine's own figures."""
+    """The same model with its decode graphs on one stream (no_side_stream), then the fp8 prefill projections
+    through scaled_mm instead of dequant + cuBLAS: greedy ids must not change; decode-b1 / b32, prefill and replay
+    of each, measured right after the default engine's own figures."""
     from qnext.ops import triton_linear_fp8
 
     prompts = rand_prompts(random.Random(19), 3, 200, cfg.vocab_size)
