@@ -3,7 +3,7 @@
 
     python3 scripts/gpu_e2e.py --out $OUT --budget 240
 
-(a) parity: a narrow model (full-size heads, hidden 256, 4 layers, 16 experts; random weights) runs greedy on the
+(a) parity: the narrow preset (full-size heads, hidden 256, 4 layers, 16 experts; random weights) runs greedy on the
     device in bf16, eager and with decode CUDA graphs, and is checked against the CPU float32 reference path with
     the same weights: prefill logits (relative error) and teacher-forced greedy ids (each device-chosen token must
     be within a tolerance of the reference's best logit at that position; exact matches are reported too).
@@ -53,13 +53,6 @@ T0 = time.time()
 BUDGET = 240.0
 OUT = "out"
 R: dict = {"env": {}, "parity": {}, "bench": {}, "errors": {}, "log": []}
-
-# Narrow model with the full model's head shapes (the kernels compile for the same constants as the 80B's).
-NARROW = {**preset_config("tiny"), "vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 4,
-          "full_attention_interval": 2, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-          "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-          "linear_value_head_dim": 128, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
-          "shared_expert_intermediate_size": 128, "intermediate_size": 512, "max_position_embeddings": 4096}
 
 
 def log(msg: str) -> None:
@@ -182,7 +175,7 @@ def teacher_forced(ref, prompts, outs, tol_sigma: float) -> dict:
 
 
 def parity_case(scheme_name: str | None, device: str, tol_logits: float, tol_sigma: float) -> None:
-    cfg = ModelConfig.from_hf(NARROW)
+    cfg = ModelConfig.from_hf(preset_config("narrow"))
     scheme = QuantScheme.named(scheme_name, cfg)
     ref = fill_synthetic_(Qwen3NextForCausalLM(cfg, dtype=torch.float32, device="cpu", quantization=scheme,
                                                ops_backend="torch").eval(), seed=3)

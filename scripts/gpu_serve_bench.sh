@@ -7,7 +7,7 @@
 # 2. `qnext serve --synthetic`: int4 routed experts + FP8 dense made on the GPU, decode CUDA graphs up to 32 seqs;
 # 3. a warm-up burst (c requests at concurrency c, 16 output tokens each; not measured): the server's Triton
 #    kernels meet the shapes of mixed prefill + decode steps before the clock starts (on a cold Triton cache their
-#    JIT compiles stalled the first measured wave by ~19 s on the H200, 2026-12-02);
+#    JIT compiles stalled the first measured wave by ~18 s on the H200, 2026-12-02);
 # 4. `qnext bench serve`: 64 requests of 8192 random prompt tokens and 1024 output tokens (ignore_eos), 32 at a
 #    time, after 2 warm-up requests; then a short c1 run (4 requests) for the unloaded TPOT.
 # OUT_DIR gets warmup_burst.json, serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).

@@ -1,7 +1,7 @@
 """The engine on CUDA (skipped without a GPU; run on the device machine): work a layer runs on its side stream
 (the shared expert, GDN's in_proj_ba) gives bit-identical results to one stream, eagerly and in decode CUDA graphs
 (the engine uses it in the graphs only).
-Narrow model: the full model's head shapes (the Triton kernels compile for the 80B's constants), hidden 256."""
+The model is the "narrow" preset: the 80B's head shapes (the Triton kernels compile for its constants), hidden 256."""
 
 from __future__ import annotations
 
@@ -21,16 +21,11 @@ from qnext.weights.synthetic import fill_synthetic_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
-NARROW = {**preset_config("tiny"), "vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 4,
-          "full_attention_interval": 2, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-          "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-          "linear_value_head_dim": 128, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
-          "shared_expert_intermediate_size": 128, "intermediate_size": 512}
 
 
 @pytest.fixture(scope="module", params=[None, "int4"])
 def narrow(request):
-    cfg = ModelConfig.from_hf(NARROW)
+    cfg = ModelConfig.from_hf(preset_config("narrow"))
     model = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, device="cuda", quantization=request.param).eval()
     fill_synthetic_(model, seed=2)
     model.stack_projections()

@@ -2,6 +2,8 @@
 
 - tiny: seconds on CPU; the shape tests build.
 - small: the default synthetic model (a few tens of millions of parameters); still quick on CPU.
+- narrow: the 80B's head shapes (attention, GDN) at hidden 256, 4 layers, 16 experts: the GPU parity model (its
+  Triton kernels compile for the same head constants as the 80B's; scripts/gpu_e2e.py, tests/test_gpu_engine.py).
 - qwen3-coder-next: exactly the 80B Qwen3-Coder-Next shape (model-facts.md), rope_theta 5e6.
 bos/eos ids here are those of the preset's synthetic tokenizer (Qwen's special tokens appended last).
 """
@@ -57,6 +59,15 @@ PRESETS: dict[str, dict] = {
         num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=128,
         intermediate_size=512,
     ),
+    "narrow": _preset(
+        1024, vocab_size=1024, hidden_size=256, num_hidden_layers=4, full_attention_interval=2,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, rope_theta=5_000_000.0,
+        max_position_embeddings=4096,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+        intermediate_size=512,
+    ),
     # The 80B shape; its tokenizer has Qwen's 151669 entries so the special ids equal Qwen's (151643...).
     "qwen3-coder-next": _preset(
         151669, vocab_size=151936, hidden_size=2048, num_hidden_layers=48, full_attention_interval=4,
@@ -70,7 +81,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # Entries of each preset's synthetic tokenizer (<= vocab_size; the model's extra rows are never produced by it).
-TOKENIZER_SIZES = {"tiny": 512, "small": 4096, "qwen3-coder-next": 151669}
+TOKENIZER_SIZES = {"tiny": 512, "small": 4096, "narrow": 1024, "qwen3-coder-next": 151669}
 
 
 def preset_config(name: str) -> dict:
