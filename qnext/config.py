@@ -224,6 +224,7 @@ class EngineConfig:
     enforce_eager: bool = False          # no CUDA graphs for decode steps
     no_overlap: bool = False             # schedule a step only after the previous one's tokens are read
     no_side_stream: bool = False         # decode graphs on one stream (no shared-expert / in_proj_ba branches)
+    no_warmup: bool = False              # CUDA: skip the start-up warm-up requests (LLMEngine.warm_up)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
-    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv,fp8prefill]
+    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv,fp8small,fp8prefill]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -210,8 +210,8 @@ def moe_section(kinds, quick: bool) -> None:
     sweeps = {
         "bf16": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
         "fp8": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
-        "int4_128": [dict(split=False), dict(split=False, int4_dot=False), dict(sbn1=8), dict(sbn2=32), dict(sw=8),
-                     None],
+        "int4_128": [dict(split=False), dict(sbn1=8), dict(sbn1=2), dict(sbn1=1), dict(sbn1=2, sw=2),
+                     dict(sbn1=1, sw=1), dict(sbn2=32), dict(sbn2=8), dict(sbn2=8, sw=2), dict(sw=8), None],
         "int4_32": [dict(int4_dot=False)],
     }
     grouped_sweeps = [dict(bn=16), dict(bn=64), dict(bn2=32), dict(bn2=128), dict(stages=2, stages2=2),
@@ -527,8 +527,9 @@ def fp8_section(quick: bool) -> None:
                     us = time_events(lambda i, path=path: fp8_linear(x, ws[i % 8], path=path), 8, iters=5)
                     record(f"fp8 linear {path} M={m} N={n} K={k}", us, flops=2 * m * n * k)
             if 1 < m <= 32:                                     # small-M w8a16 tile variants
-                for t in (dict(bn=32), dict(bn=64), dict(bn=16), dict(num_stages=3), dict(num_warps=2)):
-                    tiles = {**small_m_tiles(m, n), **t}
+                for t in (dict(split=1), dict(split=2), dict(split=4), dict(split=8), dict(bn=32), dict(bn=64),
+                          dict(bn=16), dict(num_stages=3), dict(num_warps=2)):
+                    tiles = {**small_m_tiles(m, n, k), **t}
                     us = time_graph(lambda i, tiles=tiles: fp8_linear(x, ws[i % 8], path="w8a16", tiles=tiles), 8)
                     record(f"fp8 linear w8a16 M={m} N={n} K={k} {t}", us, bytes_=n * k * 1.0)
             if m <= 32:
@@ -542,18 +543,50 @@ def fp8_section(quick: bool) -> None:
 
 def fp8_gemv_sweep() -> None:
     """Tile sweep of the batch-1 fp8 GEMV over the model's dense shapes (qkvz, out_proj, q_proj, shared expert
-    gate/up and down): which (BN rows, NG scale groups per step, warps) is fastest for each."""
-    from qnext.ops.triton_linear_fp8 import fp8_gemv
+    gate/up and down): which (BN rows, NG scale groups per step) is fastest for each; then the same kernel on the
+    plain bf16 weights (bf16_gemv) against cuBLAS."""
+    from qnext.ops.triton_linear_fp8 import bf16_gemv, fp8_gemv
     torch.manual_seed(0)
     for n, k in ((12288, 2048), (2048, 4096), (8192, 2048), (512, 2048), (2048, 512)):
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         x = torch.randn(1, k, device="cuda").bfloat16()
-        for bn in (2, 4, 8, 16, 32):
-            for ng in (2, 4, 8, 16, 32):
-                if ng * 128 > k or bn * ng > 256:          # bn * ng float32 accumulators per thread (4 warps)
-                    continue
-                us = time_graph(lambda i, bn=bn, ng=ng: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng), 8)
-                record(f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng}", us, bytes_=n * k * 1.0)
+        for bn, ng in ((4, 16), (4, 8), (8, 8), (8, 4), (8, 2), (16, 4), (16, 2), (16, 1)):
+            if ng * 128 > k:
+                continue
+            us = time_graph(lambda i, bn=bn, ng=ng: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng), 8)
+            record(f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng}", us, bytes_=n * k * 1.0)
+        del ws
+    # router + shared-expert gate, in_proj_ba (lm_head stays on cuBLAS: 100% of the copy rate, run 1)
+    for n, k in ((513, 2048), (64, 2048)):
+        ws = [torch.randn(n, k, device="cuda").bfloat16() / k ** 0.5 for _ in range(8)]
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        parity(f"bf16 gemv N={n} K={k}", rel(bf16_gemv(x, ws[0]), x.float() @ ws[0].float().t()), 1e-2)
+        us = time_graph(lambda i: F.linear(x, ws[i % 8]), 8)
+        record(f"bf16 cuBLAS M=1 N={n} K={k}", us, bytes_=n * k * 2.0)
+        for bn, ng in ((1, 16), (2, 16), (4, 8), (4, 16), (8, 4)):
+            us = time_graph(lambda i, bn=bn, ng=ng: bf16_gemv(x, ws[i % 8], bn=bn, ng=ng), 8)
+            record(f"bf16 gemv M=1 N={n} K={k} bn{bn} ng{ng}", us, bytes_=n * k * 2.0)
+        del ws
+
+
+def fp8_small_m_sweep() -> None:
+    """Decode-batch FP8 projections (w8a16 tl.dot, small_m_tiles) over the model's dense shapes at 8 and 32 rows:
+    split-K factors against the default, with parity for each."""
+    from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
+    torch.manual_seed(0)
+    for n, k in ((12288, 2048), (9216, 2048), (2048, 4096), (1024, 2048), (2048, 512)):
+        ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
+        for m in (8, 32):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            ref = x.float() @ quant.dequantize(ws[0]).t()
+            base = small_m_tiles(m, n, k)
+            for t in (None, dict(split=1), dict(split=2), dict(split=4), dict(split=8)):
+                tiles = {**base, **(t or {})}
+                tag = f"default (split {base['split']})" if t is None else f"split {t['split']}"
+                parity(f"fp8 w8a16 M={m} N={n} K={k} {tag}", rel(fp8_linear(x, ws[0], path="w8a16", tiles=tiles),
+                                                                  ref), 1e-2)
+                us = time_graph(lambda i, tiles=tiles: fp8_linear(x, ws[i % 8], path="w8a16", tiles=tiles), 8)
+                record(f"fp8 w8a16 M={m} N={n} K={k} {tag}", us, bytes_=n * k * 1.0)
         del ws
 
 
@@ -608,6 +641,8 @@ def main() -> None:
             attn_section(args.quick)
         if "fp8gemv" in only:
             fp8_gemv_sweep()
+        if "fp8small" in only:
+            fp8_small_m_sweep()
         if "fp8prefill" in only:
             fp8_prefill_sweep()
         if "fp8" in only:

@@ -314,3 +314,26 @@ def test_pack_to_device_round_trips_every_dtype_on_cpu():
     assert out[0].tolist() == [7, 2, 3] and out[2].tolist() == [4, -5, 6, 7, 8]
     with pytest.raises(OverflowError):
         pack_to_device([([2**40], torch.int32)], "cpu")
+
+
+@pytest.mark.parametrize("kw", [dict(max_num_batched_tokens=32, max_num_seqs=8), dict(max_num_seqs=1, max_queue=0)])
+def test_warm_up_leaves_nothing_behind(loaded, prompts, alone, kw):
+    """LLMEngine.warm_up (automatic on CUDA) runs its requests to the end and leaves no pages, slots, counts or
+    sampling state behind: outputs afterwards equal a fresh engine's, seeded sampling included."""
+    seeded = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)   # the engine's own stream
+    reqs = {"g3": (prompts["g3"], greedy()), "s": (prompts["g5"], seeded)}
+    fresh = run(make_engine(loaded, **kw), {"s": reqs["s"]})
+    engine = make_engine(loaded, **kw)
+    engine.warm_up()
+    engine.check_integrity()
+    s = engine.stats()
+    assert (s.kv_pages_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0)
+    assert (s.num_prompt_tokens, s.num_generation_tokens) == (0, 0)
+    assert run(engine, {"s": reqs["s"]}) == fresh
+    assert run(engine, {"g3": reqs["g3"]})["g3"] == alone["g3"]
+
+
+def test_warm_up_fits_a_short_context(loaded):
+    engine = make_engine(loaded, max_model_len=40, max_num_batched_tokens=16)
+    engine.warm_up()
+    assert engine.stats().kv_pages_used == 0

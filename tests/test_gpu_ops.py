@@ -7,6 +7,8 @@ float32 reference; bf16 operands land near 1e-3..1e-2.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from paged_case import paged_case
@@ -130,6 +132,31 @@ def test_fused_moe_int4_fma_gemv(group):
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
     out = fused_moe(x, w13, w2, weights, ids, path="gemv", config={"int4_dot": False})
     assert rel(out, ref) < 1.5e-2
+
+
+@cuda_only
+def test_int4_dequant_asm_matches_arith():
+    """The inline-PTX int4 dequantization (int4_dq's default) gives exactly the Triton-language version's values,
+    for every byte and both 16-bit types."""
+    import triton
+    import triton.language as tl
+    from qnext.ops import triton_moe_weights as tw
+
+    @triton.jit
+    def dq(p_ptr, lo_ptr, hi_ptr, DT: tl.constexpr):
+        i = tl.arange(0, 256)
+        lo, hi = tw.int4_dq(tl.load(p_ptr + i), DT)
+        tl.store(lo_ptr + i, lo)
+        tl.store(hi_ptr + i, hi)
+
+    p = torch.arange(256, dtype=torch.uint8, device="cuda")
+    for dt in (torch.bfloat16, torch.float16):
+        lo, hi = torch.empty(256, dtype=dt, device="cuda"), torch.empty(256, dtype=dt, device="cuda")
+        dq[(1,)](p, lo, hi, DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16)
+        want_lo = (p.long() & 0xF) - 8
+        want_hi = (p.long() >> 4) - 8
+        assert torch.equal(lo.float(), want_lo.float()) and torch.equal(hi.float(), want_hi.float()), dt
+    assert bool(tw.INT4_DQ_ASM) == (os.environ.get("QNEXT_INT4_DQ", "asm") == "asm")
 
 
 @cuda_only

@@ -8,8 +8,7 @@ import torch
 
 from qnext.config import ModelConfig
 from qnext.engine.forward_batch import ForwardBatch
-from qnext.model.layers.linear import (STACK_ALIGN, Fp8Linear, Linear, PaddedStackLinear, split_stacked,
-                                      stack_projections)
+from qnext.model.layers.linear import STACK_ALIGN, Fp8Linear, Linear, split_stacked, stack_projections
 from qnext.model.qwen3_next import Qwen3NextForCausalLM
 from qnext.ops.quant import quantize_fp8_block
 from qnext.weights.presets import preset_config
@@ -23,7 +22,7 @@ def _fp8(n: int, k: int) -> Fp8Linear:
     return lin
 
 
-@pytest.mark.parametrize("rows", [5, PaddedStackLinear.PADDED_MIN_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 65])
 def test_stacked_output_is_the_outputs_side_by_side(rows):
     torch.manual_seed(0)
     x = torch.randn(rows, 256)
@@ -38,7 +37,7 @@ def test_stacked_output_is_the_outputs_side_by_side(rows):
                                                                    else STACK_ALIGN) == 0
         y = stacked(x)
         width = separate.shape[-1]
-        assert y.shape[-1] == (width if rows <= PaddedStackLinear.PADDED_MIN_ROWS else stacked.weight.shape[0])
+        assert y.shape[-1] == stacked.weight.shape[0]
         assert torch.equal(y[:, width:], torch.zeros_like(y[:, width:]))                 # padding: zero rows
         parts = split_stacked(stacked, y)
         assert [t.shape[-1] for t in parts] == [p.out_features for p in projs]
@@ -63,6 +62,7 @@ def test_model_stacking_keeps_logits_state_dict_and_is_done_once():
         model.stack_projections()
         moe = next(m for m in model.modules() if getattr(m, "router_and_shared_gate", None) is not None)
         assert any(getattr(m, "qkv_proj", None) is not None for m in model.modules())   # attention q, k, v
+        assert any(getattr(m, "ba_proj", None) is not None for m in model.modules())    # GDN b, a regrouped
         first = moe.router_and_shared_gate.weight
         model.stack_projections()
         assert moe.router_and_shared_gate.weight is first

@@ -104,12 +104,24 @@ def op_checks() -> dict:
     ref = xg @ dequantize(w8).t()
     out["fp8_gemv"] = err(fp8_gemv(xg, w8), ref)
     out["fp8_gemv_bn16_ng2"] = err(fp8_gemv(xg, w8, bn=16, ng=2), ref)
+    from qnext.ops.triton_linear_fp8 import linear
+    wp = torch.randn(70, 640).half()                # plain 16-bit weight, 70 outputs: the bf16_gemv route
+    xp = torch.randn(2, 640).half()
+    out["linear_gemv/fp16"] = err(linear(xp, wp).float(), xp.float() @ wp.float().t())
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)
     # decode batches (auto: w8a16 tl.dot with small tiles); fp16, as this interpreter's bf16 tl.dot is wrong
     xh = torch.randn(20, 640).half()
     out["linear_fp8_small_m/fp16"] = err(fp8_linear(xh, w8).float(), xh.float() @ dequantize(w8).t())
+    from qnext.ops.triton_linear_fp8 import small_m_tiles      # split-K over K = 512 (4 scale blocks)
+    w4 = quantize_fp8_block(torch.randn(256, 512) / 512 ** 0.5)
+    xs = torch.randn(20, 512).half()
+    for split in (2, 4):
+        tiles = {**small_m_tiles(20, 256, 512), "split": split}
+        for _ in range(2):                          # twice: the tickets are back at zero after a call
+            got = fp8_linear(xs, w4, path="w8a16", tiles=tiles).float()
+        out[f"linear_fp8_small_m_split{split}/fp16"] = err(got, xs.float() @ dequantize(w4).t())
     out.update(moe_checks())
     out.update(attention_and_gdn_checks())
     return out

@@ -32,6 +32,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
                          "prepares step n+1 while the device runs step n)"),
     "no_side_stream": (bool, "capture decode CUDA graphs on one stream (by default the shared expert and GDN's "
                              "in_proj_ba run as graph branches beside the routed experts and in_proj_qkvz)"),
+    "no_warmup": (bool, "CUDA: start without the warm-up requests that compile the kernels of prefill, mixed and "
+                        "decode steps (the first real requests then wait for those compiles)"),
 }
 
 

@@ -100,6 +100,11 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._token_text: dict[int, str] = {}  # token id -> its text, for logprob entries
+        if self.device.type == "cuda" and not ec.no_warmup:
+            t0 = time.perf_counter()
+            self.warm_up()
+            log.info("warm-up steps (kernel compiles of prefill, mixed and decode steps) took %.1f s",
+                     time.perf_counter() - t0)
         log.info("engine on %s, %s: KV cache %d pages of %d tokens (%.2f GiB), %d GDN state slots (%.2f GiB), "
                  "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", self.device,
                  str(self.dtype).removeprefix("torch."), plan.num_blocks, ec.block_size, plan.kv_bytes / 2**30,
@@ -157,6 +162,43 @@ class LLMEngine:
                 generation_config = json.loads(gen_file.read_text())
         return cls(model, cfg, ec, tokenizer=tokenizer, chat_template=chat_template,
                    generation_config=generation_config, model_path=path)
+
+    def warm_up(self) -> None:
+        """Run a few synthetic requests to completion, so that the kernels (and Triton's specialisations of them:
+        it compiles a kernel again for integer arguments equal to 1 or divisible by 16) of the step shapes a server
+        meets are compiled before its first request instead of inside it: a chunked long prompt, several prompts of
+        odd and aligned lengths in one step, prefills beside running decodes, greedy and sampled rows. On the H200 a
+        cold start otherwise stalled the first requests of serve-8k1k-c32 for 0.8-10.6 s each (docs/benchmarks.md).
+        Leaves nothing behind: the requests finish, their pages and slots are free, the token counters are reset,
+        and the sampled request has its own seed, so the engine's sampling stream is untouched."""
+        ec, vocab = self.engine_config, self.model_config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+
+        def add(tag: str, n: int, max_tokens: int, **kw) -> None:
+            max_tokens = max(1, min(max_tokens, self.max_model_len // 2))
+            n = max(1, min(n, self.max_model_len - max_tokens))
+            ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw)
+            self.add_request(f"warmup-{tag}", ids, params)
+
+        def run(steps: int | None = None) -> None:
+            done = 0
+            while self.has_unfinished_requests() and (steps is None or done < steps):
+                self.step()
+                done += 1
+
+        budget = ec.max_num_batched_tokens
+        add("chunked", 2 * budget + 37, 3, temperature=0.0)           # two full chunks and an odd one
+        run()
+        batch = (1, 16, 33, budget // 2 + 5)[:max(0, min(4, self.capacity - 2))]
+        add("sampled", 48, 24, temperature=0.8, top_p=0.9, top_k=20, seed=1)
+        for i, n in enumerate(batch):
+            add(f"batch{i}", n, 24, temperature=0.0)
+        run(steps=4)                                                   # several prompts, then decodes
+        if self.capacity > 1 + len(batch):
+            add("beside-decodes", budget + 129, 4, temperature=0.0)    # prefill chunks in decoding steps
+        run()
+        self._num_prompt_tokens = self._num_generation_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
     @property

@@ -91,7 +91,7 @@ class Qwen3NextForCausalLM(nn.Module):
                       else QuantScheme.named(quantization, cfg))
         kw = dict(dtype=self.dtype, device=device)
         self.model = Qwen3NextModel(cfg, ops_backend=ops_backend, quant=self.quant, **kw)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ops_backend=ops_backend, **kw)
         self.tie_weights()
 
     def stack_projections(self) -> None:

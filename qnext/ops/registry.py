@@ -29,6 +29,7 @@ OPS = (
     "paged_attention",             # write K/V at slot_mapping, attend over the paged cache
     "fused_moe",                   # routed experts, bf16 / fp8 block / int4 group weights
     "fp8_linear",                  # FP8 block-scaled dense projection
+    "linear",                      # plain (16-bit / float32) projection; a GEMV kernel for decode rows on CUDA
     "causal_conv1d_prefill_",      # causal_conv1d with the state in place at cache slots (what the GDN layer calls)
     "causal_conv1d_update_",       # causal_conv1d_update with the state in place at cache slots
     "rmsnorm",                     # zero-centred RMSNorm, optionally fused with the residual add

@@ -41,12 +41,20 @@ SMALL_M_MAX = 64
 # to 2K rows on the wide shapes; at 8K rows scaled_mm is ~20% faster there (12288 x 2048: 465 vs 588 us), but its
 # fp8 activations err ten times more (relative 2.6e-2 against 2.4e-3).
 LARGE_M_PATH = "dequant"
+# Plain weights up to this many outputs take bf16_gemv for decode rows (router + shared-expert gate 513 x 2048:
+# 2.3 us against cuBLAS's 3.0; in_proj_ba 64 x 2048: 1.9 against 4.9, H200); wider ones (lm_head) cuBLAS, which
+# streams them at the copy rate.
+BF16_GEMV_MAX_N = 4096
+# small_m_tiles splits K until a call has about this many programs (2 per SM of an H100 / H200).
+SPLIT_PROGRAMS = 264
 
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BN: tl.constexpr, NG: tl.constexpr):
-    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row."""
+                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True):
+    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
+    weight (bf16_gemv; s_ptr unused). Loading the next step's tile before this step's math (Triton pipelines only
+    loads that feed a tl.dot) was slower for every shape and tile (H200, docs/perf-notes.md)."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -54,15 +62,16 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
     j = tl.arange(0, 128)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + rows[:, None, None] * stride_wn
     acc = tl.zeros([BN, NG, 128], dtype=tl.float32)
     for g0 in range(0, K // 128, NG):
         gg = g0 + tl.arange(0, NG)
         kp = gg[:, None] * 128 + j[None, :]
         km = kp < K
+        w = tl.load(w_rows + kp[None, :, :], mask=rmask[:, None, None] & km[None, :, :], other=0.0).to(tl.float32)
         xs = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
-        xs = xs * tl.load(s_row + gg, mask=gg * 128 < K, other=0)[:, None]
-        w = tl.load(w_ptr + rows[:, None, None] * stride_wn + kp[None, :, :],
-                    mask=rmask[:, None, None] & km[None, :, :], other=0.0).to(tl.float32)
+        if SCALED:
+            xs = xs * tl.load(s_row + gg, mask=gg * 128 < K, other=0)[:, None]
         acc += w * xs[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -81,12 +90,18 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
 
 
 @triton.jit
-def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
+def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                     stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
-                    W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """grid (cdiv(M, BM) * cdiv(N, BN)); BK = 128 = the scale block; BN divides 128.
-    W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused)."""
+                    W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                    SPLIT: tl.constexpr):
+    """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
+    W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
+    SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
+    of one long chain): each program stores its float32 partial tile to part [tiles, SPLIT, BM, BN] and takes a
+    ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
+    order (the result does not depend on which program finishes last), writes y and puts the counter back to 0."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     group = GROUP_M * num_n                    # grouped order: GROUP_M row blocks share each weight tile in L2
@@ -102,7 +117,8 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     ws_row = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, 128):
+    ks = K // SPLIT
+    for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
         a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
         w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + kk)[:, None], mask=nmask[None, :], other=0.0)
         ws = tl.load(ws_row + k0 // 128)
@@ -111,8 +127,21 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
             acc += tl.dot(a, w) * (a_s[:, None] * ws)
         else:
             acc += tl.dot(a, w.to(a.dtype)) * ws
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    ymask = mmask[:, None] & nmask[None, :]
+    if SPLIT == 1:
+        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tile_part = part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN)
+        cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        tl.store(tile_part + pid_s * BM * BN + cell, acc)
+        tl.debug_barrier()                          # every thread's partial is written before the ticket
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(tile_part + s * BM * BN + cell, volatile=True)
+            tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 @triton.jit
@@ -178,8 +207,52 @@ def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None
     return y
 
 
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4) -> Tensor:
+    """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
+    dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
+    outputs (scripts/gpu_check.py --only fp8gemv)."""
+    n, k = w.shape
+    if k % 128:
+        raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
+        x, w, w, y, n, k, x.stride(0), w.stride(0), 0, y.stride(0), BN=bn,
+        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=False, num_warps=num_warps)
+    return y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Plain projection (the "linear" op): bf16_gemv for up to GEMV_MAX_M rows of a 16-bit weight with K % 128 == 0
+    and at most BF16_GEMV_MAX_N outputs, else F.linear."""
+    n, k = weight.shape
+    rows = x.numel() // k if k else 0
+    if (0 < rows <= GEMV_MAX_M and bias is None and n <= BF16_GEMV_MAX_N and k % 128 == 0 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1):
+        x2 = x.reshape(rows, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return bf16_gemv(x2, weight).view(*x.shape[:-1], n)
+    return F.linear(x, weight, bias)
+
+
+_TICKETS: dict[torch.device, Tensor] = {}
+TICKETS = 1 << 16                           # split-K counters per device (the most output tiles of one call)
+
+
+def _tickets(device: torch.device) -> Tensor:
+    """fp8_dot's split-K counters: int32, zero between calls (each tile's last program resets its own). Made on
+    the first call, which a CUDA-graph warm-up runs eagerly: a buffer first made inside a capture would only be
+    zeroed by the graph's replays."""
+    t = _TICKETS.get(device)
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp8_dot split-K: run it once before capturing a CUDA graph")
+        t = _TICKETS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return t
+
+
 def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: int = 128, group_m: int = 8,
-            num_warps: int = 8, num_stages: int = 3) -> Tensor:
+            num_warps: int = 8, num_stages: int = 3, split: int = 1) -> Tensor:
     n, k = _check(w)
     m = x.shape[0]
     if w8a8:
@@ -188,19 +261,30 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
         a, a_s = x, x
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = w.scale_inv.float().contiguous()
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_dot_kernel[grid](a, a_s, w.w, s, y, m, n, k, a.stride(0), a_s.stride(0), w.w.stride(0), s.stride(0),
-                          y.stride(0), W8A8=w8a8, BM=bm, BN=bn, GROUP_M=group_m,
-                          num_warps=num_warps, num_stages=num_stages)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if (k // 128) % split or tiles > TICKETS:
+        split = 1
+    part, cnt = (torch.empty(tiles * split * bm * bn, dtype=torch.float32, device=x.device), _tickets(x.device)) \
+        if split > 1 else (y, y)
+    _fp8_dot_kernel[(tiles, split)](a, a_s, w.w, s, y, part, cnt, m, n, k, a.stride(0), a_s.stride(0),
+                                    w.w.stride(0), s.stride(0), y.stride(0), W8A8=w8a8, BM=bm, BN=bn,
+                                    GROUP_M=group_m, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
-def small_m_tiles(m: int, n: int) -> dict:
+def small_m_tiles(m: int, n: int, k: int) -> dict:
     """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring). H100 sweep
     (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
-    bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23)."""
+    bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
+    brings the programs to about SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048 outputs in
+    128 tiles of 16)."""
     bn = 16 if n < 4096 else 32 if m <= 16 else 64
-    return dict(bm=max(16, triton.next_power_of_2(m)), bn=bn, group_m=1, num_warps=4, num_stages=4)
+    bm = max(16, triton.next_power_of_2(m))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while split * 2 <= k // 128 and (k // 128) % (split * 2) == 0 and tiles * split < SPLIT_PROGRAMS:
+        split *= 2
+    return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split)
 
 
 def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
@@ -238,7 +322,7 @@ def fp8_linear(x: Tensor, w: Fp8BlockWeight, bias: Tensor | None = None, path: s
     elif path == "w8a8":
         y = fp8_dot(x2, w, w8a8=True)
     elif path == "w8a16":
-        y = fp8_dot(x2, w, w8a8=False, **(tiles or (small_m_tiles(m, w.w.shape[0]) if m <= SMALL_M_MAX else {})))
+        y = fp8_dot(x2, w, w8a8=False, **(tiles or (small_m_tiles(m, *w.w.shape) if m <= SMALL_M_MAX else {})))
     elif path == "dequant":
         y = F.linear(x2, dequantize_fp8(w, x2.dtype))
     elif path == "scaled_mm":

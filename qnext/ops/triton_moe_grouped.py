@@ -27,11 +27,12 @@ Tensor = torch.Tensor
 
 # Tiles per weight kind: gate_up (bn, warps, stages), down (bn2, warps2, stages2); bk as in the sorted path.
 # Overridable per call through `config`; timed by scripts/gpu_check.py (H100: int4 bn 64 over 32 by 2-5% at 32-64
-# tokens; BN 16 is 2.5x slower; 2 stages lose ~10%).
+# tokens; BN 16 is 2.5x slower; 2 stages lose ~10%. H200 with the inline-PTX dequant: int4 bn2 128 over 64 by 3-4%
+# at 32-64 tokens, equal at 8).
 GROUPED_DEFAULTS = {
     BF16: dict(bk=64, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
     FP8: dict(bk=128, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
-    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
+    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=3),
 }
 BM = 16
 # The grouping kernel sorts all P keys in one program.

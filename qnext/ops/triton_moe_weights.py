@@ -3,6 +3,7 @@ and the int4 dequantization trick both use. Formats: qnext.ops.quant."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +47,53 @@ def kernel_view(w: QuantWeight) -> KernelWeight:
     return KernelWeight(BF16, w, w, w.shape[1], w.shape[2], 0)
 
 
+# int4 -> 16-bit dequantization: "asm" (default on the GPU) or "arith" (the Triton-language version; always under
+# Triton's CPU interpreter, which cannot run inline PTX). QNEXT_INT4_DQ=arith selects it for A/B timings.
+INT4_DQ_ASM: tl.constexpr = tl.constexpr(
+    os.environ.get("QNEXT_INT4_DQ", "asm") == "asm" and os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+# One 32-bit word = 4 packed bytes -> (low nibbles, high nibbles) as bf16x2 / fp16x2 pairs, 12 instructions per 8
+# values: prmt puts bytes (0, 1) and (2, 3) in the two 16-bit halves, lop3 keeps a nibble per half and ORs in the
+# exponent of 128 (bf16 0x4300; fp16 1024, 0x6400) so each half reads 128 + q (1024 + q), and one packed fma
+# subtracts 136 (1032): exactly q - 8. The arithmetic version costs about twice the instructions (per-byte
+# extraction and converts). Output registers: $0 $1 low nibbles of bytes 0-1, 2-3; $2 $3 high nibbles; $4 input.
+_DQ_ASM = """{{
+.reg .b32 t01, t23, one, bias;
+mov.b32 one, {one};
+mov.b32 bias, {bias};
+prmt.b32 t01, $4, $4, 0x0100;
+prmt.b32 t23, $4, $4, 0x0302;
+lop3.b32 $0, t01, 0x000F000F, {magic}, 0xEA;
+lop3.b32 $1, t23, 0x000F000F, {magic}, 0xEA;
+shr.u32 t01, t01, 4;
+shr.u32 t23, t23, 4;
+lop3.b32 $2, t01, 0x000F000F, {magic}, 0xEA;
+lop3.b32 $3, t23, 0x000F000F, {magic}, 0xEA;
+fma.rn.{ty}x2 $0, $0, one, bias;
+fma.rn.{ty}x2 $1, $1, one, bias;
+fma.rn.{ty}x2 $2, $2, one, bias;
+fma.rn.{ty}x2 $3, $3, one, bias;
+}}"""
+_DQ_ASM_BF16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300",
+                                                         ty="bf16"))
+_DQ_ASM_FP16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400",
+                                                         ty="f16"))
+
+
 @triton.jit
 def int4_dq(p, DT: tl.constexpr):
     """uint8 tile -> (low, high) nibbles as q - 8 in DT (bf16 or fp16) without int->float converts (those run at
     quarter rate): the bf16 with bits 0x4300 | q is 128 + q exactly (fp16: 0x6400 | q is 1024 + q), and the
-    subtraction is exact. Both use packed HADD2 on sm90."""
-    if DT == tl.float16:
+    subtraction is exact. INT4_DQ_ASM: four bytes at a time in inline PTX (see _DQ_ASM); else Triton ops (packed
+    HADD2 on sm90)."""
+    if INT4_DQ_ASM:
+        if DT == tl.float16:
+            lo, hi = tl.inline_asm_elementwise(_DQ_ASM_FP16, "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_DQ_ASM_BF16, "=r,=r,=r,=r,r", [p],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif DT == tl.float16:
         lo = (((p & 0xF).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
         hi = (((p >> 4).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
     else:

@@ -4,11 +4,12 @@ in_proj_qkvz rows are grouped per key head g: [q_g (Dk) | k_g (Dk) | v of its r 
 z of the same heads (r*Dv)]; in_proj_ba per key head: [b (r) | a (r)]. Forward splits that layout, runs the causal
 conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
-and finally the gated RMSNorm with silu(z) per value head and out_proj.
+and finally the gated RMSNorm with silu(z) per value head and out_proj. Engines regroup in_proj_ba's rows once
+(stack_projections) so that b and a come out as views.
 State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
 the causal_conv1d_*_ ops read q, k, v straight out of in_proj_qkvz's output (a column map) with the conv state in
 place, the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place, and the gated
-norm reads z where it lies: per decode step and GDN layer the glue is one small copy (b, a).
+norm reads z where it lies: with in_proj_ba regrouped, a decode step copies nothing between the ops.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class GatedDeltaNet(nn.Module):
         kw = dict(dtype=dtype, device=device)
         dense = dict(kw, quant=quant.dense if quant else None, ops_backend=ops_backend)
         self.in_proj_qkvz = make_linear(cfg.hidden_size, 2 * key_dim + 2 * value_dim, **dense)
-        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, **kw)                      # kept plain (gates)
+        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, ops_backend=ops_backend, **kw)  # plain (gates)
+        object.__setattr__(self, "ba_proj", None)   # stack_projections(): not a submodule (see there)
         self.conv1d = DepthwiseConv(cfg.conv_dim, cfg.linear_conv_kernel_dim, **kw)
         self.A_log = empty_param(self.hv, dtype=torch.float32, device=device)    # gating stays float32
         self.dt_bias = empty_param(self.hv, dtype=torch.float32, device=device)
@@ -56,6 +58,19 @@ class GatedDeltaNet(nn.Module):
         # consecutive columns: the conv kernel then reads whole channel blocks as contiguous row segments
         run = math.gcd(self.dk, self.r * self.dv)
         self.qkv_run = run & -run
+
+    def stack_projections(self) -> None:
+        """For inference engines, once the weights are final: a copy of in_proj_ba with its rows regrouped from
+        per key head [b (r) | a (r)] to [all b (Hv) | all a (Hv)], so that its output splits into b and a as views
+        (the checkpoint's order costs a copy per step and layer). The weight is small (2 Hv x hidden); state_dict
+        keeps the original."""
+        if self.ba_proj is None:                    # once: a captured CUDA graph keeps reading the first copy
+            w = self.in_proj_ba.weight
+            rows = torch.arange(2 * self.hv, device=w.device).view(self.hk, 2, self.r).transpose(0, 1).reshape(-1)
+            proj = Linear(self.in_proj_ba.in_features, 2 * self.hv, dtype=w.dtype, device="meta",
+                          ops_backend=self.ops_backend)
+            proj.weight = nn.Parameter(w.data[rows].contiguous(), requires_grad=False)
+            object.__setattr__(self, "ba_proj", proj)
 
     def qkv_columns(self, device: torch.device) -> torch.Tensor:
         """[conv_dim] int32: the in_proj_qkvz output column feeding each conv channel (all q | all k | all v), so
@@ -75,7 +90,10 @@ class GatedDeltaNet(nn.Module):
         t, dev, be = x.shape[0], x.device, self.ops_backend
         hk, r, dk, dv = self.hk, self.r, self.dk, self.dv
         with SideBranch(batch.side_stream) as side:                                     # beside in_proj_qkvz
-            ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # [T, b|a, Hv] copy
+            if self.ba_proj is not None:
+                ba = self.ba_proj(x).view(t, 2, self.hv)                                # [T, b|a, Hv]
+            else:
+                ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # a copy
         qkvz = self.in_proj_qkvz(x)                                                     # [T, Hk * (2Dk + 2rDv)]
         z = qkvz.view(t, hk, -1)[..., 2 * dk + r * dv:].unflatten(-1, (r, dv))         # [T, Hk, r, Dv] view
         slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, INT4_GROUPS, Fp8BlockWeight
@@ -65,34 +64,20 @@ def int4_group(cfg) -> int:
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 ops_backend: str = "auto"):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.ops_backend = ops_backend
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return F.linear(x, self.weight, self.bias)
+        return get_op("linear", self.ops_backend, x.device)(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class PaddedStackLinear(Linear):
-    """A plain stacked projection (stack_projections) whose weight ends in zero rows past the real `rows`: inputs
-    of more than PADDED_MIN_ROWS rows use the whole, aligned weight; decode-sized ones only the real rows, for which
-    cuBLAS picks its GEMV (with the padded weight it takes a GEMM tile instead: H200, one row of the 528-row router
-    7.0 us against 5.6)."""
-    PADDED_MIN_ROWS = 64
-
-    def __init__(self, in_features: int, rows: int, pad: int, **kw):
-        super().__init__(in_features, rows + pad, **kw)
-        self.rows = rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., rows (+ pad)]
-        w = self.weight if x.numel() > self.PADDED_MIN_ROWS * self.in_features else self.weight[:self.rows]
-        return F.linear(x, w)
 
 
 class Fp8Linear(nn.Module):
@@ -123,7 +108,7 @@ def make_linear(in_features: int, out_features: int, *, quant: str | None = None
                 **kw) -> nn.Module:
     """A projection in the given format (None: plain, "fp8": block-scaled)."""
     if quant is None:
-        return Linear(in_features, out_features, **kw)
+        return Linear(in_features, out_features, ops_backend=ops_backend, **kw)
     if quant == "fp8":
         return Fp8Linear(in_features, out_features, ops_backend=ops_backend, **kw)
     raise ValueError(f"unknown dense quantization {quant!r} (fp8)")
@@ -138,8 +123,8 @@ def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
     differ, when one has a bias, or for FP8 when an out size is not a multiple of the 128-row scale block.
     A plain stack is padded with zero rows to a multiple of STACK_ALIGN outputs: an odd width (the router's 512 +
     the shared-expert gate's 1) leaves cuBLAS's output rows unaligned, and it then falls back to a slow sm75
-    kernel (H200, 8K-token prefill: 12 ms of the step in 48 router GEMMs). `split_stacked` gives each
-    projection's outputs back as views."""
+    kernel (H200, 8K-token prefill: 12 ms of the step in 48 router GEMMs; at 32 rows 9.5 us against ~3). The
+    padded rows are computed and dropped: `split_stacked` gives each projection's outputs back as views."""
     first = projs[0]
     if (len({type(p) for p in projs}) != 1 or type(first) not in (Linear, Fp8Linear)
             or any(p.bias is not None for p in projs) or len({p.in_features for p in projs}) != 1
@@ -152,11 +137,9 @@ def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
     pad = 0 if fp8 else -sum(parts) % STACK_ALIGN
     names = ("weight", "weight_scale_inv") if fp8 else ("weight",)
     stacked = (Fp8Linear(first.in_features, sum(parts), device="meta") if fp8
-               else PaddedStackLinear(first.in_features, sum(parts), pad, device="meta") if pad
-               else Linear(first.in_features, sum(parts), device="meta"))
+               else Linear(first.in_features, sum(parts) + pad, device="meta"))
     stacked.parts = parts
-    if fp8:
-        stacked.ops_backend = first.ops_backend
+    stacked.ops_backend = first.ops_backend
     for name in names:
         full = torch.cat([getattr(p, name).data for p in projs])
         if pad:

@@ -95,14 +95,14 @@ class SparseMoeBlock(nn.Module):
         self.ops_backend = ops_backend
         kw = dict(dtype=dtype, device=device)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Linear(cfg.hidden_size, cfg.num_experts, **kw)                    # router
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, ops_backend=ops_backend, **kw)   # router
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant=q.experts,
                                group_size=q.group_size, ops_backend=ops_backend, **kw)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size > 0:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, quant=q.dense,
                                      ops_backend=ops_backend, **kw)
-            self.shared_expert_gate = Linear(cfg.hidden_size, 1, **kw)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, ops_backend=ops_backend, **kw)
         object.__setattr__(self, "router_and_shared_gate", None)   # stack_projections(): not a submodule
 
     def stack_projections(self) -> None:
