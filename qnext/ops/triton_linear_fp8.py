@@ -12,9 +12,10 @@ Paths (fp8_linear(path="auto") picks by the number of rows M):
            a_scale[row] * w_scale[block] — the DeepSeek-style 1x128 / 128x128 scheme.
 * "w8a16" tl.dot in bf16 with the weight tile converted in registers. auto takes it for decode batches
            (GEMV_MAX_M < M <= SMALL_M_MAX) with small tiles (small_m_tiles: BM = M rounded up to a power of two, so
-           each weight tile is read once, and narrow BN, so even N = 2048 gives enough programs): there it moves half
-           the bytes of bf16 cuBLAS, while scaled_mm pays an activation-quantization launch and tiles made for
-           large M (H100, 32 rows: the FP8-dense decode step took 16.3 ms against 9.9 with bf16 dense weights).
+           each weight tile is read once, narrow BN and split-K, so even N = 2048 gives enough programs): there it
+           moves half the bytes of bf16 cuBLAS, while scaled_mm pays an activation-quantization launch and tiles
+           made for large M (H100, 32 rows: the FP8-dense decode step took 16.3 ms against 9.9 with bf16 dense
+           weights).
 * "dequant" (auto above SMALL_M_MAX rows, prefill): one Triton pass writes W as x.dtype (float32(w) * scale,
            rounded: the torch reference's dequantization bit for bit), then cuBLAS. At prefill sizes the GEMM is
            compute bound and the pass costs ~3 bytes per weight, while the fp8 paths pay an
@@ -24,6 +25,8 @@ Paths (fp8_linear(path="auto") picks by the number of rows M):
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +48,10 @@ LARGE_M_PATH = "dequant"
 # 2.3 us against cuBLAS's 3.0; in_proj_ba 64 x 2048: 1.9 against 4.9, H200); wider ones (lm_head) cuBLAS, which
 # streams them at the copy rate.
 BF16_GEMV_MAX_N = 4096
-# small_m_tiles splits K until a call has about this many programs (2 per SM of an H100 / H200).
+# small_m_tiles splits K (by at most MAX_SPLIT; QNEXT_FP8_MAX_SPLIT=1 turns split-K off for A/B runs) until a call
+# has about SPLIT_PROGRAMS programs (2 per SM of an H100 / H200).
 SPLIT_PROGRAMS = 264
+MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 
 @triton.jit
@@ -282,7 +287,7 @@ def small_m_tiles(m: int, n: int, k: int) -> dict:
     bm = max(16, triton.next_power_of_2(m))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
-    while split * 2 <= k // 128 and (k // 128) % (split * 2) == 0 and tiles * split < SPLIT_PROGRAMS:
+    while split * 2 <= min(MAX_SPLIT, k // 128) and (k // 128) % (split * 2) == 0 and tiles * split < SPLIT_PROGRAMS:
         split *= 2
     return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split)
 
