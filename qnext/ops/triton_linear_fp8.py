@@ -240,19 +240,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-_TICKETS: dict[torch.device, Tensor] = {}
-TICKETS = 1 << 16                           # split-K counters per device (the most output tiles of one call)
+_TICKETS: dict[tuple[torch.device, int], Tensor] = {}
+TICKETS = 1 << 16                           # split-K counters per stream (the most output tiles of one call)
 
 
 def _tickets(device: torch.device) -> Tensor:
-    """fp8_dot's split-K counters: int32, zero between calls (each tile's last program resets its own). Made on
-    the first call, which a CUDA-graph warm-up runs eagerly: a buffer first made inside a capture would only be
-    zeroed by the graph's replays."""
-    t = _TICKETS.get(device)
+    """fp8_dot's split-K counters: int32, zero between calls (each tile's last program resets its own), one buffer
+    per stream so that calls on two streams (a side branch) never share a counter. A buffer first made inside a
+    CUDA-graph capture (its stream is the capture stream) comes from the graph's pool and its zeroing becomes a
+    node of the graph, ahead of the kernels that use it: still zero at every replay."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    t = _TICKETS.get((device, stream))
     if t is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("fp8_dot split-K: run it once before capturing a CUDA graph")
-        t = _TICKETS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+        t = _TICKETS[(device, stream)] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
     return t
 
 
