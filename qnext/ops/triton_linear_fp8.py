@@ -49,8 +49,12 @@ LARGE_M_PATH = "dequant"
 # streams them at the copy rate.
 BF16_GEMV_MAX_N = 4096
 # small_m_tiles splits K (by at most MAX_SPLIT; QNEXT_FP8_MAX_SPLIT=1 turns split-K off for A/B runs) until a call
-# has about SPLIT_PROGRAMS programs (2 per SM of an H100 / H200).
+# has about SPLIT_PROGRAMS programs (2 per SM of an H100 / H200), leaving each program at least SPLIT_MIN_STEPS
+# 128-column steps. H200 sweep (gpu_check --only fp8small): at 32 rows 2048 x 4096 14.8 -> 12.0 us (split 4),
+# 12288 x 2048 17.4 -> 16.2 (split 2), 1024 x 2048 7.8 -> 6.1 (split 4); shorter programs lost (2048 x 512: 3.6 us
+# unsplit, 5.1 at 2 steps per program, 5.6 at 1; 12288 x 2048 at 8 rows: 12.5 unsplit, 16.2 split 2).
 SPLIT_PROGRAMS = 264
+SPLIT_MIN_STEPS = 4
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 
@@ -282,12 +286,13 @@ def small_m_tiles(m: int, n: int, k: int) -> dict:
     (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
     bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
     brings the programs to about SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048 outputs in
-    128 tiles of 16)."""
+    128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices)."""
     bn = 16 if n < 4096 else 32 if m <= 16 else 64
     bm = max(16, triton.next_power_of_2(m))
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles, steps = triton.cdiv(m, bm) * triton.cdiv(n, bn), k // 128
     split = 1
-    while split * 2 <= min(MAX_SPLIT, k // 128) and (k // 128) % (split * 2) == 0 and tiles * split < SPLIT_PROGRAMS:
+    while (split * 2 <= min(MAX_SPLIT, steps // SPLIT_MIN_STEPS) and steps % (split * 2) == 0
+           and tiles * split < SPLIT_PROGRAMS):
         split *= 2
     return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split)
 
