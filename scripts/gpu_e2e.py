@@ -191,7 +191,7 @@ def parity_case(scheme_name: str | None, device: str, tol_logits: float, tol_sig
     ref_engine = LLMEngine(ref, cfg, EngineConfig(device="cpu", num_kv_blocks=64, max_num_seqs=4))
     ref_out = generate(ref_engine, prompts, 8)
     for eager in (True, False):
-        ec = EngineConfig(device=device, num_kv_blocks=64, max_num_seqs=4, enforce_eager=eager)
+        ec = EngineConfig(device=device, num_kv_blocks=64, max_num_seqs=4, enforce_eager=eager, no_warmup=True)
         outs = generate(LLMEngine(dev, cfg, ec), prompts, 8)
         tf = teacher_forced(ref, prompts, outs, tol_sigma)
         exact = sum(a == b for o, r in zip(outs, ref_out) for a, b in zip(o, r))
@@ -217,9 +217,12 @@ def build_full(preset: str, scheme_name: str, device: str):
 
 
 def engine_for(model, cfg, device: str, eager: bool, max_model_len: int, **kw) -> LLMEngine:
+    """no_warmup: every measurement here runs its own warm-up first; the engine's start-up requests would only add
+    compile time (on a cold Triton cache they made a whole variant miss its budget)."""
     t = time.time()
     ec = EngineConfig(device=device, max_num_seqs=32, max_model_len=max_model_len, max_num_batched_tokens=8192,
-                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager, **kw)
+                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager, no_warmup=True,
+                      **kw)
     engine = LLMEngine(model, cfg, ec)
     log(f"[engine] eager={eager} {kw} ready in {time.time() - t:.1f}s (graph capture included)")
     return engine
