@@ -15,7 +15,8 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (ab, host, trace, eager).
+    --extras picks the first variant's extended measurements (pdl, ab, host, trace, eager; pdl: the same model
+    with programmatic dependent launch off).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -121,6 +122,8 @@ def env(device: str) -> None:
             e["fla"] = getattr(fla, "__version__", "?")
         except Exception as ex:
             e["fla"] = repr(ex)
+        from qnext.ops.pdl import pdl_enabled
+        e["pdl"] = pdl_enabled()
     log(f"[env] {e}")
 
 
@@ -465,6 +468,32 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
         triton_linear_fp8.LARGE_M_PATH = saved
 
 
+def pdl_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The same model with programmatic dependent launch off (QNEXT_PDL=0, qnext/ops/pdl.py): greedy ids must not
+    change; decode-b1 / b32 and replay without it."""
+    from qnext.ops import pdl
+
+    prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
+    ids = generate(engine, prompts, 16)
+    os.environ["QNEXT_PDL"] = "0"
+    pdl.pdl_enabled.cache_clear()
+    try:
+        off = guarded(f"{tag} no-PDL engine", 40, engine_for, model, cfg, device, False, max_len)
+        if off is None:
+            return
+        off_tag = tag + " no PDL"
+        same = sum(x == y for p, q in zip(ids, generate(off, prompts, 16)) for x, y in zip(p, q))
+        record(off_tag, "greedy ids == PDL engine", {"same": same, "total": 48})
+        guarded(f"{off_tag} replay", 5, bench_replay, off_tag, off)
+        guarded(f"{off_tag} decode-b1", 15, bench_decode, off_tag, off, 1, args.depth, args.gen_b1, 1)
+        guarded(f"{off_tag} decode-b32", 20, bench_decode, off_tag, off, 32, args.depth, 64, 1)
+        del off
+        free_memory()
+    finally:
+        os.environ.pop("QNEXT_PDL")
+        pdl.pdl_enabled.cache_clear()
+
+
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -488,6 +517,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
+    if extended and "pdl" in args.extras:
+        guarded(f"{tag} PDL A/B", 60, pdl_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "ab" in args.extras:
         guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "host" in args.extras:
@@ -541,8 +572,9 @@ def main() -> None:
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: ab (side stream and fp8 prefill A/B), "
-                         "host (cProfile, overlap A/B), trace (device trace of b32 steps), eager (eager engine)")
+                    help="extended measurements of the first variant: pdl (PDL off A/B), ab (side stream and fp8 "
+                         "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), eager "
+                         "(eager engine)")
     args = ap.parse_args()
     args.extras = set(args.extras.split(",")) if args.extras else set()
     BUDGET, OUT = args.budget, args.out

@@ -583,3 +583,61 @@ def test_fp8_dequant_pass_is_the_reference_bit_for_bit():
         assert torch.equal(dequantize_fp8(w, dtype), dequantize_fp8_block(w, dtype))
     x = torch.randn(SMALL_M_MAX + 1003, 640, device="cuda").bfloat16()      # auto takes the dequant path here
     assert torch.equal(fp8_linear(x, w), torch.nn.functional.linear(x, dequantize_fp8_block(w, x.dtype)))
+
+
+# ---- programmatic dependent launch -------------------------------------------------------------------------------
+
+def test_pdl_is_off_without_cuda_or_when_asked(monkeypatch):
+    from qnext.ops import pdl
+    monkeypatch.setenv("QNEXT_PDL", "0")
+    pdl.pdl_enabled.cache_clear()
+    try:
+        assert pdl.pdl_launch() == {"PDL": False}
+    finally:
+        monkeypatch.delenv("QNEXT_PDL")
+        pdl.pdl_enabled.cache_clear()
+    if not CUDA:
+        assert pdl.pdl_launch() == {"PDL": False}
+    elif torch.cuda.get_device_capability()[0] >= 9:     # the H100 / H200 this repo measures on must use it
+        assert pdl.pdl_launch() == {"PDL": True, "launch_pdl": True}
+
+
+@cuda_only
+def test_pdl_chain_replayed_in_a_cuda_graph_equals_plain_launches(monkeypatch):
+    """A decode-like chain of PDL kernels (each reading the one before), captured and replayed many times, gives
+    the bits of the same kernels launched plainly: a missing wait would read a predecessor's output early."""
+    from qnext.ops import pdl, triton_ffn, triton_norm
+    from qnext.ops.triton_linear_fp8 import fp8_linear
+    if not pdl.pdl_enabled():
+        pytest.skip("PDL needs sm_90+ and a Triton with launch_pdl")
+    torch.manual_seed(9)
+    x = torch.randn(1, 2048, device="cuda").bfloat16()
+    r = torch.randn(1, 2048, device="cuda").bfloat16()
+    wn = torch.rand(2048, device="cuda").bfloat16()
+    w1 = quantize_fp8_block(torch.randn(1024, 2048, device="cuda") / 2048 ** 0.5)
+    w2 = quantize_fp8_block(torch.randn(512, 512, device="cuda") / 512 ** 0.5)
+
+    def chain():
+        y, s = triton_norm.rmsnorm(x, wn, 1e-6, residual=r)
+        h = fp8_linear(y, w1, path="gemv")
+        a = triton_ffn.silu_mul(h[:, :512], h[:, 512:])
+        logits = fp8_linear(a, w2, path="gemv")
+        ids, weights = triton_ffn.moe_route(logits.float(), 10, True)
+        return s, logits, ids, weights
+
+    monkeypatch.setenv("QNEXT_PDL", "0")
+    pdl.pdl_enabled.cache_clear()
+    try:
+        ref = chain()
+    finally:
+        monkeypatch.delenv("QNEXT_PDL")
+        pdl.pdl_enabled.cache_clear()
+    chain()                                            # compile the PDL variants outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(50):
+        for t in out:
+            t.zero_()
+        graph.replay()
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))

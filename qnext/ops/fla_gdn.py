@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.slots import slot_states
 
 Tensor = torch.Tensor
@@ -49,9 +50,11 @@ def _gdn_recurrent_kernel(
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr,
     L2NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (N, Hv, cdiv(Dv, BV)). q/k [T, Hk, Dk], v [T, Hv, Dv], g/b [T, Hv] (raw a/b or g/beta), state
     [S, Hv, Dk, Dv] at slot slots[n]; sequence n owns tokens [cu[n], cu[n+1]) (VARLEN) or token n."""
+    pdl_wait_then_release(PDL)
     n = tl.program_id(0)
     hv = tl.program_id(1)
     pv = tl.program_id(2)
@@ -127,7 +130,7 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
         scale, 1e-6,
         GROUP=hv // hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv,
         VARLEN=cu is not None, HAS_INIT=has_init is not None, GATE_IN_KERNEL=gate_in_kernel,
-        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, num_warps=num_warps or DECODE_WARPS)
+        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, num_warps=num_warps or DECODE_WARPS, **pdl_launch())
     return o
 
 

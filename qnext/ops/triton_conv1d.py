@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+
 Tensor = torch.Tensor
 
 
@@ -100,9 +102,11 @@ def _conv_update_kernel(
     x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, y_ptr,
     C, stride_xn, stride_yn, stride_ss, stride_sc,
     KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr, HAS_INIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
     state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros."""
+    pdl_wait_then_release(PDL)
     n = tl.program_id(0)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = oc < C
@@ -180,7 +184,7 @@ def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_s
         has_initial_state if has_initial_state is not None else state_slots, y,
         c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
         KW=w.shape[1], BC=bc, SILU=activation == "silu", HAS_COLS=x_cols is not None,
-        HAS_INIT=has_initial_state is not None, num_warps=4)
+        HAS_INIT=has_initial_state is not None, num_warps=4, **pdl_launch())
     return y
 
 

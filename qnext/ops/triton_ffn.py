@@ -13,13 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+
 Tensor = torch.Tensor
 
 
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
-                  K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr):
+                  K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties)."""
+    pdl_wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -52,14 +56,15 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         be = triton.next_power_of_2(e)
         _route_kernel[(t,)](logits, ids, weights, e, logits.stride(0), K=top_k, BE=be,
-                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1)
+                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1, **pdl_launch())
     return ids, weights
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """grid (rows, cdiv(N, BLOCK)): o[r] = silu(g[r]) * u[r] over N columns; g and u rows may be strided (the two
     halves of one [T, 2I] projection), o is contiguous."""
+    pdl_wait_then_release(PDL)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -69,9 +74,11 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, BLOCK: tl.const
 
 
 @triton.jit
-def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, stride_g, K: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_add_kernel(y_ptr, g_ptr, s_ptr, o_ptr, H, stride_g, K: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """grid (T, cdiv(H, BLOCK)): o[t] = sum_j y[t, j] + sigmoid(g[t]) * s[t] (y [T, K, H]); g is one scalar per
     token, stride_g apart (a column of the router's stacked output)."""
+    pdl_wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < H
@@ -90,7 +97,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
         _silu_mul_kernel[(gate.shape[0], triton.cdiv(n, 1024))](gate, up, out, n, gate.stride(0), up.stride(0),
-                                                                BLOCK=1024, num_warps=4)
+                                                                BLOCK=1024, num_warps=4, **pdl_launch())
     return out.view(shape)
 
 
@@ -101,5 +108,6 @@ def sigmoid_gate_add(y: Tensor, gate: Tensor, s: Tensor) -> Tensor:
     out = torch.empty_like(s)
     if t:
         _gate_add_kernel[(t, triton.cdiv(h, 1024))](y, gate, s, out, h, gate.stride(0),
-                                                    K=y.shape[1] if y.dim() == 3 else 1, BLOCK=1024, num_warps=4)
+                                                    K=y.shape[1] if y.dim() == 3 else 1, BLOCK=1024, num_warps=4,
+                                                    **pdl_launch())
     return out

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 
 Tensor = torch.Tensor
@@ -60,10 +61,11 @@ MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True):
+                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
     weight (bf16_gemv; s_ptr unused). Loading the next step's tile before this step's math (Triton pipelines only
     loads that feed a tl.dot) was slower for every shape and tile (H200, docs/perf-notes.md)."""
+    pdl_wait_then_release(PDL)
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -102,13 +104,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
 def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                     stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
                     W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
     W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
     SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
     of one long chain): each program stores its float32 partial tile to part [tiles, SPLIT, BM, BN] and takes a
     ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
     order (the result does not depend on which program finishes last), writes y and puts the counter back to 0."""
+    pdl_wait_then_release(PDL)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -212,7 +215,8 @@ def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     s = w.scale_inv.float().contiguous()
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
-        x, w.w, s, y, n, k, x.stride(0), w.w.stride(0), s.stride(0), y.stride(0), BN=bn, NG=ng, num_warps=num_warps)
+        x, w.w, s, y, n, k, x.stride(0), w.w.stride(0), s.stride(0), y.stride(0), BN=bn, NG=ng, num_warps=num_warps,
+        **pdl_launch())
     return y
 
 
@@ -226,7 +230,7 @@ def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
         x, w, w, y, n, k, x.stride(0), w.stride(0), 0, y.stride(0), BN=bn,
-        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=False, num_warps=num_warps)
+        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=False, num_warps=num_warps, **pdl_launch())
     return y
 
 
@@ -277,7 +281,8 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
         if split > 1 else (y, y)
     _fp8_dot_kernel[(tiles, split)](a, a_s, w.w, s, y, part, cnt, m, n, k, a.stride(0), a_s.stride(0),
                                     w.w.stride(0), s.stride(0), y.stride(0), W8A8=w8a8, BM=bm, BN=bn,
-                                    GROUP_M=group_m, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+                                    GROUP_M=group_m, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+                                    **pdl_launch())
     return y
 
 

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
 
 Tensor = torch.Tensor
@@ -58,8 +59,10 @@ def _moe_gemv_gate_up_kernel(
     N, KLIM, NGRP, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BN)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK."""
+    pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(ids_ptr + pid_p).to(tl.int64)
@@ -110,8 +113,10 @@ def _moe_gemv_down_kernel(
     N, KLIM, NGRP, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    pdl_wait_then_release(PDL)
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -158,8 +163,10 @@ def _moe_gemv_int4_dot_gate_up_kernel(
     N, K, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BN: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BN)); one quant group (G columns, G/2 bytes per row) per step; K % G == 0."""
+    pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(ids_ptr + pid_p).to(tl.int64)
@@ -198,8 +205,10 @@ def _moe_gemv_int4_dot_down_kernel(
     N, K, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     BN: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    pdl_wait_then_release(PDL)
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -261,14 +270,14 @@ def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, 
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, gs), top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, num_warps=cfg["sw"])
+        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, num_warps=cfg["sw"], **pdl_launch())
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     ng, gs = _full_k(w2)
     _moe_gemv_down_kernel[(p, triton.cdiv(hidden, cfg["sbn2"]))](
         h, w2.data, w2.scale, ids, tw, y,
         hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
-        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"])
+        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"], **pdl_launch())
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
 
 
@@ -288,22 +297,22 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
         _moe_gemv_int4_dot_gate_up_kernel[(p, triton.cdiv(inter, cfg["dbn1"]))](
             x, w13.data, w13.scale, ids, h, inter, w13.k, top_k,
             x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1),
-            h.stride(0), BN=cfg["dbn1"], G=w13.group, num_warps=cfg["dw1"], num_stages=cfg["dst"])
+            h.stride(0), BN=cfg["dbn1"], G=w13.group, num_warps=cfg["dw1"], num_stages=cfg["dst"], **pdl_launch())
         out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
         _moe_gemv_int4_dot_down_kernel[(m, triton.cdiv(hidden, cfg["dbn2"]))](
             h, w2.data, w2.scale, ids, tw, out, hidden, w2.k, top_k,
             h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1),
-            out.stride(0), BN=cfg["dbn2"], G=w2.group, num_warps=cfg["dw2"], num_stages=cfg["dst"])
+            out.stride(0), BN=cfg["dbn2"], G=w2.group, num_warps=cfg["dw2"], num_stages=cfg["dst"], **pdl_launch())
         return out
     _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["bn1"]))](
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, cfg["gs1"]), top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        KIND=w13.kind, BN=cfg["bn1"], NG=cfg["ng1"], GS=cfg["gs1"], num_warps=cfg["w1"])
+        KIND=w13.kind, BN=cfg["bn1"], NG=cfg["ng1"], GS=cfg["gs1"], num_warps=cfg["w1"], **pdl_launch())
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     _moe_gemv_down_kernel[(m, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, ids, tw, out,
         hidden, w2.klim, triton.cdiv(w2.klim, cfg["gs2"]), top_k,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
-        KIND=w2.kind, BN=cfg["bn2"], NG=cfg["ng2"], GS=cfg["gs2"], num_warps=cfg["w2"])
+        KIND=w2.kind, BN=cfg["bn2"], NG=cfg["ng2"], GS=cfg["gs2"], num_warps=cfg["w2"], **pdl_launch())
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_sorted import _expert_tile, tile_cfg
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight
 
@@ -46,8 +47,9 @@ def _max_combine(a, b):
 
 @triton.jit
 def _group_pairs_kernel(ids_ptr, keys_ptr, slot_e_ptr, slot_cnt_ptr, slot_pairs_ptr, used_ptr, P, MAXC,
-                        PB: tl.constexpr):
+                        PB: tl.constexpr, PDL: tl.constexpr = False):
     """One program; ids [P] = expert of each pair. keys [PB] int32 is scratch (the sorted keys, re-read shifted)."""
+    pdl_wait_then_release(PDL)
     offs = tl.arange(0, PB)
     valid = offs < P
     e = tl.load(ids_ptr + offs, mask=valid, other=0).to(tl.int32)
@@ -73,10 +75,12 @@ def _moe_grouped_kernel(
     N, K, TOPK, MAXC,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (slots, cdiv(N, BN)): slot s's expert times its pairs, BM at a time.
     GATE_UP: a = x by token (pair // TOPK), out = h [P, N] by pair, silu(gate) * up (gate rows [0, N), up [N, 2N)).
     else:    a = h by pair, out = y [P, N] by pair, times the router weight tw[pair]."""
+    pdl_wait_then_release(PDL)
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
     if s >= tl.load(used_ptr):
@@ -124,7 +128,7 @@ def group_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Ten
     used = torch.empty(1, dtype=torch.int32, device=dev)
     keys = torch.empty(pb, dtype=torch.int32, device=dev)
     _group_pairs_kernel[(1,)](ids, keys, slot_e, slot_cnt, slot_pairs, used, p, p, PB=pb,
-                              num_warps=4 if pb <= 1024 else 8)
+                              num_warps=4 if pb <= 1024 else 8, **pdl_launch())
     return slot_e, slot_cnt, slot_pairs, used
 
 
@@ -143,12 +147,12 @@ def moe_grouped(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Te
         inter, w13.k, top_k, maxc,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
         KIND=w13.kind, GATE_UP=True, BM=BM, BN=cfg["bn"], BK=cfg["bk"], num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+        num_stages=cfg["stages"], **pdl_launch())
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     _moe_grouped_kernel[(slots, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, y, slot_e, slot_cnt, slot_pairs, used, tw,
         hidden, w2.k, top_k, maxc,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, GATE_UP=False, BM=BM, BN=cfg["bn2"], BK=cfg["bk"], num_warps=cfg["warps2"],
-        num_stages=cfg["stages2"])
+        num_stages=cfg["stages2"], **pdl_launch())
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+
 Tensor = torch.Tensor
 
 
@@ -19,9 +21,11 @@ def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr,
     B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, eps,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (rows,): row = (i0, i1, i2) over leading dims [A, B, C]; y and s are contiguous [rows, D].
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF]."""
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     i0, i1, i2 = row // (B * C), (row // C) % B, row % C
     offs = tl.arange(0, BD)
@@ -90,7 +94,7 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
     _norm_kernel[(lead[0] * lead[1] * lead[2],)](
         x, r, g, weight, y, s, cos, sin, lead[1], lead[2], d, *sx, *sr, *sz, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), num_warps=_num_warps(d))
+        BD=triton.next_power_of_2(d), num_warps=_num_warps(d), **pdl_launch())
     return y, s
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634
@@ -67,9 +69,11 @@ def _paged_decode_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     block_size, scale_log2, NS, HQ,
     G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1) or partials [B, Hq, NS] (+ D) of the splits
     holding keys (split_tokens(seq_len, NS) each; the merge reads no others)."""
+    pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -106,8 +110,10 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, stride_ob, stride_oh, NS, HQ,
-                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys."""
+    pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seqlens_ptr + b)
@@ -180,10 +186,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1], scale * LOG2E, ns, hq,
-        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, num_warps=num_warps, num_stages=num_stages, **pdl_launch())
     if split:
         _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, o.stride(0), o.stride(1), ns, hq,
-                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, num_warps=4)
+                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, num_warps=4, **pdl_launch())
     return o
 
 
