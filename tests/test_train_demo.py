@@ -47,3 +47,19 @@ def test_capturable_balance_loss_keeps_the_value(monkeypatch):
     expected = hf.load_balancing_loss_func(logits, 8, 2)
     train_demo.capturable_balance_loss()
     assert float(hf.load_balancing_loss_func(logits, 8, 2)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_unlikelihood_candidates_are_the_tokens_of_repeated_body_lines():
+    import unlikelihood_demo
+    pieces = ["        self", "._w = ", "None\n",           # 0-2   first occurrence: never a candidate
+              "        y", " = 2\n",                        # 3-4   too short to count
+              "        self", "._w = ", "None\n",           # 5-7   repeat
+              "        y", " = 2\n",                        # 8-9   short repeat: not counted
+              "        self", "._w = None\n",               # 10-11 repeat, tokenized differently
+              "    def", " g(self):\n",                     # 12-13 the body ended here (indent 4)
+              "        self", "._w = None\n"]               # 14-15 after the end: never a candidate
+    cands, ended, repeats = unlikelihood_demo.repeated_line_tokens(pieces, 4)
+    assert (cands, ended, repeats) == ([5, 6, 7, 10, 11], True, True)
+    assert unlikelihood_demo.repeated_line_tokens(pieces, 4, first_only=True)[0] == [5, 10]
+    cands, ended, repeats = unlikelihood_demo.repeated_line_tokens(pieces[:5], 4)
+    assert (cands, ended, repeats) == ([], False, False)
