@@ -587,15 +587,11 @@ def test_fp8_dequant_pass_is_the_reference_bit_for_bit():
 
 # ---- programmatic dependent launch -------------------------------------------------------------------------------
 
-def test_pdl_is_off_without_cuda_or_when_asked(monkeypatch):
+def test_pdl_is_off_without_cuda_or_when_asked():
     from qnext.ops import pdl
-    monkeypatch.setenv("QNEXT_PDL", "0")
-    pdl.pdl_enabled.cache_clear()
-    try:
+    with pdl.pdl_disabled():
         assert pdl.pdl_launch() == {"PDL": False}
-    finally:
-        monkeypatch.delenv("QNEXT_PDL")
-        pdl.pdl_enabled.cache_clear()
+    assert "QNEXT_PDL" not in os.environ
     if not CUDA:
         assert pdl.pdl_launch() == {"PDL": False}
     elif torch.cuda.get_device_capability()[0] >= 9:     # the H100 / H200 this repo measures on must use it
@@ -603,7 +599,7 @@ def test_pdl_is_off_without_cuda_or_when_asked(monkeypatch):
 
 
 @cuda_only
-def test_pdl_chain_replayed_in_a_cuda_graph_equals_plain_launches(monkeypatch):
+def test_pdl_chain_replayed_in_a_cuda_graph_equals_plain_launches():
     """A decode-like chain of PDL kernels (each reading the one before), captured and replayed many times, gives
     the bits of the same kernels launched plainly: a missing wait would read a predecessor's output early."""
     from qnext.ops import pdl, triton_ffn, triton_norm
@@ -625,13 +621,8 @@ def test_pdl_chain_replayed_in_a_cuda_graph_equals_plain_launches(monkeypatch):
         ids, weights = triton_ffn.moe_route(logits.float(), 10, True)
         return s, logits, ids, weights
 
-    monkeypatch.setenv("QNEXT_PDL", "0")
-    pdl.pdl_enabled.cache_clear()
-    try:
+    with pdl.pdl_disabled():
         ref = chain()
-    finally:
-        monkeypatch.delenv("QNEXT_PDL")
-        pdl.pdl_enabled.cache_clear()
     chain()                                            # compile the PDL variants outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

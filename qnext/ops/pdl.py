@@ -17,6 +17,7 @@ Triton builds without the launch option.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -38,6 +39,22 @@ def pdl_enabled() -> bool:
         return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
     except (ImportError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def pdl_disabled():
+    """PDL off inside the block (A/B runs, tests): kernels launched there take the plain path."""
+    saved = os.environ.get("QNEXT_PDL")
+    os.environ["QNEXT_PDL"] = "0"
+    pdl_enabled.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("QNEXT_PDL")
+        else:
+            os.environ["QNEXT_PDL"] = saved
+        pdl_enabled.cache_clear()
 
 
 def pdl_launch() -> dict:
