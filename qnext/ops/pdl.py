@@ -1,9 +1,9 @@
 """Programmatic dependent launch (PDL, Hopper and newer) for the decode step's Triton kernels.
 
-Why: a batch-1 decode step is ~860 short kernels (3.2 ms on the H200, docs/perf-notes.md), and between two
-kernels of a CUDA graph the GPU drains the first grid, then launches and ramps up the second. With PDL a kernel
-is launched while its predecessor still runs: its programs start, wait in `griddepcontrol.wait` until the
-predecessor has finished and its writes are visible, and only then touch memory.
+Why: a batch-1 decode step is ~820 short kernels (3.21 ms on the H200 without PDL, 2.76 with it;
+docs/benchmarks.md), and between two kernels of a CUDA graph the GPU drains the first grid, then launches and
+ramps up the second. With PDL a kernel is launched while its predecessor still runs: its programs start, wait in
+`griddepcontrol.wait` until the predecessor has finished and its writes are visible, and only then touch memory.
 
 Contract for a kernel launched with `**pdl_launch()`: it takes `PDL: tl.constexpr` and calls
 `pdl_wait_then_release(PDL)` before its first load or store. Because every such kernel waits for its predecessor
@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,8 +30,6 @@ import triton.language as tl
 def pdl_enabled() -> bool:
     if os.environ.get("QNEXT_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    import torch
-
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return False
     try:
