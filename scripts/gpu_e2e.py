@@ -129,6 +129,11 @@ def env(device: str) -> None:
 
 # ---- (a) parity ------------------------------------------------------------------------------------------------------
 
+def same_ids(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How many greedy ids of two runs over the same prompts agree, position by position."""
+    return {"same": sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)), "total": sum(map(len, a))}
+
+
 def generate(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -401,8 +406,7 @@ def check_logits(tag: str, engine: LLMEngine) -> None:
 def graph_vs_eager(tag: str, graph_engine: LLMEngine, eager_engine: LLMEngine) -> None:
     prompts = rand_prompts(random.Random(11), 2, 256, graph_engine.model_config.vocab_size)
     a, b = generate(graph_engine, prompts, 24), generate(eager_engine, prompts, 24)
-    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
-    record(tag, "greedy graphs vs eager (same ids)", {"same": same, "total": sum(map(len, a)),
+    record(tag, "greedy graphs vs eager (same ids)", {**same_ids(a, b),
                                                        "first_diff": [next((i for i, (x, y) in enumerate(zip(p, q))
                                                                             if x != y), None) for p, q in zip(a, b)]})
 
@@ -414,8 +418,7 @@ def overlap_vs_plain(tag: str, engine: LLMEngine, args) -> None:
     engine.overlap = False
     try:
         plain = generate(engine, prompts, 24)
-        same = sum(x == y for p, q in zip(with_overlap, plain) for x, y in zip(p, q))
-        record(tag, "greedy overlap vs no overlap (same ids)", {"same": same, "total": sum(map(len, plain))})
+        record(tag, "greedy overlap vs no overlap (same ids)", same_ids(with_overlap, plain))
         bench_decode(tag + " no-overlap", engine, 1, args.depth, args.gen_b1, 1)
         bench_decode(tag + " no-overlap", engine, 32, args.depth, 64, 1)
     finally:
@@ -451,8 +454,7 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
     if one is None:
         return
     one_tag = tag + " one stream"
-    same = sum(x == y for p, q in zip(ids, generate(one, prompts, 16)) for x, y in zip(p, q))
-    record(one_tag, "greedy ids == side-stream engine", {"same": same, "total": 48})
+    record(one_tag, "greedy ids == side-stream engine", same_ids(ids, generate(one, prompts, 16)))
     guarded(f"{one_tag} decode-b1", 15, bench_decode, one_tag, one, 1, args.depth, args.gen_b1, 1)
     guarded(f"{one_tag} decode-b32", 20, bench_decode, one_tag, one, 32, args.depth, 64, 1)
     guarded(f"{one_tag} prefill", 15, bench_prefill, one_tag, one, args.prefill, 1)
@@ -480,8 +482,7 @@ def pdl_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: 
         if off is None:
             return
         off_tag = tag + " no PDL"
-        same = sum(x == y for p, q in zip(ids, generate(off, prompts, 16)) for x, y in zip(p, q))
-        record(off_tag, "greedy ids == PDL engine", {"same": same, "total": 48})
+        record(off_tag, "greedy ids == PDL engine", same_ids(ids, generate(off, prompts, 16)))
         guarded(f"{off_tag} decode-b1", 15, bench_decode, off_tag, off, 1, args.depth, args.gen_b1, 1)
         guarded(f"{off_tag} decode-b32", 20, bench_decode, off_tag, off, 32, args.depth, 64, 1)
         # after the decode runs, as full_variant does: a graph replays the inputs it last held, and right after
