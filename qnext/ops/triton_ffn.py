@@ -34,8 +34,7 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
     ids = tl.zeros([BK], dtype=tl.int64)
     ws = tl.zeros([BK], dtype=tl.float32)
     for j in tl.static_range(K):
-        best = tl.max(p, axis=0)
-        idx = tl.argmax(p, axis=0)
+        best, idx = tl.max(p, axis=0, return_indices=True, return_indices_tie_break_left=True)   # one reduction
         ids = tl.where(kk == j, idx.to(tl.int64), ids)
         ws = tl.where(kk == j, best, ws)
         p = tl.where(offs == idx, -1.0, p)          # taken

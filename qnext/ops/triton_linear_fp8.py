@@ -60,32 +60,76 @@ MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, PDL: tl.constexpr = False):
-    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
-    weight (bf16_gemv; s_ptr unused). Loading the next step's tile before this step's math (Triton pipelines only
-    loads that feed a tl.dot) was slower for every shape and tile (H200, docs/perf-notes.md)."""
-    pdl_wait_then_release(PDL)
+def _sum_splits(acc, tile_part, cell, cnt_ptr, tile, pid_s, SPLIT: tl.constexpr, SIZE: tl.constexpr):
+    """Deterministic split-K fix-up: store this program's float32 partial `acc` (at offsets `cell`) as split pid_s
+    of tile_part [SPLIT, SIZE] and take a ticket from the tile's counter (int32, zero between calls). Returns
+    (is_last, the SPLIT partials summed in split order): the last program of the tile writes the result (which
+    does not depend on which program finishes last) and puts the counter back to 0."""
+    tl.store(tile_part + pid_s * SIZE + cell, acc)
+    tl.debug_barrier()                          # every thread's partial is written before the ticket
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s in tl.static_range(SPLIT):
+            total += tl.load(tile_part + s * SIZE + cell, volatile=True)
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, total
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     BN: tl.constexpr, NG: tl.constexpr, SPLIT: tl.constexpr = 1, SCALED: tl.constexpr = True,
+                     PDL: tl.constexpr = False):
+    """grid (M, cdiv(N, BN), SPLIT); BN divides 128 so the tile's rows share one scale row; SPLIT divides K / 128.
+    SCALED=False: a plain 16-bit weight (bf16_gemv; s_ptr unused). Program (m, n, s) covers the 128-column groups
+    [s * G, (s + 1) * G), G = K / 128 / SPLIT, NG per step; with SPLIT > 1 the partial sums meet in _sum_splits
+    (part [M * cdiv(N, BN), SPLIT, BN] float32, cnt the tickets).
+    The first step's weight tile and scales are loaded before the PDL wait: weights are never written during a
+    step, so that load overlaps the previous kernel's tail (x, the partials and y only after it). Loading every next
+    step's tile before the current step's math (Triton pipelines only loads that feed a tl.dot) was slower for
+    every shape and tile (H200, docs/perf-notes.md)."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = w_ptr + rows[:, None, None] * stride_wn
-    acc = tl.zeros([BN, NG, 128], dtype=tl.float32)
-    for g0 in range(0, K // 128, NG):
+    groups = K // 128 // SPLIT
+    g_first = pid_s * groups
+    g_end = g_first + groups
+    gg0 = g_first + tl.arange(0, NG)
+    kp0 = gg0[:, None] * 128 + j[None, :]
+    km0 = (gg0 < g_end)[:, None]
+    w0 = tl.load(w_rows + kp0[None, :, :], mask=rmask[:, None, None] & km0[None, :, :], other=0.0)
+    if SCALED:
+        s0 = tl.load(s_row + gg0, mask=gg0 < g_end, other=0)
+    pdl_wait_then_release(PDL)
+    xs0 = tl.load(x_row + kp0, mask=km0, other=0).to(tl.float32)
+    if SCALED:
+        xs0 = xs0 * s0[:, None]
+    acc = w0.to(tl.float32) * xs0[None, :, :]
+    for g0 in range(g_first + NG, g_end, NG):
         gg = g0 + tl.arange(0, NG)
         kp = gg[:, None] * 128 + j[None, :]
-        km = kp < K
+        km = (gg < g_end)[:, None]
         w = tl.load(w_rows + kp[None, :, :], mask=rmask[:, None, None] & km[None, :, :], other=0.0).to(tl.float32)
         xs = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
         if SCALED:
-            xs = xs * tl.load(s_row + gg, mask=gg * 128 < K, other=0)[:, None]
+            xs = xs * tl.load(s_row + gg, mask=gg < g_end, other=0)[:, None]
         acc += w * xs[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    y_out = y_ptr + m.to(tl.int64) * stride_ym + rows
+    if SPLIT == 1:
+        tl.store(y_out, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tile = m * tl.num_programs(1) + pid_n
+        last, y = _sum_splits(y, part_ptr + tile.to(tl.int64) * (SPLIT * BN), tl.arange(0, BN), cnt_ptr, tile,
+                              pid_s, SPLIT, BN)
+        if last:
+            tl.store(y_out, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -108,9 +152,7 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
     W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
     SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
-    of one long chain): each program stores its float32 partial tile to part [tiles, SPLIT, BM, BN] and takes a
-    ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
-    order (the result does not depend on which program finishes last), writes y and puts the counter back to 0."""
+    of one long chain): the partial tiles part [tiles, SPLIT, BM, BN] meet in _sum_splits (cnt: the tickets)."""
     pdl_wait_then_release(PDL)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -144,16 +186,11 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     if SPLIT == 1:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
-        tile_part = part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN)
         cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        tl.store(tile_part + pid_s * BM * BN + cell, acc)
-        tl.debug_barrier()                          # every thread's partial is written before the ticket
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for s in tl.static_range(SPLIT):
-                acc += tl.load(tile_part + s * BM * BN + cell, volatile=True)
+        last, acc = _sum_splits(acc, part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN), cell, cnt_ptr, pid, pid_s,
+                                SPLIT, BM * BN)
+        if last:
             tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 @triton.jit
@@ -197,41 +234,54 @@ def _check(w: Fp8BlockWeight) -> tuple[int, int]:
     return n, k
 
 
-def gemv_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BN rows, NG scale groups per step) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
+def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
+    """(BN rows, NG scale groups per step, SPLIT) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
     (docs/perf-notes.md): narrow outputs want small row tiles (enough programs to fill 132 SMs) and long steps
     (H200: 2048 x 4096 bn4 ng16 5.9 us against bn8 ng8 6.9, 512 x 2048 2.3 against 2.8); wide ones 16 rows and
     short steps (12288 x 2048 bn16 ng2 11.2 us, 8192 x 2048 bn16 ng4 8.7)."""
     bn, ng = (4, 16) if n <= 2048 else (16, 2 if n >= 12288 else 4)
-    steps = max(1, k // 128)
-    return bn, min(ng, 1 << (steps.bit_length() - 1))              # NG is a power of two (tl.arange)
+    return bn, ng, 1
 
 
-def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int = 4) -> Tensor:
-    n, k = _check(w)
-    tiles = gemv_tiles(n, k)
-    bn, ng = bn or tiles[0], ng or tiles[1]
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    s = w.scale_inv.float().contiguous()
-    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
-        x, w.w, s, y, n, k, x.stride(0), w.w.stride(0), s.stride(0), y.stride(0), BN=bn, NG=ng, num_warps=num_warps,
-        **pdl_launch())
+def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, split: int,
+          num_warps: int) -> Tensor:
+    """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None)."""
+    groups = k // 128
+    if groups % split:
+        raise ValueError(f"gemv split {split} does not divide K / 128 = {groups}")
+    ng = min(ng, 1 << ((groups // split).bit_length() - 1))        # NG is a power of two (tl.arange)
+    m, tiles = x.shape[0], x.shape[0] * triton.cdiv(n, bn)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if split > 1:
+        if tiles > TICKETS:
+            raise ValueError(f"gemv split-K takes at most {TICKETS} output tiles, got {tiles}")
+        part, cnt = torch.empty(tiles * split * bn, dtype=torch.float32, device=x.device), _tickets(x.device)
+    else:
+        part = cnt = y
+    _fp8_gemv_kernel[(m, triton.cdiv(n, bn), split)](
+        x, w, w if scale is None else scale, y, part, cnt, n, k, x.stride(0), w.stride(0),
+        0 if scale is None else scale.stride(0), y.stride(0), BN=bn, NG=ng, SPLIT=split, SCALED=scale is not None,
+        num_warps=num_warps, **pdl_launch())
     return y
 
 
-def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4) -> Tensor:
+def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None, split: int | None = None,
+             num_warps: int = 4) -> Tensor:
+    """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles."""
+    n, k = _check(w)
+    tiles = gemv_tiles(n, k)
+    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
+                 split or tiles[2], num_warps)
+
+
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, split: int = 1, num_warps: int = 4) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
     dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
     outputs (scripts/gpu_check.py --only fp8gemv)."""
     n, k = w.shape
     if k % 128:
         raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
-        x, w, w, y, n, k, x.stride(0), w.stride(0), 0, y.stride(0), BN=bn,
-        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=False, num_warps=num_warps, **pdl_launch())
-    return y
+    return _gemv(x, w, None, n, k, bn, ng, split, num_warps)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
