@@ -457,9 +457,9 @@ def test_fused_moe_unreduced_sums_to_reduced(m):
 
 # ---- CUDA: paged attention ---------------------------------------------------------------------------------------
 
-def _paged_case(ctx, qlens, block_size):
+def _paged_case(ctx, qlens, block_size, gated=False):
     return paged_case(ctx, qlens, block_size, hq=16, hkv=2, d=256, num_blocks=200, device="cuda",
-                      dtype=torch.bfloat16)
+                      dtype=torch.bfloat16, gated=gated)
 
 
 def _paged_ref(case):
@@ -469,22 +469,25 @@ def _paged_ref(case):
 
 
 @cuda_only
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_paged_decode_matches_reference(block_size):
+def test_paged_decode_matches_reference(block_size, gated):
     from qnext.ops.triton_paged_attention import paged_attention, paged_decode_attention
     torch.manual_seed(4)
     ctx = [0, 16, 299, 1000, 77]
-    case = _paged_case(ctx, [1] * len(ctx), block_size)
+    case = _paged_case(ctx, [1] * len(ctx), block_size, gated)
     ref = _paged_ref(case)
     poison_allocator()
-    out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))
+    mine = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
+    out = paged_attention(**mine)
     assert rel(out, ref) < 1e-2
     kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
     kc.view(-1, *kc.shape[2:])[case["slot_mapping"]] = case["k"]
     vc.view(-1, *vc.shape[2:])[case["slot_mapping"]] = case["v"]
+    assert torch.equal(mine["k_cache"], kc) and torch.equal(mine["v_cache"], vc)     # write_kv, bit for bit
     for splits in (1, 3, 16):
         out = paged_decode_attention(case["q"], kc, vc, case["block_tables"], case["seq_lens"], case["scale"],
-                                     max_seq_len=1001, num_splits=splits)
+                                     max_seq_len=1001, num_splits=splits, gate=case.get("gate"))
         assert rel(out, ref) < 1e-2
 
 
@@ -499,10 +502,11 @@ def test_paged_fresh_prefill_uses_sdpa_and_matches():
 
 
 @cuda_only
-def test_paged_prefill_matches_reference():
+@pytest.mark.parametrize("gated", [False, True])
+def test_paged_prefill_matches_reference(gated):
     from qnext.ops.triton_paged_attention import paged_attention
     torch.manual_seed(5)
-    case = _paged_case([0, 37, 5, 130], [50, 19, 1, 64], 16)
+    case = _paged_case([0, 37, 5, 130], [50, 19, 1, 64], 16, gated)
     ref = _paged_ref(case)
     poison_allocator()
     out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))

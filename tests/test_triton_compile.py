@@ -24,7 +24,7 @@ PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_k
                "_fp8_dot_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel",
                "_moe_gemv_int4_dot_gate_up_kernel", "_moe_gemv_int4_dot_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
-               "_gdn_recurrent_kernel"}
+               "_kv_write_kernel", "_gdn_recurrent_kernel"}
 
 
 def _signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
@@ -108,7 +108,9 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     blocks = torch.arange(8, dtype=torch.int32).view(1, 8)
     triton_paged_attention.paged_decode_attention(_bf(1, 16, 256), _bf(8, 16, 2, 256), _bf(8, 16, 2, 256), blocks,
                                                   torch.tensor([100], dtype=torch.int32), 0.0625, max_seq_len=128,
-                                                  num_splits=4)
+                                                  num_splits=4, gate=_bf(1, 16, 512)[..., 256:])
+    triton_paged_attention.write_kv(_bf(1, 2, 256), _bf(1, 2, 256), _bf(8, 16, 2, 256), _bf(8, 16, 2, 256),
+                                    torch.tensor([17]))
     gdn_decode_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
                 torch.randn(4), torch.zeros(4, 4, 128, 128), slots, None)
 

@@ -145,6 +145,21 @@ def attention_and_gdn_checks() -> dict:
         ref = paged_attention.paged_attention(**dict(case, k_cache=case["k_cache"].clone(),
                                                      v_cache=case["v_cache"].clone()))
         out[f"paged_attention_{name}"] = err(triton_paged_attention.paged_attention(**mine), ref)
+        ref_cache = case["k_cache"].clone()
+        paged_attention.write_kv(case["k"], case["v"], ref_cache, case["v_cache"].clone(), case["slot_mapping"])
+        out[f"paged_kv_write_{name}"] = err(mine["k_cache"], ref_cache)
+        gated = paged_case(ctx, qlens, 16, hq=4, hkv=2, d=32, gated=True)
+        ref = paged_attention.paged_attention(**dict(gated, k_cache=gated["k_cache"].clone(),
+                                                     v_cache=gated["v_cache"].clone()))
+        out[f"paged_attention_{name}_gated"] = err(triton_paged_attention.paged_attention(**gated), ref)
+        if name == "decode":
+            o = triton_paged_attention.paged_decode_attention(gated["q"], gated["k_cache"], gated["v_cache"],
+                                                              gated["block_tables"], gated["seq_lens"],
+                                                              gated["scale"], max_seq_len=300, num_splits=3,
+                                                              gate=gated["gate"])
+            out["paged_attention_decode_gated_splits3"] = err(o, ref)
+        ref = paged_attention.paged_attention(**dict(case, k_cache=case["k_cache"].clone(),
+                                                     v_cache=case["v_cache"].clone()))
         if name == "decode":  # the split-K path (what long contexts use), several split counts
             for splits in (1, 3, 8):
                 o = triton_paged_attention.paged_decode_attention(case["q"], mine["k_cache"], mine["v_cache"],

@@ -4,7 +4,7 @@ The cache of one layer is K, V [num_blocks, block_size, Hkv, D]; token p of sequ
 block_tables[i, p // block_size] at offset p % block_size. New K/V are first written at slot_mapping
 (flat slot = page * block_size + offset). Sequence i's q_len_i queries are its last q_len_i tokens: query j sits at
 position seq_len_i - q_len_i + j and sees keys 0..that position (causal, bottom-right aligned). GQA: query head h
-reads kv head h // (Hq / Hkv).
+reads kv head h // (Hq / Hkv). With `gate` (Qwen3-Next's gated attention) the output is attn * sigmoid(gate).
 """
 
 from __future__ import annotations
@@ -40,9 +40,18 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, 
 @register("paged_attention", "torch")
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *,
                     slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                    query_lens: list[int], context_lens: list[int], scale: float) -> Tensor:
+                    query_lens: list[int], context_lens: list[int], scale: float,
+                    gate: Tensor | None = None) -> Tensor:
     """q [T, Hq, D]; k, v [T, Hkv, D]; slot_mapping [T] int64; block_tables [B, max_blocks] int32;
-    seq_lens [B] int32 (device); query_lens, context_lens [B] host ints -> out [T, Hq, D] in q.dtype."""
+    seq_lens [B] int32 (device); query_lens, context_lens [B] host ints; gate [T, Hq, D] or None
+    -> out [T, Hq, D] in q.dtype (times sigmoid(gate) when given)."""
+    out = _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_lens,
+                           context_lens, scale)
+    return out if gate is None else out * torch.sigmoid(gate)
+
+
+def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_lens, context_lens,
+                     scale) -> Tensor:
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     bs = k_cache.shape[1]
     lens = [c + n for c, n in zip(context_lens, query_lens)]

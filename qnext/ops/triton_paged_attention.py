@@ -15,7 +15,9 @@ causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / 
   (BQ queries of one sequence, kv head); rows are (query, head) pairs, BQ * G of them; online softmax over the
   visible keys read from the paged cache (the new K/V must already be written there).
 * fresh_prefill_attention: sequences with no cached context go through torch SDPA (flash) on their own K/V.
-* paged_attention: registry-compatible wrapper (writes K/V at slot_mapping, then one of the three).
+* write_kv: the new K and V rows into the cache at slot_mapping, one launch.
+* paged_attention: registry-compatible wrapper (write_kv, then one of the three; the output gate sigmoid(gate)
+  is applied in the decode kernels' epilogue, after the prefill paths by torch ops).
 """
 
 from __future__ import annotations
@@ -64,15 +66,16 @@ def _split_tokens(seq_len, NS, BN: tl.constexpr):
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
-    stride_qb, stride_qh, stride_ob, stride_oh,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, g_ptr,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_gb, stride_gh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     block_size, scale_log2, NS, HQ,
     G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    GATED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1) or partials [B, Hq, NS] (+ D) of the splits
-    holding keys (split_tokens(seq_len, NS) each; the merge reads no others)."""
+    """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1; times sigmoid(gate [B, Hq, D]) when GATED) or
+    partials [B, Hq, NS] (+ D) of the splits holding keys (split_tokens(seq_len, NS) each; the merge reads no
+    others and applies the gate)."""
     pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -104,15 +107,20 @@ def _paged_decode_kernel(
         tl.store(po_ptr + idx[:, None] * D + od[None, :], acc, mask=gmask[:, None])
     else:
         out = acc / l_i[:, None]
+        if GATED:
+            gate = tl.load(g_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + od[None, :],
+                           mask=gmask[:, None], other=0.0)
+            out = out * tl.sigmoid(gate.to(tl.float32))
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + od[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 @triton.jit
-def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, stride_ob, stride_oh, NS, HQ,
-                        D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
-                        PDL: tl.constexpr = False):
-    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys."""
+def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, g_ptr, stride_ob, stride_oh, stride_gb,
+                        stride_gh, NS, HQ, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
+                        GATED: tl.constexpr = False, PDL: tl.constexpr = False):
+    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys (times
+    sigmoid(gate) when GATED)."""
     pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -132,7 +140,10 @@ def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, stride_ob, s
         w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf")) - big)
         part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0)
         acc += tl.sum(part * w[:, None], axis=0)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + od, (acc / denom).to(o_ptr.dtype.element_ty))
+    out = acc / denom
+    if GATED:
+        out = out * tl.sigmoid(tl.load(g_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + od).to(tl.float32))
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + od, out.to(o_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,15 +173,20 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.dev
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                            scale: float, max_seq_len: int, num_splits: int | None = None,
-                           bn: int = DECODE_BN, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                           bn: int = DECODE_BN, num_warps: int = 4, num_stages: int = 2,
+                           gate: Tensor | None = None) -> Tensor:
     """q [B, Hq, D]; k/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (>= 1, keys visible to the query, its own included); max_seq_len: host bound on seq_lens
-    (a CUDA-graph bucket's capacity is fine) -> o [B, Hq, D] in q.dtype."""
+    (a CUDA-graph bucket's capacity is fine); gate [B, Hq, D] (any strides, unit last) or None
+    -> o [B, Hq, D] in q.dtype, times sigmoid(gate) when given."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
     if hq % hkv or g & (g - 1) or k_cache.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("paged decode needs Hq/Hkv a power of two and unit-stride head dims")
+    if gate is not None and (gate.shape != q.shape or gate.stride(2) != 1):
+        raise ValueError(f"attention gate {tuple(gate.shape)} must match q {tuple(q.shape)} with unit last stride")
+    gp, sgb, sgh = (q, 0, 0) if gate is None else (gate, gate.stride(0), gate.stride(1))   # q: unused
     ns = decode_splits(bsz, hkv, max_seq_len, q.device, bn, num_splits)
     o = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
     split = ns > 1
@@ -180,16 +196,19 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         pl = torch.empty_like(pm)
     else:
         po = pm = pl = o
+    gated = gate is not None
     _paged_decode_kernel[(bsz, hkv, ns)](
-        q, k_cache, v_cache, block_tables, seq_lens, o, po, pm, pl,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        q, k_cache, v_cache, block_tables, seq_lens, o, po, pm, pl, gp,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), sgb, sgh,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1], scale * LOG2E, ns, hq,
-        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, num_warps=num_warps, num_stages=num_stages, **pdl_launch())
+        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, GATED=gated, num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch())
     if split:
-        _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, o.stride(0), o.stride(1), ns, hq,
-                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, num_warps=4, **pdl_launch())
+        _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, gp, o.stride(0), o.stride(1), sgb, sgh, ns, hq,
+                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, GATED=gated,
+                                       num_warps=4, **pdl_launch())
     return o
 
 
@@ -267,19 +286,53 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     return o
 
 
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cs, stride_ch, H: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (T, 2): row t of k (program (t, 0)) or v (t, 1), [H, D], into its cache at flat slot slot[t] (the cache
+    viewed as [slots, H, D] with strides stride_cs, stride_ch, unit last), converted to the cache's dtype."""
+    pdl_wait_then_release(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t)
+    oh = tl.arange(0, H)[:, None]
+    od = tl.arange(0, D)[None, :]
+    dst = slot * stride_cs + oh * stride_ch + od
+    if tl.program_id(1) == 0:
+        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + oh * stride_kh + od).to(kc_ptr.dtype.element_ty))
+    else:
+        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + oh * stride_vh + od).to(vc_ptr.dtype.element_ty))
+
+
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """qnext.ops.paged_attention.write_kv in one launch (torch's index_copy_ takes two, plus a cast each when the
+    cache dtype differs): k, v [T, Hkv, D] (rows may be strided, unit last stride) -> the caches at slot_mapping."""
+    t, h, d = k.shape
+    if (k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride()
+            or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1) or h & (h - 1) or d & (d - 1)):
+        from qnext.ops.paged_attention import write_kv as write_kv_ref
+        return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    if t:
+        _kv_write_kernel[(t, 2)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+                                 v.stride(1), k_cache.stride(1), k_cache.stride(2), H=h, D=d, num_warps=4,
+                                 **pdl_launch())
+
+
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *,
                     slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                    query_lens: list[int], context_lens: list[int], scale: float) -> Tensor:
-    """Registry-compatible (qnext.ops.paged_attention): write K/V at slot_mapping, attend -> [T, Hq, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+                    query_lens: list[int], context_lens: list[int], scale: float,
+                    gate: Tensor | None = None) -> Tensor:
+    """Registry-compatible (qnext.ops.paged_attention): write K/V at slot_mapping, attend -> [T, Hq, D], times
+    sigmoid(gate) when given (in the decode kernels' epilogue; torch ops after the prefill paths)."""
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
     if all(n == 1 for n in query_lens):
         longest = max(c + 1 for c in context_lens)
-        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest, gate=gate)
     if all(c == 0 for c in context_lens):
-        return fresh_prefill_attention(q, k, v, query_lens, scale)
-    cu = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
-    return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale)
+        out = fresh_prefill_attention(q, k, v, query_lens, scale)
+    else:
+        cu = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+        out = paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale)
+    return out if gate is None else out * torch.sigmoid(gate)
 
 
 def fresh_prefill_attention(q: Tensor, k: Tensor, v: Tensor, query_lens: list[int], scale: float) -> Tensor:

@@ -44,7 +44,8 @@ class GatedAttention(nn.Module):
         return tuple(split_stacked(self.qkv_proj, self.qkv_proj(x)))
 
     def forward(self, x: torch.Tensor, batch, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, hidden]; rope = (cos, sin) [T, rotary_dim/2] -> [T, hidden]."""
+        """x [T, hidden]; rope = (cos, sin) [T, rotary_dim/2] -> [T, hidden]. The attention op applies the
+        sigmoid gate (a strided view of q_proj's output) in its epilogue."""
         t, d = x.shape[0], self.head_dim
         q, k, v = self._qkv(x)
         q, gate = q.view(t, self.num_heads, 2 * d).split(d, dim=-1)                  # [T, Hq, D] each
@@ -55,5 +56,5 @@ class GatedAttention(nn.Module):
         attn = get_op("paged_attention", self.ops_backend, x.device)(
             q, k, v, k_cache, v_cache, slot_mapping=batch.slot_mapping, block_tables=batch.block_tables,
             seq_lens=batch.seq_lens, query_lens=batch.query_lens, context_lens=batch.context_lens,
-            scale=self.scale)                                                      # [T, Hq, D]
-        return self.o_proj((attn * torch.sigmoid(gate)).reshape(t, -1))              # gate: a strided view
+            scale=self.scale, gate=gate)                                           # [T, Hq, D], gated
+        return self.o_proj(attn.reshape(t, -1))
