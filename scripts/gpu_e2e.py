@@ -15,8 +15,8 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (pdl, ab, host, trace, eager; pdl: the same model
-    with programmatic dependent launch off).
+    --extras picks the first variant's extended measurements (knobs, ab, host, trace, eager; knobs: the same model
+    on one stream, without the GEMV's early weight load, without programmatic dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -24,6 +24,7 @@ Every step is guarded (an error is recorded, the rest goes on), skipped when the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -276,7 +277,7 @@ def bench_replay(tag: str, engine: LLMEngine, reps: int = 20) -> None:
     if graphs is None:
         return
     out = {}
-    for b in (1, 8, 32):
+    for b in (1, 2, 4, 8, 16, 32):
         if b not in graphs.graphs:
             continue
         g = graphs.graphs[b][0]
@@ -310,9 +311,15 @@ def profile_step(tag: str, engine: LLMEngine, top: int = 24) -> None:
             for e in prof.key_averages()]
     rows = [r for r in rows if r[2] > 0]
     rows.sort(key=lambda r: -r[2])
+    from torch.autograd import DeviceType
+    seq = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
     record(tag, "decode b1 step kernels", {
         "launches": sum(r[1] for r in rows), "device_ms": round(sum(r[2] for r in rows) / 1e3, 3),
-        "top": [[k[:70], n, round(us, 1)] for k, n, us in rows[:top]]})
+        "top": [[k[:70], n, round(us, 1)] for k, n, us in rows[:top]],
+        # the first layers in launch order: [name, us, gap to the previous kernel's end in us]
+        "first kernels [name, us, gap]": [[n[:40], round(z - a, 1), round(a - seq[i - 1][1], 1) if i else 0.0]
+                                          for i, (a, z, n) in enumerate(seq[:60])]})
 
 
 def start_decoding(engine: LLMEngine, name: str, b: int, steps: int, seed: int) -> None:
@@ -470,26 +477,45 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
         triton_linear_fp8.LARGE_M_PATH = saved
 
 
-def pdl_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model with programmatic dependent launch off (QNEXT_PDL=0, qnext/ops/pdl.py): greedy ids must not
-    change; decode-b1 / b32 and replay without it."""
+@contextlib.contextmanager
+def gemv_early_load_off():
+    from qnext.ops import triton_linear_fp8
+    triton_linear_fp8.GEMV_EARLY_LOAD = False
+    try:
+        yield
+    finally:
+        triton_linear_fp8.GEMV_EARLY_LOAD = True
+
+
+def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The same model under other decode settings, each a fresh engine (graphs captured under the setting): one
+    stream (no_side_stream), then also without the GEMV's early weight load, then without programmatic dependent
+    launch (QNEXT_PDL=0, whose step profile gives each kernel's own duration, no PDL waits inside), and PDL off
+    with the side stream (the eighth session's baseline). Greedy ids must not change; decode-b1 / b32 and the
+    replay of every bucket for each."""
     from qnext.ops import pdl
 
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
-    with pdl.pdl_disabled():
-        off = guarded(f"{tag} no-PDL engine", 40, engine_for, model, cfg, device, False, max_len)
-        if off is None:
-            return
-        off_tag = tag + " no PDL"
-        record(off_tag, "greedy ids == PDL engine", same_ids(ids, generate(off, prompts, 16)))
-        guarded(f"{off_tag} decode-b1", 15, bench_decode, off_tag, off, 1, args.depth, args.gen_b1, 1)
-        guarded(f"{off_tag} decode-b32", 20, bench_decode, off_tag, off, 32, args.depth, 64, 1)
-        # after the decode runs, as full_variant does: a graph replays the inputs it last held, and right after
-        # capture those reach fewer experts (the eighth session's b8 / b32 replays were not comparable)
-        guarded(f"{off_tag} replay", 5, bench_replay, off_tag, off)
-        del off
-        free_memory()
+    one = dict(no_side_stream=True)
+    for name, kw, settings in (("one stream", one, contextlib.nullcontext), ("one stream, no early GEMV load", one,
+                               gemv_early_load_off), ("one stream, no PDL", one, pdl.pdl_disabled),
+                               ("no PDL", {}, pdl.pdl_disabled)):
+        with settings():
+            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len, **kw)
+            if other is None:
+                return
+            t = f"{tag} {name}"
+            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
+            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 1)
+            guarded(f"{t} decode-b32", 20, bench_decode, t, other, 32, args.depth, 64, 1)
+            # after the decode runs, as full_variant does: a graph replays the inputs it last held, and right after
+            # capture those reach fewer experts (the eighth session's b8 / b32 replays were not comparable)
+            guarded(f"{t} replay", 5, bench_replay, t, other)
+            if name == "one stream, no PDL":
+                guarded(f"{t} profile", 5, profile_step, t, other, 40)
+            del other
+            free_memory()
 
 
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
@@ -515,8 +541,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
-    if extended and "pdl" in args.extras:
-        guarded(f"{tag} PDL A/B", 60, pdl_ab, tag, model, cfg, engine, device, args, max_len)
+    if extended and "knobs" in args.extras:
+        guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "ab" in args.extras:
         guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "host" in args.extras:
@@ -570,7 +596,7 @@ def main() -> None:
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: pdl (PDL off A/B), ab (side stream and fp8 "
+                    help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), eager "
                          "(eager engine)")
     args = ap.parse_args()

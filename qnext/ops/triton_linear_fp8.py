@@ -55,6 +55,8 @@ BF16_GEMV_MAX_N = 4096
 # 12288 x 2048 17.4 -> 16.2 (split 2), 1024 x 2048 7.8 -> 6.1 (split 4); shorter programs lost (2048 x 512: 3.6 us
 # unsplit, 5.1 at 2 steps per program, 5.6 at 1; 12288 x 2048 at 8 rows: 12.5 unsplit, 16.2 split 2).
 SPLIT_PROGRAMS = 264
+# The GEMV loads its first weight tile before the PDL wait (_fp8_gemv_kernel's EARLY); False for A/B runs.
+GEMV_EARLY_LOAD = True
 SPLIT_MIN_STEPS = 4
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
@@ -77,17 +79,31 @@ def _sum_splits(acc, tile_part, cell, cnt_ptr, tile, pid_s, SPLIT: tl.constexpr,
 
 
 @triton.jit
+def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, g_end, SCALED: tl.constexpr):
+    """The weight tile [BN, NG, 128] of scale groups gg [NG] as stored (masked past g_end) and its block scales
+    [NG] (zeros when not SCALED)."""
+    gm = gg < g_end
+    w = tl.load(w_rows + (gg[:, None] * 128 + j[None, :])[None, :, :], mask=rmask[:, None, None] & gm[None, :, None],
+                other=0.0)
+    if SCALED:
+        sc = tl.load(s_row + gg, mask=gm, other=0)
+    else:
+        sc = tl.zeros_like(gg).to(tl.float32)
+    return w, sc
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                      BN: tl.constexpr, NG: tl.constexpr, SPLIT: tl.constexpr = 1, SCALED: tl.constexpr = True,
-                     PDL: tl.constexpr = False):
+                     EARLY: tl.constexpr = True, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN), SPLIT); BN divides 128 so the tile's rows share one scale row; SPLIT divides K / 128.
     SCALED=False: a plain 16-bit weight (bf16_gemv; s_ptr unused). Program (m, n, s) covers the 128-column groups
     [s * G, (s + 1) * G), G = K / 128 / SPLIT, NG per step; with SPLIT > 1 the partial sums meet in _sum_splits
     (part [M * cdiv(N, BN), SPLIT, BN] float32, cnt the tickets).
-    The first step's weight tile and scales are loaded before the PDL wait: weights are never written during a
-    step, so that load overlaps the previous kernel's tail (x, the partials and y only after it). Loading every next
-    step's tile before the current step's math (Triton pipelines only loads that feed a tl.dot) was slower for
-    every shape and tile (H200, docs/perf-notes.md)."""
+    EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
+    a step, so that load may overlap the previous kernel's tail (x, the partials and y only after the wait).
+    Loading every next step's tile before the current step's math (Triton pipelines only loads that feed a tl.dot)
+    was slower for every shape and tile (H200, docs/perf-notes.md)."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -101,25 +117,23 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride
     g_first = pid_s * groups
     g_end = g_first + groups
     gg0 = g_first + tl.arange(0, NG)
-    kp0 = gg0[:, None] * 128 + j[None, :]
-    km0 = (gg0 < g_end)[:, None]
-    w0 = tl.load(w_rows + kp0[None, :, :], mask=rmask[:, None, None] & km0[None, :, :], other=0.0)
-    if SCALED:
-        s0 = tl.load(s_row + gg0, mask=gg0 < g_end, other=0)
-    pdl_wait_then_release(PDL)
-    xs0 = tl.load(x_row + kp0, mask=km0, other=0).to(tl.float32)
+    if EARLY:
+        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, g_end, SCALED)
+        pdl_wait_then_release(PDL)
+    else:
+        pdl_wait_then_release(PDL)
+        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, g_end, SCALED)
+    xs0 = tl.load(x_row + gg0[:, None] * 128 + j[None, :], mask=(gg0 < g_end)[:, None], other=0).to(tl.float32)
     if SCALED:
         xs0 = xs0 * s0[:, None]
     acc = w0.to(tl.float32) * xs0[None, :, :]
     for g0 in range(g_first + NG, g_end, NG):
         gg = g0 + tl.arange(0, NG)
-        kp = gg[:, None] * 128 + j[None, :]
-        km = (gg < g_end)[:, None]
-        w = tl.load(w_rows + kp[None, :, :], mask=rmask[:, None, None] & km[None, :, :], other=0.0).to(tl.float32)
-        xs = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
+        w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, g_end, SCALED)
+        xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < g_end)[:, None], other=0).to(tl.float32)
         if SCALED:
-            xs = xs * tl.load(s_row + gg, mask=gg < g_end, other=0)[:, None]
-        acc += w * xs[None, :, :]
+            xs = xs * sc[:, None]
+        acc += w.to(tl.float32) * xs[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     y_out = y_ptr + m.to(tl.int64) * stride_ym + rows
     if SPLIT == 1:
@@ -261,7 +275,7 @@ def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, n
     _fp8_gemv_kernel[(m, triton.cdiv(n, bn), split)](
         x, w, w if scale is None else scale, y, part, cnt, n, k, x.stride(0), w.stride(0),
         0 if scale is None else scale.stride(0), y.stride(0), BN=bn, NG=ng, SPLIT=split, SCALED=scale is not None,
-        num_warps=num_warps, **pdl_launch())
+        EARLY=GEMV_EARLY_LOAD, num_warps=num_warps, **pdl_launch())
     return y
 
 
