@@ -25,6 +25,12 @@ from qnext.engine.forward_batch import ForwardBatch
 log = logging.getLogger("qnext.engine")
 
 
+# Buckets from this batch size up take the side stream (H200, scripts/gpu_e2e.py --extras knobs, with PDL): one
+# stream replays b1 in 2.84 ms against 2.89 with the branches, which win from b2 on (3.86 against 4.07 ms; b8 6.63
+# against 6.90, b32 11.45 against 11.82).
+SIDE_STREAM_MIN_BATCH = 2
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, 48, 64, 80, ... (steps of 16 past 32) up to max_num_seqs, which is always included."""
     sizes, b = [], 1
@@ -42,7 +48,7 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, max_num_seqs: int, max_model_len: int,
                  dummy_page: int, dummy_slot: int, side_stream: "torch.cuda.Stream | None" = None):
         self.model, self.cache = model, cache
-        self.side_stream = side_stream         # captured as parallel branches of each graph (SideBranch)
+        self.side_stream = side_stream         # parallel branches of the graphs from SIDE_STREAM_MIN_BATCH up
         self.block_size = cache.block_size
         self.max_model_len = max_model_len
         self.dummy_page, self.dummy_slot = dummy_page, dummy_slot
@@ -67,7 +73,8 @@ class DecodeGraphs:
             context_lens=[self.max_model_len - 1] * b, cu_query_lens=self.cu_query_lens[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:b],
             state_slots=self.state_slots[:b], has_initial_state=self.has_initial_state[:b],
-            logits_indices=self.logits_indices[:b], block_size=self.block_size, side_stream=self.side_stream)
+            logits_indices=self.logits_indices[:b], block_size=self.block_size,
+            side_stream=self.side_stream if b >= SIDE_STREAM_MIN_BATCH else None)
 
     @torch.inference_mode()
     def capture(self) -> None:
