@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
-    python3 scripts/gpu_check.py --out $OUT [--budget 300] [--only moe,gdn,conv,attn,fp8,fp8gemv,fp8small,fp8prefill]
+    python3 scripts/gpu_check.py --out $OUT [--budget 300]
+        [--only moe,gdn,conv,attn,attnsplit,fp8,fp8gemv,fp8small,fp8prefill]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -541,6 +542,36 @@ def fp8_section(quick: bool) -> None:
         del ws, wb
 
 
+def attn_split_sweep() -> None:
+    """Paged decode attention at serving shapes (16-token pages; 32 sequences at 4K-9K context, one at 1K / 9K):
+    the split count (decode_splits' choice, then 2-8x more programs), BN, warps and stages, parity for each."""
+    from qnext.ops import paged_attention as ref_mod
+    from qnext.ops.triton_paged_attention import decode_splits, paged_decode_attention
+    torch.manual_seed(0)
+    scale = HD ** -0.5
+    for bsz, ctx in ((32, 9216), (32, 4096), (1, 9216), (1, 1024)):
+        bs = 16                                     # the engine's page size
+        kc, vc, bt, seq_lens = _paged([ctx - 1] * bsz, [1] * bsz, block_size=bs)
+        q = torch.randn(bsz, HQ, HD, device="cuda").bfloat16()
+        slot = torch.tensor([bt[i, (ctx - 1) // bs].item() * bs + (ctx - 1) % bs for i in range(bsz)], device="cuda")
+        kv_new = [kc.view(-1, HKV, HD)[slot].clone(), vc.view(-1, HKV, HD)[slot].clone()]
+        ref = ref_mod.paged_attention(q, kv_new[0], kv_new[1], kc.clone(), vc.clone(), slot_mapping=slot,
+                                      block_tables=bt, seq_lens=seq_lens, query_lens=[1] * bsz,
+                                      context_lens=[ctx - 1] * bsz, scale=scale)
+        auto = decode_splits(bsz, HKV, ctx, q.device)
+        nbytes = bsz * ctx * HKV * HD * 2 * 2
+        for ns, bn, warps, stages in ((auto, 64, 4, 2), (2 * auto, 64, 4, 2), (4 * auto, 64, 4, 2),
+                                      (8 * auto, 64, 4, 2), (auto, 64, 8, 2), (auto, 64, 4, 3), (auto, 32, 4, 2),
+                                      (4 * auto, 32, 4, 2), (4 * auto, 64, 4, 3), (4 * auto, 64, 8, 3)):
+            ns = min(ns, 256)
+            fn = lambda i, ns=ns, bn=bn, w=warps, st=stages: paged_decode_attention(
+                q, kc, vc, bt, seq_lens, scale, ctx, num_splits=ns, bn=bn, num_warps=w, num_stages=st)
+            name = f"attn decode B={bsz} ctx={ctx} splits{ns} bn{bn} w{warps} st{stages}"
+            parity(name, rel(fn(0), ref), 1e-2)
+            record(name, time_graph(fn, 1, reps=12), bytes_=nbytes)
+        del kc, vc
+
+
 def fp8_gemv_sweep() -> None:
     """Tile sweep of the batch-1 fp8 GEMV over the model's dense shapes (qkvz, out_proj, q_proj, shared expert
     gate/up and down): which (BN rows, NG scale groups per step) is fastest for each; then the same kernel on the
@@ -650,6 +681,8 @@ def main() -> None:
             attn_section(args.quick)
         if "fp8gemv" in only:
             fp8_gemv_sweep()
+        if "attnsplit" in only:
+            attn_split_sweep()
         if "fp8small" in only:
             fp8_small_m_sweep()
         if "fp8prefill" in only:
