@@ -436,6 +436,13 @@ def test_ffn_glue_kernels_match_reference(t):
     assert rel(triton_ffn.silu_mul(g2, u2), moe.silu_mul(g2.float(), u2.float())) < 5e-3
     rg = torch.randn(t, 513, device="cuda").bfloat16()[:, 512:]                   # [router | shared gate]
     assert rel(triton_ffn.sigmoid_gate_add(y, rg, u), moe.sigmoid_gate_add(y.float(), rg.float(), u.float())) < 5e-3
+    from qnext.ops import triton_norm
+    from qnext.ops.norm import MoeCombine
+    res, w = torch.randn(t, 2048, device="cuda").bfloat16(), torch.randn(2048, device="cuda").bfloat16() * 0.1
+    for routed in (per_expert, y):                     # the norm forms the MoE output: the two kernels' bits
+        fused = triton_norm.rmsnorm(MoeCombine(routed, rg, u), w, 1e-6, res)
+        apart = triton_norm.rmsnorm(triton_ffn.sigmoid_gate_add(routed, rg, u), w, 1e-6, res)
+        assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
 
 
 @cuda_only

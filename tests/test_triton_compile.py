@@ -86,6 +86,8 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
 
     h = 256                                        # the shapes set constexprs only; full size is not needed
     triton_norm.rmsnorm(_bf(1, h), _bf(h), 1e-6, _bf(1, h))
+    from qnext.ops.norm import MoeCombine
+    triton_norm.rmsnorm(MoeCombine(_bf(1, 10, h), _bf(1, 1), _bf(1, h)), _bf(h), 1e-6, _bf(1, h))
     triton_norm.gated_rmsnorm(_bf(1, 4, 128), _bf(1, 4, 128), _bf(128), 1e-6)
     triton_norm.rmsnorm_rope(_bf(1, 4, 256), _bf(256), 1e-6, torch.randn(1, 32), torch.randn(1, 32))
     triton_ffn.moe_route(_bf(1, 512), 10, True)

@@ -61,6 +61,16 @@ def op_checks() -> dict:
         out[f"sigmoid_gate_add_sum/{n}"] = err(triton_ffn.sigmoid_gate_add(per_expert, gate, u),
                                                ref_ffn.sigmoid_gate_add(per_expert.float(), gate.float(),
                                                                         u.float()))
+        from qnext.ops.norm import MoeCombine                               # the MoE output formed by the norm
+        rg = torch.randn(6, 9, dtype=dt)[:, 8:]                            # a strided gate column
+        res, wn = torch.randn(6, 50, dtype=dt), torch.randn(50, dtype=dt) * 0.1
+        for routed in (per_expert, g):
+            fused = triton_norm.rmsnorm(MoeCombine(routed, rg, u), wn, 1e-6, res)
+            apart = triton_norm.rmsnorm(triton_ffn.sigmoid_gate_add(routed, rg, u), wn, 1e-6, res)
+            ref = ref_norm.rmsnorm(MoeCombine(routed, rg, u), wn, 1e-6, res)
+            out[f"rmsnorm_moe_combine_k{routed.dim()}/{n}"] = max(err(fused[0], ref[0]), err(fused[1], ref[1]))
+            out[f"rmsnorm_moe_combine_bits_k{routed.dim()}/{n}"] = bool(torch.equal(fused[0], apart[0])
+                                                                        and torch.equal(fused[1], apart[1]))
         gu = torch.randn(6, 100, dtype=dt)                                 # stacked [gate | up] projection
         out[f"silu_mul_halves/{n}"] = err(triton_ffn.silu_mul(gu[:, :50], gu[:, 50:]),
                                           ref_ffn.silu_mul(gu[:, :50].float(), gu[:, 50:].float()))

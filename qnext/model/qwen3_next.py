@@ -44,15 +44,16 @@ class DecoderLayer(nn.Module):
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
     def forward(self, x, residual, batch, cache, rope):
-        """x [T, hidden]: the previous layer's MLP output (the embeddings at layer 0, residual None); residual: the
-        stream before it. Returns (this layer's MLP output, the stream before it); their sum is the layer's output,
-        formed by the next norm's fused residual add (the same rounding as h = x + mixer(norm(x)) etc.)."""
+        """x [T, hidden]: the previous layer's MLP output (the embeddings at layer 0, residual None; a MoeCombine,
+        still to be summed, after a MoE layer); residual: the stream before it. Returns (this layer's MLP output,
+        the stream before it); their sum is the layer's output, formed by the next norm's fused residual add (the
+        same rounding as h = x + mixer(norm(x)) etc.)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual)
-        return self.mlp(h, batch.side_stream), residual
+        return self.mlp(h, batch.side_stream, defer_combine=True), residual
 
 
 class Embedding(nn.Module):

@@ -7,16 +7,40 @@ gated_rmsnorm (GDN output, per value head) is plain and gated: y = w * x * rsqrt
 rmsnorm_rope (attention q/k) is rmsnorm per head followed by the partial rotary embedding (NeoX rotate-half on the
 first R dims: dims i and i + R/2 form a pair).
 Math in float32, results cast back to x's dtype (after the norm and again after the rotation, as two ops would).
+rmsnorm's x may also be a MoeCombine, the sparse MoE block's output not yet summed: the norm forms it first (the
+Triton norm in the same launch, one kernel fewer per MoE layer).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from qnext.ops.moe import sigmoid_gate_add
 from qnext.ops.registry import register
 
 Tensor = torch.Tensor
+
+
+class MoeCombine(NamedTuple):
+    """A sparse MoE block's output left for the next norm to form: sigmoid_gate_add(routed, gate, shared) =
+    routed (summed over k when [T, k, H]) + sigmoid(gate) * shared; gate [T, 1], shared [T, H]."""
+    routed: Tensor
+    gate: Tensor
+    shared: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.shared.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    def value(self) -> Tensor:
+        return sigmoid_gate_add(*self)
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out
@@ -25,7 +49,10 @@ def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out
 
 @register("rmsnorm", "torch")
 def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """x [..., D] (any strides); weight [D]; residual like x or None -> y [..., D], or (y, x + residual)."""
+    """x [..., D] (any strides) or a MoeCombine; weight [D]; residual like x or None -> y [..., D], or
+    (y, x + residual)."""
+    if isinstance(x, MoeCombine):
+        x = x.value()
     if residual is not None:
         x = x + residual
     y = (_rms(x.float(), eps) * (1.0 + weight.float())).to(x.dtype)

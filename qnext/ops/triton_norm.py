@@ -3,6 +3,9 @@
 One program per row of D elements; rows are addressed through up to three leading strides, so strided views (q/k
 heads split out of a projection, the GDN gate z inside in_proj_qkvz's output) are read where they lie, without a
 copy. Outputs are new contiguous tensors (never aliasing an input, so CUDA-graph capture needs no care).
+A MoeCombine input (a MoE block's routed outputs, shared-expert gate and shared output) is formed in the same
+launch, with the rounding of qnext.ops.triton_ffn.sigmoid_gate_add, so the result is that kernel's and this one's
+bit for bit, one launch fewer.
 """
 
 from __future__ import annotations
@@ -11,26 +14,38 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.norm import MoeCombine
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+from qnext.ops.triton_ffn import sigmoid_gate_add
 
 Tensor = torch.Tensor
 
 
 @triton.jit
 def _norm_kernel(
-    x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr,
-    B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, eps,
-    HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr,
+    x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
+    B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
+    HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
     """grid (rows,): row = (i0, i1, i2) over leading dims [A, B, C]; y and s are contiguous [rows, D].
-    HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF]."""
+    HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
+    KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
+    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
     pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     i0, i1, i2 = row // (B * C), (row // C) % B, row % C
     offs = tl.arange(0, BD)
     m = offs < D
-    x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + offs, mask=m, other=0.0)
+    if KC > 0:      # as _gate_add_kernel: float32 sum over k in order, then + sigmoid(gate) * shared, one rounding
+        gate = tl.sigmoid(tl.load(mg_ptr + row * smg + 0 * offs).to(tl.float32))
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for j in tl.static_range(KC):
+            acc += tl.load(x_ptr + (row * KC + j) * D + offs, mask=m, other=0.0).to(tl.float32)
+        shared = tl.load(ms_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+        x = (acc + gate * shared).to(s_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + offs, mask=m, other=0.0)
     if HAS_RES:  # s = x + residual, rounded to x's dtype as a plain tensor add does
         r = tl.load(r_ptr + i0 * sr0 + i1 * sr1 + i2 * sr2 + offs, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
@@ -77,7 +92,8 @@ def _num_warps(d: int) -> int:
 
 
 def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: Tensor | None,
-            rope: tuple[Tensor, Tensor] | None = None):
+            rope: tuple[Tensor, Tensor] | None = None, combine: MoeCombine | None = None):
+    """combine: x is formed from it (x itself is then its shared output, for the shapes)."""
     if residual is not None and residual.shape != x.shape or z is not None and z.shape != x.shape:
         raise ValueError(f"norm inputs differ in shape: x {tuple(x.shape)}, "
                          f"{'residual' if residual is not None else 'z'} "
@@ -91,15 +107,28 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
     r, _, sr = _rows(residual) if residual is not None else (x, None, [0, 0, 0])
     g, _, sz = _rows(z) if z is not None else (x, None, [0, 0, 0])
     cos, sin = (c.float().contiguous() for c in rope) if rope is not None else (weight, weight)
+    kc, mg, ms, smg = 0, x, x, 0
+    if combine is not None:
+        routed = combine.routed.contiguous()
+        kc = routed.shape[1] if routed.dim() == 3 else 1
+        x, mg, ms, smg = routed, combine.gate, combine.shared.contiguous(), combine.gate.stride(0)
     _norm_kernel[(lead[0] * lead[1] * lead[2],)](
-        x, r, g, weight, y, s, cos, sin, lead[1], lead[2], d, *sx, *sr, *sz, eps,
+        x, r, g, weight, y, s, cos, sin, mg, ms, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), num_warps=_num_warps(d), **pdl_launch())
+        BD=triton.next_power_of_2(d), KC=kc, num_warps=_num_warps(d), **pdl_launch())
     return y, s
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """x [..., D] (any strides); weight [D]; residual like x or None -> y, or (y, x + residual)."""
+def rmsnorm(x: Tensor | MoeCombine, weight: Tensor, eps: float,
+            residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x [..., D] (any strides) or a MoeCombine [T, D]; weight [D]; residual like x or None -> y, or
+    (y, x + residual)."""
+    if isinstance(x, MoeCombine):
+        if residual is None or x.shared.dim() != 2:     # (the model always passes a residual here)
+            x = sigmoid_gate_add(*x)
+        else:
+            y, s = _launch(x.shared, weight, eps, residual, None, combine=x)
+            return y, s
     y, s = _launch(x, weight, eps, residual, None)
     return y if residual is None else (y, s)
 

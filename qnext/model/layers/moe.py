@@ -17,6 +17,7 @@ from qnext.config import ModelConfig
 from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, split_stacked,
                                       stack_projections)
 from qnext.model.side_stream import SideBranch
+from qnext.ops.norm import MoeCombine
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
 from qnext.ops.registry import get_op
 
@@ -38,7 +39,8 @@ class MLP(nn.Module):
         if self.gate_up is None:     # once: a captured CUDA graph keeps reading the first stacked tensors
             object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
 
-    def forward(self, x: torch.Tensor, side_stream=None) -> torch.Tensor:  # [T, H]; side_stream unused (one chain)
+    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor:
+        # x [T, H]; side_stream and defer_combine unused (one chain, nothing to combine)
         silu_mul = get_op("silu_mul", self.ops_backend, x.device)
         if self.gate_up is None:
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -110,8 +112,9 @@ class SparseMoeBlock(nn.Module):
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
-    def forward(self, x: torch.Tensor, side_stream=None) -> torch.Tensor:  # [T, H]
-        """side_stream: the shared expert runs on it, beside the router and routed experts (see SideBranch)."""
+    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
+        """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
+        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form."""
         shared = None
         if self.shared_expert is not None:
             with SideBranch(side_stream) as side:
@@ -126,5 +129,7 @@ class SparseMoeBlock(nn.Module):
         y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
             side.join()
+            if defer_combine:
+                return MoeCombine(y, shared_gate, shared)
             y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, shared)
         return y
