@@ -96,7 +96,6 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     w8 = quantize_fp8_block(torch.randn(512, 1024) / 32)
     fp8_gemv(_bf(1, 1024), w8)                               # one step per program
     fp8_gemv(_bf(1, 1024), w8, bn=16, ng=2)                  # several steps (the loop-carried tiles)
-    fp8_gemv(_bf(1, 1024), w8, bn=16, ng=2, split=2)         # split-K fix-up
     linear(_bf(1, 1024), _bf(64, 1024))                      # bf16_gemv
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
     e, inter = 16, 128

@@ -79,10 +79,10 @@ def _sum_splits(acc, tile_part, cell, cnt_ptr, tile, pid_s, SPLIT: tl.constexpr,
 
 
 @triton.jit
-def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, g_end, SCALED: tl.constexpr):
-    """The weight tile [BN, NG, 128] of scale groups gg [NG] as stored (masked past g_end) and its block scales
-    [NG] (zeros when not SCALED)."""
-    gm = gg < g_end
+def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr):
+    """The weight tile [BN, NG, 128] of scale groups gg [NG] as stored (masked from `groups` on) and its block
+    scales [NG] (zeros when not SCALED)."""
+    gm = gg < groups
     w = tl.load(w_rows + (gg[:, None] * 128 + j[None, :])[None, :, :], mask=rmask[:, None, None] & gm[None, :, None],
                 other=0.0)
     if SCALED:
@@ -93,57 +93,45 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, g_end, SCALED: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BN: tl.constexpr, NG: tl.constexpr, SPLIT: tl.constexpr = 1, SCALED: tl.constexpr = True,
-                     EARLY: tl.constexpr = True, PDL: tl.constexpr = False):
-    """grid (M, cdiv(N, BN), SPLIT); BN divides 128 so the tile's rows share one scale row; SPLIT divides K / 128.
-    SCALED=False: a plain 16-bit weight (bf16_gemv; s_ptr unused). Program (m, n, s) covers the 128-column groups
-    [s * G, (s + 1) * G), G = K / 128 / SPLIT, NG per step; with SPLIT > 1 the partial sums meet in _sum_splits
-    (part [M * cdiv(N, BN), SPLIT, BN] float32, cnt the tickets).
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
+                     PDL: tl.constexpr = False):
+    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
+    weight (bf16_gemv; s_ptr unused).
     EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
-    a step, so that load may overlap the previous kernel's tail (x, the partials and y only after the wait).
-    Loading every next step's tile before the current step's math (Triton pipelines only loads that feed a tl.dot)
-    was slower for every shape and tile (H200, docs/perf-notes.md)."""
+    a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
+    Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
+    current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
+    dependent round trips cost more than the shorter K loop saves)."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = w_ptr + rows[:, None, None] * stride_wn
-    groups = K // 128 // SPLIT
-    g_first = pid_s * groups
-    g_end = g_first + groups
-    gg0 = g_first + tl.arange(0, NG)
+    groups = K // 128
+    gg0 = tl.arange(0, NG)
     if EARLY:
-        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, g_end, SCALED)
+        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
         pdl_wait_then_release(PDL)
     else:
         pdl_wait_then_release(PDL)
-        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, g_end, SCALED)
-    xs0 = tl.load(x_row + gg0[:, None] * 128 + j[None, :], mask=(gg0 < g_end)[:, None], other=0).to(tl.float32)
+        w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
+    xs0 = tl.load(x_row + gg0[:, None] * 128 + j[None, :], mask=(gg0 < groups)[:, None], other=0).to(tl.float32)
     if SCALED:
         xs0 = xs0 * s0[:, None]
     acc = w0.to(tl.float32) * xs0[None, :, :]
-    for g0 in range(g_first + NG, g_end, NG):
+    for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
-        w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, g_end, SCALED)
-        xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < g_end)[:, None], other=0).to(tl.float32)
+        w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
+        xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < groups)[:, None], other=0).to(tl.float32)
         if SCALED:
             xs = xs * sc[:, None]
         acc += w.to(tl.float32) * xs[None, :, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    y_out = y_ptr + m.to(tl.int64) * stride_ym + rows
-    if SPLIT == 1:
-        tl.store(y_out, y.to(y_ptr.dtype.element_ty), mask=rmask)
-    else:
-        tile = m * tl.num_programs(1) + pid_n
-        last, y = _sum_splits(y, part_ptr + tile.to(tl.int64) * (SPLIT * BN), tl.arange(0, BN), cnt_ptr, tile,
-                              pid_s, SPLIT, BN)
-        if last:
-            tl.store(y_out, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -248,54 +236,42 @@ def _check(w: Fp8BlockWeight) -> tuple[int, int]:
     return n, k
 
 
-def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
-    """(BN rows, NG scale groups per step, SPLIT) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
+def gemv_tiles(n: int, k: int) -> tuple[int, int]:
+    """(BN rows, NG scale groups per step) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
     (docs/perf-notes.md): narrow outputs want small row tiles (enough programs to fill 132 SMs) and long steps
-    (H200: 2048 x 4096 bn4 ng16 5.9 us against bn8 ng8 6.9, 512 x 2048 2.3 against 2.8); wide ones 16 rows and
-    short steps (12288 x 2048 bn16 ng2 11.2 us, 8192 x 2048 bn16 ng4 8.7)."""
+    (H200, early weight load, PDL: 2048 x 4096 bn4 ng16 4.1 us, 512 x 2048 1.4, 1024 x 2048 1.8); wide ones 16 rows
+    and short steps (12288 x 2048 bn16 ng2 10.1 us, 8192 x 2048 bn16 ng4 6.5)."""
     bn, ng = (4, 16) if n <= 2048 else (16, 2 if n >= 12288 else 4)
-    return bn, ng, 1
+    return bn, ng
 
 
-def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, split: int,
-          num_warps: int) -> Tensor:
+def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int) -> Tensor:
     """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None)."""
-    groups = k // 128
-    if groups % split:
-        raise ValueError(f"gemv split {split} does not divide K / 128 = {groups}")
-    ng = min(ng, 1 << ((groups // split).bit_length() - 1))        # NG is a power of two (tl.arange)
-    m, tiles = x.shape[0], x.shape[0] * triton.cdiv(n, bn)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if split > 1:
-        if tiles > TICKETS:
-            raise ValueError(f"gemv split-K takes at most {TICKETS} output tiles, got {tiles}")
-        part, cnt = torch.empty(tiles * split * bn, dtype=torch.float32, device=x.device), _tickets(x.device)
-    else:
-        part = cnt = y
-    _fp8_gemv_kernel[(m, triton.cdiv(n, bn), split)](
-        x, w, w if scale is None else scale, y, part, cnt, n, k, x.stride(0), w.stride(0),
-        0 if scale is None else scale.stride(0), y.stride(0), BN=bn, NG=ng, SPLIT=split, SCALED=scale is not None,
-        EARLY=GEMV_EARLY_LOAD, num_warps=num_warps, **pdl_launch())
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
+        x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
+        0 if scale is None else scale.stride(0), y.stride(0), BN=bn,
+        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD,
+        num_warps=num_warps, **pdl_launch())                 # NG: a power of two (tl.arange)
     return y
 
 
-def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None, split: int | None = None,
+def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
              num_warps: int = 4) -> Tensor:
     """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles."""
     n, k = _check(w)
     tiles = gemv_tiles(n, k)
-    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
-                 split or tiles[2], num_warps)
+    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1], num_warps)
 
 
-def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, split: int = 1, num_warps: int = 4) -> Tensor:
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
     dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
     outputs (scripts/gpu_check.py --only fp8gemv)."""
     n, k = w.shape
     if k % 128:
         raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
-    return _gemv(x, w, None, n, k, bn, ng, split, num_warps)
+    return _gemv(x, w, None, n, k, bn, ng, num_warps)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
