@@ -127,8 +127,7 @@ def rmsnorm(x: Tensor | MoeCombine, weight: Tensor, eps: float,
         if residual is None or x.shared.dim() != 2:     # (the model always passes a residual here)
             x = sigmoid_gate_add(*x)
         else:
-            y, s = _launch(x.shared, weight, eps, residual, None, combine=x)
-            return y, s
+            return _launch(x.shared, weight, eps, residual, None, combine=x)
     y, s = _launch(x, weight, eps, residual, None)
     return y if residual is None else (y, s)
 
