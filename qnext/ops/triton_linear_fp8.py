@@ -62,23 +62,6 @@ MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 
 @triton.jit
-def _sum_splits(acc, tile_part, cell, cnt_ptr, tile, pid_s, SPLIT: tl.constexpr, SIZE: tl.constexpr):
-    """Deterministic split-K fix-up: store this program's float32 partial `acc` (at offsets `cell`) as split pid_s
-    of tile_part [SPLIT, SIZE] and take a ticket from the tile's counter (int32, zero between calls). Returns
-    (is_last, the SPLIT partials summed in split order): the last program of the tile writes the result (which
-    does not depend on which program finishes last) and puts the counter back to 0."""
-    tl.store(tile_part + pid_s * SIZE + cell, acc)
-    tl.debug_barrier()                          # every thread's partial is written before the ticket
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-    total = tl.zeros_like(acc)
-    if last:
-        for s in tl.static_range(SPLIT):
-            total += tl.load(tile_part + s * SIZE + cell, volatile=True)
-        tl.atomic_xchg(cnt_ptr + tile, 0)
-    return last, total
-
-
-@triton.jit
 def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr):
     """The weight tile [BN, NG, 128] of scale groups gg [NG] as stored (masked from `groups` on) and its block
     scales [NG] (zeros when not SCALED)."""
@@ -154,7 +137,9 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
     W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
     SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
-    of one long chain): the partial tiles part [tiles, SPLIT, BM, BN] meet in _sum_splits (cnt: the tickets)."""
+    of one long chain): each program stores its float32 partial tile to part [tiles, SPLIT, BM, BN] and takes a
+    ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
+    order (the result does not depend on which program finishes last), writes y and puts the counter back to 0."""
     pdl_wait_then_release(PDL)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -188,11 +173,16 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     if SPLIT == 1:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
+        tile_part = part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN)
         cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        last, acc = _sum_splits(acc, part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN), cell, cnt_ptr, pid, pid_s,
-                                SPLIT, BM * BN)
-        if last:
+        tl.store(tile_part + pid_s * BM * BN + cell, acc)
+        tl.debug_barrier()                          # every thread's partial is written before the ticket
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(tile_part + s * BM * BN + cell, volatile=True)
             tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 @triton.jit
