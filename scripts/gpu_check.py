@@ -211,9 +211,10 @@ def moe_section(kinds, quick: bool) -> None:
     sweeps = {
         "bf16": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
         "fp8": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
-        "int4_128": [dict(split=False), dict(sbn1=8), dict(sbn1=2), dict(sbn1=1), dict(sbn1=2, sw=2),
-                     dict(sbn1=1, sw=1), dict(sbn2=32), dict(sbn2=8), dict(sbn2=8, sw=2), dict(sw=8), None],
-        "int4_32": [dict(int4_dot=False)],
+        "int4_128": [dict(mma=False), dict(mma=False, split=False), dict(mbm1=2), dict(mbm1=4, mw1=4),
+                     dict(mbm1=2, mw1=2), dict(mbm2=8), dict(mbm2=16, mw2=4), dict(mbm2=2), dict(mks2=64),
+                     dict(mks2=32, mbm2=8), dict(mst=1), dict(mst=3), dict(split=False), None],
+        "int4_32": [dict(mma=False)],
     }
     grouped_sweeps = [dict(bn=16), dict(bn=64), dict(bn2=32), dict(bn2=128), dict(stages=2, stages2=2),
                       dict(stages=4, stages2=4), dict(warps=2, warps2=2)]
@@ -247,7 +248,7 @@ def moe_section(kinds, quick: bool) -> None:
                 if path == "grouped" and not quick:
                     cfgs += grouped_sweeps
                 if m > 1 and path == "gemv" and kind.startswith("int4"):
-                    cfgs.append(dict(int4_dot=False))
+                    cfgs.append(dict(mma=False))
                 if m > 1 and path == "gemv":
                     cfgs.append(dict(split=True))
                 for cfg in cfgs:

@@ -122,15 +122,19 @@ def test_fused_moe(kind, path, m, e, k):
 
 @cuda_only
 @pytest.mark.parametrize("group", [32, 128])
-def test_fused_moe_int4_fma_gemv(group):
-    """The CUDA-core int4 GEMV (config int4_dot=False), kept beside the tensor-core one."""
+@pytest.mark.parametrize("m", [3, 12])                  # 12 pairs: split mode; 48: the looped one
+@pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mbm1=4, mw1=4),
+                                    dict(mbm2=16, mw2=4, mks2=16), dict(mbm1=2, mbm2=2, mks2=None, mst=3)])
+def test_fused_moe_int4_gemv_variants(group, m, config):
+    """The int4 GEMV kernels beside the default (triton_moe_gemv_int4's MMA one): the CUDA-core ones (mma=False) in
+    both modes, and other MMA tilings."""
     from qnext.ops.triton_moe import fused_moe
-    torch.manual_seed(group)
+    torch.manual_seed(group + m)
     w13, w2 = _moe_weights(f"int4{group}", 9, 384, 256)
-    x = torch.randn(3, 384, device="cuda").bfloat16()
-    weights, ids = select_experts(torch.randn(3, 9, device="cuda"), 4)
+    x = torch.randn(m, 384, device="cuda").bfloat16()
+    weights, ids = select_experts(torch.randn(m, 9, device="cuda"), 4)
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
-    out = fused_moe(x, w13, w2, weights, ids, path="gemv", config={"int4_dot": False})
+    out = fused_moe(x, w13, w2, weights, ids, path="gemv", config=config)
     assert rel(out, ref) < 1.5e-2
 
 

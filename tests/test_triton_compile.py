@@ -22,7 +22,7 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 # every kernel that a decode step launches with PDL (qnext/ops/pdl.py)
 PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_kernel", "_fp8_gemv_kernel",
                "_fp8_dot_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel",
-               "_moe_gemv_int4_dot_gate_up_kernel", "_moe_gemv_int4_dot_down_kernel", "_group_pairs_kernel",
+               "_int4_mma_gate_up_kernel", "_int4_mma_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
                "_kv_write_kernel", "_gdn_recurrent_kernel"}
 
@@ -104,6 +104,8 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     for m, path in ((1, "gemv"), (8, "gemv"), (32, "grouped")):
         ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
         fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path)
+        if path == "gemv":                                   # the CUDA-core int4 GEMV kernels
+            fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, config={"mma": False})
     c, slots = 384, torch.tensor([3])
     triton_conv1d.causal_conv1d_update_(_bf(1, c), _bf(c, 1, 4), torch.zeros(4, c, 3).bfloat16(), slots, None)
     blocks = torch.arange(8, dtype=torch.int32).view(1, 8)

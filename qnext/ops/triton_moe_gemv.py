@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+from qnext.ops.triton_moe_gemv_int4 import int4_mma_gemv
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
 
 Tensor = torch.Tensor
@@ -20,7 +21,8 @@ GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
     FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4),
     INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4,
-               int4_dot=True, dbn1=32, dw1=4, dbn2=32, dw2=4, dst=3),     # tensor-core GEMV (int4_dot)
+               # tensor cores (triton_moe_gemv_int4; mma=False: the CUDA-core kernels above)
+               mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2),
 }
 # One step per program (the split mode) up to this many pairs (M <= 3 at top-10: latency bound; it lost at M = 8
 # except bf16).
@@ -46,10 +48,10 @@ def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, 
         hi = ((p >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         sc = tl.load(s_base + rows[:, None] * stride_sn + gg[None, :],
                      mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
-        acc += (lo * xa[None, :, :] + hi * xb[None, :, :]) * sc[:, :, None]
+        acc += tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) * sc
     else:
         w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += w * xa[None, :, :]
+        acc += tl.sum(w * xa[None, :, :], axis=2)
     return acc
 
 
@@ -78,8 +80,8 @@ def _moe_gemv_gate_up_kernel(
         sg = s_ptr + e * stride_se
         su = sg + N * stride_sn
     x_row = x_ptr + tok.to(tl.int64) * stride_xm
-    acc_g = tl.zeros([BN, NG, GS], dtype=tl.float32)
-    acc_u = tl.zeros([BN, NG, GS], dtype=tl.float32)
+    acc_g = tl.zeros([BN, NG], dtype=tl.float32)
+    acc_u = tl.zeros([BN, NG], dtype=tl.float32)
     j = tl.arange(0, GS)
     for g0 in range(0, NGRP, NG):
         gg = g0 + tl.arange(0, NG)
@@ -101,8 +103,8 @@ def _moe_gemv_gate_up_kernel(
             xa = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
             acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
             acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
-    gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
-    up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+    gate = tl.sum(acc_g, axis=1)
+    up = tl.sum(acc_u, axis=1)
     h = gate * tl.sigmoid(gate) * up
     tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
 
@@ -121,7 +123,7 @@ def _moe_gemv_down_kernel(
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
-    acc = tl.zeros([BN, NG, GS], dtype=tl.float32)
+    acc = tl.zeros([BN, NG], dtype=tl.float32)
     j = tl.arange(0, GS)
     for kk in range(0, TOPK):
         p = m * TOPK + kk
@@ -148,89 +150,7 @@ def _moe_gemv_down_kernel(
             else:
                 xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32) * wt
                 acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
-
-
-# int4 GEMV on tensor cores: the token's activations are row 0 of a 16-row tile (mma needs M >= 16; the other rows
-# are masked zeros), the weight tile is dequantized to bf16 in registers and fed to tl.dot; the per-(row, group)
-# scale multiplies the [16, BN] partial product, so each weight element costs ~2 integer ops instead of ~7 ops on
-# the FMA path (measured by SASS instruction counts; see docs/perf-notes.md).
-
-@triton.jit
-def _moe_gemv_int4_dot_gate_up_kernel(
-    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
-    N, K, TOPK,
-    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-    BN: tl.constexpr, G: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """grid (P, cdiv(N, BN)); one quant group (G columns, G/2 bytes per row) per step; K % G == 0."""
-    pdl_wait_then_release(PDL)
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(ids_ptr + pid_p).to(tl.int64)
-    tok = (pid_p // TOPK).to(tl.int64)
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    r16 = tl.arange(0, 16)
-    j = tl.arange(0, G // 2)
-    x_tile = x_ptr + tok * stride_xm + (r16 * 0)[:, None] + j[None, :]          # [16, G/2], row 0 is real
-    xmask = (r16 == 0)[:, None]
-    wg = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
-    wu = wg + N * stride_wn
-    sg = s_ptr + e * stride_se + rows * stride_sn
-    su = sg + N * stride_sn
-    acc_g = tl.zeros([16, BN], dtype=tl.float32)
-    acc_u = tl.zeros([16, BN], dtype=tl.float32)
-    for k0 in range(0, K, G):
-        g = k0 // G
-        x_lo = tl.load(x_tile + k0, mask=xmask, other=0.0)
-        x_hi = tl.load(x_tile + k0 + G // 2, mask=xmask, other=0.0)
-        lo, hi = int4_dq(tl.load(wg + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)   # [BN, G/2]
-        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
-        acc_g += part * tl.load(sg + g, mask=rmask, other=0).to(tl.float32)[None, :]
-        lo, hi = int4_dq(tl.load(wu + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
-        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
-        acc_u += part * tl.load(su + g, mask=rmask, other=0).to(tl.float32)[None, :]
-    gate = tl.sum(acc_g, axis=0)                    # rows 1..15 are exactly zero
-    up = tl.sum(acc_u, axis=0)
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
-
-
-@triton.jit
-def _moe_gemv_int4_dot_down_kernel(
-    h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
-    N, K, TOPK,
-    stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-    BN: tl.constexpr, G: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
-    pdl_wait_then_release(PDL)
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    r16 = tl.arange(0, 16)
-    j = tl.arange(0, G // 2)
-    xmask = (r16 == 0)[:, None]
-    acc = tl.zeros([16, BN], dtype=tl.float32)
-    for kk in range(0, TOPK):
-        p = m * TOPK + kk
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        wt = tl.load(tw_ptr + p).to(tl.float32)
-        h_tile = h_ptr + p.to(tl.int64) * stride_hm + (r16 * 0)[:, None] + j[None, :]
-        wb = w_ptr + e * stride_we + rows[:, None] * stride_wn + j[None, :]
-        sb = s_ptr + e * stride_se + rows * stride_sn
-        for k0 in range(0, K, G):
-            x_lo = tl.load(h_tile + k0, mask=xmask, other=0.0)
-            x_hi = tl.load(h_tile + k0 + G // 2, mask=xmask, other=0.0)
-            lo, hi = int4_dq(tl.load(wb + k0 // 2, mask=rmask[:, None], other=0), x_lo.dtype)
-            part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
-            acc += part * (tl.load(sb + k0 // G, mask=rmask, other=0).to(tl.float32) * wt)[None, :]
-    out = tl.sum(acc, axis=0)
+    out = tl.sum(acc, axis=1)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -290,20 +210,14 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
+    if w13.kind == INT4 and cfg["mma"]:
+        out = int4_mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
+        if not split:
+            return out
+        return out.view(m, top_k, hidden).sum(dim=1) if reduce else out.view(m, top_k, hidden)
     if split:
         return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg, reduce)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    if w13.kind == INT4 and cfg["int4_dot"]:
-        _moe_gemv_int4_dot_gate_up_kernel[(p, triton.cdiv(inter, cfg["dbn1"]))](
-            x, w13.data, w13.scale, ids, h, inter, w13.k, top_k,
-            x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1),
-            h.stride(0), BN=cfg["dbn1"], G=w13.group, num_warps=cfg["dw1"], num_stages=cfg["dst"], **pdl_launch())
-        out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
-        _moe_gemv_int4_dot_down_kernel[(m, triton.cdiv(hidden, cfg["dbn2"]))](
-            h, w2.data, w2.scale, ids, tw, out, hidden, w2.k, top_k,
-            h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1),
-            out.stride(0), BN=cfg["dbn2"], G=w2.group, num_warps=cfg["dw2"], num_stages=cfg["dst"], **pdl_launch())
-        return out
     _moe_gemv_gate_up_kernel[(p, triton.cdiv(inter, cfg["bn1"]))](
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, cfg["gs1"]), top_k,

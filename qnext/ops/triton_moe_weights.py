@@ -49,8 +49,11 @@ def kernel_view(w: QuantWeight) -> KernelWeight:
 
 # int4 -> 16-bit dequantization: "asm" (default on the GPU) or "arith" (the Triton-language version; always under
 # Triton's CPU interpreter, which cannot run inline PTX). QNEXT_INT4_DQ=arith selects it for A/B timings.
-INT4_DQ_ASM: tl.constexpr = tl.constexpr(
-    os.environ.get("QNEXT_INT4_DQ", "asm") == "asm" and os.environ.get("TRITON_INTERPRET", "0") != "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT4_DQ_ASM: tl.constexpr = tl.constexpr(os.environ.get("QNEXT_INT4_DQ", "asm") == "asm" and not INTERPRETED)
+# The interpreter (Triton 3.9) keeps bf16 as numpy integers and gets both the int16 -> bf16 bitcast and bf16 tl.dot
+# wrong, so there the nibbles go through plain int -> float converts (the same exact values) and dots run in fp32.
+INT4_DQ_CONVERT: tl.constexpr = tl.constexpr(INTERPRETED)
 
 # One 32-bit word = 4 packed bytes -> (low nibbles, high nibbles) as bf16x2 / fp16x2 pairs, 12 instructions per 8
 # values: prmt puts bytes (0, 1) and (2, 3) in the two 16-bit halves, lop3 keeps a nibble per half and ORs in the
@@ -93,6 +96,9 @@ def int4_dq(p, DT: tl.constexpr):
         else:
             lo, hi = tl.inline_asm_elementwise(_DQ_ASM_BF16, "=r,=r,=r,=r,r", [p],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif INT4_DQ_CONVERT:
+        lo = (p & 0xF).to(tl.float32) - 8.0
+        hi = (p >> 4).to(tl.float32) - 8.0
     elif DT == tl.float16:
         lo = (((p & 0xF).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
         hi = (((p >> 4).to(tl.int16) | 0x6400).to(tl.int16)).to(tl.float16, bitcast=True) - 1032.0
