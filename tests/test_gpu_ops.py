@@ -121,16 +121,16 @@ def test_fused_moe(kind, path, m, e, k):
 
 
 @cuda_only
-@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("kind", ["int4_32", "int4_128", "fp8"])
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mbm1=4, mw1=4),
                                     dict(mbm2=16, mw2=4, mks2=16), dict(mbm1=2, mbm2=2, mks2=None, mst=3)])
-def test_fused_moe_int4_gemv_variants(group, m, config):
-    """The int4 GEMV kernels beside the default (triton_moe_gemv_int4's MMA one): the CUDA-core ones (mma=False) in
+def test_fused_moe_gemv_variants(kind, m, config):
+    """The fp8 / int4 GEMV kernels beside the default (triton_moe_gemv_mma's): the CUDA-core ones (mma=False) in
     both modes, and other MMA tilings."""
     from qnext.ops.triton_moe import fused_moe
-    torch.manual_seed(group + m)
-    w13, w2 = _moe_weights(f"int4{group}", 9, 384, 256)
+    torch.manual_seed(len(kind) + m)
+    w13, w2 = _moe_weights(kind.replace("_", ""), 9, 384, 256)
     x = torch.randn(m, 384, device="cuda").bfloat16()
     weights, ids = select_experts(torch.randn(m, 9, device="cuda"), 4)
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 # every kernel that a decode step launches with PDL (qnext/ops/pdl.py)
 PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_kernel", "_fp8_gemv_kernel",
                "_fp8_dot_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel",
-               "_int4_mma_gate_up_kernel", "_int4_mma_down_kernel", "_group_pairs_kernel",
+               "_moe_mma_gate_up_kernel", "_moe_mma_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
                "_kv_write_kernel", "_gdn_recurrent_kernel"}
 

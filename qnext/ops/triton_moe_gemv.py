@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
-from qnext.ops.triton_moe_gemv_int4 import int4_mma_gemv
+from qnext.ops.triton_moe_gemv_mma import mma_gemv
 from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
 
 Tensor = torch.Tensor
@@ -17,12 +17,12 @@ Tensor = torch.Tensor
 # split into NG groups of GS units (fp8: GS = 128, the scale block; int4: GS = group / 2 bytes, one scale; bf16:
 # NG = 1). Kernel 1 (gate_up) loads two such tiles per step, kernel 2 (down) one. Overridable per call through
 # `config` (keys bn1, rb1, w1, bn2, rb2, w2); tuned by scripts/gpu_check.py.
+# fp8 / int4 run on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below)
+MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2)
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
-    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4),
-    INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4,
-               # tensor cores (triton_moe_gemv_int4; mma=False: the CUDA-core kernels above)
-               mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2),
+    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **MMA),
+    INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4, **MMA),
 }
 # One step per program (the split mode) up to this many pairs (M <= 3 at top-10: latency bound; it lost at M = 8
 # except bf16).
@@ -210,8 +210,8 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
-    if w13.kind == INT4 and cfg["mma"]:
-        out = int4_mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
+    if cfg.get("mma"):
+        out = mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
         if not split:
             return out
         return out.view(m, top_k, hidden).sum(dim=1) if reduce else out.view(m, top_k, hidden)
