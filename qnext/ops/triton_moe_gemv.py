@@ -32,7 +32,8 @@ SPLIT_MAX_PAIRS = 32
 @triton.jit
 def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM,
                KIND: tl.constexpr, GS: tl.constexpr):
-    """acc [BN, NG, GS] += one weight tile times the activations.
+    """acc [BN, NG] += one weight tile times the activations, summed over each group's GS columns (a [BN, NG, GS]
+    accumulator, reduced only at the end, held 3x the registers).
 
     rows [BN] output rows; gg [NG] group (fp8: 128-block, int4: quant group, bf16: GS chunk) indices;
     kp [NG, GS] stored column of each element, km its bound mask.
