@@ -123,11 +123,12 @@ def test_fused_moe(kind, path, m, e, k):
 @cuda_only
 @pytest.mark.parametrize("kind", ["int4_32", "int4_128", "fp8"])
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs: split mode; 48: the looped one
-@pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mbm1=4, mw1=4),
-                                    dict(mbm2=16, mw2=4, mks2=16), dict(mbm1=2, mbm2=2, mks2=None, mst=3)])
+@pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
+                                    dict(mma=True, mbm1=4, mw1=4), dict(mma=True, mbm2=16, mw2=4, mks2=16),
+                                    dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3)])
 def test_fused_moe_gemv_variants(kind, m, config):
-    """The fp8 / int4 GEMV kernels beside the default (triton_moe_gemv_mma's): the CUDA-core ones (mma=False) in
-    both modes, and other MMA tilings."""
+    """The fp8 / int4 GEMV kernels both ways: on CUDA cores (mma=False) in both modes, and on tensor cores
+    (triton_moe_gemv_mma) with several tilings."""
     from qnext.ops.triton_moe import fused_moe
     torch.manual_seed(len(kind) + m)
     w13, w2 = _moe_weights(kind.replace("_", ""), 9, 384, 256)

@@ -223,6 +223,9 @@ def moe_checks() -> dict:
     ref = ref_ffn.fused_moe(x[:5].float(), *formats["int4"], tw[:5], ids[:5])     # int4 GEMV looping over experts
     out["moe_gemv_looped5/int4"] = err(fused_moe(x[:5], *formats["int4"], tw[:5], ids[:5], path="gemv",
                                                  config=dict(split=False)), ref)
+    ref = ref_ffn.fused_moe(x[:1].float(), *formats["fp8"], tw[:1], ids[:1])     # fp8 GEMV on tensor cores
+    out["moe_gemv_mma1/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv",
+                                             config=dict(mma=True)), ref)
     ref = ref_ffn.fused_moe(x.float(), *formats["fp8"], tw, ids)      # fp8 with both GEMMs swapped
     out["moe_sorted70_swapped/fp8"] = err(fused_moe(x, *formats["fp8"], tw, ids, path="sorted",
                                                     config=dict(bm=16, swap=True, swap2=True)), ref)

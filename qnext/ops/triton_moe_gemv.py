@@ -17,11 +17,12 @@ Tensor = torch.Tensor
 # split into NG groups of GS units (fp8: GS = 128, the scale block; int4: GS = group / 2 bytes, one scale; bf16:
 # NG = 1). Kernel 1 (gate_up) loads two such tiles per step, kernel 2 (down) one. Overridable per call through
 # `config` (keys bn1, rb1, w1, bn2, rb2, w2); tuned by scripts/gpu_check.py.
-# fp8 / int4 run on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below)
+# int4 runs on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below); fp8 can
+# (mma=True) but its CUDA-core kernels were as fast at batch 1 (H200: 20.1 against 20.9 us) and faster at 8.
 MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2)
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
-    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **MMA),
+    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **dict(MMA, mma=False)),
     INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4, **MMA),
 }
 # One step per program (the split mode) up to this many pairs (M <= 3 at top-10: latency bound; it lost at M = 8
