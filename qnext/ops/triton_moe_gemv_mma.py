@@ -119,7 +119,7 @@ def _moe_mma_down_kernel(
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
+    """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
     pdl_wait_then_release(PDL)
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
