@@ -210,11 +210,11 @@ def moe_section(kinds, quick: bool) -> None:
     # b1 GEMV tile variants (the first and last entries repeat the default: their spread is the noise)
     sweeps = {
         "bf16": [dict(split=False), dict(sbn1=8), dict(sbn2=32), None],
-        "fp8": [dict(mma=False), dict(mma=False, split=False), dict(mbm2=4), dict(mks2=64), dict(mks2=16),
-                dict(mbm1=2, mw1=2), None],
+        "fp8": [dict(split=False), dict(sbn1=8), dict(sbn2=32), dict(mma=True), dict(mma=True, mbm2=4),
+                dict(mma=True, mks2=64), None],
         "int4_128": [dict(mma=False), dict(mma=False, split=False), dict(mbm1=2), dict(mbm1=4, mw1=4),
-                     dict(mbm1=2, mw1=2), dict(mbm2=8), dict(mbm2=16, mw2=4), dict(mbm2=2), dict(mks2=64),
-                     dict(mks2=32, mbm2=8), dict(mst=1), dict(mst=3), dict(split=False), None],
+                     dict(mbm1=2, mw1=2), dict(mbm2=4), dict(mbm2=16, mw2=4), dict(mbm2=2), dict(mks2=64),
+                     dict(mks2=16), dict(mst=1), dict(mst=3), dict(split=False), None],
         "int4_32": [dict(mma=False)],
     }
     grouped_sweeps = [dict(bn=16), dict(bn=64), dict(bn2=32), dict(bn2=128), dict(stages=2, stages2=2),
@@ -248,8 +248,8 @@ def moe_section(kinds, quick: bool) -> None:
                 cfgs = [None] + (sweeps[kind] if (m == 1 and path == "gemv" and not quick) else [])
                 if path == "grouped" and not quick:
                     cfgs += grouped_sweeps
-                if m > 1 and path == "gemv" and kind != "bf16":
-                    cfgs.append(dict(mma=False))
+                if m > 1 and path == "gemv" and kind != "bf16":     # the other kernel family
+                    cfgs.append(dict(mma=kind == "fp8"))
                 if m > 1 and path == "gemv":
                     cfgs.append(dict(split=True))
                 for cfg in cfgs:

@@ -122,7 +122,7 @@ def test_fused_moe(kind, path, m, e, k):
 
 @cuda_only
 @pytest.mark.parametrize("kind", ["int4_32", "int4_128", "fp8"])
-@pytest.mark.parametrize("m", [3, 12])                  # 12 pairs: split mode; 48: the looped one
+@pytest.mark.parametrize("m", [3, 12])                  # 12 pairs at k = 4: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
                                     dict(mma=True, mbm1=4, mw1=4), dict(mma=True, mbm2=16, mw2=4, mks2=16),
                                     dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3)])

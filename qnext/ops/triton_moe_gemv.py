@@ -200,7 +200,13 @@ def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, 
         hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"], **pdl_launch())
-    return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
+    return _split_result(y, m, top_k, reduce)
+
+
+def _split_result(y: Tensor, m: int, top_k: int, reduce: bool) -> Tensor:
+    """Split mode's per-expert outputs y [M*k, H] -> [M, H] summed over the k experts, or [M, k, H]."""
+    y = y.view(m, top_k, -1)
+    return y.sum(dim=1) if reduce else y
 
 
 def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
@@ -214,9 +220,7 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
     if cfg.get("mma"):
         out = mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
-        if not split:
-            return out
-        return out.view(m, top_k, hidden).sum(dim=1) if reduce else out.view(m, top_k, hidden)
+        return _split_result(out, m, top_k, reduce) if split else out
     if split:
         return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg, reduce)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
