@@ -580,20 +580,25 @@ def fp8_gemv_sweep() -> None:
     plain bf16 weights (bf16_gemv) against cuBLAS."""
     from qnext.ops.triton_linear_fp8 import bf16_gemv, fp8_gemv
     torch.manual_seed(0)
+    from qnext.ops import triton_linear_fp8
     # (BN, NG, warps); split-K (more programs, fewer dependent steps each) lost at every shape (ninth session)
-    wide = [(16, 2, 4), (16, 4, 4), (16, 4, 8), (16, 8, 8), (32, 4, 8)]
-    narrow = [(4, 16, 4), (2, 16, 4), (8, 16, 8), (4, 8, 4), (8, 8, 4)]
+    wide = [(16, 2, 4), (16, 4, 4), (16, 8, 4), (16, 16, 4), (16, 8, 8), (32, 4, 4), (32, 8, 8), (8, 16, 4),
+            (64, 4, 8)]
+    narrow = [(4, 16, 4), (2, 16, 4), (8, 16, 4), (4, 32, 4), (8, 8, 4), (16, 8, 4), (2, 32, 2), (4, 16, 2)]
     for n, k in ((12288, 2048), (2048, 4096), (8192, 2048), (512, 2048), (2048, 512), (1024, 2048)):
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         x = torch.randn(1, k, device="cuda").bfloat16()
         ref = x.float() @ quant.dequantize(ws[0]).t()
-        for bn, ng, warps in (wide if n > 2048 else narrow):
-            if ng * 128 > k:
-                continue
-            name = f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng} w{warps}"
-            fn = lambda i, bn=bn, ng=ng, warps=warps: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng, num_warps=warps)
-            parity(name, rel(fn(0), ref), 1e-2)
-            record(name, time_graph(fn, 8), bytes_=n * k * 1.0)
+        for step_sum in (False, True):       # the [BN, NG, 128] accumulator (before 2026-12-04) at its best tiles
+            triton_linear_fp8.GEMV_STEP_SUM = step_sum
+            for bn, ng, warps in ((wide if n > 2048 else narrow) if step_sum else
+                                  [triton_linear_fp8.gemv_tiles(n, k) + (4,)]):
+                if ng * 128 > k:
+                    continue
+                name = f"fp8 gemv M=1 N={n} K={k} bn{bn} ng{ng} w{warps}" + ("" if step_sum else " old-acc")
+                fn = lambda i, bn=bn, ng=ng, warps=warps: fp8_gemv(x, ws[i % 8], bn=bn, ng=ng, num_warps=warps)
+                parity(name, rel(fn(0), ref), 1e-2)
+                record(name, time_graph(fn, 8), bytes_=n * k * 1.0)
         del ws
     # router + shared-expert gate, in_proj_ba (lm_head stays on cuBLAS: 100% of the copy rate, run 1)
     for n, k in ((513, 2048), (64, 2048)):

@@ -16,7 +16,8 @@
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
     --extras picks the first variant's extended measurements (knobs, ab, host, trace, eager; knobs: the same model
-    on one stream, without the GEMV's early weight load, without programmatic dependent launch: see knobs_ab).
+    with the GEMV's previous accumulator, on one stream, without the GEMV's early weight load, without programmatic
+    dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -478,18 +479,19 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
 
 
 @contextlib.contextmanager
-def gemv_early_load_off():
+def gemv_flag_off(name: str):
+    """One of triton_linear_fp8's GEMV switches (GEMV_EARLY_LOAD, GEMV_STEP_SUM) False inside the block."""
     from qnext.ops import triton_linear_fp8
-    triton_linear_fp8.GEMV_EARLY_LOAD = False
+    setattr(triton_linear_fp8, name, False)
     try:
         yield
     finally:
-        triton_linear_fp8.GEMV_EARLY_LOAD = True
+        setattr(triton_linear_fp8, name, True)
 
 
 def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model under other decode settings, each a fresh engine (graphs captured under the setting): one
-    stream (no_side_stream), then also without the GEMV's early weight load, then without programmatic dependent
+    """The same model under other decode settings, each a fresh engine (graphs captured under the setting): the
+    FP8 GEMV's previous accumulator, one stream (no_side_stream), then also without the GEMV's early weight load, then without programmatic dependent
     launch (QNEXT_PDL=0, whose step profile gives each kernel's own duration, no PDL waits inside), and PDL off
     with the side stream (the eighth session's baseline). Greedy ids must not change; decode-b1 / b32 and the
     replay of every bucket for each."""
@@ -498,9 +500,10 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
     one = dict(no_side_stream=True)
-    for name, kw, settings in (("one stream", one, contextlib.nullcontext), ("one stream, no early GEMV load", one,
-                               gemv_early_load_off), ("one stream, no PDL", one, pdl.pdl_disabled),
-                               ("no PDL", {}, pdl.pdl_disabled)):
+    for name, kw, settings in (("GEMV [BN, NG, 128] accumulator", {}, lambda: gemv_flag_off("GEMV_STEP_SUM")),
+                               ("one stream", one, contextlib.nullcontext),
+                               ("one stream, no early GEMV load", one, lambda: gemv_flag_off("GEMV_EARLY_LOAD")),
+                               ("one stream, no PDL", one, pdl.pdl_disabled), ("no PDL", {}, pdl.pdl_disabled)):
         with settings():
             other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len, **kw)
             if other is None:

@@ -58,6 +58,9 @@ SPLIT_PROGRAMS = 264
 # The GEMV loads its first weight tile before the PDL wait (_fp8_gemv_kernel's EARLY); False for A/B runs.
 GEMV_EARLY_LOAD = True
 SPLIT_MIN_STEPS = 4
+# The GEMV sums each step's products per scale group into a [BN, NG] accumulator (_gemv_step); False keeps the
+# [BN, NG, 128] products to the end (the previous kernel, for A/B runs).
+GEMV_STEP_SUM = True
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 
 
@@ -76,9 +79,26 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr)
 
 
 @triton.jit
+def _gemv_step(w, sc, x_row, gg, j, groups, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
+    """One step's partial dots of the weight tile w [BN, NG, 128] with x's groups gg: [BN, NG] float32 (each group's
+    128 products summed now, then scaled) when STEP_SUM, else the products [BN, NG, 128] (x pre-scaled), summed by
+    the caller at the end (128 times the accumulator registers)."""
+    xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < groups)[:, None], other=0).to(tl.float32)
+    if STEP_SUM:
+        part = tl.sum(w.to(tl.float32) * xs[None, :, :], axis=2)
+        if SCALED:
+            part = part * sc[None, :]
+    else:
+        if SCALED:
+            xs = xs * sc[:, None]
+        part = w.to(tl.float32) * xs[None, :, :]
+    return part
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                      BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
-                     PDL: tl.constexpr = False):
+                     STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
     weight (bf16_gemv; s_ptr unused).
     EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
@@ -102,18 +122,15 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-    xs0 = tl.load(x_row + gg0[:, None] * 128 + j[None, :], mask=(gg0 < groups)[:, None], other=0).to(tl.float32)
-    if SCALED:
-        xs0 = xs0 * s0[:, None]
-    acc = w0.to(tl.float32) * xs0[None, :, :]
+    acc = _gemv_step(w0, s0, x_row, gg0, j, groups, SCALED, STEP_SUM)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
-        xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < groups)[:, None], other=0).to(tl.float32)
-        if SCALED:
-            xs = xs * sc[:, None]
-        acc += w.to(tl.float32) * xs[None, :, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        acc += _gemv_step(w, sc, x_row, gg, j, groups, SCALED, STEP_SUM)
+    if STEP_SUM:
+        y = tl.sum(acc, axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -242,6 +259,7 @@ def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, n
         x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
         0 if scale is None else scale.stride(0), y.stride(0), BN=bn,
         NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD,
+        STEP_SUM=GEMV_STEP_SUM,
         num_warps=num_warps, **pdl_launch())                 # NG: a power of two (tl.arange)
     return y
 
