@@ -243,13 +243,17 @@ def _check(w: Fp8BlockWeight) -> tuple[int, int]:
     return n, k
 
 
-def gemv_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BN rows, NG scale groups per step) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
-    (docs/perf-notes.md): narrow outputs want small row tiles (enough programs to fill 132 SMs) and long steps
-    (H200, early weight load, PDL: 2048 x 4096 bn4 ng16 4.1 us, 512 x 2048 1.4, 1024 x 2048 1.8); wide ones 16 rows
-    and short steps (12288 x 2048 bn16 ng2 10.1 us, 8192 x 2048 bn16 ng4 6.5)."""
-    bn, ng = (4, 16) if n <= 2048 else (16, 2 if n >= 12288 else 4)
-    return bn, ng
+def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
+    """(BN rows, NG scale groups per step, warps) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
+    (H200, early weight load, PDL, docs/perf-notes.md). With the [BN, NG] accumulator (2026-12-04): 12288 x 2048
+    bn16 ng8 8.7 us (bn16 ng2 9.5; the old accumulator's best 10.0), 8192 x 2048 bn32 ng8 on 8 warps 5.8 (old 6.7);
+    narrow outputs want small row tiles and long steps (2048 x 4096 bn4 ng16 4.1 us, 1024 x 2048 1.8, both as
+    before). GEMV_STEP_SUM False: the previous accumulator's tiles (bn16 ng2 / bn16 ng4 for the wide shapes)."""
+    if n <= 2048:
+        return 4, 16, 4
+    if not GEMV_STEP_SUM:
+        return 16, 2 if n >= 12288 else 4, 4
+    return (16, 8, 4) if n >= 12288 else (32, 8, 8)
 
 
 def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int) -> Tensor:
@@ -265,11 +269,12 @@ def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, n
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int = 4) -> Tensor:
+             num_warps: int | None = None) -> Tensor:
     """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles."""
     n, k = _check(w)
     tiles = gemv_tiles(n, k)
-    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1], num_warps)
+    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
+                 num_warps or tiles[2])
 
 
 def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4) -> Tensor:
