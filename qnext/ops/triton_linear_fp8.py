@@ -245,15 +245,15 @@ def _check(w: Fp8BlockWeight) -> tuple[int, int]:
 
 def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
     """(BN rows, NG scale groups per step, warps) for an N x K weight at M = 1, from scripts/gpu_check.py's sweeps
-    (H200, early weight load, PDL, docs/perf-notes.md). With the [BN, NG] accumulator (2026-12-04): 12288 x 2048
-    bn16 ng8 8.7 us (bn16 ng2 9.5; the old accumulator's best 10.0), 8192 x 2048 bn32 ng8 on 8 warps 5.8 (old 6.7);
-    narrow outputs want small row tiles and long steps (2048 x 4096 bn4 ng16 4.1 us, 1024 x 2048 1.8, both as
-    before). GEMV_STEP_SUM False: the previous accumulator's tiles (bn16 ng2 / bn16 ng4 for the wide shapes)."""
+    (H200, early weight load, PDL, docs/perf-notes.md). With the [BN, NG] accumulator (2026-12-03, two runs):
+    wide outputs bn16 ng8 (12288 x 2048 8.7 / 7.8 us against the old accumulator and tile 10.0 / 9.8; 9216 x 2048 7.0
+    against 9.9; 32 rows or 8 warps lost there); narrow outputs small row tiles and long steps (2048 x 4096 bn4
+    ng16 4.1 us, 1024 x 2048 1.8, both as before). GEMV_STEP_SUM False: the old accumulator's tiles."""
     if n <= 2048:
         return 4, 16, 4
     if not GEMV_STEP_SUM:
         return 16, 2 if n >= 12288 else 4, 4
-    return (16, 8, 4) if n >= 12288 else (32, 8, 8)
+    return 16, 8, 4
 
 
 def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int) -> Tensor:
