@@ -9,8 +9,6 @@ Math in float32, one rounding to the output dtype (torch's chain rounds after ea
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -23,43 +21,27 @@ Tensor = torch.Tensor
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
                   K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
-                  PACKED: tl.constexpr = True, PDL: tl.constexpr = False):
-    """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties).
-    PACKED: each of the K rounds is one int64 max over keys (probability bits << 32 | BE - 1 - index: probabilities
-    are >= 0, so their float32 bits order like the values, and the low word breaks ties toward the lower index)
-    instead of a max with indices (a value and an index per shuffle); the same choice and weights."""
+                  PDL: tl.constexpr = False):
+    """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties)."""
     pdl_wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)
+    p = tl.where(offs < E, p, -2.0)                 # padding is never picked (K <= E)
     kk = tl.arange(0, BK)
     ids = tl.zeros([BK], dtype=tl.int64)
     ws = tl.zeros([BK], dtype=tl.float32)
-    if PACKED:
-        p = tl.where(offs < E, p, 0.0)              # padding: the lowest keys (largest index), never picked
-        key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BE - 1 - offs).to(tl.int64)
-        for j in tl.static_range(K):
-            top = tl.max(key, axis=0)
-            ids = tl.where(kk == j, BE - 1 - (top & 0xFFFFFFFF), ids)
-            ws = tl.where(kk == j, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), ws)
-            key = tl.where(key == top, -1, key)     # taken
-    else:
-        p = tl.where(offs < E, p, -2.0)             # padding is never picked (K <= E)
-        for j in tl.static_range(K):
-            best, idx = tl.max(p, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            ids = tl.where(kk == j, idx.to(tl.int64), ids)
-            ws = tl.where(kk == j, best, ws)
-            p = tl.where(offs == idx, -1.0, p)      # taken
+    for j in tl.static_range(K):
+        best, idx = tl.max(p, axis=0, return_indices=True, return_indices_tie_break_left=True)   # one reduction
+        ids = tl.where(kk == j, idx.to(tl.int64), ids)
+        ws = tl.where(kk == j, best, ws)
+        p = tl.where(offs == idx, -1.0, p)          # taken
     if RENORM:
         ws = ws / tl.sum(ws, axis=0)
     tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
     tl.store(w_ptr + t * K + kk, ws, mask=kk < K)
-
-
-# _route_kernel's packed keys; QNEXT_ROUTE_PACKED=0 takes the max-with-indices rounds (A/B runs).
-ROUTE_PACKED = os.environ.get("QNEXT_ROUTE_PACKED", "1") != "0"
 
 
 def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
@@ -73,8 +55,7 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         be = triton.next_power_of_2(e)
         _route_kernel[(t,)](logits, ids, weights, e, logits.stride(0), K=top_k, BE=be,
-                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, PACKED=ROUTE_PACKED, num_warps=1,
-                            **pdl_launch())
+                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1, **pdl_launch())
     return ids, weights
 
 
