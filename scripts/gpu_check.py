@@ -589,7 +589,7 @@ def fp8_gemv_sweep() -> None:
         ws = [quant.quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5) for _ in range(8)]
         x = torch.randn(1, k, device="cuda").bfloat16()
         ref = x.float() @ quant.dequantize(ws[0]).t()
-        for step_sum in (False, True):       # the [BN, NG, 128] accumulator (before 2026-12-04) at its best tiles
+        for step_sum in (False, True):       # the [BN, NG, 128] accumulator (before 2026-12-03) at its tiles
             triton_linear_fp8.GEMV_STEP_SUM = step_sum
             for bn, ng, warps in ((wide if n > 2048 else narrow) if step_sum else
                                   [triton_linear_fp8.gemv_tiles(n, k)]):
