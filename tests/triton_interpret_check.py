@@ -118,6 +118,22 @@ def op_checks() -> dict:
     wp = torch.randn(70, 640).half()                # plain 16-bit weight, 70 outputs: the bf16_gemv route
     xp = torch.randn(2, 640).half()
     out["linear_gemv/fp16"] = err(linear(xp, wp).float(), xp.float() @ wp.float().t())
+    # inputs formed in the GEMV's prologue (fp16: the interpreter's bf16 rounding truncates), fp8 and plain weights
+    from qnext.ops import fp8_linear as ref_linear, triton_fused_linear as fused
+    gu = torch.randn(3, 2 * 256).half()                                  # a stacked gate | up row, I = 256
+    w_down8, w_down = quantize_fp8_block(torch.randn(384, 256) / 16), torch.randn(70, 256).half()
+    for name, wd in (("fp8", w_down8), ("plain", w_down)):
+        got = fused.silu_mul_linear(gu[:, :256], gu[:, 256:], wd)
+        out[f"silu_mul_linear/{name}"] = err(got.float(), ref_linear.silu_mul_linear(
+            gu[:, :256].float(), gu[:, 256:].float(), wd if name == "fp8" else wd.float()))
+    o = torch.randn(3, 2, 2, 128).half()                                 # GDN output, Hk = 2, R = 2, Dv = 128
+    z = torch.randn(3, 2, 768).half()[..., 512:].unflatten(-1, (2, 128))  # z inside in_proj_qkvz's output
+    nw = (1 + torch.randn(128) / 4).half()
+    w_out8, w_out = quantize_fp8_block(torch.randn(256, 512) / 23), torch.randn(70, 512).half()
+    for name, wo in (("fp8", w_out8), ("plain", w_out)):
+        got = fused.gated_rmsnorm_linear(o, z, nw, 1e-6, wo)
+        out[f"gated_rmsnorm_linear/{name}"] = err(got.float(), ref_linear.gated_rmsnorm_linear(
+            o.float(), z.float(), nw.float(), 1e-6, wo if name == "fp8" else wo.float()))
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)

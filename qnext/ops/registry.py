@@ -38,6 +38,8 @@ OPS = (
     "moe_route",                   # router softmax + top-k + renormalise
     "silu_mul",                    # SwiGLU activation
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert
+    "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
+    "gated_rmsnorm_linear",        # a projection of gated_rmsnorm's output (the GEMV forms it on CUDA)
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same
@@ -48,7 +50,7 @@ BACKEND_MODULES: dict[str, tuple[str, ...]] = {
               "qnext.ops.fp8_linear", "qnext.ops.norm"),
     "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention",
                "qnext.ops.triton_moe", "qnext.ops.triton_linear_fp8", "qnext.ops.triton_norm",
-               "qnext.ops.triton_ffn"),
+               "qnext.ops.triton_ffn", "qnext.ops.triton_fused_linear"),
     "fla": ("qnext.ops.fla_gdn",),
 }
 AUTO_ORDER = ("triton", "fla")  # preference on CUDA; CPU always gets "torch"

@@ -79,11 +79,34 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr)
 
 
 @triton.jit
-def _gemv_step(w, sc, x_row, gg, j, groups, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
-    """One step's partial dots of the weight tile w [BN, NG, 128] with x's groups gg: [BN, NG] float32 (each group's
-    128 products summed now, then scaled) when STEP_SUM, else the products [BN, NG, 128] (x pre-scaled), summed by
-    the caller at the end (128 times the accumulator registers)."""
-    xs = tl.load(x_row + gg[:, None] * 128 + j[None, :], mask=(gg < groups)[:, None], other=0).to(tl.float32)
+def _gemv_x(x_row, z_row, nw_ptr, gg, j, groups, up_off, stride_zh, stride_zr, eps, XFORM: tl.constexpr,
+            R: tl.constexpr):
+    """The activations of x's scale groups gg [NG] as float32 [NG, 128]. XFORM (the input formed here instead of
+    by a kernel of its own, rounded to x's dtype as that kernel stores it):
+      0  x as stored;
+      1  SwiGLU silu(x) * up of a stacked gate | up row, up at x_row + up_off (qnext.ops.triton_ffn.silu_mul);
+      2  GDN's gated RMSNorm per value head (one head = one 128-column group): w * rmsnorm(x) * silu(z), z of
+         head h at z_row + (h // R) * stride_zh + (h % R) * stride_zr, w = nw_ptr [128] (qnext.ops.triton_norm)."""
+    gm = (gg < groups)[:, None]
+    offs = gg[:, None] * 128 + j[None, :]
+    x = tl.load(x_row + offs, mask=gm, other=0).to(tl.float32)
+    if XFORM == 1:
+        up = tl.load(x_row + up_off + offs, mask=gm, other=0).to(tl.float32)
+        x = (x * tl.sigmoid(x) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    elif XFORM == 2:
+        z = tl.load(z_row + ((gg // R) * stride_zh + (gg % R) * stride_zr)[:, None] + j[None, :], mask=gm,
+                    other=0).to(tl.float32)
+        w = tl.load(nw_ptr + j).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / 128 + eps)
+        x = (x * rstd[:, None] * w[None, :] * (z * tl.sigmoid(z))).to(x_row.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
+    """One step's partial dots of the weight tile w [BN, NG, 128] with x's groups xs [NG, 128]: [BN, NG] float32
+    (each group's 128 products summed now, then scaled) when STEP_SUM, else the products [BN, NG, 128] (x
+    pre-scaled), summed by the caller at the end (128 times the accumulator registers)."""
     if STEP_SUM:
         part = tl.sum(w.to(tl.float32) * xs[None, :, :], axis=2)
         if SCALED:
@@ -96,11 +119,14 @@ def _gemv_step(w, sc, x_row, gg, j, groups, SCALED: tl.constexpr, STEP_SUM: tl.c
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, z_ptr, nw_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     up_off, stride_zm, stride_zh, stride_zr, eps,
                      BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
-                     STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
+                     STEP_SUM: tl.constexpr = True, XFORM: tl.constexpr = 0, R: tl.constexpr = 1,
+                     PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
-    weight (bf16_gemv; s_ptr unused).
+    weight (bf16_gemv; s_ptr unused). XFORM, up_off, z_ptr, nw_ptr, stride_z*, eps, R: the activation formed while
+    loading it (_gemv_x; unused at XFORM 0).
     EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
     a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
     Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
@@ -113,6 +139,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
     j = tl.arange(0, 128)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    z_row = z_ptr + m.to(tl.int64) * stride_zm
     w_rows = w_ptr + rows[:, None, None] * stride_wn
     groups = K // 128
     gg0 = tl.arange(0, NG)
@@ -122,11 +149,13 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-    acc = _gemv_step(w0, s0, x_row, gg0, j, groups, SCALED, STEP_SUM)
+    xs = _gemv_x(x_row, z_row, nw_ptr, gg0, j, groups, up_off, stride_zh, stride_zr, eps, XFORM, R)
+    acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
-        acc += _gemv_step(w, sc, x_row, gg, j, groups, SCALED, STEP_SUM)
+        xs = _gemv_x(x_row, z_row, nw_ptr, gg, j, groups, up_off, stride_zh, stride_zr, eps, XFORM, R)
+        acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM)
     if STEP_SUM:
         y = tl.sum(acc, axis=1)
     else:
@@ -256,35 +285,65 @@ def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
     return 16, 8, 4
 
 
-def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int) -> Tensor:
-    """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None)."""
+def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int,
+          up: Tensor | None = None, gated_norm: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+    """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None).
+    up [M, K] (same row stride as x, the other half of one stacked row): the input is silu(x) * up.
+    gated_norm (z [M, K / (R * 128), R, 128], weight [128], eps): x [M, K] is GDN's output, K / 128 value heads,
+    and the input is its gated RMSNorm with z."""
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    xform, up_off, z, nw, eps, r, sz = 0, 0, x, x, 0.0, 1, (0, 0, 0)
+    if up is not None:
+        xform, up_off = 1, (up.data_ptr() - x.data_ptr()) // x.element_size()
+    elif gated_norm is not None:
+        z, nw, eps = gated_norm
+        xform, r, sz = 2, z.shape[2], (z.stride(0), z.stride(1), z.stride(2))
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
-        x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
-        0 if scale is None else scale.stride(0), y.stride(0), BN=bn,
+        x, w, w if scale is None else scale, y, z, nw, n, k, x.stride(0), w.stride(0),
+        0 if scale is None else scale.stride(0), y.stride(0), up_off, *sz, eps, BN=bn,
         NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD,
-        STEP_SUM=GEMV_STEP_SUM,
+        STEP_SUM=GEMV_STEP_SUM, XFORM=xform, R=r,
         num_warps=num_warps, **pdl_launch())                 # NG: a power of two (tl.arange)
     return y
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int | None = None) -> Tensor:
-    """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles."""
+             num_warps: int | None = None, **formed) -> Tensor:
+    """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles; formed: _gemv's up / gated_norm."""
     n, k = _check(w)
     tiles = gemv_tiles(n, k)
     return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
-                 num_warps or tiles[2])
+                 num_warps or tiles[2], **formed)
 
 
-def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4) -> Tensor:
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4, **formed) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
     dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
-    outputs (scripts/gpu_check.py --only fp8gemv)."""
+    outputs (scripts/gpu_check.py --only fp8gemv). formed: _gemv's up / gated_norm."""
     n, k = w.shape
     if k % 128:
         raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
-    return _gemv(x, w, None, n, k, bn, ng, num_warps)
+    return _gemv(x, w, None, n, k, bn, ng, num_warps, **formed)
+
+
+def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bool:
+    """Whether x [M, K] (unit column stride) @ w^T goes through the GEMV kernel (fp8_linear's and linear's choice
+    for decode rows)."""
+    m, k = x.shape
+    if not 0 < m <= GEMV_MAX_M or bias is not None or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16,
+                                                                                          torch.float16):
+        return False
+    if isinstance(w, Fp8BlockWeight):
+        n, kw = w.w.shape
+        return w.block == 128 and n % 128 == 0 and kw == k and k % 128 == 0
+    return (w.shape[1] == k and w.shape[0] <= BF16_GEMV_MAX_N and k % 128 == 0 and x.dtype == w.dtype
+            and w.stride(1) == 1)
+
+
+def gemv(x: Tensor, w: Fp8BlockWeight | Tensor, **formed) -> Tensor:
+    """x [M, K] @ w^T by the GEMV kernel (gemv_takes must hold), fp8 or 16-bit weight; formed: _gemv's up /
+    gated_norm."""
+    return fp8_gemv(x, w, **formed) if isinstance(w, Fp8BlockWeight) else bf16_gemv(x, w, **formed)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -292,12 +351,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     and at most BF16_GEMV_MAX_N outputs, else F.linear."""
     n, k = weight.shape
     rows = x.numel() // k if k else 0
-    if (0 < rows <= GEMV_MAX_M and bias is None and n <= BF16_GEMV_MAX_N and k % 128 == 0 and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1):
+    if 0 < rows <= GEMV_MAX_M:
         x2 = x.reshape(rows, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        return bf16_gemv(x2, weight).view(*x.shape[:-1], n)
+        if gemv_takes(x2, weight, bias):
+            return bf16_gemv(x2, weight).view(*x.shape[:-1], n)
     return F.linear(x, weight, bias)
 
 

@@ -4,8 +4,9 @@ in_proj_qkvz rows are grouped per key head g: [q_g (Dk) | k_g (Dk) | v of its r 
 z of the same heads (r*Dv)]; in_proj_ba per key head: [b (r) | a (r)]. Forward splits that layout, runs the causal
 conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
-and finally the gated RMSNorm with silu(z) per value head and out_proj. Engines regroup in_proj_ba's rows once
-(stack_projections) so that b and a come out as views.
+and finally the gated RMSNorm with silu(z) per value head and out_proj (one op: on CUDA out_proj's GEMV forms
+the norm for decode rows). Engines regroup in_proj_ba's rows once (stack_projections) so that b and a come out as
+views.
 State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
 the causal_conv1d_*_ ops read q, k, v straight out of in_proj_qkvz's output (a column map) with the conv state in
 place, the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place, and the gated
@@ -117,5 +118,6 @@ class GatedDeltaNet(nn.Module):
         else:
             out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
                                                   has_init, batch.cu_query_lens)
-        out = self.norm(out.view(t, hk, r, dv), z)                                      # [T, Hk, r, Dv]
-        return self.out_proj(out.reshape(t, -1))
+        proj, norm = self.out_proj, self.norm                            # out_proj(norm(out, z)), one op
+        return get_op("gated_rmsnorm_linear", proj.ops_backend, dev)(out.view(t, hk, r, dv), z, norm.weight,
+                                                                     norm.eps, proj.matmul_weight(), proj.bias)

@@ -73,6 +73,10 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
 
+    def matmul_weight(self) -> torch.Tensor:
+        """The weight as the projection ops take it (fused ops that end in this projection)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return get_op("linear", self.ops_backend, x.device)(x, self.weight, self.bias)
 
@@ -96,6 +100,8 @@ class Fp8Linear(nn.Module):
 
     def quant_weight(self) -> Fp8BlockWeight:
         return Fp8BlockWeight(self.weight, self.weight_scale_inv, FP8_BLOCK)
+
+    matmul_weight = quant_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return get_op("fp8_linear", self.ops_backend, x.device)(x, self.quant_weight(), self.bias)

@@ -41,10 +41,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor:
         # x [T, H]; side_stream and defer_combine unused (one chain, nothing to combine)
-        silu_mul = get_op("silu_mul", self.ops_backend, x.device)
         if self.gate_up is None:
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(silu_mul(*split_stacked(self.gate_up, self.gate_up(x))))   # gate, up [T, I] views
+            return self.down_proj(get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x)))
+        gate, up = split_stacked(self.gate_up, self.gate_up(x))                         # [T, I] views
+        down = self.down_proj
+        return get_op("silu_mul_linear", down.ops_backend, x.device)(gate, up, down.matmul_weight(), down.bias)
 
 
 class Experts(nn.Module):
