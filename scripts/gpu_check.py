@@ -2,7 +2,7 @@
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
     python3 scripts/gpu_check.py --out $OUT [--budget 300]
-        [--only moe,gdn,conv,attn,attnsplit,fp8,fp8gemv,fp8small,fp8prefill]
+        [--only moe,gdn,conv,attn,attnsplit,fp8,fp8gemv,fused,fp8small,fp8prefill]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -613,6 +613,37 @@ def fp8_gemv_sweep() -> None:
         del ws
 
 
+@guard("formed")
+def fused_projection_sweep() -> None:
+    """Batch-1 chains of dependent launches in one CUDA graph (PDL as in the model), fused against separate: SwiGLU
+    -> shared-expert down GEMV (2048 x 512) as two kernels or formed in the GEMV (tiles); in_proj_qkvz (fp8 12288)
+    then in_proj_ba (bf16 64), and shared gate_up (fp8 1024) then the router stack (bf16 528), as two GEMVs or one
+    pair launch. Parity of each fused form against the separate kernels (bit for bit)."""
+    from qnext.ops.triton_ffn import silu_mul
+    from qnext.ops.triton_linear_fp8 import bf16_gemv, fp8_gemv, gemv, gemv_pair
+    torch.manual_seed(0)
+    gu = torch.randn(1, 2 * I, device="cuda").bfloat16()
+    w_down = [quant.quantize_fp8_block(torch.randn(H, I, device="cuda") / I ** 0.5) for _ in range(8)]
+    ref = fp8_gemv(silu_mul(gu[:, :I], gu[:, I:]), w_down[0])
+    record("silu_mul+down separate", time_graph(lambda i: fp8_gemv(silu_mul(gu[:, :I], gu[:, I:]), w_down[i % 8]), 8))
+    for bn in (4, 8, 16):
+        fn = lambda i, bn=bn: fp8_gemv(gu[:, :I], w_down[i % 8], bn=bn, up=gu[:, I:])  # noqa: E731
+        parity(f"down, SwiGLU in the GEMV bn{bn}", float(not torch.equal(fn(0), ref)), 0.5)
+        record(f"down, SwiGLU in the GEMV bn{bn}", time_graph(fn, 8))
+    x = torch.randn(1, H, device="cuda").bfloat16()
+    for name, n1, n2 in (("qkvz+ba", 12288, 64), ("shared gate_up+router", 2 * I, 528)):
+        w1 = [quant.quantize_fp8_block(torch.randn(n1, H, device="cuda") / H ** 0.5) for _ in range(4)]
+        w2 = [torch.randn(n2, H, device="cuda").bfloat16() / H ** 0.5 for _ in range(4)]
+        r1, r2 = fp8_gemv(x, w1[0]), bf16_gemv(x, w2[0])
+        y1, y2 = gemv_pair(x, w1[0], w2[0])
+        parity(f"{name} pair", float(not (torch.equal(y1, r1) and torch.equal(y2, r2))), 0.5)
+        record(f"{name} separate", time_graph(lambda i: (fp8_gemv(x, w1[i % 4]), gemv(x, w2[i % 4])), 4),
+               bytes_=n1 * H + 2 * n2 * H)
+        record(f"{name} pair", time_graph(lambda i: gemv_pair(x, w1[i % 4], w2[i % 4]), 4),
+               bytes_=n1 * H + 2 * n2 * H)
+        del w1, w2
+
+
 def fp8_small_m_sweep() -> None:
     """Decode-batch FP8 projections (w8a16 tl.dot, small_m_tiles) over the model's dense shapes at 8 and 32 rows:
     split-K factors against the default, with parity for each."""
@@ -687,6 +718,8 @@ def main() -> None:
             fp8_gemv_sweep()
         if "attnsplit" in only:
             attn_split_sweep()
+        if "fused" in only:
+            fused_projection_sweep()
         if "fp8small" in only:
             fp8_small_m_sweep()
         if "fp8prefill" in only:

@@ -16,7 +16,7 @@
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
     --extras picks the first variant's extended measurements (knobs, ab, host, trace, eager; knobs: the same model
-    with the GEMV inputs formed by their own kernels, with the GEMV's previous accumulator, on one stream, without
+    with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without
     programmatic dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
@@ -480,8 +480,8 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
 
 @contextlib.contextmanager
 def flag_off(module: str, name: str):
-    """A module's boolean switch (triton_linear_fp8.GEMV_STEP_SUM, triton_fused_linear.FORM_IN_GEMV, ...) False
-    inside the block."""
+    """A module's boolean switch (triton_linear_fp8.GEMV_STEP_SUM, triton_fused_linear.FUSE_DECODE_PROJECTIONS,
+    ...) False inside the block."""
     import importlib
     mod = importlib.import_module(module)
     setattr(mod, name, False)
@@ -493,18 +493,19 @@ def flag_off(module: str, name: str):
 
 def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
     """The same model under other decode settings, each a fresh engine (graphs captured under the setting): the
-    GEMV inputs formed by kernels of their own (SwiGLU, GDN's gated norm; FORM_IN_GEMV off), the FP8 GEMV's
-    previous accumulator, one stream (no_side_stream), then also without programmatic dependent launch
-    (QNEXT_PDL=0, whose step profile gives each kernel's own duration, no PDL waits inside). Greedy ids must not
-    change, except under the other accumulator or the separate norm kernel (other rounding or sum order: near-tied
-    logits of random weights may flip); decode-b1 / b32 and the replay of every bucket for each."""
+    decode projections unfused (SwiGLU apart from the down GEMV, the GEMV pairs apart; FUSE_DECODE_PROJECTIONS
+    off), the FP8 GEMV's previous accumulator, one stream (no_side_stream), then also without programmatic
+    dependent launch (QNEXT_PDL=0, whose step profile gives each kernel's own duration, no PDL waits inside).
+    Greedy ids must not change, except under the other accumulator (other rounding: near-tied logits of random
+    weights may flip); decode-b1 / b32 and the replay of every bucket for each."""
     from qnext.ops import pdl
 
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
     one = dict(no_side_stream=True)
     fused, fp8 = "qnext.ops.triton_fused_linear", "qnext.ops.triton_linear_fp8"
-    for name, kw, settings in (("inputs formed by their own kernels", {}, lambda: flag_off(fused, "FORM_IN_GEMV")),
+    for name, kw, settings in (("separate projection kernels", {},
+                                lambda: flag_off(fused, "FUSE_DECODE_PROJECTIONS")),
                                ("GEMV [BN, NG, 128] accumulator", {}, lambda: flag_off(fp8, "GEMV_STEP_SUM")),
                                ("one stream", one, contextlib.nullcontext),
                                ("one stream, no PDL", one, pdl.pdl_disabled)):

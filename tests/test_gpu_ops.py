@@ -580,38 +580,36 @@ def test_linear_gemv_matches_cublas():
 @cuda_only
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fp8", [True, False])
-def test_gemv_with_formed_input_matches_the_two_kernels(monkeypatch, m, fp8):
-    """silu_mul_linear / gated_rmsnorm_linear at the model's shapes (shared expert I = 512; GDN 32 value heads of
-    128 in 16 key heads, z inside in_proj_qkvz's output): the GEMV forming its input equals the separate Triton
-    kernels (SwiGLU bit for bit: the same float32 ops and rounding; the norm's sums may be ordered differently),
-    and the fused path is the one taken (the separate kernels are patched out)."""
-    from qnext.ops import fp8_linear as ref, triton_fused_linear as fused
+def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8):
+    """silu_mul_linear and linear_pair at the model's shapes (shared expert I = 512 and its down projection;
+    in_proj_qkvz with in_proj_ba, shared-expert gate_up with the padded router stack) equal the separate Triton
+    kernels bit for bit (the same float32 ops and roundings per output), and the fused paths are the ones taken
+    (the separate kernels are patched out)."""
+    from qnext.ops import triton_fused_linear as fused
     from qnext.ops.triton_ffn import silu_mul
     from qnext.ops.triton_linear_fp8 import fp8_linear, linear
-    from qnext.ops.triton_norm import gated_rmsnorm
     torch.manual_seed(m)
 
-    def weight(n, k):
+    def weight(n, k, quantized=True):
         w = torch.randn(n, k, device="cuda") / k ** 0.5
-        return quantize_fp8_block(w) if fp8 else w.bfloat16()
+        return quantize_fp8_block(w) if fp8 and quantized else w.bfloat16()
 
     def project(x, w):
-        return fp8_linear(x, w) if fp8 else linear(x, w)
+        return fp8_linear(x, w) if isinstance(w, Fp8BlockWeight) else linear(x, w)
 
     gu = torch.randn(m, 1024, device="cuda").bfloat16()
-    o = torch.randn(m, 16, 2, 128, device="cuda").bfloat16()
-    z = torch.randn(m, 16, 768, device="cuda").bfloat16()[..., 512:].unflatten(-1, (2, 128))
-    nw = (1 + torch.randn(128, device="cuda") / 4).bfloat16()
-    w_down, w_out = weight(2048, 512), weight(2048, 4096)
+    x = torch.randn(m, 2048, device="cuda").bfloat16()
+    w_down = weight(2048, 512)
+    pairs = [(weight(12288, 2048), weight(64, 2048, quantized=False)),
+             (weight(1024, 2048), weight(528, 2048, quantized=False))]
     separate_swiglu = project(silu_mul(gu[:, :512], gu[:, 512:]), w_down)
-    separate_norm = project(gated_rmsnorm(o, z, nw, 1e-6).reshape(m, -1), w_out)
-    reference = ref.gated_rmsnorm_linear(o.float(), z.float(), nw.float(), 1e-6,
-                                         w_out if fp8 else w_out.float())
+    separate_pairs = [(project(x, a), project(x, b)) for a, b in pairs]
     monkeypatch.setattr(fused, "silu_mul", None)
-    monkeypatch.setattr(fused, "gated_rmsnorm", None)
+    monkeypatch.setattr(fused, "_project", None)
     assert torch.equal(fused.silu_mul_linear(gu[:, :512], gu[:, 512:], w_down), separate_swiglu)
-    got = fused.gated_rmsnorm_linear(o, z, nw, 1e-6, w_out)
-    assert rel(got, separate_norm) < 2e-3 and rel(got, reference) < 1e-2
+    for (a, b), (ya, yb) in zip(pairs, separate_pairs):
+        got_a, got_b = fused.linear_pair(x, a, b)
+        assert torch.equal(got_a, ya) and torch.equal(got_b, yb)
 
 
 @cuda_only

@@ -1,10 +1,10 @@
 """Our Triton kernels on the CPU, through Triton's interpreter (tests/triton_interpret_check.py in a subprocess):
-the glue kernels (norms, routing, activation, conv with its column map), the fp8 GEMV (also with SwiGLU or GDN's
-gated norm formed in its prologue), the fused MoE
-paths (GEMV, grouped and sorted; 16-bit, int4 and fp8 weights), paged attention (decode with splits, prefill over cached
-context) and the fused GDN decode step against their torch references, and
-the tiny model's greedy tokens through the whole Triton backend against the torch backend. Skipped where Triton
-is not installed; the GPU runs of tests/test_gpu_ops.py check the same kernels compiled."""
+the glue kernels (norms, routing, activation, conv with its column map), the fp8 GEMV (also with SwiGLU formed in
+its prologue, and two GEMVs in one launch), the fused MoE paths (GEMV, grouped and sorted; 16-bit, int4 and fp8
+weights), paged attention (decode with splits, prefill over cached context) and the fused GDN decode step against
+their torch references, and the tiny model's greedy tokens through the whole Triton backend against the torch
+backend. Skipped where Triton is not installed; the GPU runs of tests/test_gpu_ops.py check the same kernels
+compiled."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_glue_kernels_match_reference(results):
     # (gemv, sorted, grouped at 3 and 70 tokens) x 3 formats x (summed or not)
     assert sum(name.startswith("fused_moe_") for name in results) == 24
     assert results["moe_group_pairs_ids"] is True
-    assert sum(name.startswith(("silu_mul_linear/", "gated_rmsnorm_linear/")) for name in results) == 4
+    assert sum(name.startswith(("silu_mul_linear/", "linear_pair/")) for name in results) == 4
 
 
 def test_model_greedy_tokens_same_through_triton_backend(results):

@@ -126,14 +126,11 @@ def op_checks() -> dict:
         got = fused.silu_mul_linear(gu[:, :256], gu[:, 256:], wd)
         out[f"silu_mul_linear/{name}"] = err(got.float(), ref_linear.silu_mul_linear(
             gu[:, :256].float(), gu[:, 256:].float(), wd if name == "fp8" else wd.float()))
-    o = torch.randn(3, 2, 2, 128).half()                                 # GDN output, Hk = 2, R = 2, Dv = 128
-    z = torch.randn(3, 2, 768).half()[..., 512:].unflatten(-1, (2, 128))  # z inside in_proj_qkvz's output
-    nw = (1 + torch.randn(128) / 4).half()
-    w_out8, w_out = quantize_fp8_block(torch.randn(256, 512) / 23), torch.randn(70, 512).half()
-    for name, wo in (("fp8", w_out8), ("plain", w_out)):
-        got = fused.gated_rmsnorm_linear(o, z, nw, 1e-6, wo)
-        out[f"gated_rmsnorm_linear/{name}"] = err(got.float(), ref_linear.gated_rmsnorm_linear(
-            o.float(), z.float(), nw.float(), 1e-6, wo if name == "fp8" else wo.float()))
+    xw = torch.randn(2, 640).half()                 # two GEMVs of one input in one launch, either format first
+    for name, (w1, w2) in (("fp8+plain", (w8, wp)), ("plain+fp8", (wp, w8))):
+        y1, y2 = fused.linear_pair(xw, w1, w2)
+        r1, r2 = ref_linear.linear_pair(xw.float(), *(w if w is w8 else w.float() for w in (w1, w2)))
+        out[f"linear_pair/{name}"] = max(err(y1.float(), r1), err(y2.float(), r2))
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)

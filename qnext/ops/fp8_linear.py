@@ -1,7 +1,7 @@
 """Dense projections, torch references (CPU path, oracles of qnext.ops.triton_linear_fp8 and
 qnext.ops.triton_fused_linear): fp8_linear is x [..., K] @ dequantize(W)^T with W an Fp8BlockWeight [N, K] (any N,
-K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear and gated_rmsnorm_linear project
-the output of silu_mul / gated_rmsnorm (W fp8 or plain), the input formed by the projection's kernel on CUDA."""
+K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear projects silu_mul's output and
+linear_pair makes two projections of one input (W fp8 or plain), each one launch on CUDA for decode rows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.moe import silu_mul
-from qnext.ops.norm import gated_rmsnorm
 from qnext.ops.quant import Fp8BlockWeight, dequantize_fp8_block
 from qnext.ops.registry import register
 
@@ -36,8 +35,9 @@ def silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, w: Fp8BlockWeight | to
     return _project(silu_mul(gate, up), w, bias)
 
 
-@register("gated_rmsnorm_linear", "torch")
-def gated_rmsnorm_linear(x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                         w: Fp8BlockWeight | torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x, z [T, ..., D] -> gated_rmsnorm(x, z) flattened to [T, -1] @ W^T."""
-    return _project(gated_rmsnorm(x, z, norm_weight, eps).reshape(x.shape[0], -1), w, bias)
+
+@register("linear_pair", "torch")
+def linear_pair(x: torch.Tensor, w1: Fp8BlockWeight | torch.Tensor,
+                w2: Fp8BlockWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x @ W1^T, x @ W2^T)."""
+    return _project(x, w1, None), _project(x, w2, None)

@@ -39,7 +39,7 @@ OPS = (
     "silu_mul",                    # SwiGLU activation
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert
     "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
-    "gated_rmsnorm_linear",        # a projection of gated_rmsnorm's output (the GEMV forms it on CUDA)
+    "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same

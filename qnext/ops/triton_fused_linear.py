@@ -1,11 +1,15 @@
-"""A projection whose input is formed on the way in (Triton): the GEMV kernel builds its activations from the
-previous op's raw outputs, so that op has no kernel of its own in a decode step. Semantics of qnext.ops.fp8_linear
-(silu_mul_linear, gated_rmsnorm_linear); the roundings are those of the separate Triton kernels (the input rounded
-to x's dtype before the projection reads it).
+"""Dense projections fused with a neighbour for decode rows (Triton), each saving one launch of the batch-1 step:
 
-Why by hand: no library fuses an activation or a per-head norm into a weight-only FP8 GEMV's prologue. The batch-1
-step is a chain of ~740 dependent kernels; SwiGLU (shared expert) and GDN's gated norm are two of them per layer.
-Rows past GEMV_MAX_M, unaligned shapes or other weights take the two kernels as before.
+    silu_mul_linear(gate, up, w) = (silu(gate) * up) @ W^T   the GEMV forms its input from the stacked gate | up
+                                                              output (shared expert, then its down projection)
+    linear_pair(x, w1, w2) = (x @ W1^T, x @ W2^T)             two GEMVs of one input in one launch (in_proj_qkvz
+                                                              with in_proj_ba; shared-expert gate_up with the router)
+Semantics of qnext.ops.fp8_linear (W fp8 block-scaled or plain 16-bit); each output is rounded as the separate
+kernels round it (SwiGLU's input to x's dtype before the projection reads it), so results are theirs bit for bit.
+
+Why by hand: no library fuses an activation into a weight-only FP8 GEMV's prologue, or launches two differently
+quantized GEMVs as one grid. The batch-1 step is a chain of ~740 dependent kernels, each paying its launch, wait
+and ramp; these remove 48 + 84 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate kernels.
 """
 
 from __future__ import annotations
@@ -14,34 +18,33 @@ import torch
 
 from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_ffn import silu_mul
-from qnext.ops.triton_linear_fp8 import fp8_linear, gemv, gemv_takes, linear
-from qnext.ops.triton_norm import gated_rmsnorm
+from qnext.ops.triton_linear_fp8 import fp8_linear, gemv, gemv_pair, gemv_takes, linear
 
 Tensor = torch.Tensor
 
-# False: the inputs are formed by their own kernels as before (A/B runs: scripts/gpu_e2e.py --extras knobs).
-FORM_IN_GEMV = True
+# False: separate kernels as before (A/B runs: scripts/gpu_e2e.py --extras knobs).
+FUSE_DECODE_PROJECTIONS = True
+# SwiGLU-formed down projection (2048 x 512) tile rows: H200, scripts/gpu_check.py --only formed, the two-kernel
+# chain 2.2 us, formed in the GEMV bn8 1.5 us (bn4 1.8, bn2 2.0, bn16 1.5).
+SWIGLU_BN = 8
 
 
-def _project(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> Tensor:
+def _project(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None = None) -> Tensor:
     return fp8_linear(x, w, bias) if isinstance(w, Fp8BlockWeight) else linear(x, w, bias)
 
 
 def silu_mul_linear(gate: Tensor, up: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None = None) -> Tensor:
     """gate, up [T, I] -> (silu(gate) * up) @ W^T [T, N]. Fused when both are column-contiguous views with one row
     stride (the halves of one stacked gate | up projection)."""
-    if FORM_IN_GEMV and gate.dim() == 2 and gate.shape == up.shape and gate.stride() == up.stride() and gemv_takes(gate, w, bias):
-        return gemv(gate, w, up=up)
+    if (FUSE_DECODE_PROJECTIONS and gate.dim() == 2 and gate.shape == up.shape and gate.stride() == up.stride()
+            and gemv_takes(gate, w, bias)):
+        return gemv(gate, w, up=up, bn=SWIGLU_BN)
     return _project(silu_mul(gate, up), w, bias)
 
 
-def gated_rmsnorm_linear(x: Tensor, z: Tensor, norm_weight: Tensor, eps: float, w: Fp8BlockWeight | Tensor,
-                         bias: Tensor | None = None) -> Tensor:
-    """x [T, Hk, R, D], z like x (any strides, unit last) -> gated_rmsnorm(x, z) flattened to [T, Hk R D] @ W^T.
-    Fused for D = 128 (a value head is one of the GEMV's scale groups) and x contiguous."""
-    t, hk, r, d = x.shape
-    flat = x.reshape(t, hk * r * d)
-    if (FORM_IN_GEMV and d == 128 and x.is_contiguous() and z.shape == x.shape and z.stride(-1) == 1
-            and gemv_takes(flat, w, bias)):
-        return gemv(flat, w, gated_norm=(z, norm_weight, eps))
-    return _project(gated_rmsnorm(x, z, norm_weight, eps).reshape(t, -1), w, bias)
+def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
+    """x [T, K] -> (x @ W1^T [T, N1], x @ W2^T [T, N2]); one launch for decode rows."""
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    if FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w1, None) and gemv_takes(x2, w2, None):
+        return gemv_pair(x2, w1, w2)
+    return _project(x, w1), _project(x, w2)

@@ -79,26 +79,16 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr)
 
 
 @triton.jit
-def _gemv_x(x_row, z_row, nw_ptr, gg, j, groups, up_off, stride_zh, stride_zr, eps, XFORM: tl.constexpr,
-            R: tl.constexpr):
-    """The activations of x's scale groups gg [NG] as float32 [NG, 128]. XFORM (the input formed here instead of
-    by a kernel of its own, rounded to x's dtype as that kernel stores it):
-      0  x as stored;
-      1  SwiGLU silu(x) * up of a stacked gate | up row, up at x_row + up_off (qnext.ops.triton_ffn.silu_mul);
-      2  GDN's gated RMSNorm per value head (one head = one 128-column group): w * rmsnorm(x) * silu(z), z of
-         head h at z_row + (h // R) * stride_zh + (h % R) * stride_zr, w = nw_ptr [128] (qnext.ops.triton_norm)."""
+def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr):
+    """The activations of x's scale groups gg [NG] as float32 [NG, 128]: as stored, or (SWIGLU) silu(x) * up of a
+    stacked gate | up row, up at x_row + up_off, rounded to x's dtype as qnext.ops.triton_ffn.silu_mul stores it
+    (the input formed here instead of by a kernel of its own)."""
     gm = (gg < groups)[:, None]
     offs = gg[:, None] * 128 + j[None, :]
     x = tl.load(x_row + offs, mask=gm, other=0).to(tl.float32)
-    if XFORM == 1:
+    if SWIGLU:
         up = tl.load(x_row + up_off + offs, mask=gm, other=0).to(tl.float32)
         x = (x * tl.sigmoid(x) * up).to(x_row.dtype.element_ty).to(tl.float32)
-    elif XFORM == 2:
-        z = tl.load(z_row + ((gg // R) * stride_zh + (gg % R) * stride_zr)[:, None] + j[None, :], mask=gm,
-                    other=0).to(tl.float32)
-        w = tl.load(nw_ptr + j).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / 128 + eps)
-        x = (x * rstd[:, None] * w[None, :] * (z * tl.sigmoid(z))).to(x_row.dtype.element_ty).to(tl.float32)
     return x
 
 
@@ -119,27 +109,15 @@ def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, z_ptr, nw_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     up_off, stride_zm, stride_zh, stride_zr, eps,
-                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
-                     STEP_SUM: tl.constexpr = True, XFORM: tl.constexpr = 0, R: tl.constexpr = 1,
-                     PDL: tl.constexpr = False):
-    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
-    weight (bf16_gemv; s_ptr unused). XFORM, up_off, z_ptr, nw_ptr, stride_z*, eps, R: the activation formed while
-    loading it (_gemv_x; unused at XFORM 0).
-    EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
-    a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
-    Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
-    current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
-    dependent round trips cost more than the shorter K loop saves)."""
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
+                  BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, EARLY: tl.constexpr,
+                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel)."""
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
     s_row = s_ptr + ((pid_n * BN) // 128) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    z_row = z_ptr + m.to(tl.int64) * stride_zm
     w_rows = w_ptr + rows[:, None, None] * stride_wn
     groups = K // 128
     gg0 = tl.arange(0, NG)
@@ -149,18 +127,53 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, z_ptr, nw_ptr, N, K, stride_xm,
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-    xs = _gemv_x(x_row, z_row, nw_ptr, gg0, j, groups, up_off, stride_zh, stride_zr, eps, XFORM, R)
+    xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU)
     acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
-        xs = _gemv_x(x_row, z_row, nw_ptr, gg, j, groups, up_off, stride_zh, stride_zr, eps, XFORM, R)
+        xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU)
         acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM)
     if STEP_SUM:
         y = tl.sum(acc, axis=1)
     else:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
+                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
+                     STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
+    """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
+    weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:] (_gemv_x).
+    EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
+    a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
+    Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
+    current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
+    dependent round trips cost more than the shorter K loop saves)."""
+    _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), tl.program_id(1), N, K, stride_xm, stride_wn,
+                  stride_sn, stride_ym, up_off, BN, NG, SCALED, EARLY, STEP_SUM, SWIGLU, PDL)
+
+
+@triton.jit
+def _gemv_pair_kernel(x_ptr, K, stride_xm,
+                      w1_ptr, s1_ptr, y1_ptr, N1, stride_w1, stride_s1, stride_y1,
+                      w2_ptr, s2_ptr, y2_ptr, N2, stride_w2, stride_s2, stride_y2,
+                      BN1: tl.constexpr, NG1: tl.constexpr, SCALED1: tl.constexpr,
+                      BN2: tl.constexpr, NG2: tl.constexpr, SCALED2: tl.constexpr,
+                      EARLY: tl.constexpr = True, STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
+    """Two GEMVs of one x in one launch: grid (M, cdiv(N1, BN1) + cdiv(N2, BN2)); the first programs compute
+    y1 = x @ W1^T, the rest y2 = x @ W2^T, each with its own tile and format (see _fp8_gemv_kernel)."""
+    m = tl.program_id(0)
+    p = tl.program_id(1)
+    tiles1 = tl.cdiv(N1, BN1)
+    if p < tiles1:
+        _gemv_program(x_ptr, w1_ptr, s1_ptr, y1_ptr, m, p, N1, K, stride_xm, stride_w1, stride_s1, stride_y1, 0,
+                      BN1, NG1, SCALED1, EARLY, STEP_SUM, False, PDL)
+    else:
+        _gemv_program(x_ptr, w2_ptr, s2_ptr, y2_ptr, m, p - tiles1, N2, K, stride_xm, stride_w2, stride_s2,
+                      stride_y2, 0, BN2, NG2, SCALED2, EARLY, STEP_SUM, False, PDL)
 
 
 @triton.jit
@@ -285,45 +298,42 @@ def gemv_tiles(n: int, k: int) -> tuple[int, int, int]:
     return 16, 8, 4
 
 
+def _ng(ng: int, k: int) -> int:
+    return min(ng, 1 << ((k // 128).bit_length() - 1))          # a power of two (tl.arange) within K's groups
+
+
 def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int,
-          up: Tensor | None = None, gated_norm: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+          up: Tensor | None = None) -> Tensor:
     """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None).
-    up [M, K] (same row stride as x, the other half of one stacked row): the input is silu(x) * up.
-    gated_norm (z [M, K / (R * 128), R, 128], weight [128], eps): x [M, K] is GDN's output, K / 128 value heads,
-    and the input is its gated RMSNorm with z."""
+    up [M, K] (x's row stride, the other half of one stacked gate | up row): the input is silu(x) * up."""
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    xform, up_off, z, nw, eps, r, sz = 0, 0, x, x, 0.0, 1, (0, 0, 0)
-    if up is not None:
-        xform, up_off = 1, (up.data_ptr() - x.data_ptr()) // x.element_size()
-    elif gated_norm is not None:
-        z, nw, eps = gated_norm
-        xform, r, sz = 2, z.shape[2], (z.stride(0), z.stride(1), z.stride(2))
+    up_off = 0 if up is None else (up.data_ptr() - x.data_ptr()) // x.element_size()
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
-        x, w, w if scale is None else scale, y, z, nw, n, k, x.stride(0), w.stride(0),
-        0 if scale is None else scale.stride(0), y.stride(0), up_off, *sz, eps, BN=bn,
-        NG=min(ng, 1 << ((k // 128).bit_length() - 1)), SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD,
-        STEP_SUM=GEMV_STEP_SUM, XFORM=xform, R=r,
-        num_warps=num_warps, **pdl_launch())                 # NG: a power of two (tl.arange)
+        x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
+        0 if scale is None else scale.stride(0), y.stride(0), up_off, BN=bn, NG=_ng(ng, k),
+        SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, SWIGLU=up is not None,
+        num_warps=num_warps, **pdl_launch())
     return y
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int | None = None, **formed) -> Tensor:
-    """x [M, K] (a few rows) @ W^T; tiles default to gemv_tiles; formed: _gemv's up / gated_norm."""
+             num_warps: int | None = None, up: Tensor | None = None) -> Tensor:
+    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up, see _gemv); tiles default to gemv_tiles."""
     n, k = _check(w)
     tiles = gemv_tiles(n, k)
     return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
-                 num_warps or tiles[2], **formed)
+                 num_warps or tiles[2], up)
 
 
-def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4, **formed) -> Tensor:
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4,
+              up: Tensor | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
     dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
-    outputs (scripts/gpu_check.py --only fp8gemv). formed: _gemv's up / gated_norm."""
+    outputs (scripts/gpu_check.py --only fp8gemv). up: of silu(x) * up (see _gemv)."""
     n, k = w.shape
     if k % 128:
         raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
-    return _gemv(x, w, None, n, k, bn, ng, num_warps, **formed)
+    return _gemv(x, w, None, n, k, bn, ng, num_warps, up)
 
 
 def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bool:
@@ -340,10 +350,35 @@ def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bo
             and w.stride(1) == 1)
 
 
-def gemv(x: Tensor, w: Fp8BlockWeight | Tensor, **formed) -> Tensor:
-    """x [M, K] @ w^T by the GEMV kernel (gemv_takes must hold), fp8 or 16-bit weight; formed: _gemv's up /
-    gated_norm."""
-    return fp8_gemv(x, w, **formed) if isinstance(w, Fp8BlockWeight) else bf16_gemv(x, w, **formed)
+def gemv(x: Tensor, w: Fp8BlockWeight | Tensor, **kw) -> Tensor:
+    """x [M, K] @ w^T by the GEMV kernel (gemv_takes must hold), fp8 or 16-bit weight; kw: fp8_gemv's /
+    bf16_gemv's tiles and up."""
+    return fp8_gemv(x, w, **kw) if isinstance(w, Fp8BlockWeight) else bf16_gemv(x, w, **kw)
+
+
+def _operand(w: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor | None, int, int, int]:
+    """(weight, scales or None, N, BN, NG) of one GEMV weight at its default tile."""
+    if isinstance(w, Fp8BlockWeight):
+        n, k = _check(w)
+        bn, ng, _ = gemv_tiles(n, k)
+        return w.w, w.scale_inv.float().contiguous(), n, bn, ng
+    return w, None, w.shape[0], 2, 16                            # bf16_gemv's default tile
+
+
+def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
+    """(x @ w1^T, x @ w2^T) in one launch (gemv_takes must hold for both); each weight fp8 or 16-bit, at its own
+    default tile (4 warps, as every default tile)."""
+    m, k = x.shape
+    (a, sa, n1, bn1, ng1), (b, sb, n2, bn2, ng2) = _operand(w1), _operand(w2)
+    y1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
+    y2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
+    _gemv_pair_kernel[(m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2))](
+        x, k, x.stride(0),
+        a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
+        b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0),
+        BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
+        EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=4, **pdl_launch())
+    return y1, y2
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

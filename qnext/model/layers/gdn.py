@@ -4,9 +4,8 @@ in_proj_qkvz rows are grouped per key head g: [q_g (Dk) | k_g (Dk) | v of its r 
 z of the same heads (r*Dv)]; in_proj_ba per key head: [b (r) | a (r)]. Forward splits that layout, runs the causal
 conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
-and finally the gated RMSNorm with silu(z) per value head and out_proj (one op: on CUDA out_proj's GEMV forms
-the norm for decode rows). Engines regroup in_proj_ba's rows once (stack_projections) so that b and a come out as
-views.
+and finally the gated RMSNorm with silu(z) per value head and out_proj. Engines regroup in_proj_ba's rows once
+(stack_projections) so that b and a come out as views.
 State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
 the causal_conv1d_*_ ops read q, k, v straight out of in_proj_qkvz's output (a column map) with the conv state in
 place, the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place, and the gated
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, project_pair
 from qnext.model.layers.norm import GatedRMSNorm
 from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
@@ -90,12 +89,17 @@ class GatedDeltaNet(nn.Module):
         """x [T, hidden] -> [T, hidden]."""
         t, dev, be = x.shape[0], x.device, self.ops_backend
         hk, r, dk, dv = self.hk, self.r, self.dk, self.dv
-        with SideBranch(batch.side_stream) as side:                                     # beside in_proj_qkvz
-            if self.ba_proj is not None:
+        pair = (project_pair(x, self.in_proj_qkvz, self.ba_proj)      # one launch (no side stream to overlap)
+                if batch.side_stream is None and self.ba_proj is not None else None)
+        with SideBranch(None if pair else batch.side_stream) as side:                   # beside in_proj_qkvz
+            if pair:
+                qkvz, ba = pair[0], pair[1].view(t, 2, self.hv)
+            elif self.ba_proj is not None:
                 ba = self.ba_proj(x).view(t, 2, self.hv)                                # [T, b|a, Hv]
             else:
                 ba = self.in_proj_ba(x).view(t, hk, 2, r).transpose(1, 2).reshape(t, 2, self.hv)  # a copy
-        qkvz = self.in_proj_qkvz(x)                                                     # [T, Hk * (2Dk + 2rDv)]
+        if not pair:
+            qkvz = self.in_proj_qkvz(x)                                                 # [T, Hk * (2Dk + 2rDv)]
         z = qkvz.view(t, hk, -1)[..., 2 * dk + r * dv:].unflatten(-1, (r, dv))         # [T, Hk, r, Dv] view
         slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state
 
@@ -118,6 +122,5 @@ class GatedDeltaNet(nn.Module):
         else:
             out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
                                                   has_init, batch.cu_query_lens)
-        proj, norm = self.out_proj, self.norm                            # out_proj(norm(out, z)), one op
-        return get_op("gated_rmsnorm_linear", proj.ops_backend, dev)(out.view(t, hk, r, dv), z, norm.weight,
-                                                                     norm.eps, proj.matmul_weight(), proj.bias)
+        out = self.norm(out.view(t, hk, r, dv), z)                                      # [T, Hk, r, Dv]
+        return self.out_proj(out.reshape(t, -1))

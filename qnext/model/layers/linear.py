@@ -159,6 +159,15 @@ def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
     return stacked
 
 
+def project_pair(x: torch.Tensor, first: nn.Module, second: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first(x), second(x)) through the "linear_pair" op (one GEMV launch for decode rows on CUDA), or None when
+    the two cannot share it (a bias, another module type, different ops backends): then call them apart."""
+    if (type(first) not in (Linear, Fp8Linear) or type(second) not in (Linear, Fp8Linear)
+            or first.bias is not None or second.bias is not None or first.ops_backend != second.ops_backend):
+        return None
+    return get_op("linear_pair", first.ops_backend, x.device)(x, first.matmul_weight(), second.matmul_weight())
+
+
 def split_stacked(stacked: nn.Module, y: torch.Tensor) -> list[torch.Tensor]:
     """y = stacked(x) [..., out] -> each stacked projection's outputs, as views (padding dropped)."""
     return list(y[..., :sum(stacked.parts)].split(stacked.parts, dim=-1))

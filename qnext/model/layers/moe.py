@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, split_stacked,
-                                      stack_projections)
+from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, project_pair,
+                                      split_stacked, stack_projections)
 from qnext.model.side_stream import SideBranch
 from qnext.ops.norm import MoeCombine
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
@@ -43,9 +43,14 @@ class MLP(nn.Module):
         # x [T, H]; side_stream and defer_combine unused (one chain, nothing to combine)
         if self.gate_up is None:
             return self.down_proj(get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x)))
-        gate, up = split_stacked(self.gate_up, self.gate_up(x))                         # [T, I] views
+        return self.down_from(self.gate_up(x))
+
+    def down_from(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The stacked gate_up projection's output [T, 2I] -> down_proj(silu(gate) * up) [T, H] (one op: on CUDA
+        the down GEMV forms its input for decode rows)."""
+        gate, up = split_stacked(self.gate_up, gate_up)                                 # [T, I] views
         down = self.down_proj
-        return get_op("silu_mul_linear", down.ops_backend, x.device)(gate, up, down.matmul_weight(), down.bias)
+        return get_op("silu_mul_linear", down.ops_backend, gate.device)(gate, up, down.matmul_weight(), down.bias)
 
 
 class Experts(nn.Module):
@@ -116,13 +121,19 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
         SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form."""
-        shared = None
+        shared, router_out, stacked = None, None, self.router_and_shared_gate
         if self.shared_expert is not None:
-            with SideBranch(side_stream) as side:
-                shared = self.shared_expert(x)                                          # [T, H]
-        if self.router_and_shared_gate is not None:
-            logits, shared_gate = split_stacked(self.router_and_shared_gate,
-                                                self.router_and_shared_gate(x))         # [T, E], [T, 1]
+            pair = (project_pair(x, self.shared_expert.gate_up, stacked)   # one launch (no side stream to overlap)
+                    if side_stream is None and stacked is not None and self.shared_expert.gate_up is not None
+                    else None)
+            with SideBranch(None if pair else side_stream) as side:
+                if pair:
+                    shared, router_out = self.shared_expert.down_from(pair[0]), pair[1]
+                else:
+                    shared = self.shared_expert(x)                                      # [T, H]
+        if stacked is not None:
+            logits, shared_gate = split_stacked(stacked, stacked(x) if router_out is None
+                                                else router_out)                        # [T, E], [T, 1]
         else:
             logits = self.gate(x)                                                       # [T, E]
             shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
