@@ -584,10 +584,11 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
     """silu_mul_linear and linear_pair at the model's shapes (shared expert I = 512 and its down projection;
     in_proj_qkvz with in_proj_ba, shared-expert gate_up with the padded router stack) equal the separate Triton
     kernels bit for bit (the same float32 ops and roundings per output), and the fused paths are the ones taken
-    (the separate kernels are patched out)."""
+    (the separate kernels are patched out). A plain 12288-row weight is past the GEMV's reach (cuBLAS): that pair
+    falls back to two projections."""
     from qnext.ops import triton_fused_linear as fused
     from qnext.ops.triton_ffn import silu_mul
-    from qnext.ops.triton_linear_fp8 import fp8_linear, linear
+    from qnext.ops.triton_linear_fp8 import fp8_linear, gemv_takes, linear
     torch.manual_seed(m)
 
     def weight(n, k, quantized=True):
@@ -604,12 +605,19 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
              (weight(1024, 2048), weight(528, 2048, quantized=False))]
     separate_swiglu = project(silu_mul(gu[:, :512], gu[:, 512:]), w_down)
     separate_pairs = [(project(x, a), project(x, b)) for a, b in pairs]
+    fused_pairs = [gemv_takes(x, a, None) and gemv_takes(x, b, None) for a, b in pairs]
+    assert fused_pairs == [fp8, True]
+    for (a, b), (ya, yb), one_launch in zip(pairs, separate_pairs, fused_pairs):
+        if not one_launch:
+            got_a, got_b = fused.linear_pair(x, a, b)
+            assert torch.equal(got_a, ya) and torch.equal(got_b, yb)
     monkeypatch.setattr(fused, "silu_mul", None)
     monkeypatch.setattr(fused, "_project", None)
     assert torch.equal(fused.silu_mul_linear(gu[:, :512], gu[:, 512:], w_down), separate_swiglu)
-    for (a, b), (ya, yb) in zip(pairs, separate_pairs):
-        got_a, got_b = fused.linear_pair(x, a, b)
-        assert torch.equal(got_a, ya) and torch.equal(got_b, yb)
+    for (a, b), (ya, yb), one_launch in zip(pairs, separate_pairs, fused_pairs):
+        if one_launch:
+            got_a, got_b = fused.linear_pair(x, a, b)
+            assert torch.equal(got_a, ya) and torch.equal(got_b, yb)
 
 
 @cuda_only
