@@ -35,7 +35,6 @@ def silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, w: Fp8BlockWeight | to
     return _project(silu_mul(gate, up), w, bias)
 
 
-
 @register("linear_pair", "torch")
 def linear_pair(x: torch.Tensor, w1: Fp8BlockWeight | torch.Tensor,
                 w2: Fp8BlockWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

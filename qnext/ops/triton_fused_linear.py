@@ -24,8 +24,9 @@ Tensor = torch.Tensor
 
 # False: separate kernels as before (A/B runs: scripts/gpu_e2e.py --extras knobs).
 FUSE_DECODE_PROJECTIONS = True
-# SwiGLU-formed down projection (2048 x 512) tile rows: H200, scripts/gpu_check.py --only formed, the two-kernel
-# chain 2.2 us, formed in the GEMV bn8 1.5 us (bn4 1.8, bn2 2.0, bn16 1.5).
+# Rows per program of the SwiGLU-formed down projection (2048 x 512). H200, scripts/gpu_check.py --only fused
+# (docs/benchmarks.md, 2026-12-03 third session): two kernels 2.3 us; formed in the GEMV bn4 1.7, bn8 1.6, bn16 1.5
+# (an earlier sweep: bn8 and bn16 1.5, bn4 1.8, bn2 2.0). The end-to-end runs used bn8.
 SWIGLU_BN = 8
 
 

@@ -6,7 +6,9 @@ every Qwen3-Next projection that the FP8 checkpoint quantizes). x [..., K] bf16/
 Paths (fp8_linear(path="auto") picks by the number of rows M):
 * "gemv"  (M <= GEMV_MAX_M, decode): W8A16; one program per (row, BN outputs) streams [BN, NG x 128] weight tiles,
            converts them in registers, sums each step's products per scale group and scales the sums into a
-           float32 [BN, NG] accumulator. Memory bound: goal = weight bytes / HBM bandwidth.
+           float32 [BN, NG] accumulator. Memory bound: goal = weight bytes / HBM bandwidth. The same program
+           code also forms a SwiGLU input on the way in and runs two GEMVs of one x as one grid (gemv_pair);
+           qnext.ops.triton_fused_linear uses both.
 * "w8a8"  (prefill): activations quantized per (row, 128 columns) to e4m3 with a float32 scale (1 small kernel),
            then an fp8 x fp8 tl.dot (Hopper fp8 tensor cores) whose per-128-K partial products get
            a_scale[row] * w_scale[block] — the DeepSeek-style 1x128 / 128x128 scheme.
