@@ -613,7 +613,7 @@ def fp8_gemv_sweep() -> None:
         del ws
 
 
-@guard("formed")
+@guard("fused")
 def fused_projection_sweep() -> None:
     """Batch-1 chains of dependent launches in one CUDA graph (PDL as in the model), fused against separate: SwiGLU
     -> shared-expert down GEMV (2048 x 512) as two kernels or formed in the GEMV (tiles); in_proj_qkvz (fp8 12288)
