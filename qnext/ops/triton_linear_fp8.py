@@ -51,6 +51,9 @@ LARGE_M_PATH = "dequant"
 # 2.3 us against cuBLAS's 3.0; in_proj_ba 64 x 2048: 1.9 against 4.9, H200); wider ones (lm_head) cuBLAS, which
 # streams them at the copy rate.
 BF16_GEMV_MAX_N = 4096
+# bf16_gemv's default (BN, NG, warps): the H200 sweep's best for 513 and 64 outputs (scripts/gpu_check.py --only
+# fp8gemv).
+BF16_GEMV_TILE = (2, 16, 4)
 # small_m_tiles splits K (by at most MAX_SPLIT; QNEXT_FP8_MAX_SPLIT=1 turns split-K off for A/B runs) until a call
 # has about SPLIT_PROGRAMS programs (2 per SM of an H100 / H200), leaving each program at least SPLIT_MIN_STEPS
 # 128-column steps. H200 sweep (gpu_check --only fp8small): at 32 rows 2048 x 4096 14.8 -> 12.0 us (split 4),
@@ -318,24 +321,30 @@ def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, n
     return y
 
 
-def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int | None = None, up: Tensor | None = None) -> Tensor:
-    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up, see _gemv); tiles default to gemv_tiles."""
-    n, k = _check(w)
-    tiles = gemv_tiles(n, k)
-    return _gemv(x, w.w, w.scale_inv.float().contiguous(), n, k, bn or tiles[0], ng or tiles[1],
-                 num_warps or tiles[2], up)
-
-
-def bf16_gemv(x: Tensor, w: Tensor, bn: int = 2, ng: int = 16, num_warps: int = 4,
-              up: Tensor | None = None) -> Tensor:
-    """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
-    dimension), through the fp8 GEMV kernel without scales. Default tile: the H200 sweep's best for 513 and 64
-    outputs (scripts/gpu_check.py --only fp8gemv). up: of silu(x) * up (see _gemv)."""
+def _operand(w: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor | None, int, int, tuple[int, int, int]]:
+    """(weight, float32 scales or None, N, K, default (BN, NG, warps)) of one GEMV weight, fp8 or 16-bit."""
+    if isinstance(w, Fp8BlockWeight):
+        n, k = _check(w)
+        return w.w, w.scale_inv.float().contiguous(), n, k, gemv_tiles(n, k)
     n, k = w.shape
     if k % 128:
         raise ValueError(f"bf16_gemv needs K % 128 == 0, got {k}")
-    return _gemv(x, w, None, n, k, bn, ng, num_warps, up)
+    return w, None, n, k, BF16_GEMV_TILE
+
+
+def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
+             num_warps: int | None = None, up: Tensor | None = None) -> Tensor:
+    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up, see _gemv); tiles default to gemv_tiles."""
+    wt, scale, n, k, tiles = _operand(w)
+    return _gemv(x, wt, scale, n, k, bn or tiles[0], ng or tiles[1], num_warps or tiles[2], up)
+
+
+def bf16_gemv(x: Tensor, w: Tensor, bn: int = BF16_GEMV_TILE[0], ng: int = BF16_GEMV_TILE[1],
+              num_warps: int = BF16_GEMV_TILE[2], up: Tensor | None = None) -> Tensor:
+    """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
+    dimension), through the fp8 GEMV kernel without scales. up: of silu(x) * up (see _gemv)."""
+    wt, _, n, k, _ = _operand(w)
+    return _gemv(x, wt, None, n, k, bn, ng, num_warps, up)
 
 
 def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bool:
@@ -358,20 +367,11 @@ def gemv(x: Tensor, w: Fp8BlockWeight | Tensor, **kw) -> Tensor:
     return fp8_gemv(x, w, **kw) if isinstance(w, Fp8BlockWeight) else bf16_gemv(x, w, **kw)
 
 
-def _operand(w: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor | None, int, int, int]:
-    """(weight, scales or None, N, BN, NG) of one GEMV weight at its default tile."""
-    if isinstance(w, Fp8BlockWeight):
-        n, k = _check(w)
-        bn, ng, _ = gemv_tiles(n, k)
-        return w.w, w.scale_inv.float().contiguous(), n, bn, ng
-    return w, None, w.shape[0], 2, 16                            # bf16_gemv's default tile
-
-
 def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
     """(x @ w1^T, x @ w2^T) in one launch (gemv_takes must hold for both); each weight fp8 or 16-bit, at its own
-    default tile (4 warps, as every default tile)."""
+    default tile (the launch takes the larger warp count; every default tile has 4)."""
     m, k = x.shape
-    (a, sa, n1, bn1, ng1), (b, sb, n2, bn2, ng2) = _operand(w1), _operand(w2)
+    (a, sa, n1, _, (bn1, ng1, warps1)), (b, sb, n2, _, (bn2, ng2, warps2)) = _operand(w1), _operand(w2)
     y1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
     y2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
     _gemv_pair_kernel[(m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2))](
@@ -379,7 +379,7 @@ def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tenso
         a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
         b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0),
         BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
-        EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=4, **pdl_launch())
+        EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2), **pdl_launch())
     return y1, y2
 
 
