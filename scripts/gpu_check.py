@@ -2,7 +2,7 @@
 """One run on the GPU machine: parity of every fast op at full model size, then timings.
 
     python3 scripts/gpu_check.py --out $OUT [--budget 300]
-        [--only moe,gdn,conv,attn,attnsplit,fp8,fp8gemv,fused,fp8small,fp8prefill]
+        [--only moe,gdn,conv,attn,attnsplit,fp8,fp8gemv,fused,fp8small,fp8prefill,grouped]
 
 Measures the two ceilings first (device-to-device copy GB/s counting read + write; bf16 8192^3 matmul TFLOP/s),
 then for each op: time per call (CUDA-graph replays of many calls over rotating inputs for decode-sized work, CUDA
@@ -691,6 +691,80 @@ def fp8_prefill_sweep() -> None:
         del ws, wb
 
 
+@guard("grouped")
+def grouped_sweep(kinds) -> None:
+    """The grouped (decode-batch) MoE at 8-64 tokens: tiles and stages around the defaults, with an older
+    version of the kernels (scripts/old_grouped_ref.py, when present: a file copied in for the run) as the
+    baseline; parity of each against the float32 reference; then the kernels of one call by name (torch profiler)
+    for the baseline, the default and the best."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qnext.ops.triton_moe import fused_moe, kernel_view
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import old_grouped_ref
+    except ImportError:
+        old_grouped_ref = None
+    variants = {
+        "default": {}, "bn32": dict(bn=32), "bn128": dict(bn=128), "bn2 64": dict(bn2=64), "bn2 256": dict(bn2=256),
+        "stages 3": dict(stages=3, stages2=3), "stages 5": dict(stages=5, stages2=5), "warps 2": dict(warps=2, warps2=2),
+    }
+    for kind in kinds:
+        layers = [make_layer(kind, s) for s in (1, 2)]
+        per_expert = expert_bytes(*layers[0])
+        best: dict[int, tuple[float, str]] = {}
+        for m in (32, 8, 16, 64):
+            routes = routings(m, 8, seed=m)
+            xs = [torch.randn(m, H, device="cuda").bfloat16() for _ in range(4)]
+            uniq = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
+            w, ids = routes[0]
+            ref = quant.moe_forward_ref(xs[0], *layers[0], w, ids, h_dtype=torch.bfloat16)
+            runs = dict(variants)
+            if old_grouped_ref is not None:
+                runs = {"old (previous commit)": None, **runs}
+            for name, cfg in runs.items():
+                if left() < 25:
+                    break
+                if cfg is None:
+                    def fn(x, l, wt, ids_):
+                        return old_grouped_ref.moe_grouped(x, kernel_view(l[0]), kernel_view(l[1]), wt, ids_)
+                else:
+                    def fn(x, l, wt, ids_, cfg=cfg):
+                        return fused_moe(x, *l, wt, ids_, path="grouped", config=cfg)
+                try:
+                    parity(f"grouped {kind} M={m} {name}", rel(fn(xs[0], layers[0], w, ids), ref), 1.5e-2)
+                    us = time_graph(lambda i, fn=fn: fn(xs[i % 4], layers[i % 2], *routes[i % 8]), 16)
+                except Exception as e:
+                    RESULTS["errors"][f"grouped {kind} M={m} {name}"] = repr(e)[:400]
+                    print(f"[error] grouped {kind} M={m} {name}: {e!r}"[:600], flush=True)
+                    continue
+                record(f"grouped {kind} M={m} {name}", us, bytes_=uniq * per_expert,
+                       note=f"{uniq:.0f} experts x {per_expert / 2**20:.2f} MiB")
+                if cfg is not None and us < best.get(m, (1e9, ""))[0]:
+                    best[m] = (us, name)
+            if m == 32 and left() > 40:       # kernels by name: the baseline, the item kernel, the best
+                for name in dict.fromkeys(["old (previous commit)", "default", best.get(32, (0, "default"))[1]]):
+                    if name not in runs:
+                        continue
+                    cfg = runs[name]
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for i in range(16):
+                            if cfg is None:
+                                old_grouped_ref.moe_grouped(xs[i % 4], kernel_view(layers[i % 2][0]),
+                                                            kernel_view(layers[i % 2][1]), *routes[i % 8])
+                            else:
+                                fused_moe(xs[i % 4], *layers[i % 2], *routes[i % 8], path="grouped", config=cfg)
+                        torch.cuda.synchronize()
+                    rows = sorted(((e.key, e.device_time_total / 16, e.count / 16) for e in prof.key_averages()
+                                   if e.device_time_total > 0), key=lambda r: -r[1])
+                    RESULTS["timing"][f"grouped {kind} M=32 {name} kernels"] = rows[:8]
+                    print(f"[kernels] {name}: " + "; ".join(f"{k[:40]} {us:.1f} us x{c:.0f}" for k, us, c in rows[:8]),
+                          flush=True)
+        print(f"[best] {kind}: {best}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     global BUDGET, DECODE_ONLY
     ap = argparse.ArgumentParser()
@@ -714,6 +788,8 @@ def main() -> None:
             gdn_section(args.quick)
         if "attn" in only:
             attn_section(args.quick)
+        if "grouped" in only:
+            grouped_sweep([k for k in kinds if k != "int4_32"])
         if "fp8gemv" in only:
             fp8_gemv_sweep()
         if "attnsplit" in only:
