@@ -8,8 +8,9 @@
 # 3. a warm-up burst (c requests at concurrency c, 16 output tokens each; not measured): the server's Triton
 #    kernels meet the shapes of mixed prefill + decode steps before the clock starts (on a cold Triton cache their
 #    JIT compiles stalled the first measured wave by ~18 s on the H200, 2026-12-02);
-# 4. `qnext bench serve`: 64 requests of 8192 random prompt tokens and 1024 output tokens (ignore_eos), 32 at a
-#    time, after 2 warm-up requests; then a short c1 run (4 requests) for the unloaded TPOT.
+# 4. `qnext bench serve`: 64 requests (SERVE_BENCH_PROMPTS; bench-protocol.md's figure is 512) of 8192 random
+#    prompt tokens and 1024 output tokens (ignore_eos), 32 at a time, after 2 warm-up requests; then a short c1 run
+#    (4 requests) for the unloaded TPOT (SERVE_BENCH_C1=0 skips it).
 # OUT_DIR gets warmup_burst.json, serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
 # Off the GPU, SERVE_BENCH_SMALL=1 runs the same steps on the tiny preset (a check of the script, not a figure).
 # Needs qnext's server packages; the GPU machine lacks fastapi, uvicorn, starlette, pydantic (+ pydantic-core,
@@ -23,7 +24,7 @@ port=${SERVE_BENCH_PORT:-8765}
 if [[ "${SERVE_BENCH_SMALL:-0}" == 1 ]]; then
   preset=tiny; ilen=64; olen=16; n=8; c=4; serve_flags=(--device cpu --max-num-seqs 4 --max-model-len 256)
 else
-  preset=qwen3-coder-next; ilen=8192; olen=1024; n=64; c=32
+  preset=qwen3-coder-next; ilen=8192; olen=1024; n=${SERVE_BENCH_PROMPTS:-64}; c=32
   serve_flags=(--device cuda --quantization int4 --max-num-seqs 32 --max-model-len 9728
                --max-num-batched-tokens 8192 --kv-cache-memory-gb 12)
 fi
@@ -54,6 +55,8 @@ bench=(python3 -m qnext bench serve --base-url "http://127.0.0.1:$port" --tokeni
 "${bench[@]}" --max-concurrency "$c" --num-prompts "$c" --random-output-len 16 --seed 2 \
   --result-file "$out/warmup_burst.json" >/dev/null
 "${bench[@]}" --max-concurrency "$c" --num-prompts "$n" --num-warmups 2 --result-file "$out/serve_c$c.json"
-"${bench[@]}" --max-concurrency 1 --num-prompts 4 --seed 1 --result-file "$out/serve_c1.json"
+if [[ "${SERVE_BENCH_C1:-1}" == 1 ]]; then
+  "${bench[@]}" --max-concurrency 1 --num-prompts 4 --seed 1 --result-file "$out/serve_c1.json"
+fi
 python3 -c "import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
   "http://127.0.0.1:$port/metrics" >"$out/metrics.txt"

@@ -394,7 +394,7 @@ def test_conv_prefill_reads_the_gdn_column_map_by_runs(preset):
 # ---- CUDA: norms and feed-forward glue ---------------------------------------------------------------------------
 
 @cuda_only
-@pytest.mark.parametrize("rows,d", [(1, 2048), (37, 2048), (5, 96)])
+@pytest.mark.parametrize("rows,d", [(1, 2048), (37, 2048), (5, 96), (4099, 2048)])   # 4099: several rows a program
 def test_rmsnorm_kernels_match_reference(rows, d):
     from qnext.ops import norm, triton_norm
     torch.manual_seed(5)

@@ -32,7 +32,7 @@ def results():
 
 def test_glue_kernels_match_reference(results):
     for name, value in results.items():
-        if name.startswith(("moe_route_ids", "moe_group_pairs", "rmsnorm_moe_combine_bits")):
+        if name.startswith(("moe_route_ids", "moe_group_pairs", "rmsnorm_moe_combine_bits", "norm_rows_bits")):
             assert value is True, name
         elif isinstance(value, float):
             exact = "float32" in name or name.startswith(("conv", "fp8", "paged", "gdn"))  # float32 on both sides
@@ -40,6 +40,7 @@ def test_glue_kernels_match_reference(results):
     # (gemv, sorted, grouped at 3 and 70 tokens) x 3 formats x (summed or not)
     assert sum(name.startswith("fused_moe_") for name in results) == 24
     assert results["moe_group_pairs_ids"] is True
+    assert sum(name.startswith("norm_rows_bits/") for name in results) == 2
     assert sum(name.startswith(("silu_mul_linear/", "linear_pair/")) for name in results) == 4
 
 

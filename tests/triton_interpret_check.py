@@ -47,6 +47,14 @@ def op_checks() -> dict:
         ang = torch.randn(6, 10)
         out[f"rmsnorm_rope/{n}"] = err(triton_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()),
                                        ref_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()))
+        saved, triton_norm.MANY_ROWS = triton_norm.MANY_ROWS, 1          # several rows per program, as in prefill
+        many = (triton_norm.rmsnorm(x, w, 1e-6, r), triton_norm.gated_rmsnorm(xs, zs, w, 1e-6),
+                triton_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()))
+        triton_norm.MANY_ROWS = saved
+        one = (triton_norm.rmsnorm(x, w, 1e-6, r), triton_norm.gated_rmsnorm(xs, zs, w, 1e-6),
+               triton_norm.rmsnorm_rope(qh, w, 1e-6, ang.cos(), ang.sin()))
+        out[f"norm_rows_bits/{n}"] = bool(all(torch.equal(a, b) for a, b in zip((*many[0], *many[1:]),
+                                                                                (*one[0], *one[1:]))))
         logits = (torch.randperm(7 * 24).view(7, 24) / 50 - 1.5).to(dt)   # distinct in bf16 too: no ties to order
         for k, renorm in ((5, True), (3, False)):
             (i1, w1), (i2, w2) = triton_ffn.moe_route(logits, k, renorm), ref_ffn.moe_route(logits, k, renorm)

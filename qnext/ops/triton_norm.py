@@ -1,8 +1,8 @@
 """RMSNorm kernels (Triton): one launch per norm, the residual add fused in. Semantics of qnext.ops.norm.
 
-One program per row of D elements; rows are addressed through up to three leading strides, so strided views (q/k
-heads split out of a projection, the GDN gate z inside in_proj_qkvz's output) are read where they lie, without a
-copy. Outputs are new contiguous tensors (never aliasing an input, so CUDA-graph capture needs no care).
+One program per row of D elements (per several rows for prefill-sized inputs); rows are addressed through up to
+three leading strides, so strided views (q/k heads split out of a projection, the GDN gate z inside in_proj_qkvz's
+output) are read where they lie, without a copy. Outputs are new contiguous tensors (never aliasing an input, so CUDA-graph capture needs no care).
 A MoeCombine input (a MoE block's routed outputs, shared-expert gate and shared output) is formed in the same
 launch, with the rounding of qnext.ops.triton_ffn.sigmoid_gate_add, so the result is that kernel's and this one's
 bit for bit, one launch fewer.
@@ -24,37 +24,42 @@ Tensor = torch.Tensor
 @triton.jit
 def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
-    B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
+    NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
-    PDL: tl.constexpr = False,
+    RB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
-    """grid (rows,): row = (i0, i1, i2) over leading dims [A, B, C]; y and s are contiguous [rows, D].
+    """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
+    contiguous [rows, D]. Each row is reduced on its own, so RB changes no result.
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
     KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
     (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
     pdl_wait_then_release(PDL)
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
+    rm = row < NROWS
     i0, i1, i2 = row // (B * C), (row // C) % B, row % C
     offs = tl.arange(0, BD)
-    m = offs < D
+    m = rm[:, None] & (offs < D)[None, :]
+    flat = row[:, None] * D + offs[None, :]                            # [RB, BD] in y / s (contiguous rows)
+    xrow = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
     if KC > 0:      # as _gate_add_kernel: float32 sum over k in order, then + sigmoid(gate) * shared, one rounding
-        gate = tl.sigmoid(tl.load(mg_ptr + row * smg + 0 * offs).to(tl.float32))
-        acc = tl.zeros([BD], dtype=tl.float32)
+        gate = tl.sigmoid(tl.load(mg_ptr + row * smg, mask=rm, other=0.0).to(tl.float32))
+        acc = tl.zeros([RB, BD], dtype=tl.float32)
         for j in tl.static_range(KC):
-            acc += tl.load(x_ptr + (row * KC + j) * D + offs, mask=m, other=0.0).to(tl.float32)
-        shared = tl.load(ms_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-        x = (acc + gate * shared).to(s_ptr.dtype.element_ty)
+            acc += tl.load(x_ptr + (row[:, None] * KC + j) * D + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        shared = tl.load(ms_ptr + flat, mask=m, other=0.0).to(tl.float32)
+        x = (acc + gate[:, None] * shared).to(s_ptr.dtype.element_ty)
     else:
-        x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + offs, mask=m, other=0.0)
+        x = tl.load(x_ptr + xrow + offs[None, :], mask=m, other=0.0)
     if HAS_RES:  # s = x + residual, rounded to x's dtype as a plain tensor add does
-        r = tl.load(r_ptr + i0 * sr0 + i1 * sr1 + i2 * sr2 + offs, mask=m, other=0.0)
+        r = tl.load(r_ptr + (i0 * sr0 + i1 * sr1 + i2 * sr2)[:, None] + offs[None, :], mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * D + offs, x, mask=m)
+        tl.store(s_ptr + flat, x, mask=m)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
     if GATED:
-        z = tl.load(z_ptr + i0 * sz0 + i1 * sz1 + i2 * sz2 + offs, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + (i0 * sz0 + i1 * sz1 + i2 * sz2)[:, None] + offs[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         y = xf * rstd * w * (z * tl.sigmoid(z))
     else:
         y = xf * rstd * (1.0 + w)
@@ -64,15 +69,16 @@ def _norm_kernel(
         rot = offs < 2 * HALF
         first = offs < HALF
         p = tl.where(first, offs + HALF, offs - HALF)
-        xp = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + p, mask=rot, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)
+        rot2 = rm[:, None] & rot[None, :]
+        xp = tl.load(x_ptr + xrow + p[None, :], mask=rot2, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
         yp = (xp * rstd * (1.0 + wp)).to(y_ptr.dtype.element_ty).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
         j = tl.where(first, offs, offs - HALF)
-        c = tl.load(cos_ptr + i1 * HALF + j, mask=rot, other=1.0)
-        sn = tl.load(sin_ptr + i1 * HALF + j, mask=rot, other=0.0)
-        y = tl.where(rot, tl.where(first, y * c - yp * sn, y * c + yp * sn), y)
-    tl.store(y_ptr + row * D + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+        c = tl.load(cos_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=1.0)
+        sn = tl.load(sin_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=0.0)
+        y = tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+    tl.store(y_ptr + flat, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int]]:
@@ -89,6 +95,16 @@ def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int]]:
 
 def _num_warps(d: int) -> int:
     return 8 if d >= 2048 else 4 if d >= 512 else 2 if d >= 256 else 1
+
+
+# Rows per program: one for decode-sized launches (more programs, less latency); for prefill-sized ones (8K tokens
+# x 32 GDN heads of 128 = 262K rows) enough rows that a program moves ~4K elements instead of one 128-wide row.
+MANY_ROWS = 4096
+ROW_ELEMS = 4096
+
+
+def _rows_per_program(rows: int, d: int) -> int:
+    return 1 if rows < MANY_ROWS else max(1, ROW_ELEMS // triton.next_power_of_2(d))
 
 
 def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: Tensor | None,
@@ -112,10 +128,12 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
         routed = combine.routed.contiguous()
         kc = routed.shape[1] if routed.dim() == 3 else 1
         x, mg, ms, smg = routed, combine.gate, combine.shared.contiguous(), combine.gate.stride(0)
-    _norm_kernel[(lead[0] * lead[1] * lead[2],)](
-        x, r, g, weight, y, s, cos, sin, mg, ms, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
+    rows = lead[0] * lead[1] * lead[2]
+    rb = 1 if kc else _rows_per_program(rows, d)
+    _norm_kernel[(triton.cdiv(rows, rb),)](
+        x, r, g, weight, y, s, cos, sin, mg, ms, rows, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), KC=kc, num_warps=_num_warps(d), **pdl_launch())
+        BD=triton.next_power_of_2(d), KC=kc, RB=rb, num_warps=_num_warps(d * rb), **pdl_launch())
     return y, s
 
 

@@ -16,8 +16,9 @@ causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / 
   visible keys read from the paged cache (the new K/V must already be written there).
 * fresh_prefill_attention: sequences with no cached context go through torch SDPA (flash) on their own K/V.
 * write_kv: the new K and V rows into the cache at slot_mapping, one launch.
-* paged_attention: registry-compatible wrapper (write_kv, then one of the three; the output gate sigmoid(gate)
-  is applied in the decode kernels' epilogue, after the prefill paths by torch ops).
+* paged_attention: registry-compatible wrapper (write_kv, then each sequence through the one of the three made for
+  it; the output gate sigmoid(gate) is applied in the decode kernels' epilogue, after the other paths by torch
+  ops).
 """
 
 from __future__ import annotations
@@ -261,10 +262,12 @@ def _paged_prefill_kernel(
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                             cu_query_lens: Tensor, query_lens: list[int], scale: float,
-                            bq: int | None = None, bn: int = 32, num_warps: int = 8, num_stages: int = 2) -> Tensor:
+                            bq: int | None = None, bn: int = 32, num_warps: int = 8, num_stages: int = 2,
+                            only: list[int] | None = None, out: Tensor | None = None) -> Tensor:
     """q [T, Hq, D] (sequences back to back, bounds cu_query_lens [B+1]); query_lens [B] host ints; the new K/V
     already in the cache -> o [T, Hq, D]. Causal, bottom-right aligned (query j of sequence i at position
-    seq_len_i - q_len_i + j)."""
+    seq_len_i - q_len_i + j). only: the sequences to compute (the rows of the others are left as they are in
+    `out`, or unwritten); out: the tensor to write (default a new one)."""
     t, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -272,11 +275,11 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         raise ValueError("paged prefill needs Hq/Hkv a power of two and unit-stride head dims")
     bq = bq or max(1, 64 // g)
     seqs, starts = [], []
-    for i, n in enumerate(query_lens):
-        for s0 in range(0, n, bq):
+    for i in range(len(query_lens)) if only is None else only:
+        for s0 in range(0, query_lens[i], bq):
             seqs.append(i)
             starts.append(s0)
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if out is None else out
     if not seqs:
         return o
     table = torch.tensor([seqs, starts], dtype=torch.int32).to(q.device, non_blocking=True)
@@ -326,16 +329,38 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
                     query_lens: list[int], context_lens: list[int], scale: float,
                     gate: Tensor | None = None) -> Tensor:
     """Registry-compatible (qnext.ops.paged_attention): write K/V at slot_mapping, attend -> [T, Hq, D], times
-    sigmoid(gate) when given (in the decode kernels' epilogue; torch ops after the prefill paths)."""
+    sigmoid(gate) when given (in the decode kernels' epilogue; torch ops after the other paths).
+    Each sequence takes the path made for it: one query (a decode) the decode kernel, a prompt with nothing cached
+    SDPA on its own K/V, a chunk over cached context the paged prefill kernel. A serving step mixes them (the
+    running decodes ride along with a new prompt's chunk): sending the whole step through the paged prefill kernel
+    made each 8K prompt's attention ~5x slower than SDPA's."""
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     if all(n == 1 for n in query_lens):
         longest = max(c + 1 for c in context_lens)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest, gate=gate)
     if all(c == 0 for c in context_lens):
         out = fresh_prefill_attention(q, k, v, query_lens, scale)
-    else:
-        cu = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
-        out = paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale)
+        return out if gate is None else out * torch.sigmoid(gate)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    fresh = [i for i, (n, c) in enumerate(zip(query_lens, context_lens)) if n > 1 and c == 0]
+    chunks = [i for i, (n, c) in enumerate(zip(query_lens, context_lens)) if n > 1 and c > 0]
+    out = torch.empty_like(q)
+    if chunks:
+        cu = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
+        paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, query_lens, scale,
+                                only=chunks, out=out)
+    for i in fresh:
+        sl = slice(starts[i], starts[i + 1])
+        out[sl] = fresh_prefill_attention(q[sl], k[sl], v[sl], [query_lens[i]], scale)
+    if decodes:
+        seqs = torch.tensor(decodes, dtype=torch.int64).to(q.device, non_blocking=True)
+        rows = torch.tensor([starts[i] for i in decodes], dtype=torch.int64).to(q.device, non_blocking=True)
+        longest = max(context_lens[i] + 1 for i in decodes)
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, block_tables[seqs], seq_lens[seqs], scale,
+                                           longest)
     return out if gate is None else out * torch.sigmoid(gate)
 
 
