@@ -694,9 +694,10 @@ def fp8_prefill_sweep() -> None:
 @guard("grouped")
 def grouped_sweep(kinds) -> None:
     """The grouped (decode-batch) MoE at 8-64 tokens: tiles and stages around the defaults, with an older
-    version of the kernels (scripts/old_grouped_ref.py, when present: a file copied in for the run) as the
-    baseline; parity of each against the float32 reference; then the kernels of one call by name (torch profiler)
-    for the baseline, the default and the best."""
+    version of the kernels as the baseline when scripts/old_grouped_ref.py is there (a copy made for the run, e.g.
+    `git show bcd567e:qnext/ops/triton_moe_grouped.py > scripts/old_grouped_ref.py`); parity of each against the
+    float32 reference; then the kernels of one call by name (torch profiler) for the baseline, the default and
+    the best."""
     from torch.profiler import ProfilerActivity, profile
 
     from qnext.ops.triton_moe import fused_moe, kernel_view

@@ -250,6 +250,12 @@ def moe_checks() -> dict:
     ref = ref_ffn.fused_moe(x.float(), *formats["fp8"], tw, ids)      # fp8 with both GEMMs swapped
     out["moe_sorted70_swapped/fp8"] = err(fused_moe(x, *formats["fp8"], tw, ids, path="sorted",
                                                     config=dict(bm=16, swap=True, swap2=True)), ref)
+    w13n, w2n = torch.randn(e, 2 * 96, 96) / 16, torch.randn(e, 96, 96) / 16    # 96 rows: grouped tiles shrink to fit
+    w13n, w2n = quantize_int4_group(w13n, 32), quantize_int4_group(w2n, 32)
+    xn, idn = torch.randn(20, 96).half(), torch.stack([torch.randperm(e)[:k] for _ in range(20)])
+    twn = torch.rand(20, k)
+    out["moe_grouped_narrow/int4"] = err(fused_moe(xn, w13n, w2n, twn, idn, path="grouped"),
+                                         ref_ffn.fused_moe(xn.float(), w13n, w2n, twn, idn))
     ids = torch.stack([torch.randperm(12)[:3] for _ in range(40)])     # 120 pairs: some experts fill 2 slots
     slot_e, slot_cnt, slot_pairs, used = group_pairs(ids, 12)
     flat, n = ids.reshape(-1), int(used)

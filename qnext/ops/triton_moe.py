@@ -71,8 +71,8 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
         return torch.zeros_like(x)
     if path == "auto":
         p = topk_ids.numel()
-        path = ("gemv" if p <= GEMV_MAX_PAIRS[a.kind] else "grouped" if p <= GROUPED_AUTO_MAX_PAIRS[a.kind]
-                else "sorted")
+        grouped_ok = p <= GROUPED_AUTO_MAX_PAIRS[a.kind] and a.n % 32 == 0 and b.n % 16 == 0
+        path = "gemv" if p <= GEMV_MAX_PAIRS[a.kind] else "grouped" if grouped_ok else "sorted"
     if path == "gemv":
         return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "sorted":

@@ -13,6 +13,7 @@ gate_up writes h [P, I] by pair, down writes y [P, H] = tw * W_down h by pair; t
 caller's (reduce) or the next norm's. Three launches, static shapes, no host sync: CUDA-graph safe. Deterministic:
 a row of tl.dot does not depend on the other rows, and the k-sum runs in a fixed order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +85,9 @@ def _acts(a_rows, mvalid, k0, K, KIND: tl.constexpr, BK: tl.constexpr):
         ka = k0 + tl.arange(0, BK)
         kb = ka
     m = mvalid[:, None] & (ka < K)[None, :]
-    return tl.load(a_rows[:, None] + ka[None, :], mask=m, other=0.0), tl.load(a_rows[:, None] + kb[None, :], mask=m,
-                                                                             other=0.0)
+    xa = tl.load(a_rows[:, None] + ka[None, :], mask=m, other=0.0)
+    xb = tl.load(a_rows[:, None] + kb[None, :], mask=m, other=0.0)
+    return xa, xb
 
 
 @triton.jit
@@ -175,10 +177,13 @@ def group_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Ten
 
 def _launch(a, w: KernelWeight, out, groups, tw, n: int, top_k: int, gate_up: bool, bn: int, bk: int, warps: int,
             stages: int) -> None:
-    """One grouped GEMM: out = silu(gate) * up of a's rows (gate_up) or tw * (a's rows times w)."""
+    """One grouped GEMM: out = silu(gate) * up of a's rows (gate_up) or tw * (a's rows times w). The tile's BN
+    rows are halved until they divide N (the kernel has no row masks)."""
     slot_e, slot_cnt, slot_pairs, used = groups
+    while n % bn and bn > 16:
+        bn //= 2
     if n % bn:
-        raise ValueError(f"grouped MoE tiles of {bn} rows need N % BN == 0, got N = {n}")
+        raise ValueError(f"the grouped MoE path needs N % 16 == 0, got N = {n}")
     _moe_grouped_kernel[(slot_e.shape[0], n // bn)](
         a, w.data, w.scale, out, slot_e, slot_cnt, slot_pairs, used, tw, n, w.k, top_k,
         a.stride(0), w.data.stride(0), w.data.stride(1), w.scale.stride(0), w.scale.stride(1), out.stride(0),
