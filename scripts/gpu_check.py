@@ -708,7 +708,8 @@ def grouped_sweep(kinds) -> None:
         old_grouped_ref = None
     variants = {
         "default": {}, "bn32": dict(bn=32), "bn128": dict(bn=128), "bn2 64": dict(bn2=64), "bn2 256": dict(bn2=256),
-        "stages 3": dict(stages=3, stages2=3), "stages 5": dict(stages=5, stages2=5), "warps 2": dict(warps=2, warps2=2),
+        "stages 3": dict(stages=3, stages2=3), "stages 5": dict(stages=5, stages2=5),
+        "warps 2": dict(warps=2, warps2=2),
     }
     for kind in kinds:
         layers = [make_layer(kind, s) for s in (1, 2)]
@@ -720,18 +721,15 @@ def grouped_sweep(kinds) -> None:
             uniq = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
             w, ids = routes[0]
             ref = quant.moe_forward_ref(xs[0], *layers[0], w, ids, h_dtype=torch.bfloat16)
-            runs = dict(variants)
+            calls = {}                  # variant -> fn(x, layer, weights, ids)
             if old_grouped_ref is not None:
-                runs = {"old (previous commit)": None, **runs}
-            for name, cfg in runs.items():
+                calls["baseline"] = lambda x, l, wt, ids_: old_grouped_ref.moe_grouped(
+                    x, kernel_view(l[0]), kernel_view(l[1]), wt, ids_)
+            for name, cfg in variants.items():
+                calls[name] = lambda x, l, wt, ids_, cfg=cfg: fused_moe(x, *l, wt, ids_, path="grouped", config=cfg)
+            for name, fn in calls.items():
                 if left() < 25:
                     break
-                if cfg is None:
-                    def fn(x, l, wt, ids_):
-                        return old_grouped_ref.moe_grouped(x, kernel_view(l[0]), kernel_view(l[1]), wt, ids_)
-                else:
-                    def fn(x, l, wt, ids_, cfg=cfg):
-                        return fused_moe(x, *l, wt, ids_, path="grouped", config=cfg)
                 try:
                     parity(f"grouped {kind} M={m} {name}", rel(fn(xs[0], layers[0], w, ids), ref), 1.5e-2)
                     us = time_graph(lambda i, fn=fn: fn(xs[i % 4], layers[i % 2], *routes[i % 8]), 16)
@@ -741,20 +739,15 @@ def grouped_sweep(kinds) -> None:
                     continue
                 record(f"grouped {kind} M={m} {name}", us, bytes_=uniq * per_expert,
                        note=f"{uniq:.0f} experts x {per_expert / 2**20:.2f} MiB")
-                if cfg is not None and us < best.get(m, (1e9, ""))[0]:
+                if name != "baseline" and us < best.get(m, (1e9, ""))[0]:
                     best[m] = (us, name)
-            if m == 32 and left() > 40:       # kernels by name: the baseline, the item kernel, the best
-                for name in dict.fromkeys(["old (previous commit)", "default", best.get(32, (0, "default"))[1]]):
-                    if name not in runs:
+            if m == 32 and left() > 40:       # kernels by name: the baseline, the default, the best
+                for name in dict.fromkeys(["baseline", "default", best.get(32, (0, "default"))[1]]):
+                    if name not in calls:
                         continue
-                    cfg = runs[name]
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         for i in range(16):
-                            if cfg is None:
-                                old_grouped_ref.moe_grouped(xs[i % 4], kernel_view(layers[i % 2][0]),
-                                                            kernel_view(layers[i % 2][1]), *routes[i % 8])
-                            else:
-                                fused_moe(xs[i % 4], *layers[i % 2], *routes[i % 8], path="grouped", config=cfg)
+                            calls[name](xs[i % 4], layers[i % 2], *routes[i % 8])
                         torch.cuda.synchronize()
                     rows = sorted(((e.key, e.device_time_total / 16, e.count / 16) for e in prof.key_averages()
                                    if e.device_time_total > 0), key=lambda r: -r[1])

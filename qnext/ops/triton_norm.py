@@ -2,7 +2,8 @@
 
 One program per row of D elements (per several rows for prefill-sized inputs); rows are addressed through up to
 three leading strides, so strided views (q/k heads split out of a projection, the GDN gate z inside in_proj_qkvz's
-output) are read where they lie, without a copy. Outputs are new contiguous tensors (never aliasing an input, so CUDA-graph capture needs no care).
+output) are read where they lie, without a copy. Outputs are new contiguous tensors (never aliasing an input, so
+CUDA-graph capture needs no care).
 A MoeCombine input (a MoE block's routed outputs, shared-expert gate and shared output) is formed in the same
 launch, with the rounding of qnext.ops.triton_ffn.sigmoid_gate_add, so the result is that kernel's and this one's
 bit for bit, one launch fewer.
@@ -29,7 +30,7 @@ def _norm_kernel(
     RB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
-    contiguous [rows, D]. Each row is reduced on its own, so RB changes no result.
+    contiguous [rows, D]. Each row is reduced on its own.
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
     KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
     (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
