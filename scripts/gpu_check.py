@@ -493,6 +493,21 @@ def attn_section(quick: bool) -> None:
     ke, ve = kt.repeat_interleave(HQ // HKV, dim=1), vt.repeat_interleave(HQ // HKV, dim=1)
     us = time_events(lambda i: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale), iters=5)
     record("attn prefill SDPA expanded kv T=8192", us, flops=flops)
+    # one chunk of n queries over 6K cached keys: the paged kernel against SDPA on gathered K/V (SDPA_MIN_CHUNK)
+    from qnext.ops.triton_paged_attention import cached_chunk_attention
+    ctx = 6144
+    for n in (16, 32, 64, 128, 512, 2048):
+        kc, vc, bt, seq_lens = _paged([ctx], [n])
+        q = torch.randn(n, HQ, HD, device="cuda").bfloat16()
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        ref = paged_prefill_attention(q, kc, vc, bt, seq_lens, cu, [n], scale)
+        out = cached_chunk_attention(q, kc, vc, bt[0], ctx + n, scale)
+        parity(f"attn chunk n={n} ctx={ctx}: SDPA on gathered K/V vs paged kernel", rel(out, ref), 1e-2)
+        flops = 4 * n * (ctx + n / 2) * HQ * HD
+        us = time_events(lambda i: paged_prefill_attention(q, kc, vc, bt, seq_lens, cu, [n], scale), iters=10)
+        record(f"attn chunk n={n} ctx={ctx} paged triton", us, flops=flops)
+        us = time_events(lambda i: cached_chunk_attention(q, kc, vc, bt[0], ctx + n, scale), iters=10)
+        record(f"attn chunk n={n} ctx={ctx} SDPA gathered", us, flops=flops)
 
 
 # ---- fp8 linear ----------------------------------------------------------------------------------------------------

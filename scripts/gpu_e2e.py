@@ -15,7 +15,7 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, ab, host, trace, eager; knobs: the same model
+    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, eager; knobs: the same model
     with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without
     programmatic dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
@@ -403,6 +403,58 @@ def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: i
     os.remove(raw)
 
 
+def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048), decoders: int = 31,
+                  depth: int = 1024, prompt: int = 8192, window: int = 24, rounds: int = 2) -> None:
+    """What a new prompt costs the running decodes, by step token budget (serve-8k1k-c32's situation): `decoders`
+    greedy requests decode at `depth` context; one `prompt`-token request (max_tokens 1) arrives and the engine runs `window` steps
+    (each gives every decoder a token; the prompt's chunks ride along in the first ones). The window's wall time is
+    what the budget costs for window x decoders tokens plus one prefill: lower is better. Budgets alternate over
+    `rounds` after an untimed warm-up round (chunk shapes compile)."""
+    vocab, rng = engine.model_config.vocab_size, random.Random(17)
+    sched = engine.scheduler
+    keep = sched.max_num_batched_tokens
+    params = SamplingParams(temperature=0.0, max_tokens=window * (len(budgets) * (rounds + 1) + 2) + 16,
+                            ignore_eos=True)
+    for i, p in enumerate(rand_prompts(rng, decoders, depth, vocab)):
+        engine.add_request(f"mixed-dec-{i}", p, params)
+    while sched.waiting:
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    walls: dict[int, list[float]] = {b: [] for b in budgets}
+    steps_in_prefill: dict[int, int] = {}
+    try:
+        t0 = time.perf_counter()
+        for _ in range(window):
+            engine.step()
+        decode_only = (time.perf_counter() - t0) / window
+        for rnd in range(rounds + 1):
+            for b in budgets if rnd % 2 else tuple(reversed(budgets)):
+                sched.max_num_batched_tokens = b
+                rid = f"mixed-p{rnd}-{b}"
+                engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab)[0],
+                                   SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+                t0, done = time.perf_counter(), None
+                for k in range(window):
+                    if any(o.request_id == rid for o in engine.step()):
+                        done = k + 1
+                wall = time.perf_counter() - t0
+                if done is None:
+                    raise RuntimeError(f"budget {b}: the prompt did not finish within {window} steps")
+                steps_in_prefill[b] = done
+                if rnd:
+                    walls[b].append(wall)
+        record(tag, f"mixed prefill ({decoders} decoders @{depth}, one {prompt}-token prompt, {window} steps)", {
+            "decode_only_ms_per_step": round(1e3 * decode_only, 2),
+            "window_s_by_budget": {b: [round(w, 3) for w in ws] for b, ws in walls.items()},
+            "excess_ms_over_decode_only": {b: round(1e3 * (statistics.median(ws) - window * decode_only), 1)
+                                           for b, ws in walls.items()},
+            "steps_until_first_token": steps_in_prefill})
+    finally:
+        sched.max_num_batched_tokens = keep
+        engine.abort_all()
+
+
 def check_logits(tag: str, engine: LLMEngine) -> None:
     """One fresh 64-token prompt straight through the model: logits finite, their spread."""
     rng = random.Random(7)
@@ -558,6 +610,9 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} overlap vs plain", 20, overlap_vs_plain, tag, engine, args)
     if extended and "trace" in args.extras:
         guarded(f"{tag} device trace", 20, trace_steps, tag, engine)
+    if extended and "mixed" in args.extras:
+        guarded(f"{tag} mixed prefill", 40, mixed_prefill, tag, engine, depth=args.depth,
+                prompt=args.prefill)
     eager = None
     if extended and "eager" in args.extras:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
@@ -605,8 +660,8 @@ def main() -> None:
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
                     help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
-                         "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), eager "
-                         "(eager engine)")
+                         "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
+                         "(a prompt's cost to running decodes by token budget), eager (eager engine)")
     args = ap.parse_args()
     args.extras = set(args.extras.split(",")) if args.extras else set()
     BUDGET, OUT = args.budget, args.out

@@ -518,10 +518,13 @@ def test_paged_fresh_prefill_uses_sdpa_and_matches():
 
 @cuda_only
 @pytest.mark.parametrize("gated", [False, True])
-def test_paged_prefill_matches_reference(gated):
+@pytest.mark.parametrize("ctx,qlens", [([0, 37, 5, 130], [50, 19, 1, 64]), ([300, 2, 700], [1, 200, 1])])
+def test_paged_prefill_matches_reference(gated, ctx, qlens):
+    """Every path of a mixed step: fresh prompts (SDPA), short chunks (paged kernel), long chunks over cached
+    context (SDPA on gathered K/V, flash with a bottom-right mask), decodes."""
     from qnext.ops.triton_paged_attention import paged_attention
     torch.manual_seed(5)
-    case = _paged_case([0, 37, 5, 130], [50, 19, 1, 64], 16, gated)
+    case = _paged_case(ctx, qlens, 16, gated)
     ref = _paged_ref(case)
     poison_allocator()
     out = paged_attention(**dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone()))
