@@ -423,6 +423,7 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
         engine.step()
     walls: dict[int, list[float]] = {b: [] for b in budgets}
     steps_in_prefill: dict[int, int] = {}
+    step_ms: dict[int, list[float]] = {}
     try:
         t0 = time.perf_counter()
         for _ in range(window):
@@ -434,11 +435,13 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
                 rid = f"mixed-p{rnd}-{b}"
                 engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab)[0],
                                    SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-                t0, done = time.perf_counter(), None
+                t0, done, marks = time.perf_counter(), None, []
                 for k in range(window):
                     if any(o.request_id == rid for o in engine.step()):
                         done = k + 1
+                    marks.append(time.perf_counter())
                 wall = time.perf_counter() - t0
+                step_ms[b] = [round(1e3 * (z - a), 1) for a, z in zip([t0] + marks, marks)][:8]
                 if done is None:
                     raise RuntimeError(f"budget {b}: the prompt did not finish within {window} steps")
                 steps_in_prefill[b] = done
@@ -449,10 +452,53 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
             "window_s_by_budget": {b: [round(w, 3) for w in ws] for b, ws in walls.items()},
             "excess_ms_over_decode_only": {b: round(1e3 * (statistics.median(ws) - window * decode_only), 1)
                                            for b, ws in walls.items()},
-            "steps_until_first_token": steps_in_prefill})
+            "steps_until_first_token": steps_in_prefill, "first_8_step_ms_last_round": step_ms})
+        if torch.cuda.is_available():
+            profile_mixed(tag, engine, rng, prompt, window)
     finally:
         sched.max_num_batched_tokens = keep
         engine.abort_all()
+
+
+def profile_mixed(tag: str, engine: LLMEngine, rng: random.Random, prompt: int, window: int, top: int = 14) -> None:
+    """One mixed_prefill trial at the scheduler's current budget under the torch profiler: where the steps that
+    carry the prompt spend host and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rid = "mixed-profiled"
+    engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab=engine.model_config.vocab_size)[0],
+                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(min(window, 6)):
+            engine.step()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:top]
+    dev = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:top]
+    import cProfile
+    import pstats
+
+    rid = "mixed-cprofiled"
+    engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab=engine.model_config.vocab_size)[0],
+                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    cp = cProfile.Profile()
+    cp.enable()
+    for _ in range(3):                                  # the prompt's two steps and the first decode after them
+        engine.step()
+    cp.disable()
+    stats = pstats.Stats(cp).stats.items()
+
+    def table(key: int) -> list:
+        rows = sorted(stats, key=lambda kv: -kv[1][key])[:30]
+        return [[f"{os.path.basename(f)}:{line}({fn})", nc, round(1e3 * ct, 2), round(1e3 * tt, 2)]
+                for (f, line, fn), (_, nc, tt, ct, _) in rows]
+    record(tag, "mixed prefill host cProfile (3 steps) [name, calls, cumulative ms, self ms]",
+           {"cumulative": table(3), "self": table(2)})
+    record(tag, f"mixed prefill profile (budget {engine.scheduler.max_num_batched_tokens}, 6 steps)", {
+        "top_cpu_self [name, calls, ms]": [[e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 2)] for e in cpu],
+        "top_device_self [name, calls, ms]": [[e.key[:60], e.count,
+                                               round(getattr(e, "self_device_time_total", 0.0) / 1e3, 2)]
+                                              for e in dev]})
 
 
 def check_logits(tag: str, engine: LLMEngine) -> None:
