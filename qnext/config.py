@@ -214,7 +214,10 @@ class EngineConfig:
     block_size: int = 16                 # tokens per KV page
     max_model_len: int | None = None     # default: min(max_position_embeddings, what the KV pool holds)
     max_num_seqs: int = 64               # running sequences (= GDN state slots in use)
-    max_num_batched_tokens: int = 2048   # per-step token budget (prefill chunks + decodes)
+    # per-step token budget (prefill chunks + decodes). 8192, not 2048: a step that is not a decode-graph replay
+    # is host bound at ~200 ms on the H200 machine whatever it carries (2048-token chunks beside 31 decodes took
+    # 208-233 ms each, a whole 8K prompt 237 ms; docs/benchmarks.md, 2026-12-03 fifth session)
+    max_num_batched_tokens: int = 8192
     max_queue: int = 256                 # waiting requests before 429
     num_kv_blocks: int | None = None     # default: from memory budget
     kv_cache_memory_gb: float | None = None  # memory for KV pages + GDN slots; default: from free memory

@@ -4,7 +4,7 @@ Sources of the memory budget, first given wins:
   num_kv_blocks            exactly that many pages
   kv_cache_memory_gb       that much for pages + slots
   CUDA                     free memory after the weights, minus (1 - gpu_memory_utilization) of the device and an
-                           activation reserve, minus the slots
+                           activation reserve (activation_reserve: grows with the step token budget), minus the slots
   CPU                      CPU_KV_CACHE_GB for pages on top of the slots
 Pages are capped at what max_num_seqs sequences of max_model_len tokens could ever use.
 With reserve_dummy (CUDA graphs) the cache gets one more page and one more state slot than the pools hand out:
@@ -23,9 +23,15 @@ from qnext.model.state import kv_bytes_per_token, state_bytes_per_slot
 
 GiB = 1 << 30
 CPU_KV_CACHE_GB = 1.0
-# Peak activations of one step (a 2048-token MoE prefill chunk, logits, sampler) stay well below this; a
-# profiling run would measure it instead (not done yet).
-CUDA_ACTIVATION_RESERVE = 1 * GiB
+# Peak activations of one step grow with its token budget: per token of Qwen3-Coder-Next ~150 KiB at the widest
+# point (the MoE's 10 routed rows of 2048 and 512 bf16 values, the GDN projections and fla's per-chunk fp32
+# states), an estimate from the shapes; logits and the sampler come on top for the last tokens only. Reserved with
+# margin, at least 1 GiB; a profiling run would measure it instead (not done yet).
+ACTIVATION_BYTES_PER_TOKEN = 192 << 10
+
+
+def activation_reserve(max_num_batched_tokens: int) -> int:
+    return max(1 * GiB, max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: 
             budget, source = ec.kv_cache_memory_gb * GiB - slot_bytes, f"kv_cache_memory_gb={ec.kv_cache_memory_gb}"
         elif device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
-            budget = free - (1 - ec.gpu_memory_utilization) * total - CUDA_ACTIVATION_RESERVE - slot_bytes
+            budget = (free - (1 - ec.gpu_memory_utilization) * total - activation_reserve(ec.max_num_batched_tokens)
+                      - slot_bytes)
             source = f"free GPU memory {free / GiB:.1f} GiB at gpu_memory_utilization={ec.gpu_memory_utilization}"
         else:
             budget, source = CPU_KV_CACHE_GB * GiB, f"the CPU default of {CPU_KV_CACHE_GB} GiB"
