@@ -215,8 +215,8 @@ class EngineConfig:
     max_model_len: int | None = None     # default: min(max_position_embeddings, what the KV pool holds)
     max_num_seqs: int = 64               # running sequences (= GDN state slots in use)
     # per-step token budget (prefill chunks + decodes). 8192, not 2048: a step that is not a decode-graph replay
-    # is host bound at ~200 ms on the H200 machine whatever it carries (2048-token chunks beside 31 decodes took
-    # 208-233 ms each, a whole 8K prompt 237 ms; docs/benchmarks.md, 2026-12-03 fifth session)
+    # is host bound at ~200 ms on the H200 machine whatever it carries: a lone 8K prompt's TTFT was 822 ms in
+    # 2048-token chunks, 225 ms in one step (docs/benchmarks.md, 2026-12-03 fifth session)
     max_num_batched_tokens: int = 8192
     max_queue: int = 256                 # waiting requests before 429
     num_kv_blocks: int | None = None     # default: from memory budget

@@ -15,7 +15,7 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, eager; knobs: the same model
+    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, lone, eager; knobs: the same model
     with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without
     programmatic dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
@@ -453,7 +453,7 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
             "excess_ms_over_decode_only": {b: round(1e3 * (statistics.median(ws) - window * decode_only), 1)
                                            for b, ws in walls.items()},
             "steps_until_first_token": steps_in_prefill, "first_8_step_ms_last_round": step_ms})
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and decoders:
             profile_mixed(tag, engine, rng, prompt, window)
     finally:
         sched.max_num_batched_tokens = keep
@@ -659,6 +659,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if extended and "mixed" in args.extras:
         guarded(f"{tag} mixed prefill", 40, mixed_prefill, tag, engine, depth=args.depth,
                 prompt=args.prefill)
+    if extended and "lone" in args.extras:                 # the same with nothing else running: TTFT by budget
+        guarded(f"{tag} lone prefill", 20, mixed_prefill, tag, engine, decoders=0, prompt=args.prefill, rounds=1)
     eager = None
     if extended and "eager" in args.extras:
         eager = guarded(f"{tag} eager engine", 25, engine_for, model, cfg, device, True, max_len)
@@ -707,7 +709,8 @@ def main() -> None:
     ap.add_argument("--extras", default="ab,host,trace,eager",
                     help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
-                         "(a prompt's cost to running decodes by token budget), eager (eager engine)")
+                         "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), eager "
+                         "(eager engine)")
     args = ap.parse_args()
     args.extras = set(args.extras.split(",")) if args.extras else set()
     BUDGET, OUT = args.budget, args.out
