@@ -349,15 +349,19 @@ def profile_host(tag: str, engine: LLMEngine, b: int = 32, steps: int = 24, top:
     prof.disable()
     wall = (time.perf_counter() - t0) / steps
     engine.abort_all()
-    stats = pstats.Stats(prof).stats.items()       # (file, line, function): (calls, ncalls, self s, cumulative s, ..)
+    stats = pstats.Stats(prof).stats
+    record(tag, f"host profile b{b}", {
+        "ms_per_step_profiled": round(1e3 * wall, 3),
+        "top_cumulative [name, cumulative ms, self ms]": cprofile_table(stats, 3, steps, top),
+        "top_self [name, cumulative ms, self ms]": cprofile_table(stats, 2, steps, top)})
 
-    def table(key: int) -> list:
-        rows = sorted(stats, key=lambda kv: -kv[1][key])[:top]
-        return [[f"{os.path.basename(f)}:{line}({fn})", round(1e3 * ct / steps, 3), round(1e3 * tt / steps, 3)]
-                for (f, line, fn), (_, _, tt, ct, _) in rows]
-    record(tag, f"host profile b{b}", {"ms_per_step_profiled": round(1e3 * wall, 3),
-                                       "top_cumulative [name, cumulative ms, self ms]": table(3),
-                                       "top_self [name, cumulative ms, self ms]": table(2)})
+
+def cprofile_table(stats: dict, key: int, steps: int, top: int) -> list:
+    """pstats' raw stats ((file, line, function): (calls, ncalls, self s, cumulative s, callers)) -> the `top`
+    functions by field `key` (2 self, 3 cumulative) as [name, cumulative ms, self ms] per step."""
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][key])[:top]
+    return [[f"{os.path.basename(f)}:{line}({fn})", round(1e3 * ct / steps, 3), round(1e3 * tt / steps, 3)]
+            for (f, line, fn), (_, _, tt, ct, _) in rows]
 
 
 def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: int = 12) -> None:
@@ -406,10 +410,11 @@ def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: i
 def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048), decoders: int = 31,
                   depth: int = 1024, prompt: int = 8192, window: int = 24, rounds: int = 2) -> None:
     """What a new prompt costs the running decodes, by step token budget (serve-8k1k-c32's situation): `decoders`
-    greedy requests decode at `depth` context; one `prompt`-token request (max_tokens 1) arrives and the engine runs `window` steps
-    (each gives every decoder a token; the prompt's chunks ride along in the first ones). The window's wall time is
-    what the budget costs for window x decoders tokens plus one prefill: lower is better. Budgets alternate over
-    `rounds` after an untimed warm-up round (chunk shapes compile)."""
+    greedy requests decode at `depth` context; one `prompt`-token request (max_tokens 1) arrives and the engine runs
+    `window` steps (each gives every decoder a token; the prompt's chunks ride along in the first ones). The
+    window's wall time is what the budget costs for window x decoders tokens plus one prefill: lower is better.
+    With decoders = 0 it is the prompt's TTFT. Budgets alternate over `rounds` after an untimed warm-up round
+    (chunk shapes compile)."""
     vocab, rng = engine.model_config.vocab_size, random.Random(17)
     sched = engine.scheduler
     keep = sched.max_num_batched_tokens
@@ -461,13 +466,19 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
 
 
 def profile_mixed(tag: str, engine: LLMEngine, rng: random.Random, prompt: int, window: int, top: int = 14) -> None:
-    """One mixed_prefill trial at the scheduler's current budget under the torch profiler: where the steps that
-    carry the prompt spend host and device time."""
+    """Two more mixed_prefill trials at the scheduler's current budget: one under the torch profiler (host and
+    device time by op over 6 steps), one under cProfile (Python time over the prompt's two eager launches and the
+    step after them)."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
-    rid = "mixed-profiled"
-    engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab=engine.model_config.vocab_size)[0],
-                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    def add_prompt(rid: str) -> None:
+        engine.add_request(rid, rand_prompts(rng, 1, prompt, engine.model_config.vocab_size)[0],
+                           SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+
+    add_prompt("mixed-profiled")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(min(window, 6)):
             engine.step()
@@ -475,30 +486,20 @@ def profile_mixed(tag: str, engine: LLMEngine, rng: random.Random, prompt: int, 
     ev = prof.key_averages()
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:top]
     dev = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:top]
-    import cProfile
-    import pstats
-
-    rid = "mixed-cprofiled"
-    engine.add_request(rid, rand_prompts(rng, 1, prompt, vocab=engine.model_config.vocab_size)[0],
-                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    cp = cProfile.Profile()
-    cp.enable()
-    for _ in range(3):                                  # the prompt's two steps and the first decode after them
-        engine.step()
-    cp.disable()
-    stats = pstats.Stats(cp).stats.items()
-
-    def table(key: int) -> list:
-        rows = sorted(stats, key=lambda kv: -kv[1][key])[:30]
-        return [[f"{os.path.basename(f)}:{line}({fn})", nc, round(1e3 * ct, 2), round(1e3 * tt, 2)]
-                for (f, line, fn), (_, nc, tt, ct, _) in rows]
-    record(tag, "mixed prefill host cProfile (3 steps) [name, calls, cumulative ms, self ms]",
-           {"cumulative": table(3), "self": table(2)})
     record(tag, f"mixed prefill profile (budget {engine.scheduler.max_num_batched_tokens}, 6 steps)", {
         "top_cpu_self [name, calls, ms]": [[e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 2)] for e in cpu],
         "top_device_self [name, calls, ms]": [[e.key[:60], e.count,
                                                round(getattr(e, "self_device_time_total", 0.0) / 1e3, 2)]
                                               for e in dev]})
+    add_prompt("mixed-cprofiled")
+    cp = cProfile.Profile()
+    cp.enable()
+    for _ in range(3):
+        engine.step()
+    cp.disable()
+    stats = pstats.Stats(cp).stats
+    record(tag, "mixed prefill host cProfile (3 steps) [name, cumulative ms, self ms]",
+           {"cumulative": cprofile_table(stats, 3, 1, 30), "self": cprofile_table(stats, 2, 1, 30)})
 
 
 def check_logits(tag: str, engine: LLMEngine) -> None:
