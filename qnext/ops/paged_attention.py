@@ -23,7 +23,7 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _gather(cache: Tensor, pages: Tensor, length: int) -> Tensor:
+def gather_pages(cache: Tensor, pages: Tensor, length: int) -> Tensor:
     """cache [NB, BS, H, D], pages [..., P] -> the first `length` tokens [..., length, H, D]."""
     g = cache[pages]                                              # [..., P, BS, H, D]
     return g.flatten(-4, -3)[..., :length, :, :]
@@ -59,7 +59,7 @@ def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_
         # batched decode: every sequence's keys padded to the longest, masked past seq_len
         longest = max(lens)
         pages = block_tables[:, :(longest + bs - 1) // bs].long()
-        keys, values = _gather(k_cache, pages, longest), _gather(v_cache, pages, longest)   # [B, L, Hkv, D]
+        keys, values = gather_pages(k_cache, pages, longest), gather_pages(v_cache, pages, longest)   # [B, L, Hkv, D]
         visible = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]        # [B, L]
         hidden = ~visible[:, :, None, None]  # stale non-finite entries would survive the mask as NaN
         keys, values = keys.masked_fill(hidden, 0), values.masked_fill(hidden, 0)
@@ -68,8 +68,8 @@ def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_
     start = 0
     for i, (n, length) in enumerate(zip(query_lens, lens)):   # prefill chunks: one sequence at a time
         pages = block_tables[i, :(length + bs - 1) // bs].long()
-        keys = _gather(k_cache, pages, length).to(q.dtype)[None]
-        values = _gather(v_cache, pages, length).to(q.dtype)[None]
+        keys = gather_pages(k_cache, pages, length).to(q.dtype)[None]
+        values = gather_pages(v_cache, pages, length).to(q.dtype)[None]
         context = length - n
         mask = None
         if context > 0 and n > 1:

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
+from qnext.ops.paged_attention import gather_pages
+from qnext.ops.paged_attention import write_kv as write_kv_ref
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 
 Tensor = torch.Tensor
@@ -323,7 +325,6 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     t, h, d = k.shape
     if (k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride()
             or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1) or h & (h - 1) or d & (d - 1)):
-        from qnext.ops.paged_attention import write_kv as write_kv_ref
         return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     if t:
         _kv_write_kernel[(t, 2)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
@@ -401,7 +402,7 @@ def cached_chunk_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: T
     q [n, Hq, D], pages [max_blocks] int32 -> [n, Hq, D]."""
     n, bs = q.shape[0], k_cache.shape[1]
     rows = pages[: -(-length // bs)].long()
-    k, v = (c[rows].flatten(0, 1)[:length].to(q.dtype).transpose(0, 1)[None] for c in (k_cache, v_cache))
+    k, v = (gather_pages(c, rows, length).to(q.dtype).transpose(0, 1)[None] for c in (k_cache, v_cache))
     return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=causal_lower_right(n, length),
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1)
 
