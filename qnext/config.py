@@ -214,10 +214,8 @@ class EngineConfig:
     block_size: int = 16                 # tokens per KV page
     max_model_len: int | None = None     # default: min(max_position_embeddings, what the KV pool holds)
     max_num_seqs: int = 64               # running sequences (= GDN state slots in use)
-    # per-step token budget (prefill chunks + decodes). 8192, not 2048: a step that is not a decode-graph replay
-    # is host bound at ~200 ms on the H200 machine whatever it carries: a lone 8K prompt's TTFT was 822 ms in
-    # 2048-token chunks, 225 ms in one step (docs/benchmarks.md, 2026-12-03 fifth session)
-    max_num_batched_tokens: int = 8192
+    # per-step token budget (prefill chunks + decodes); None: default_token_budget (qnext/engine/cache_plan.py)
+    max_num_batched_tokens: int | None = None
     max_queue: int = 256                 # waiting requests before 429
     num_kv_blocks: int | None = None     # default: from memory budget
     kv_cache_memory_gb: float | None = None  # memory for KV pages + GDN slots; default: from free memory
@@ -241,7 +239,8 @@ class EngineConfig:
         check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
               f"block_size must be a power of two, got {self.block_size}")
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        check(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+              f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         check(self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}")
         check(0.0 < self.gpu_memory_utilization <= 1.0,
               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

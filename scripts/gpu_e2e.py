@@ -15,7 +15,7 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, lone, eager; knobs: the same model
+    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, lone, wave, eager; knobs: the same model
     with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without
     programmatic dependent launch: see knobs_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
@@ -231,7 +231,7 @@ def engine_for(model, cfg, device: str, eager: bool, max_model_len: int, **kw) -
     compile time (on a cold Triton cache they made a whole variant miss its budget)."""
     t = time.time()
     ec = EngineConfig(device=device, max_num_seqs=32, max_model_len=max_model_len, max_num_batched_tokens=8192,
-                      kv_cache_memory_gb=6.0 if device == "cuda" else 1.0, enforce_eager=eager, no_warmup=True,
+                      kv_cache_memory_gb=8.0 if device == "cuda" else 1.0, enforce_eager=eager, no_warmup=True,
                       **kw)
     engine = LLMEngine(model, cfg, ec)
     log(f"[engine] eager={eager} {kw} ready in {time.time() - t:.1f}s (graph capture included)")
@@ -465,6 +465,52 @@ def mixed_prefill(tag: str, engine: LLMEngine, budgets=(8192, 8224, 4096, 2048),
         engine.abort_all()
 
 
+def wave(tag: str, engine: LLMEngine, budgets=(8192, 8224, 16384, 16416), n: int = 32, prompt: int = 8192,
+         out_tokens: int = 64, rounds: int = 2) -> None:
+    """serve-8k1k-c32's waves in-process, by step token budget: n `prompt`-token requests (`out_tokens` each,
+    ignore_eos) arrive at once and the engine steps until all finish. With a fixed output length the benchmark's 32
+    requests finish and arrive together, so a wave's prompts prefill back to back while the earlier ones decode;
+    what a budget changes lies in this window (the rest of a wave is b32 decode steps, the same for every budget).
+    Lower wall is better. Budgets alternate over `rounds` after a warm-up round (4 output tokens)."""
+    vocab, rng = engine.model_config.vocab_size, random.Random(23)
+    sched = engine.scheduler
+    keep = sched.max_num_batched_tokens
+
+    def one(b: int, rid: str, out: int) -> tuple[float, list[float]]:
+        sched.max_num_batched_tokens = b
+        params = SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True)
+        for i, p in enumerate(rand_prompts(rng, n, prompt, vocab)):
+            engine.add_request(f"{rid}-{i}", p, params)
+        t0 = time.perf_counter()
+        marks = [t0]
+        while engine.has_unfinished_requests():
+            engine.step()
+            marks.append(time.perf_counter())
+        return marks[-1] - t0, [1e3 * (z - a) for a, z in zip(marks, marks[1:])]
+
+    walls: dict[int, list[float]] = {b: [] for b in budgets}
+    shape: dict[int, dict] = {}
+    try:
+        for b in budgets:
+            one(b, f"wave-warm-{b}", 4)
+        for rnd in range(rounds):
+            for b in budgets if rnd % 2 == 0 else tuple(reversed(budgets)):
+                wall, ms = one(b, f"wave-{rnd}-{b}", out_tokens)
+                walls[b].append(wall)
+                big = [t for t in ms if t > 50]
+                shape[b] = {"steps": len(ms), "steps_over_50ms": len(big),
+                            "ms_in_steps_over_50ms": round(sum(big), 1),
+                            "median_ms_of_steps_over_50ms": round(statistics.median(big), 1) if big else None,
+                            "median_ms_of_last_16_steps": round(statistics.median(ms[-16:]), 2)}
+        record(tag, f"wave ({n} x {prompt}-token prompts at once, {out_tokens} output tokens each)", {
+            "wall_s_by_budget": {b: [round(w, 3) for w in ws] for b, ws in walls.items()},
+            "median_wall_s": {b: round(statistics.median(ws), 3) for b, ws in walls.items()},
+            "last_round_steps": shape})
+    finally:
+        sched.max_num_batched_tokens = keep
+        engine.abort_all()
+
+
 def profile_mixed(tag: str, engine: LLMEngine, rng: random.Random, prompt: int, window: int, top: int = 14) -> None:
     """Two more mixed_prefill trials at the scheduler's current budget: one under the torch profiler (host and
     device time by op over 6 steps), one under cProfile (Python time over the prompt's two eager launches and the
@@ -660,6 +706,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if extended and "mixed" in args.extras:
         guarded(f"{tag} mixed prefill", 40, mixed_prefill, tag, engine, depth=args.depth,
                 prompt=args.prefill)
+    if extended and "wave" in args.extras:                 # serve-8k1k-c32's prefill waves by budget
+        guarded(f"{tag} wave", 60, wave, tag, engine, prompt=args.prefill)
     if extended and "lone" in args.extras:                 # the same with nothing else running: TTFT by budget
         guarded(f"{tag} lone prefill", 20, mixed_prefill, tag, engine, decoders=0, prompt=args.prefill, rounds=1)
     eager = None
@@ -710,7 +758,8 @@ def main() -> None:
     ap.add_argument("--extras", default="ab,host,trace,eager",
                     help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
-                         "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), eager "
+                         "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
+                         "(32 prompts at once by budget), eager "
                          "(eager engine)")
     args = ap.parse_args()
     args.extras = set(args.extras.split(",")) if args.extras else set()

@@ -6,7 +6,7 @@ parity then timing per tile.
 
 Per kind, its defaults first, then the variants in SORTED (swapped or unswapped MMA operands, tiles).
 Each config: parity against the torch reference at 1,024 tokens (the same kernels, fewer rows), then CUDA-event
-time of fused_moe at 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
+time of fused_moe at 16,384, 8,192 and 2,048 tokens (two layers alternated so L2 never holds the next call's experts).
 Writes moe_sweep.json under --out and prints a table, fastest first.
 """
 
@@ -30,10 +30,12 @@ from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
 # sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands) against its former
 # defaults (unswapped, bn 32) and variants; fp8's (unswapped) against swapped operands
-SORTED = {"int4_128": [None, dict(bn=32, swap=False, swap2=False), dict(stages=4), dict(bm=32), dict(bn=128, warps=8),
-                       dict(swap=False, bn=64, stages=4)],
+SORTED = {"int4_128": [None, dict(bm=128), dict(bm=128, warps=8, warps2=8), dict(bm=128, bn=128, warps=8, warps2=8),
+                       dict(bn=128, warps=8), dict(bn2=256, warps2=8), dict(stages=4), dict(stages=2, stages2=3),
+                       dict(bm=128, warps=8, warps2=8, stages=4)],
           "fp8": [None, dict(swap=True, swap2=True), dict(swap=True), dict(swap2=True),
                   dict(swap=True, swap2=True, stages=4), dict(swap=True, swap2=True, bn=128, warps=8)]}
+SIZES = (16384, 8192, 2048)     # tokens timed per config (a 16K-token step holds two 8K prompts)
 
 
 def main() -> None:
@@ -44,9 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
-    wt, ids = routings(8192, 1, seed=7)[0]
-    x = torch.randn(8192, H, device="cuda").bfloat16()
-    flops = 2 * 8192 * TOPK * 3 * H * I
+    wt, ids = routings(SIZES[0], 1, seed=7)[0]
+    x = torch.randn(SIZES[0], H, device="cuda").bfloat16()
     rows = []
     for kind in args.kinds.split(","):
         layers = [make_layer(kind, s) for s in (1, 2)]
@@ -58,11 +59,12 @@ def main() -> None:
             try:
                 row["parity_rel"] = rel(fused_moe(x[:1024], *layers[0], wt[:1024], ids[:1024], path="sorted",
                                                   config=cfg), ref)
-                for m in (8192, 2048):
+                for m in SIZES:
                     row[f"us_{m}"] = time_events(lambda i, m=m: fused_moe(x[:m], *layers[i % 2], wt[:m], ids[:m],
                                                                           path="sorted", config=cfg),
                                                  n_inputs=2, iters=5)
-                row["tflops_8192"] = flops / row["us_8192"] / 1e6
+                for m in SIZES[:2]:
+                    row[f"tflops_{m}"] = 2 * m * TOPK * 3 * H * I / row[f"us_{m}"] / 1e6
             except Exception as e:  # noqa: BLE001 - a tile that fails to compile is a result too
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
@@ -71,13 +73,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print("\n| kind | config | parity rel | us @8192 | TFLOP/s | us @2048 |\n|---|---|---|---|---|---|")
+    print("\n| kind | config | parity rel | us @16384 | TFLOP/s | us @8192 | TFLOP/s | us @2048 |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["kind"], r.get("us_8192", 1e30))):
         if "error" in r:
-            print(f"| {r['kind']} | {r['config']} | error: {r['error'][:80]} | | | |")
+            print(f"| {r['kind']} | {r['config']} | error: {r['error'][:80]} | | | | | |")
         else:
-            print(f"| {r['kind']} | {r['config']} | {r['parity_rel']:.1e} | {r['us_8192']:.0f} | "
-                  f"{r['tflops_8192']:.0f} | {r['us_2048']:.0f} |")
+            print(f"| {r['kind']} | {r['config']} | {r['parity_rel']:.1e} | {r['us_16384']:.0f} | "
+                  f"{r['tflops_16384']:.0f} | {r['us_8192']:.0f} | {r['tflops_8192']:.0f} | {r['us_2048']:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@
 #   scripts/gpu_serve_bench.sh OUT_DIR [extra `qnext serve` flags...]
 #
 # 1. `qnext synth --config-only`: the Qwen3-Coder-Next config and a full-vocabulary tokenizer, no weights;
-# 2. `qnext serve --synthetic`: int4 routed experts + FP8 dense made on the GPU, decode CUDA graphs up to 32 seqs;
+# 2. `qnext serve --synthetic`: int4 routed experts + FP8 dense made on the GPU, decode CUDA graphs up to 32 seqs,
+#    the default step token budget (16384 on the H200);
 # 3. a warm-up burst (c requests at concurrency c, 16 output tokens each; not measured): the server's Triton
 #    kernels meet the shapes of mixed prefill + decode steps before the clock starts (on a cold Triton cache their
 #    JIT compiles stalled the first measured wave by ~18 s on the H200, 2026-12-02);
@@ -25,8 +26,7 @@ if [[ "${SERVE_BENCH_SMALL:-0}" == 1 ]]; then
   preset=tiny; ilen=64; olen=16; n=8; c=4; serve_flags=(--device cpu --max-num-seqs 4 --max-model-len 256)
 else
   preset=qwen3-coder-next; ilen=8192; olen=1024; n=${SERVE_BENCH_PROMPTS:-64}; c=32
-  serve_flags=(--device cuda --quantization int4 --max-num-seqs 32 --max-model-len 9728
-               --max-num-batched-tokens 8192 --kv-cache-memory-gb 12)
+  serve_flags=(--device cuda --quantization int4 --max-num-seqs 32 --max-model-len 9728 --kv-cache-memory-gb 12)
 fi
 python3 -m qnext synth --preset "$preset" --config-only --out "$model"
 python3 -m qnext serve --model "$model" --synthetic --port "$port" "${serve_flags[@]}" "$@" >"$out/server.log" 2>&1 &

@@ -230,6 +230,22 @@ def test_cache_plan(loaded):
         plan_cache(cfg, EngineConfig(num_kv_blocks=4, max_model_len=100), cpu, f32)
 
 
+def test_default_token_budget(loaded, monkeypatch):
+    from qnext.engine import cache_plan
+
+    assert make_engine(loaded).engine_config.max_num_batched_tokens == 8192            # CPU
+    assert make_engine(loaded, max_num_batched_tokens=40).scheduler.max_num_batched_tokens == 40
+
+    class Props:
+        def __init__(self, gib: int):
+            self.total_memory = gib * cache_plan.GiB
+
+    cuda = torch.device("cuda", 0)
+    for gib, want in ((24, 8192), (80, 16384), (141, 16384)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, gib=gib: Props(gib))
+        assert cache_plan.default_token_budget(cuda) == want
+
+
 def _forward_logprobs(model, cfg, prompt: list[int]) -> torch.Tensor:
     """[P, V] log_softmax of a plain whole-prompt forward's logits at every position."""
     cache = ModelCache(cfg, num_blocks=16, block_size=4, num_slots=1, dtype=torch.float32)

@@ -34,6 +34,22 @@ def activation_reserve(max_num_batched_tokens: int) -> int:
     return max(1 * GiB, max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN)
 
 
+# The default step token budget. Never below 8192: a step that is not a decode-graph replay is host bound at ~200 ms
+# on the H200 machine whatever it carries (a lone 8K prompt's TTFT was 822 ms in 2048-token chunks, 225 ms in one
+# step). 16384 on a GPU of 64 GiB or more: two 8K prompts in one step give the sorted prefill MoE twice the tokens
+# per expert (214 against 175 TFLOP/s) and halve the eager steps, so 32 8K prompts arriving at once (a wave of
+# serve-8k1k-c32) prefill in ~7.0 s of steps instead of ~8.4 (docs/benchmarks.md, 2026-12-03 sixth session). The
+# price is the activation reserve (3 GiB instead of 1.5) and decodes waiting ~0.44 s instead of ~0.24 behind such
+# a step; a small card needs that memory for KV pages, so it keeps 8192.
+LARGE_GPU_BYTES = 64 * GiB
+
+
+def default_token_budget(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES:
+        return 16384
+    return 8192
+
+
 @dataclass(frozen=True)
 class CachePlan:
     num_blocks: int

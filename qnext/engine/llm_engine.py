@@ -13,6 +13,7 @@ with them). See qnext/sampling_params.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from qnext.cache.block_pool import BlockPool
 from qnext.cache.model_cache import ModelCache
 from qnext.cache.state_slots import StateSlotPool
 from qnext.config import EngineConfig, ModelConfig
-from qnext.engine.cache_plan import plan_cache, resolve_device, resolve_dtype
+from qnext.engine.cache_plan import default_token_budget, plan_cache, resolve_device, resolve_dtype
 from qnext.engine.request import Request, RequestStatus
 from qnext.engine.runner import ModelRunner
 from qnext.engine.sampler import Sampler, SamplingRow, make_generator
@@ -65,8 +66,10 @@ class LLMEngine:
                  model_path: str | Path | None = None):
         ec = engine_config or EngineConfig()
         param = next(model.parameters())
-        self.model, self.model_config, self.engine_config = model, model_config, ec
         self.device, self.dtype = param.device, getattr(model, "dtype", param.dtype)
+        if ec.max_num_batched_tokens is None:
+            ec = dataclasses.replace(ec, max_num_batched_tokens=default_token_budget(self.device))
+        self.model, self.model_config, self.engine_config = model, model_config, ec
         if hasattr(model, "stack_projections"):
             model.stack_projections()   # fewer, larger GEMVs per decode step; the weights are final here
         self.tokenizer, self.chat_template = tokenizer, chat_template
