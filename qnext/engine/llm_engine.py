@@ -201,7 +201,36 @@ class LLMEngine:
         if self.capacity > 1 + len(batch):
             add("beside-decodes", budget + 129, 4, temperature=0.0)    # prefill chunks in decoding steps
         run()
+        self._warm_up_full_house(add, run)
         self._num_prompt_tokens = self._num_generation_tokens = 0
+
+    def _warm_up_full_house(self, add, run) -> None:
+        """warm_up's last part, the steps of a loaded server: max_num_seqs - 4 decoders whose ends are staggered
+        (their count falls by one per step) beside a new short prompt every step, after two steps in which a
+        prompt straddles the budget, so that a chunk over cached context of fewer than 16 queries and one of more
+        run beside them. Without it serve-8k1k-c32's first measured wave met ~13 s of compiles on a cold Triton
+        cache (docs/benchmarks.md, 2026-12-03 sixth session)."""
+        crowd = min(self.engine_config.max_num_seqs, self.capacity) - 4   # room for the prompts beside them
+        if crowd < 1:
+            return
+        sched, budget = self.scheduler, self.engine_config.max_num_batched_tokens
+        for i in range(crowd):
+            add(f"crowd{i}", 8 + i, 3 + i, temperature=0.0)            # decoder i stops after 3 + i tokens
+        while sched.waiting:
+            self.step()
+        for rest in (7, 40):                    # the straddling prompt's part left for the next step
+            left = budget - len(sched.running)  # what the decodes leave of the next step's budget
+            n = min(left + rest, self.max_model_len - 1)
+            add(f"straddle{rest}", n, 1, temperature=0.0)
+            if n < left + rest:                 # the context is too short to straddle alone: a second prompt does
+                add(f"straddle{rest}b", min(left - n + rest, self.max_model_len - 1), 1, temperature=0.0)
+            self.step()
+        beside = 0
+        while any(rid.startswith("warmup-crowd") for rid in sched.requests):
+            add(f"beside{beside}", 20 + beside, 1, temperature=0.0)
+            beside += 1
+            self.step()
+        run()
 
     # ---- requests -------------------------------------------------------------------------------
     @property
