@@ -208,8 +208,9 @@ class LLMEngine:
         """warm_up's last part, the steps of a loaded server: max_num_seqs - 4 decoders whose ends are staggered
         (their count falls by one per step) beside a new short prompt every step, after two steps in which a
         prompt straddles the budget, so that a chunk over cached context of fewer than 16 queries and one of more
-        run beside them. Without it serve-8k1k-c32's first measured wave met ~13 s of compiles on a cold Triton
-        cache (docs/benchmarks.md, 2026-12-03 sixth session)."""
+        run beside them. With the earlier warm-up, which ran neither (a budget above max_model_len never chunks
+        a lone prompt), serve-8k1k-c32's first measured wave stalled ~13 s on a cold Triton cache (docs/benchmarks.md,
+        2026-12-03 sixth session)."""
         crowd = min(self.engine_config.max_num_seqs, self.capacity) - 4   # room for the prompts beside them
         if crowd < 1:
             return
