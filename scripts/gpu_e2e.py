@@ -500,8 +500,7 @@ def wave(tag: str, engine: LLMEngine, budgets=(8192, 8224, 16384, 16416), n: int
                 big = [t for t in ms if t > 50]
                 shape[b] = {"steps": len(ms), "steps_over_50ms": len(big),
                             "ms_in_steps_over_50ms": round(sum(big), 1),
-                            "median_ms_of_steps_over_50ms": round(statistics.median(big), 1) if big else None,
-                            "median_ms_of_last_16_steps": round(statistics.median(ms[-16:]), 2)}
+                            "median_ms_of_steps_over_50ms": round(statistics.median(big), 1) if big else None}
         record(tag, f"wave ({n} x {prompt}-token prompts at once, {out_tokens} output tokens each)", {
             "wall_s_by_budget": {b: [round(w, 3) for w in ws] for b, ws in walls.items()},
             "median_wall_s": {b: round(statistics.median(ws), 3) for b, ws in walls.items()},
