@@ -684,16 +684,13 @@ def setting(module: str, name: str, value):
 
 
 def prefetch_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model with the decode steps' L2 prefetches (qnext/model/prefetch.py) off, as bulk requests, the
-    next layer's from routing or the post-attention norm, and also in steps of up to 32 rows; each a fresh engine
+    """The same model with the decode steps' L2 prefetches (qnext/model/prefetch.py) off, issued from the
+    post-attention norm instead of the routing kernel, and also in steps of up to 32 rows; each a fresh engine
     (graphs captured under the setting). Greedy ids must not change (a prefetch writes nothing)."""
     prompts = rand_prompts(random.Random(29), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
     pf, model_pf = "qnext.ops.l2_prefetch", "qnext.model.prefetch"
     for name, settings, batches in (("prefetch off", lambda: setting(pf, "L2_PREFETCH", False), (1, 8)),
-                                    ("bulk requests", lambda: setting(pf, "MODE", "bulk"), (1,)),
-                                    ("next layer from routing", lambda: setting(model_pf, "NEXT_FROM", "route"),
-                                     (1,)),
                                     ("next layer from the norm", lambda: setting(model_pf, "NEXT_FROM", "norm"),
                                      (1,)),
                                     ("prefetch up to 32 rows", lambda: setting(model_pf, "MAX_TOKENS", 32), (32,)),

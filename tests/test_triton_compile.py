@@ -123,17 +123,12 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
             assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
 
 
-@pytest.mark.parametrize("mode, instruction", [("lines", "prefetch.global.L2 "),
-                                               ("bulk", "cp.async.bulk.prefetch.L2.global")])
-def test_prefetching_kernels_compile_with_the_l2_prefetch(compiled, monkeypatch, mode, instruction):
-    """The kernels that start a decode step's idle stretches (qnext/model/prefetch.py) issue the L2 prefetch when
-    handed a weight, and nothing when not."""
+def test_prefetching_kernels_compile_with_the_bulk_l2_prefetch(compiled, monkeypatch):
+    """The kernels that start a decode step's idle stretches (qnext/model/prefetch.py) issue
+    cp.async.bulk.prefetch.L2 when handed a weight, and nothing when not."""
     from qnext.ops import l2_prefetch, triton_conv1d, triton_ffn, triton_norm
-    from qnext.ops.quant import quantize_int4_group
-    from qnext.ops.triton_moe import fused_moe
 
     monkeypatch.setattr(l2_prefetch, "supported", lambda w: True)
-    monkeypatch.setattr(l2_prefetch, "MODE", mode)
     w = torch.empty(1000, 96, dtype=torch.uint8)                       # any weight: only its bytes are used
     triton_norm.rmsnorm(_bf(1, 256), _bf(256), 1e-6, _bf(1, 256), l2_prefetch=w)
     triton_norm.rmsnorm_rope(_bf(1, 4, 256), _bf(256), 1e-6, torch.randn(1, 32), torch.randn(1, 32),
@@ -142,15 +137,10 @@ def test_prefetching_kernels_compile_with_the_l2_prefetch(compiled, monkeypatch,
     c = 384
     triton_conv1d.causal_conv1d_update_(_bf(1, c), _bf(c, 1, 4), torch.zeros(4, c, 3).bfloat16(), torch.tensor([3]),
                                         None, l2_prefetch=w)
-    e, h, inter = 16, 256, 128
-    w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
-    w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)
-    fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), torch.randperm(e)[:10].view(1, 10), path="gemv",
-              l2_prefetch=w)
-    names = {"_norm_kernel", "_route_kernel", "_conv_update_kernel", "_moe_mma_gate_up_kernel"}
+    names = {"_norm_kernel", "_route_kernel", "_conv_update_kernel"}
     assert names <= set(compiled)
     for name in names:
         for ptx in compiled[name]:
-            assert instruction in ptx, name
+            assert "cp.async.bulk.prefetch.L2.global" in ptx, name
     triton_ffn.moe_route(_bf(1, 512), 10, True)
-    assert "prefetch" not in compiled["_route_kernel"][-1]
+    assert "cp.async.bulk.prefetch" not in compiled["_route_kernel"][-1]

@@ -6,8 +6,8 @@ keep memory busy and a prefetch only reorders reads. The links (a kernel starts 
 pulls is read at the stretch's end):
     GDN layer:        the conv step                      -> its out_proj
     attention layer:  q's norm + rope                    -> its o_proj
-    MoE block:        the routed experts' gate_up GEMV (NEXT_FROM = "experts"), routing ("route"), or the
-                      post-attention norm ("norm")       -> the next layer's first projection
+    MoE block:        routing (NEXT_FROM = "route"), or the post-attention norm ("norm")
+                                                         -> the next layer's first projection
 The MoE link is made by link_layers (engines call it through stack_projections, once the weights are final).
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 MAX_TOKENS = 8
-NEXT_FROM = "experts"
+NEXT_FROM = "route"
 
 
 def hint(weight: torch.Tensor | None, tokens: int) -> torch.Tensor | None:

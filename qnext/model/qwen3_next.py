@@ -57,7 +57,7 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual,
                                                     l2_prefetch=nxt if prefetch.NEXT_FROM == "norm" else None)
         return self.mlp(h, batch.side_stream, defer_combine=True,
-                        l2_prefetch=None if prefetch.NEXT_FROM == "norm" else nxt), residual
+                        l2_prefetch=nxt if prefetch.NEXT_FROM == "route" else None), residual
 
 
 class Embedding(nn.Module):

@@ -27,14 +27,8 @@ Tensor = torch.Tensor
 
 # Module switch (A/B runs: a fresh engine captures its CUDA graphs under the setting); QNEXT_L2_PREFETCH=0 at start
 L2_PREFETCH = os.environ.get("QNEXT_L2_PREFETCH", "1") != "0"
-# How the prefetch is issued: "lines" (each thread a `prefetch.global.L2` per 128-byte line, non-blocking) or "bulk"
-# (CHUNK-byte `cp.async.bulk.prefetch.L2` requests from the first warp; on the H100 a kernel then stays until its
-# requests are taken, ~0.1-1 us per 32 KiB, so few-program kernels stall: docs/perf-notes.md 2026-12-05, later)
-MODE = "lines"
 CHUNK = tl.constexpr(32768)   # bytes per bulk request (16-byte multiple; the range's tail is rounded down to 16)
-SLOTS = tl.constexpr(32)      # bulk requests a program issues per loop step (one per thread of a warp)
-LINE = tl.constexpr(128)      # bytes per line prefetch
-LINES = tl.constexpr(256)     # line prefetches a program issues per loop step
+SLOTS = tl.constexpr(32)      # requests a program issues per loop step (one per thread of a warp)
 
 
 @functools.cache
@@ -50,45 +44,29 @@ def supported(weight: Tensor) -> bool:
 
 
 def prefetch_args(weight: Tensor | None) -> dict:
-    """Keyword arguments for a kernel taking (pf_ptr, pf_bytes, PF): all of weight's bytes (PF 1 bulk, 2 lines),
-    or PF=0."""
+    """Keyword arguments for a kernel taking (pf_ptr, pf_bytes, PF): all of weight's bytes, or PF=False."""
     if weight is None or not L2_PREFETCH or not supported(weight):
-        return dict(pf_ptr=None, pf_bytes=0, PF=0)
+        return dict(pf_ptr=None, pf_bytes=0, PF=False)
     flat = weight.view(-1).view(torch.uint8)
-    return dict(pf_ptr=flat, pf_bytes=flat.numel() // 16 * 16, PF=1 if MODE == "bulk" else 2)
-
-
-@triton.jit
-def _program():
-    """(this program's linear index, the grid's program count)"""
-    nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-    return pid, nprog
+    return dict(pf_ptr=flat, pf_bytes=flat.numel() // 16 * 16, PF=True)
 
 
 @triton.jit
 def l2_prefetch(pf_ptr, pf_bytes, PF: tl.constexpr):
-    """L2 prefetches of [pf_ptr, pf_ptr + pf_bytes) (a uint8 pointer, 16-byte aligned; pf_bytes a multiple of 16)
-    shared among the grid's programs, in steps of SLOTS bulk requests (PF == 1) or LINES line prefetches (PF == 2)
-    per program."""
-    if PF == 1:
-        pid, nprog = _program()
+    """Bulk L2 prefetches of [pf_ptr, pf_ptr + pf_bytes) (a uint8 pointer, 16-byte aligned; pf_bytes a multiple
+    of 16), shared among the grid's programs: program p issues chunks p * SLOTS + [0, SLOTS), then every
+    num_programs * SLOTS further."""
+    if PF:
+        nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
         chunks = tl.cdiv(pf_bytes, CHUNK)
         for c0 in range(pid * SLOTS, chunks, nprog * SLOTS):
             c = c0 + tl.arange(0, SLOTS)
             start = c.to(tl.int64) * CHUNK
-            size = tl.where(c < chunks, tl.minimum(pf_bytes - start, CHUNK).to(tl.int32), 0)
+            size = tl.minimum(pf_bytes - start, CHUNK).to(tl.int32)
+            size = tl.where(c < chunks, size, 0)
             tl.inline_asm_elementwise(
                 # only the first warp issues (it holds all SLOTS; other warps hold copies of the same chunks)
                 "{ .reg .pred p, q; .reg .u32 t; mov.u32 t, %tid.x; setp.lt.u32 q, t, 32; setp.gt.s32 p, $2, 0; "
                 "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
                 "=r,l,r", [pf_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
-    if PF == 2:
-        pid, nprog = _program()
-        lines = tl.cdiv(pf_bytes, LINE)
-        for c0 in range(pid * LINES, lines, nprog * LINES):
-            c = c0 + tl.arange(0, LINES)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                "=r,l,r", [pf_ptr + c.to(tl.int64) * LINE, (c < lines).to(tl.int32)], dtype=tl.int32,
-                is_pure=False, pack=1)

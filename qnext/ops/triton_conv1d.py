@@ -104,7 +104,7 @@ def _conv_update_kernel(
     C, stride_xn, stride_yn, stride_ss, stride_sc,
     pf_ptr, pf_bytes,
     KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr, HAS_INIT: tl.constexpr,
-    PDL: tl.constexpr = False, PF: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PF: tl.constexpr = False,
 ):
     """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
     state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros.

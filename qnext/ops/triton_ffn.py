@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t, pf_ptr, pf_bytes,
                   K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
-                  PDL: tl.constexpr = False, PF: tl.constexpr = 0):
+                  PDL: tl.constexpr = False, PF: tl.constexpr = False):
     """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties).
     PF: the programs also prefetch [pf_ptr, + pf_bytes) into L2 (qnext/ops/l2_prefetch.py)."""
     pdl_wait_then_release(PDL)

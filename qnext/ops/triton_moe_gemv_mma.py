@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.l2_prefetch import l2_prefetch, prefetch_args
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_weights import FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq
 
@@ -82,15 +81,13 @@ def _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8: tl.constexpr):
 def _moe_mma_gate_up_kernel(
     x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
     N, KU, TOPK,
-    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, pf_ptr, pf_bytes,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    PDL: tl.constexpr = False, PF: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
-    KU stored units per weight row. PF: the programs also prefetch [pf_ptr, + pf_bytes) into L2
-    (qnext/ops/l2_prefetch.py)."""
+    KU stored units per weight row."""
     pdl_wait_then_release(PDL)
-    l2_prefetch(pf_ptr, pf_bytes, PF)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(ids_ptr + pid_p).to(tl.int64)
@@ -159,12 +156,12 @@ def _slicing(w: KernelWeight, bm: int, warps: int, ksu: int | None) -> tuple[int
 
 
 def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int,
-             cfg: dict, split: bool, l2_prefetch: Tensor | None = None) -> Tensor:
+             cfg: dict, split: bool) -> Tensor:
     """x [M, H] -> [M, H], or [M*k, H] per-expert outputs (router-weighted, unsummed) when split: the down
     projection then runs one program per (pair, rows) instead of looping over the k experts -- more programs for the
     latency-bound few-pairs case. ids / tw flat [M*k]; int4 or fp8 weights. cfg keys: mbm1, mw1, mbm2, mw2 (rows
     and warps per program of the two kernels), mks2 (slice units of the down projection; None = auto), mst
-    (pipeline stages). l2_prefetch: a weight for the gate_up kernel to pull into L2 (see prefetch_args)."""
+    (pipeline stages)."""
     p, inter, hidden = m * top_k, w2.k, w2.n
     fp8 = w13.kind == FP8
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
@@ -172,8 +169,7 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, num_warps=warps, num_stages=cfg["mst"],
-        **prefetch_args(l2_prefetch), **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])

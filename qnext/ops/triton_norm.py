@@ -28,7 +28,7 @@ def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
     NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps, pf_ptr, pf_bytes,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
-    RB: tl.constexpr = 1, PDL: tl.constexpr = False, PF: tl.constexpr = 0,
+    RB: tl.constexpr = 1, PDL: tl.constexpr = False, PF: tl.constexpr = False,
 ):
     """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
     contiguous [rows, D]. Each row is reduced on its own.

@@ -16,7 +16,6 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, project_pair,
                                       split_stacked, stack_projections)
-from qnext.model import prefetch
 from qnext.model.side_stream import SideBranch
 from qnext.ops.norm import MoeCombine
 from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight
@@ -91,12 +90,10 @@ class Experts(nn.Module):
         return self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                reduce: bool = True, l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed).
-        l2_prefetch: a weight for the expert kernels to pull into L2 (qnext/model/prefetch.py)."""
+                reduce: bool = True) -> torch.Tensor:
+        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed)."""
         w13, w2 = self.quant_weights()
-        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce,
-                                                               l2_prefetch=l2_prefetch)
+        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
 
 
 class SparseMoeBlock(nn.Module):
@@ -126,7 +123,7 @@ class SparseMoeBlock(nn.Module):
                 l2_prefetch: torch.Tensor | None = None) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
         SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
-        l2_prefetch: a weight for the routing or expert kernel to pull into L2 (qnext/model/prefetch.py)."""
+        l2_prefetch: a weight for the routing kernel to pull into L2 (qnext/model/prefetch.py)."""
         shared, router_out, stacked = None, None, self.router_and_shared_gate
         if self.shared_expert is not None:
             pair = (project_pair(x, self.shared_expert.gate_up, stacked)   # one launch (no side stream to overlap)
@@ -143,11 +140,9 @@ class SparseMoeBlock(nn.Module):
         else:
             logits = self.gate(x)                                                       # [T, E]
             shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
-        from_route = prefetch.NEXT_FROM == "route"
         ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob,
-                                                                       l2_prefetch=l2_prefetch if from_route else None)
-        y = self.experts(x, ids, weights, reduce=self.shared_expert is None,   # the shared add sums the k
-                         l2_prefetch=None if from_route else l2_prefetch)
+                                                                       l2_prefetch=l2_prefetch)
+        y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
             side.join()
             if defer_combine:
