@@ -670,48 +670,6 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             free_memory()
 
 
-@contextlib.contextmanager
-def setting(module: str, name: str, value):
-    """A module-level setting (qnext.model.prefetch.MAX_TOKENS, ...) at value inside the block."""
-    import importlib
-    mod = importlib.import_module(module)
-    saved = getattr(mod, name)
-    setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        setattr(mod, name, saved)
-
-
-def prefetch_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model with the decode steps' L2 prefetches (qnext/model/prefetch.py) off, issued from the
-    post-attention norm instead of the routing kernel, and also in steps of up to 32 rows; each a fresh engine
-    (graphs captured under the setting). Greedy ids must not change (a prefetch writes nothing)."""
-    prompts = rand_prompts(random.Random(29), 3, 200, cfg.vocab_size)
-    ids = generate(engine, prompts, 16)
-    pf, model_pf = "qnext.ops.l2_prefetch", "qnext.model.prefetch"
-    for name, settings, batches in (("prefetch off", lambda: setting(pf, "L2_PREFETCH", False), (1, 8)),
-                                    ("next layer from the norm", lambda: setting(model_pf, "NEXT_FROM", "norm"),
-                                     (1,)),
-                                    ("prefetch up to 32 rows", lambda: setting(model_pf, "MAX_TOKENS", 32), (32,)),
-                                    ("prefetch off, again", lambda: setting(pf, "L2_PREFETCH", False), (1,))):
-        with settings():
-            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
-            if other is None:
-                return
-            t = f"{tag} {name}"
-            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
-            for b in batches:
-                guarded(f"{t} decode-b{b}", 15, bench_decode, t, other, b, args.depth,
-                        args.gen_b1 if b == 1 else 64, 1)
-            guarded(f"{t} replay", 5, bench_replay, t, other)
-            del other
-            free_memory()
-    guarded(f"{tag} decode-b1 again", 15, bench_decode, tag + " (default, again)", engine, 1, args.depth,
-            args.gen_b1, 1)
-    guarded(f"{tag} replay again", 5, bench_replay, tag + " (default, again)", engine)
-
-
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -735,8 +693,6 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
-    if extended and "prefetch" in args.extras:
-        guarded(f"{tag} prefetch A/B", 100, prefetch_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "knobs" in args.extras:
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "ab" in args.extras:
@@ -799,8 +755,7 @@ def main() -> None:
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: knobs (decode settings A/B), prefetch "
-                         "(L2 prefetch A/B), ab (side stream and fp8 "
+                    help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "

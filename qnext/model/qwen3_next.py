@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model import prefetch
 from qnext.model.layers.attention import GatedAttention
 from qnext.model.layers.gdn import GatedDeltaNet
 from qnext.model.layers.linear import Linear, QuantScheme, empty_param
@@ -53,11 +52,8 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        nxt = prefetch.hint(getattr(self, "next_weight", None), h.shape[0])    # see qnext/model/prefetch.py
-        h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual,
-                                                    l2_prefetch=nxt if prefetch.NEXT_FROM == "norm" else None)
-        return self.mlp(h, batch.side_stream, defer_combine=True,
-                        l2_prefetch=nxt if prefetch.NEXT_FROM == "route" else None), residual
+        h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual)
+        return self.mlp(h, batch.side_stream, defer_combine=True), residual
 
 
 class Embedding(nn.Module):
@@ -108,7 +104,6 @@ class Qwen3NextForCausalLM(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "stack_projections"):
                 m.stack_projections()
-        prefetch.link_layers(self.model.layers)
 
     def tie_weights(self) -> None:
         """tie_word_embeddings: one parameter under both names (named_parameters() lists only the embedding)."""

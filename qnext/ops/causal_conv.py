@@ -80,9 +80,9 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
 @register("causal_conv1d_update_", "torch")
 def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                           has_initial_state: Tensor | None = None, activation: str | None = "silu",
-                          x_cols: Tensor | None = None, l2_prefetch: Tensor | None = None) -> Tensor:
+                          x_cols: Tensor | None = None) -> Tensor:
     """causal_conv1d_update in place at the cache slots (has_initial_state None = all true); x [N, C] or
-    [N, *] with x_cols -> y [N, C]. l2_prefetch: a GPU kernel's hint (qnext/ops/l2_prefetch.py), nothing here."""
+    [N, *] with x_cols -> y [N, C]."""
     slots = state_slots.long()
     y, new = causal_conv1d_update(_gather(x, x_cols), slot_states(conv_cache, slots, has_initial_state), weight,
                                   activation)

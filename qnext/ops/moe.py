@@ -55,11 +55,9 @@ def _weight(w: QuantWeight, e: int, dtype: torch.dtype) -> Tensor:
 # ---- the glue around the experts (one Triton launch each in qnext.ops.triton_ffn) -------------------------------
 
 @register("moe_route", "torch")
-def moe_route(logits: Tensor, top_k: int, renormalize: bool,
-              l2_prefetch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """Router logits [T, E] -> (topk_ids [T, k] int64, topk_weights [T, k] float32): p = softmax(logits) in
-    float32, the k largest, divided by their sum when renormalize (norm_topk_prob). l2_prefetch: a GPU kernel's
-    hint (qnext/ops/l2_prefetch.py), nothing here."""
+    float32, the k largest, divided by their sum when renormalize (norm_topk_prob)."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

@@ -48,10 +48,9 @@ def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out
 
 
 @register("rmsnorm", "torch")
-def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
-            l2_prefetch: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """x [..., D] (any strides) or a MoeCombine; weight [D]; residual like x or None -> y [..., D], or
-    (y, x + residual). l2_prefetch: a GPU kernel's hint (qnext/ops/l2_prefetch.py), nothing here."""
+    (y, x + residual)."""
     if isinstance(x, MoeCombine):
         x = x.value()
     if residual is not None:
@@ -76,8 +75,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @register("rmsnorm_rope", "torch")
-def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-                 l2_prefetch: Tensor | None = None) -> Tensor:
-    """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] float32 -> rotary(rmsnorm(x)) [T, H, D].
-    l2_prefetch: as rmsnorm's."""
+def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] float32 -> rotary(rmsnorm(x)) [T, H, D]."""
     return apply_rotary(rmsnorm(x, weight, eps), cos, sin)

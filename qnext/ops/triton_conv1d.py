@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.l2_prefetch import l2_prefetch, prefetch_args
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 
 Tensor = torch.Tensor
@@ -102,15 +101,12 @@ def _conv_state_kernel(
 def _conv_update_kernel(
     x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, y_ptr,
     C, stride_xn, stride_yn, stride_ss, stride_sc,
-    pf_ptr, pf_bytes,
     KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr, HAS_INIT: tl.constexpr,
-    PDL: tl.constexpr = False, PF: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
-    state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros.
-    PF: the programs also prefetch [pf_ptr, + pf_bytes) into L2 (qnext/ops/l2_prefetch.py)."""
+    state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros."""
     pdl_wait_then_release(PDL)
-    l2_prefetch(pf_ptr, pf_bytes, PF)
     n = tl.program_id(0)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = oc < C
@@ -175,10 +171,9 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
 
 def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                           has_initial_state: Tensor | None = None, activation: str | None = "silu",
-                          x_cols: Tensor | None = None, l2_prefetch: Tensor | None = None, bc: int = 256) -> Tensor:
+                          x_cols: Tensor | None = None, bc: int = 256) -> Tensor:
     """x [N, C] one token per sequence (or [N, *] with x_cols [C] int32); conv_cache [num_slots, C, K-1] updated
-    in place at state_slots [N]; has_initial_state [N] bool or None (= all true) -> y [N, C] in x.dtype.
-    l2_prefetch: a weight for the kernel to pull into L2 (the layer's next projection; see prefetch_args)."""
+    in place at state_slots [N]; has_initial_state [N] bool or None (= all true) -> y [N, C] in x.dtype."""
     n, c = x.shape[0], weight.shape[0]
     w = weight.reshape(c, -1).contiguous()
     if x.stride(1) != 1 or conv_cache.stride(2) != 1:
@@ -189,7 +184,7 @@ def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_s
         has_initial_state if has_initial_state is not None else state_slots, y,
         c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
         KW=w.shape[1], BC=bc, SILU=activation == "silu", HAS_COLS=x_cols is not None,
-        HAS_INIT=has_initial_state is not None, num_warps=4, **prefetch_args(l2_prefetch), **pdl_launch())
+        HAS_INIT=has_initial_state is not None, num_warps=4, **pdl_launch())
     return y
 
 

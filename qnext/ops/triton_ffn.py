@@ -13,20 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.l2_prefetch import l2_prefetch, prefetch_args
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t, pf_ptr, pf_bytes,
+def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
                   K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
-                  PDL: tl.constexpr = False, PF: tl.constexpr = False):
-    """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties).
-    PF: the programs also prefetch [pf_ptr, + pf_bytes) into L2 (qnext/ops/l2_prefetch.py)."""
+                  PDL: tl.constexpr = False):
+    """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties)."""
     pdl_wait_then_release(PDL)
-    l2_prefetch(pf_ptr, pf_bytes, PF)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BE)
     x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -47,10 +44,8 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t, pf_ptr, pf_bytes,
     tl.store(w_ptr + t * K + kk, ws, mask=kk < K)
 
 
-def moe_route(logits: Tensor, top_k: int, renormalize: bool,
-              l2_prefetch: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """logits [T, E] router output -> (topk_ids [T, k] int64, topk_weights [T, k] float32). l2_prefetch: a weight
-    for the kernel to pull into L2 (the next layer's first projection; see prefetch_args)."""
+def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """logits [T, E] router output -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
     t, e = logits.shape
     if not 0 < top_k <= e:
         raise ValueError(f"top_k {top_k} must be in 1..{e}")
@@ -60,8 +55,7 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool,
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         be = triton.next_power_of_2(e)
         _route_kernel[(t,)](logits, ids, weights, e, logits.stride(0), K=top_k, BE=be,
-                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1,
-                            **prefetch_args(l2_prefetch), **pdl_launch())
+                            BK=triton.next_power_of_2(top_k), RENORM=renormalize, num_warps=1, **pdl_launch())
     return ids, weights
 
 

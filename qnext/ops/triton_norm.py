@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.l2_prefetch import l2_prefetch, prefetch_args
 from qnext.ops.norm import MoeCombine
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_ffn import sigmoid_gate_add
@@ -26,18 +25,16 @@ Tensor = torch.Tensor
 @triton.jit
 def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
-    NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps, pf_ptr, pf_bytes,
+    NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
-    RB: tl.constexpr = 1, PDL: tl.constexpr = False, PF: tl.constexpr = False,
+    RB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
     contiguous [rows, D]. Each row is reduced on its own.
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
     KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
-    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s.
-    PF: the programs also prefetch [pf_ptr, + pf_bytes) into L2 (qnext/ops/l2_prefetch.py)."""
+    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
     pdl_wait_then_release(PDL)
-    l2_prefetch(pf_ptr, pf_bytes, PF)
     row = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
     rm = row < NROWS
     i0, i1, i2 = row // (B * C), (row // C) % B, row % C
@@ -112,10 +109,8 @@ def _rows_per_program(rows: int, d: int) -> int:
 
 
 def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: Tensor | None,
-            rope: tuple[Tensor, Tensor] | None = None, combine: MoeCombine | None = None,
-            l2_prefetch: Tensor | None = None):
-    """combine: x is formed from it (x itself is then its shared output, for the shapes). l2_prefetch: a weight
-    for the kernel to pull into L2 (see prefetch_args)."""
+            rope: tuple[Tensor, Tensor] | None = None, combine: MoeCombine | None = None):
+    """combine: x is formed from it (x itself is then its shared output, for the shapes)."""
     if residual is not None and residual.shape != x.shape or z is not None and z.shape != x.shape:
         raise ValueError(f"norm inputs differ in shape: x {tuple(x.shape)}, "
                          f"{'residual' if residual is not None else 'z'} "
@@ -139,21 +134,20 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
     _norm_kernel[(triton.cdiv(rows, rb),)](
         x, r, g, weight, y, s, cos, sin, mg, ms, rows, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), KC=kc, RB=rb, num_warps=_num_warps(d * rb), **prefetch_args(l2_prefetch),
-        **pdl_launch())
+        BD=triton.next_power_of_2(d), KC=kc, RB=rb, num_warps=_num_warps(d * rb), **pdl_launch())
     return y, s
 
 
-def rmsnorm(x: Tensor | MoeCombine, weight: Tensor, eps: float, residual: Tensor | None = None,
-            l2_prefetch: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def rmsnorm(x: Tensor | MoeCombine, weight: Tensor, eps: float,
+            residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """x [..., D] (any strides) or a MoeCombine [T, D]; weight [D]; residual like x or None -> y, or
     (y, x + residual)."""
     if isinstance(x, MoeCombine):
         if residual is None or x.shared.dim() != 2:     # (the model always passes a residual here)
             x = sigmoid_gate_add(*x)
         else:
-            return _launch(x.shared, weight, eps, residual, None, combine=x, l2_prefetch=l2_prefetch)
-    y, s = _launch(x, weight, eps, residual, None, l2_prefetch=l2_prefetch)
+            return _launch(x.shared, weight, eps, residual, None, combine=x)
+    y, s = _launch(x, weight, eps, residual, None)
     return y if residual is None else (y, s)
 
 
@@ -162,9 +156,8 @@ def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _launch(x, weight, eps, None, z)[0]
 
 
-def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-                 l2_prefetch: Tensor | None = None) -> Tensor:
+def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] -> rotary(rmsnorm(x)) in x.dtype."""
     if x.dim() != 3 or cos.shape[0] != x.shape[0] or 2 * cos.shape[-1] > x.shape[-1]:
         raise ValueError(f"rmsnorm_rope: x {tuple(x.shape)} must be [T, H, D] and cos {tuple(cos.shape)} [T, <=D/2]")
-    return _launch(x, weight, eps, None, None, (cos, sin), l2_prefetch=l2_prefetch)[0]
+    return _launch(x, weight, eps, None, None, (cos, sin))[0]

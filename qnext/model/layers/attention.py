@@ -11,7 +11,6 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import QuantScheme, make_linear, split_stacked, stack_projections
 from qnext.model.layers.norm import RMSNorm
-from qnext.model import prefetch
 from qnext.ops.registry import get_op
 
 
@@ -50,7 +49,7 @@ class GatedAttention(nn.Module):
         t, d = x.shape[0], self.head_dim
         q, k, v = self._qkv(x)
         q, gate = q.view(t, self.num_heads, 2 * d).split(d, dim=-1)                  # [T, Hq, D] each
-        q = self.q_norm.with_rope(q, rope, l2_prefetch=prefetch.hint(self.o_proj.weight.data, t))
+        q = self.q_norm.with_rope(q, rope)
         k = self.k_norm.with_rope(k.view(t, self.num_kv_heads, d), rope)
         v = v.view(t, self.num_kv_heads, d)
         k_cache, v_cache = cache.kv[self.layer_id]

@@ -22,7 +22,6 @@ from torch import nn
 from qnext.config import ModelConfig
 from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, project_pair
 from qnext.model.layers.norm import GatedRMSNorm
-from qnext.model import prefetch
 from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
 
@@ -107,8 +106,7 @@ class GatedDeltaNet(nn.Module):
         conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
         weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
         if decode:
-            mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols,
-                                                             l2_prefetch=prefetch.hint(self.out_proj.weight.data, t))
+            mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols)
         else:
             mixed = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
                                                               batch.cu_query_lens, x_cols=cols,

@@ -39,9 +39,8 @@ class MLP(nn.Module):
         if self.gate_up is None:     # once: a captured CUDA graph keeps reading the first stacked tensors
             object.__setattr__(self, "gate_up", stack_projections([self.gate_proj, self.up_proj]))
 
-    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False,
-                l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        # x [T, H]; side_stream, defer_combine and l2_prefetch unused (one chain, nothing to combine, no routing)
+    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor:
+        # x [T, H]; side_stream and defer_combine unused (one chain, nothing to combine)
         if self.gate_up is None:
             return self.down_proj(get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x)))
         return self.down_from(self.gate_up(x))
@@ -119,11 +118,9 @@ class SparseMoeBlock(nn.Module):
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
-    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False,
-                l2_prefetch: torch.Tensor | None = None) -> torch.Tensor | MoeCombine:
+    def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
-        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
-        l2_prefetch: a weight for the routing kernel to pull into L2 (qnext/model/prefetch.py)."""
+        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form."""
         shared, router_out, stacked = None, None, self.router_and_shared_gate
         if self.shared_expert is not None:
             pair = (project_pair(x, self.shared_expert.gate_up, stacked)   # one launch (no side stream to overlap)
@@ -140,8 +137,7 @@ class SparseMoeBlock(nn.Module):
         else:
             logits = self.gate(x)                                                       # [T, E]
             shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
-        ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob,
-                                                                       l2_prefetch=l2_prefetch)
+        ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob)
         y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
         if self.shared_expert is not None:
             side.join()

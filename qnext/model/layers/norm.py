@@ -20,18 +20,13 @@ class RMSNorm(nn.Module):
         self.eps, self.ops_backend = eps, ops_backend
         self.weight = empty_param(dim, dtype=dtype, device=device)  # checkpoint stores w, the scale is 1 + w
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                l2_prefetch: torch.Tensor | None = None):
-        """x [..., dim] -> y; with residual (like x): (y, x + residual). l2_prefetch: a weight for the kernel to
-        pull into L2 (qnext/model/prefetch.py)."""
-        return get_op("rmsnorm", self.ops_backend, x.device)(x, self.weight, self.eps, residual,
-                                                             l2_prefetch=l2_prefetch)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [..., dim] -> y; with residual (like x): (y, x + residual)."""
+        return get_op("rmsnorm", self.ops_backend, x.device)(x, self.weight, self.eps, residual)
 
-    def with_rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    def with_rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, H, dim] -> the norm, then the rotary embedding rope = (cos, sin) [T, R/2], in one op."""
-        return get_op("rmsnorm_rope", self.ops_backend, x.device)(x, self.weight, self.eps, *rope,
-                                                                  l2_prefetch=l2_prefetch)
+        return get_op("rmsnorm_rope", self.ops_backend, x.device)(x, self.weight, self.eps, *rope)
 
 
 class GatedRMSNorm(nn.Module):
