@@ -111,6 +111,9 @@ class Tokenizer:
         # Ids outside the tokenizer's vocabulary (padded lm_head rows) decode to nothing.
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, id_lists: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self._tok.decode_batch([list(ids) for ids in id_lists], skip_special_tokens=skip_special_tokens)
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         return [self._tok.id_to_token(i) for i in ids]
 

@@ -66,3 +66,22 @@ def test_bench_latency_runs_the_tiny_preset(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["test"] for r in rows] == ["pp32", "tg4 b1 @ d16", "tg4 b2 @ d16"]
     assert all(r["tokens_per_s"] > 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_random_prompts_reencode_to_their_lengths_batched_as_one_by_one():
+    """The random dataset's prompts re-encode to the asked token counts, and the batched tokenizer calls give the
+    prompts that one call per prompt gives (same seed, same prompts as before batching)."""
+    from qnext.bench.random_dataset import random_prompts
+    from qnext.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_checkpoint())
+
+    class OneByOne:                                     # the same tokenizer without encode_batch / decode_batch
+        vocab_size, all_special_ids = tok.vocab_size, tok.all_special_ids
+        encode, decode = tok.encode, tok.decode
+
+    batched = random_prompts(tok, 6, 40, 5, range_ratio=0.5, prefix_len=3, seed=7)
+    assert batched == random_prompts(OneByOne(), 6, 40, 5, range_ratio=0.5, prefix_len=3, seed=7)
+    assert len({p.prompt_len for p in batched}) > 1
+    for p in batched:
+        assert len(tok.encode(p.text)) == p.prompt_len
