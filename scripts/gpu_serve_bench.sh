@@ -11,7 +11,9 @@
 #    JIT compiles stalled the first measured wave by ~18 s on the H200, 2026-12-02);
 # 4. `qnext bench serve`: 64 requests (SERVE_BENCH_PROMPTS; bench-protocol.md's figure is 512) of 8192 random
 #    prompt tokens and 1024 output tokens (ignore_eos), 32 at a time, after 2 warm-up requests; then a short c1 run
-#    (4 requests) for the unloaded TPOT (SERVE_BENCH_C1=0 skips it).
+#    (4 requests) for the unloaded TPOT (SERVE_BENCH_C1=0 skips it). 512 prompts with SERVE_BENCH_C1=0 took 525 s on
+#    an H100 with the Triton cache carried in (ready 74 s, warm-up burst ~25 s, making the prompts ~24 s, the run
+#    394 s; docs/benchmarks.md 2026-12-05): one device call of its own.
 # OUT_DIR gets warmup_burst.json, serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
 # Off the GPU, SERVE_BENCH_SMALL=1 runs the same steps on the tiny preset (a check of the script, not a figure).
 # Needs qnext's server packages; the GPU machine lacks fastapi, uvicorn, starlette, pydantic (+ pydantic-core,
