@@ -76,9 +76,14 @@ def test_random_prompts_reencode_to_their_lengths_batched_as_one_by_one():
 
     tok = Tokenizer.from_pretrained(tiny_checkpoint())
 
-    class OneByOne:                                     # the same tokenizer without encode_batch / decode_batch
+    class OneByOne:                                     # the same tokenizer, one call per prompt
         vocab_size, all_special_ids = tok.vocab_size, tok.all_special_ids
-        encode, decode = tok.encode, tok.decode
+
+        def encode_batch(self, texts):
+            return [tok.encode(t) for t in texts]
+
+        def decode_batch(self, id_lists, skip_special_tokens):
+            return [tok.decode(ids, skip_special_tokens=skip_special_tokens) for ids in id_lists]
 
     batched = random_prompts(tok, 6, 40, 5, range_ratio=0.5, prefix_len=3, seed=7)
     assert batched == random_prompts(OneByOne(), 6, 40, 5, range_ratio=0.5, prefix_len=3, seed=7)
