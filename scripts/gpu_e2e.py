@@ -15,9 +15,10 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, ab, host, trace, mixed, lone, wave, eager; knobs: the same model
-    with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without
-    programmatic dependent launch: see knobs_ab).
+    --extras picks the first variant's extended measurements (knobs, early, ab, host, trace, mixed, lone, wave,
+    eager; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on one
+    stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
+    off: see early_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -670,6 +671,36 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             free_memory()
 
 
+def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The batch-1 chain's shorter links, each off on its own and all off (HEAD before them), each a fresh engine
+    (graphs captured under the setting): the routing beside the shared down projection (FUSE_ROUTE), the experts'
+    down weights loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
+    (EARLY_STATE_LOAD, both kernels). Greedy ids against the default engine (the fused routing sums its softmax
+    over 4 warps instead of 1: near-tied logits of random weights may flip); decode-b1 and the replays, twice."""
+    prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
+    ids = generate(engine, prompts, 16)
+    route = ("qnext.ops.triton_fused_linear", "FUSE_ROUTE")
+    down = ("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD")
+    states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD"), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD")]
+    for name, flags in (("all off (HEAD before)", [route, down, *states]), ("route apart", [route]),
+                        ("down weights after the wait", [down]), ("GDN states after the wait", states),
+                        ("all on again", [])):
+        with contextlib.ExitStack() as stack:
+            for module, flag in flags:
+                stack.enter_context(flag_off(module, flag))
+            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
+            if other is None:
+                return
+            t = f"{tag} {name}"
+            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
+            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
+            guarded(f"{t} replay", 5, bench_replay, t, other)
+            if name == "all off (HEAD before)":
+                guarded(f"{t} profile", 5, profile_step, t, other)
+            del other
+            free_memory()
+
+
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -695,6 +726,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
     if extended and "knobs" in args.extras:
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
+    if extended and "early" in args.extras:
+        guarded(f"{tag} early A/B", 150, early_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "ab" in args.extras:
         guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "host" in args.extras:

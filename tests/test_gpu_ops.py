@@ -587,10 +587,11 @@ def test_linear_gemv_matches_cublas():
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fp8", [True, False])
 def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8):
-    """silu_mul_linear and linear_pair at the model's shapes (shared expert I = 512 and its down projection;
-    in_proj_qkvz with in_proj_ba, shared-expert gate_up with the padded router stack) equal the separate Triton
-    kernels bit for bit (the same float32 ops and roundings per output), and the fused paths are the ones taken
-    (the separate kernels are patched out). A plain 12288-row weight is past the GEMV's reach (cuBLAS): that pair
+    """silu_mul_linear (alone and beside the routing: silu_mul_linear_route) and linear_pair at the model's shapes
+    (shared expert I = 512 and its down projection; in_proj_qkvz with in_proj_ba, shared-expert gate_up with the
+    padded router stack) equal the separate Triton kernels bit for bit (the same float32 ops and roundings per
+    output; the routing's weights to float32 rounding), and the fused paths are the ones taken (the separate
+    kernels are patched out). A plain 12288-row weight is past the GEMV's reach (cuBLAS): that pair
     falls back to two projections."""
     from qnext.ops import triton_fused_linear as fused
     from qnext.ops.triton_ffn import silu_mul
@@ -617,9 +618,16 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
         if not one_launch:
             got_a, got_b = fused.linear_pair(x, a, b)
             assert torch.equal(got_a, ya) and torch.equal(got_b, yb)
+    logits = torch.randn(m, 512, device="cuda").bfloat16()
+    separate_route = fused.moe_route(logits, 10, True)
     monkeypatch.setattr(fused, "silu_mul", None)
     monkeypatch.setattr(fused, "_project", None)
+    monkeypatch.setattr(fused, "moe_route", None)
     assert torch.equal(fused.silu_mul_linear(gu[:, :512], gu[:, 512:], w_down), separate_swiglu)
+    y, ids, weights = fused.silu_mul_linear_route(gu[:, :512], gu[:, 512:], w_down, None, logits, 10, True)
+    assert torch.equal(y, separate_swiglu)
+    assert torch.equal(ids, separate_route[0])     # the softmax sums over 4 warps there, 1 in moe_route's kernel
+    torch.testing.assert_close(weights, separate_route[1], rtol=1e-6, atol=0)
     for (a, b), (ya, yb), one_launch in zip(pairs, separate_pairs, fused_pairs):
         if one_launch:
             got_a, got_b = fused.linear_pair(x, a, b)

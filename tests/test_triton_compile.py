@@ -24,7 +24,7 @@ PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_k
                "_fp8_dot_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel",
                "_moe_mma_gate_up_kernel", "_moe_mma_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
-               "_kv_write_kernel", "_gdn_recurrent_kernel"}
+               "_kv_write_kernel", "_gdn_recurrent_kernel", "_swiglu_gemv_route_kernel"}
 
 
 def _signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
@@ -97,6 +97,9 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     fp8_gemv(_bf(1, 1024), w8)                               # one step per program
     fp8_gemv(_bf(1, 1024), w8, bn=16, ng=2)                  # several steps (the loop-carried tiles)
     linear(_bf(1, 1024), _bf(64, 1024))                      # bf16_gemv
+    from qnext.ops.triton_fused_linear import silu_mul_linear_route
+    gu = _bf(1, 2048)                                        # shared down (I = 1024 here) beside the routing
+    silu_mul_linear_route(gu[:, :1024], gu[:, 1024:], w8, None, _bf(1, 512), 10, True)
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
     e, inter = 16, 128
     w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)

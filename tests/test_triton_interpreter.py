@@ -42,6 +42,7 @@ def test_glue_kernels_match_reference(results):
     assert results["moe_group_pairs_ids"] is True
     assert sum(name.startswith("norm_rows_bits/") for name in results) == 2
     assert sum(name.startswith(("silu_mul_linear/", "linear_pair/")) for name in results) == 4
+    assert sum(name.startswith(("silu_mul_linear_route/", "moe_route_ids/fused_")) for name in results) == 4
 
 
 def test_model_greedy_tokens_same_through_triton_backend(results):

@@ -134,6 +134,12 @@ def op_checks() -> dict:
         got = fused.silu_mul_linear(gu[:, :256], gu[:, 256:], wd)
         out[f"silu_mul_linear/{name}"] = err(got.float(), ref_linear.silu_mul_linear(
             gu[:, :256].float(), gu[:, 256:].float(), wd if name == "fp8" else wd.float()))
+        logits = torch.randn(3, 60)                  # the routing beside it in one launch (60 experts, top-4)
+        got, ids, ws = fused.silu_mul_linear_route(gu[:, :256], gu[:, 256:], wd, None, logits, 4, True)
+        ref_ids, ref_ws = ref_ffn.moe_route(logits, 4, True)
+        out[f"silu_mul_linear_route/{name}"] = max(err(got.float(), ref_linear.silu_mul_linear(
+            gu[:, :256].float(), gu[:, 256:].float(), wd if name == "fp8" else wd.float())), err(ws, ref_ws))
+        out[f"moe_route_ids/fused_{name}"] = bool(torch.equal(ids, ref_ids))
     xw = torch.randn(2, 640).half()                 # two GEMVs of one input in one launch, either format first
     for name, (w1, w2) in (("fp8+plain", (w8, wp)), ("plain+fp8", (wp, w8))):
         y1, y2 = fused.linear_pair(xw, w1, w2)

@@ -49,12 +49,15 @@ def _gdn_recurrent_kernel(
     scale, eps,
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-    L2NORM: tl.constexpr,
+    L2NORM: tl.constexpr, EARLY: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """grid (N, Hv, cdiv(Dv, BV)). q/k [T, Hk, Dk], v [T, Hv, Dv], g/b [T, Hv] (raw a/b or g/beta), state
-    [S, Hv, Dk, Dv] at slot slots[n]; sequence n owns tokens [cu[n], cu[n+1]) (VARLEN) or token n."""
-    pdl_wait_then_release(PDL)
+    [S, Hv, Dk, Dv] at slot slots[n]; sequence n owns tokens [cu[n], cu[n+1]) (VARLEN) or token n.
+    EARLY: the state slice (and slot, bounds, gate parameters) is loaded before the PDL wait, overlapping the
+    kernel before this one; the caller guarantees that kernel writes none of them (see gdn_decode_)."""
+    if not EARLY:
+        pdl_wait_then_release(PDL)
     n = tl.program_id(0)
     hv = tl.program_id(1)
     pv = tl.program_id(2)
@@ -79,6 +82,8 @@ def _gdn_recurrent_kernel(
     if GATE_IN_KERNEL:
         neg_a = -tl.exp(tl.load(a_log_ptr + hv).to(tl.float32))
         dtb = tl.load(dt_bias_ptr + hv).to(tl.float32)
+    if EARLY:
+        pdl_wait_then_release(PDL)
     for t in range(bos, eos):
         qv = tl.load(q_ptr + t * stride_qt + hk * stride_qh + ok, mask=kmask, other=0).to(tl.float32)
         kv = tl.load(k_ptr + t * stride_kt + hk * stride_kh + ok, mask=kmask, other=0).to(tl.float32)
@@ -109,10 +114,12 @@ def _gdn_recurrent_kernel(
 
 DECODE_BV = 32        # state columns per program below 8 sequences, 64 from 8 on (tuned by scripts/gpu_check.py)
 DECODE_WARPS = 4
+# gdn_decode_ loads each program's state slice before the PDL wait (the kernel's EARLY); False for A/B runs.
+EARLY_STATE_LOAD = True
 
 
 def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu, scale, *, gate_in_kernel,
-                      beta_sigmoid, l2norm, num_seqs, bv=None, num_warps=None) -> Tensor:
+                      beta_sigmoid, l2norm, num_seqs, bv=None, num_warps=None, early=False) -> Tensor:
     """q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, b [T, Hv] (any strides with a unit last dim) -> o [T, Hv, Dv]."""
     t, hk, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
@@ -130,7 +137,7 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
         scale, 1e-6,
         GROUP=hv // hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv,
         VARLEN=cu is not None, HAS_INIT=has_init is not None, GATE_IN_KERNEL=gate_in_kernel,
-        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, num_warps=num_warps or DECODE_WARPS, **pdl_launch())
+        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, EARLY=early, num_warps=num_warps or DECODE_WARPS, **pdl_launch())
     return o
 
 
@@ -142,11 +149,14 @@ def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Te
     q, k [T, Hk, Dk]; v [T, Hv, Dv] (views of the conv output are fine); a, b [T, Hv] raw in_proj_ba outputs;
     A_log, dt_bias [Hv]; ssm_cache [num_slots, Hv, Dk, Dv] (float32 or bf16); state_slots [N] int;
     has_initial_state [N] bool or None (= all true); cu_seqlens [N+1] int or None (= one token per sequence, T = N)
-    -> o [T, Hv, Dv] in v.dtype. q/k are L2-normalised and q scaled by `scale` (default Dk^-0.5) in the kernel."""
+    -> o [T, Hv, Dv] in v.dtype. q/k are L2-normalised and q scaled by `scale` (default Dk^-0.5) in the kernel.
+    The state is loaded before the PDL wait (EARLY_STATE_LOAD): the kernel launched right before this one (the
+    GDN layer's conv step) must not write ssm_cache, the slots, has_initial_state, cu_seqlens, A_log or dt_bias."""
     n = state_slots.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _launch_recurrent(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state, cu_seqlens,
-                             scale, gate_in_kernel=True, beta_sigmoid=True, l2norm=True, num_seqs=n, **tile)
+                             scale, gate_in_kernel=True, beta_sigmoid=True, l2norm=True, num_seqs=n,
+                             early=EARLY_STATE_LOAD, **tile)
 
 
 def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,

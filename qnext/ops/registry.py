@@ -40,6 +40,7 @@ OPS = (
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert
     "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
     "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
+    "silu_mul_linear_route",       # silu_mul_linear beside moe_route (one launch for decode rows on CUDA)
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same

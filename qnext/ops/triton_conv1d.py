@@ -98,34 +98,47 @@ def _conv_state_kernel(
 
 
 @triton.jit
+def _column(t, j, i: tl.constexpr):
+    """Column i of t [BC, BKW] (j = tl.arange(0, BKW)), exactly: the other terms of the sum are zeros."""
+    return tl.sum(tl.where(j[None, :] == i, t, 0.0), axis=1)
+
+
+@triton.jit
 def _conv_update_kernel(
     x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, y_ptr,
     C, stride_xn, stride_yn, stride_ss, stride_sc,
-    KW: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr, HAS_INIT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    KW: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr, SILU: tl.constexpr, HAS_COLS: tl.constexpr,
+    HAS_INIT: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """grid (N, cdiv(C, BC)): one new token per sequence; each thread reads and rewrites only its own channels'
-    state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros."""
-    pdl_wait_then_release(PDL)
+    state columns, so the in-place shift needs no barrier. A sequence without initial state reads zeros.
+    The window [BC, BKW] holds each channel's K-1 state columns (oldest first), then the new input.
+    EARLY: the state columns, weights and column map are loaded before the PDL wait (the caller guarantees that the
+    kernel launched right before this one writes none of them); only x waits."""
+    if not EARLY:
+        pdl_wait_then_release(PDL)
     n = tl.program_id(0)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = oc < C
+    j = tl.arange(0, BKW)
     xc = tl.load(cols_ptr + oc, mask=cmask, other=0) if HAS_COLS else oc
     slot = tl.load(slots_ptr + n).to(tl.int64)
     smask = cmask
     if HAS_INIT:
         smask = cmask & (tl.load(init_ptr + n + 0 * oc).to(tl.int32) != 0)
     base = state_ptr + slot * stride_ss + oc * stride_sc
-    xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + xc, mask=cmask, other=0).to(tl.float32)
-    acc = xv * tl.load(w_ptr + oc * KW + (KW - 1), mask=cmask, other=0).to(tl.float32)
-    prev = tl.load(base, mask=smask, other=0)       # column 0 (oldest)
-    for j in tl.static_range(1, KW):
-        acc += prev.to(tl.float32) * tl.load(w_ptr + oc * KW + (j - 1), mask=cmask, other=0).to(tl.float32)
-        if j < KW - 1:
-            cur = tl.load(base + j, mask=smask, other=0)
-            tl.store(base + (j - 1), cur, mask=cmask)
-            prev = cur
-    tl.store(base + (KW - 2), xv.to(state_ptr.dtype.element_ty), mask=cmask)
+    window = tl.load(base[:, None] + j[None, :], mask=smask[:, None] & (j < KW - 1)[None, :], other=0)
+    w = tl.load(w_ptr + oc[:, None] * KW + j[None, :], mask=cmask[:, None] & (j < KW)[None, :], other=0)
+    if EARLY:
+        pdl_wait_then_release(PDL)
+    xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + xc, mask=cmask, other=0)
+    window = tl.where(j[None, :] == KW - 1, xv[:, None].to(window.dtype), window)
+    wf, wd = w.to(tl.float32), window.to(tl.float32)
+    acc = xv.to(tl.float32) * _column(wf, j, KW - 1)    # newest first, then oldest to newest: one fixed order
+    for i in tl.static_range(KW - 1):
+        acc += _column(wd, j, i) * _column(wf, j, i)
+    # the shift: column i of the new state is column i + 1 of the window
+    tl.store(base[:, None] + (j - 1)[None, :], window, mask=cmask[:, None] & ((j >= 1) & (j < KW))[None, :])
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
@@ -169,11 +182,17 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
     return y
 
 
+# causal_conv1d_update_ loads the conv state and weights before the PDL wait (the kernel's EARLY); False for A/B runs.
+EARLY_STATE_LOAD = True
+
+
 def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                           has_initial_state: Tensor | None = None, activation: str | None = "silu",
                           x_cols: Tensor | None = None, bc: int = 256) -> Tensor:
     """x [N, C] one token per sequence (or [N, *] with x_cols [C] int32); conv_cache [num_slots, C, K-1] updated
-    in place at state_slots [N]; has_initial_state [N] bool or None (= all true) -> y [N, C] in x.dtype."""
+    in place at state_slots [N]; has_initial_state [N] bool or None (= all true) -> y [N, C] in x.dtype.
+    The kernel launched right before this one must not write conv_cache, weight, state_slots, has_initial_state or
+    x_cols (they are read before the PDL wait; the GDN layer's in_proj GEMV writes only x)."""
     n, c = x.shape[0], weight.shape[0]
     w = weight.reshape(c, -1).contiguous()
     if x.stride(1) != 1 or conv_cache.stride(2) != 1:
@@ -183,8 +202,9 @@ def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_s
         x, x_cols if x_cols is not None else w, w, conv_cache, state_slots,
         has_initial_state if has_initial_state is not None else state_slots, y,
         c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=w.shape[1], BC=bc, SILU=activation == "silu", HAS_COLS=x_cols is not None,
-        HAS_INIT=has_initial_state is not None, num_warps=4, **pdl_launch())
+        KW=w.shape[1], BC=bc, BKW=triton.next_power_of_2(w.shape[1]), SILU=activation == "silu",
+        HAS_COLS=x_cols is not None, HAS_INIT=has_initial_state is not None, EARLY=EARLY_STATE_LOAD, num_warps=4,
+        **pdl_launch())
     return y
 
 

@@ -19,12 +19,10 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
-                  K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
-                  PDL: tl.constexpr = False):
-    """grid (T,): probabilities of E experts, the K largest (descending, lowest index first on ties)."""
-    pdl_wait_then_release(PDL)
-    t = tl.program_id(0).to(tl.int64)
+def _route_row(logits_ptr, ids_ptr, w_ptr, t, E, stride_t,
+               K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr):
+    """Token t: probabilities of E experts, the K largest (descending, lowest index first on ties)."""
+    t = t.to(tl.int64)
     offs = tl.arange(0, BE)
     x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
@@ -42,6 +40,15 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
         ws = ws / tl.sum(ws, axis=0)
     tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
     tl.store(w_ptr + t * K + kk, ws, mask=kk < K)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_t,
+                  K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    """grid (T,): _route_row of token program_id(0)."""
+    pdl_wait_then_release(PDL)
+    _route_row(logits_ptr, ids_ptr, w_ptr, tl.program_id(0), E, stride_t, K, BE, BK, RENORM)
 
 
 def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:

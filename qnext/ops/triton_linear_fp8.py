@@ -37,6 +37,7 @@ import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
+from qnext.ops.triton_ffn import _route_row
 
 Tensor = torch.Tensor
 
@@ -179,6 +180,25 @@ def _gemv_pair_kernel(x_ptr, K, stride_xm,
     else:
         _gemv_program(x_ptr, w2_ptr, s2_ptr, y2_ptr, m, p - tiles1, N2, K, stride_xm, stride_w2, stride_s2,
                       stride_y2, 0, BN2, NG2, SCALED2, EARLY, STEP_SUM, False, PDL)
+
+
+@triton.jit
+def _swiglu_gemv_route_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
+                              logits_ptr, ids_ptr, tw_ptr, E, stride_lt,
+                              BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, TOPK: tl.constexpr,
+                              BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr, EARLY: tl.constexpr = True,
+                              STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
+    """The MoE block's two consumers of the router GEMV pair in one launch: grid (M, cdiv(N, BN) + 1); the first
+    programs of row m compute the shared expert's down projection of silu(x) * x[up_off:] (_fp8_gemv_kernel with
+    SWIGLU), the last one routes token m (qnext.ops.triton_ffn's _route_row over logits [M, E])."""
+    m = tl.program_id(0)
+    p = tl.program_id(1)
+    if p < tl.cdiv(N, BN):
+        _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, p, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
+                      BN, NG, SCALED, EARLY, STEP_SUM, True, PDL)
+    else:
+        pdl_wait_then_release(PDL)
+        _route_row(logits_ptr, ids_ptr, tw_ptr, m, E, stride_lt, TOPK, BE, BK, RENORM)
 
 
 @triton.jit
@@ -381,6 +401,26 @@ def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tenso
         BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
         EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2), **pdl_launch())
     return y1, y2
+
+
+def swiglu_gemv_route(gate: Tensor, up: Tensor, w: Fp8BlockWeight | Tensor, logits: Tensor, top_k: int,
+                      renormalize: bool, bn: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(silu(gate) * up @ W^T [M, N], topk_ids [M, k] int64, topk_weights [M, k] float32) in one launch: the
+    SwiGLU-formed GEMV (gemv with up, BN = bn rows per program) and moe_route(logits [M, E], top_k, renormalize).
+    gemv_takes(gate, w) must hold, up is gate's other half (as for gemv), logits columns contiguous."""
+    m, e = logits.shape
+    wt, scale, n, k, (_, ng, num_warps) = _operand(w)
+    y = torch.empty(m, n, dtype=gate.dtype, device=gate.device)
+    ids = torch.empty(m, top_k, dtype=torch.int64, device=gate.device)
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=gate.device)
+    _swiglu_gemv_route_kernel[(m, triton.cdiv(n, bn) + 1)](
+        gate, wt, wt if scale is None else scale, y, n, k, gate.stride(0), wt.stride(0),
+        0 if scale is None else scale.stride(0), y.stride(0), (up.data_ptr() - gate.data_ptr()) // gate.element_size(),
+        logits, ids, weights, e, logits.stride(0),
+        BN=bn, NG=_ng(ng, k), SCALED=scale is not None, TOPK=top_k, BE=triton.next_power_of_2(e),
+        BK=triton.next_power_of_2(top_k), RENORM=renormalize, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM,
+        num_warps=num_warps, **pdl_launch())
+    return y, ids, weights
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -24,6 +24,10 @@ from qnext.ops.triton_moe_weights import FP8, INT4_DQ_CONVERT, KernelWeight, int
 
 Tensor = torch.Tensor
 
+# The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
+# batch-1 split mode); False for A/B runs.
+EARLY_DOWN_LOAD = True
+
 
 @triton.jit
 def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr):
@@ -40,19 +44,23 @@ def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constex
 
 
 @triton.jit
-def _slice_dots(w_rows, s_rows, rmask, ku0, KU, x_a, x_b, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
+def _slice_tile(w_rows, s_rows, rmask, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
                 BMS: tl.constexpr, IS_FP8: tl.constexpr):
-    """-> [BMS] float32: A row a = (r, s)'s partial dot (units ku0 + s*KSU + [0, KSU) of its weight row) times its
-    group scale. w_rows / s_rows [BMS]: each A row's weight-row / scale-row pointer; rmask [BMS] its row bound."""
+    """The weight tile of _slice_dots: (stored units [BMS, KSU], each A row's group scale [BMS] float32)."""
     a = tl.arange(0, BMS)
-    sa = a % S
-    ua = ku0 + sa * KSU                                   # first unit of each A row's slice
+    ua = ku0 + (a % S) * KSU                              # first unit of each A row's slice
     am = rmask & (ua < KU)                                # KU % GU == 0: a slice is wholly in or out
     ptrs = w_rows[:, None] + ua[:, None] + tl.arange(0, KSU)[None, :]
     if IS_FP8:                                            # zeros, not garbage (which may be an fp8 NaN)
         p = tl.load(ptrs, mask=am[:, None], other=0.0)
     else:
         p = tl.load(ptrs, mask=am[:, None], other=0)
+    return p, tl.load(s_rows + ua // GU, mask=am, other=0).to(tl.float32)
+
+
+@triton.jit
+def _tile_dots(p, sc, x_a, x_b, S: tl.constexpr, BMS: tl.constexpr, IS_FP8: tl.constexpr):
+    """-> [BMS] float32: each A row's partial dot (its slice of the tile p against x_a / x_b) times its scale sc."""
     if INT4_DQ_CONVERT:                                   # under the interpreter (see triton_moe_weights.py)
         if IS_FP8:
             part = tl.dot(p.to(tl.float32), x_a.to(tl.float32))
@@ -65,8 +73,17 @@ def _slice_dots(w_rows, s_rows, rmask, ku0, KU, x_a, x_b, S: tl.constexpr, KSU: 
         lo, hi = int4_dq(p, x_a.dtype)                    # [BMS, KSU]
         part = tl.dot(lo, x_a) + tl.dot(hi, x_b)          # [BMS, 16]
     c = tl.arange(0, 16)
-    diag = tl.sum(tl.where(c[None, :] == sa[:, None], part, 0.0), axis=1)
-    return diag * tl.load(s_rows + ua // GU, mask=am, other=0).to(tl.float32)
+    diag = tl.sum(tl.where(c[None, :] == (tl.arange(0, BMS) % S)[:, None], part, 0.0), axis=1)
+    return diag * sc
+
+
+@triton.jit
+def _slice_dots(w_rows, s_rows, rmask, ku0, KU, x_a, x_b, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
+                BMS: tl.constexpr, IS_FP8: tl.constexpr):
+    """-> [BMS] float32: A row a = (r, s)'s partial dot (units ku0 + s*KSU + [0, KSU) of its weight row) times its
+    group scale. w_rows / s_rows [BMS]: each A row's weight-row / scale-row pointer; rmask [BMS] its row bound."""
+    p, sc = _slice_tile(w_rows, s_rows, rmask, ku0, KU, S, KSU, GU, BMS, IS_FP8)
+    return _tile_dots(p, sc, x_a, x_b, S, BMS, IS_FP8)
 
 
 @triton.jit
@@ -117,26 +134,39 @@ def _moe_mma_down_kernel(
     N, KU, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
-    pdl_wait_then_release(PDL)
+    """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k].
+    EARLY (TOPK == 1 and S * KSU >= KU: one pair and one step per program): the expert id and the weight tile are
+    loaded before the PDL wait, overlapping the gate_up kernel before this one. Safe because the ids are never
+    written by the kernel launched right before this one: gate_up reads them after its own wait, so they were
+    complete before any gate_up program released this kernel (see qnext/ops/pdl.py); weights are never written."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BM + tl.arange(0, BM * S) // S
     rmask = rows < N
-    acc = tl.zeros([BM * S], dtype=tl.float32)
-    for kk in range(0, TOPK):
-        p = m * TOPK + kk
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        wt = tl.load(tw_ptr + p).to(tl.float32)
-        h_row = h_ptr + p.to(tl.int64) * stride_hm
-        wb = w_ptr + e * stride_we + rows * stride_wn
-        sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8)
-        for ku0 in range(0, KU, S * KSU):
-            ku0 = tl.multiple_of(ku0, S * KSU)
-            x_a, x_b = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8)
-            acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8) * wt
+    if EARLY:
+        e = tl.load(ids_ptr + m, cache_modifier=".cg").to(tl.int64)
+        p, sc = _slice_tile(w_ptr + e * stride_we + rows * stride_wn,
+                            _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8), rmask, 0, KU, S, KSU, GU,
+                            BM * S, IS_FP8)
+        pdl_wait_then_release(PDL)
+        x_a, x_b = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8)
+        acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * tl.load(tw_ptr + m).to(tl.float32)
+    else:
+        pdl_wait_then_release(PDL)
+        acc = tl.zeros([BM * S], dtype=tl.float32)
+        for kk in range(0, TOPK):
+            p = m * TOPK + kk
+            e = tl.load(ids_ptr + p).to(tl.int64)
+            wt = tl.load(tw_ptr + p).to(tl.float32)
+            h_row = h_ptr + p.to(tl.int64) * stride_hm
+            wb = w_ptr + e * stride_we + rows * stride_wn
+            sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8)
+            for ku0 in range(0, KU, S * KSU):
+                ku0 = tl.multiple_of(ku0, S * KSU)
+                x_a, x_b = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8)
+                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8) * wt
     out = tl.sum(tl.reshape(acc, [BM, S]), axis=1)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + out_rows, out.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -176,5 +206,6 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_down_kernel[(rows_out, triton.cdiv(hidden, bm))](
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
+        num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out

@@ -120,28 +120,39 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
-        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form."""
-        shared, router_out, stacked = None, None, self.router_and_shared_gate
-        if self.shared_expert is not None:
-            pair = (project_pair(x, self.shared_expert.gate_up, stacked)   # one launch (no side stream to overlap)
-                    if side_stream is None and stacked is not None and self.shared_expert.gate_up is not None
-                    else None)
-            with SideBranch(None if pair else side_stream) as side:
-                if pair:
-                    shared, router_out = self.shared_expert.down_from(pair[0]), pair[1]
-                else:
-                    shared = self.shared_expert(x)                                      # [T, H]
+        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
+        Without a side stream and with the projections stacked (decode graphs from batch 1 below
+        SIDE_STREAM_MIN_BATCH) the block is one chain of four launches: shared gate_up + router, shared down +
+        routing, the experts' gate_up, their down."""
+        shared, stacked = self.shared_expert, self.router_and_shared_gate
+        if shared is not None and side_stream is None and stacked is not None and shared.gate_up is not None:
+            pair = project_pair(x, shared.gate_up, stacked)
+            if pair is not None:
+                gate, up = split_stacked(shared.gate_up, pair[0])                       # [T, I] views
+                logits, shared_gate = split_stacked(stacked, pair[1])                   # [T, E], [T, 1]
+                down = shared.down_proj
+                s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
+                    gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
+                y = self.experts(x, ids, weights, reduce=False)                         # the shared add sums the k
+                return self._add_shared(x, y, shared_gate, s, defer_combine)
+        s = None
+        if shared is not None:
+            with SideBranch(side_stream) as side:
+                s = shared(x)                                                           # [T, H]
         if stacked is not None:
-            logits, shared_gate = split_stacked(stacked, stacked(x) if router_out is None
-                                                else router_out)                        # [T, E], [T, 1]
+            logits, shared_gate = split_stacked(stacked, stacked(x))                    # [T, E], [T, 1]
         else:
             logits = self.gate(x)                                                       # [T, E]
-            shared_gate = self.shared_expert_gate(x) if self.shared_expert is not None else None   # [T, 1]
+            shared_gate = self.shared_expert_gate(x) if shared is not None else None   # [T, 1]
         ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k, self.norm_topk_prob)
-        y = self.experts(x, ids, weights, reduce=self.shared_expert is None)   # the shared add sums the k
-        if self.shared_expert is not None:
+        if shared is not None:
+            y = self.experts(x, ids, weights, reduce=False)                             # the shared add sums the k
             side.join()
-            if defer_combine:
-                return MoeCombine(y, shared_gate, shared)
-            y = get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, shared)
-        return y
+            return self._add_shared(x, y, shared_gate, s, defer_combine)
+        return self.experts(x, ids, weights)
+
+    def _add_shared(self, x, y, shared_gate, s, defer_combine: bool) -> torch.Tensor | MoeCombine:
+        """The routed experts' output y ([T, H] or unsummed [T, k, H]) plus sigmoid(shared_gate) * s."""
+        if defer_combine:
+            return MoeCombine(y, shared_gate, s)
+        return get_op("sigmoid_gate_add", self.ops_backend, x.device)(y, shared_gate, s)
