@@ -672,18 +672,22 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 
 
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The batch-1 chain's shorter links, each off on its own and all off (HEAD before them), each a fresh engine
-    (graphs captured under the setting): the routing beside the shared down projection (FUSE_ROUTE), the experts'
-    down weights loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
-    (EARLY_STATE_LOAD, both kernels). Greedy ids against the default engine (the fused routing sums its softmax
-    over 4 warps instead of 1: near-tied logits of random weights may flip); decode-b1 and the replays, twice."""
+    """The batch-1 chain's shorter links, each off on its own and all off, each a fresh engine (graphs captured
+    under the setting): the routing beside the shared down projection (FUSE_ROUTE), the experts' down weights
+    loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
+    (EARLY_STATE_LOAD, both kernels), the norm weights (EARLY_WEIGHT_LOAD), attention's older keys
+    (EARLY_KV_LOAD). Greedy ids against the default engine (the fused routing sums its softmax over 4 warps
+    instead of 1: near-tied logits of random weights may flip); decode-b1 and the replays."""
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
     route = ("qnext.ops.triton_fused_linear", "FUSE_ROUTE")
     down = ("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD")
     states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD"), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD")]
-    for name, flags in (("all off (HEAD before)", [route, down, *states]), ("route apart", [route]),
+    norm = ("qnext.ops.triton_norm", "EARLY_WEIGHT_LOAD")
+    kv = ("qnext.ops.triton_paged_attention", "EARLY_KV_LOAD")
+    for name, flags in (("all off", [route, down, *states, norm, kv]), ("route apart", [route]),
                         ("down weights after the wait", [down]), ("GDN states after the wait", states),
+                        ("norm weights after the wait", [norm]), ("attention K/V after the wait", [kv]),
                         ("all on again", [])):
         with contextlib.ExitStack() as stack:
             for module, flag in flags:
@@ -695,7 +699,7 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
             guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
             guarded(f"{t} replay", 5, bench_replay, t, other)
-            if name == "all off (HEAD before)":
+            if name == "all off":
                 guarded(f"{t} profile", 5, profile_step, t, other)
             del other
             free_memory()
@@ -727,7 +731,7 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
     if extended and "knobs" in args.extras:
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
-        guarded(f"{tag} early A/B", 150, early_ab, tag, model, cfg, engine, device, args, max_len)
+        guarded(f"{tag} early A/B", 200, early_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "ab" in args.extras:
         guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "host" in args.extras:
