@@ -675,20 +675,18 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
     """The batch-1 chain's shorter links, each off on its own and all off, each a fresh engine (graphs captured
     under the setting): the routing beside the shared down projection (FUSE_ROUTE), the experts' down weights
     loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
-    (EARLY_STATE_LOAD, both kernels), the norm weights (EARLY_WEIGHT_LOAD), attention's older keys
-    (EARLY_KV_LOAD). Greedy ids against the default engine (the fused routing sums its softmax over 4 warps
+    (EARLY_STATE_LOAD, both kernels), the MoE combine + norm releasing the next kernel after its loads
+    (COMBINE_LATE_RELEASE). Greedy ids against the default engine (the fused routing sums its softmax over 4 warps
     instead of 1: near-tied logits of random weights may flip); decode-b1 and the replays."""
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
     route = ("qnext.ops.triton_fused_linear", "FUSE_ROUTE")
     down = ("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD")
     states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD"), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD")]
-    norm = ("qnext.ops.triton_norm", "EARLY_WEIGHT_LOAD")
-    kv = ("qnext.ops.triton_paged_attention", "EARLY_KV_LOAD")
-    for name, flags in (("all off", [route, down, *states, norm, kv]), ("route apart", [route]),
+    norm = ("qnext.ops.triton_norm", "COMBINE_LATE_RELEASE")
+    for name, flags in (("all off", [route, down, *states, norm]), ("route apart", [route]),
                         ("down weights after the wait", [down]), ("GDN states after the wait", states),
-                        ("norm weights after the wait", [norm]), ("attention K/V after the wait", [kv]),
-                        ("all on again", [])):
+                        ("combine norm releases at once", [norm]), ("all on again", [])):
         with contextlib.ExitStack() as stack:
             for module, flag in flags:
                 stack.enter_context(flag_off(module, flag))
@@ -738,7 +736,7 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} host profile", 15, profile_host, tag, engine)
         guarded(f"{tag} overlap vs plain", 20, overlap_vs_plain, tag, engine, args)
     if extended and "trace" in args.extras:
-        guarded(f"{tag} device trace", 20, trace_steps, tag, engine)
+        guarded(f"{tag} device trace", 20, trace_steps, tag, engine, b=args.trace_batch)
     if extended and "mixed" in args.extras:
         guarded(f"{tag} mixed prefill", 40, mixed_prefill, tag, engine, depth=args.depth,
                 prompt=args.prefill)
@@ -788,6 +786,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=1024, help="context of the decode measurements")
     ap.add_argument("--prefill", type=int, default=8192, help="prompt length of the prefill measurement")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--trace-batch", type=int, default=32, help="batch of the device trace (--extras trace)")
     ap.add_argument("--variants", default="int4,int4-bf16",
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")

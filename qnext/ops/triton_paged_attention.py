@@ -81,16 +81,12 @@ def _paged_decode_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     block_size, scale_log2, NS, HQ,
     G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-    GATED: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+    GATED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1; times sigmoid(gate [B, Hq, D]) when GATED) or
     partials [B, Hq, NS] (+ D) of the splits holding keys (split_tokens(seq_len, NS) each; the merge reads no
-    others and applies the gate).
-    EARLY: everything but the BN-key block holding each sequence's newest key (position seq_len - 1) is read and
-    attended before the PDL wait, overlapping the kernels before this one; that block comes after the wait. The
-    blocks are the same and in the same order either way (start and the cut are multiples of BN)."""
-    if not EARLY:
-        pdl_wait_then_release(PDL)
+    others and applies the gate)."""
+    pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -108,23 +104,12 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, D], dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    cut = end
-    if EARLY:
-        cut = tl.minimum(end, tl.maximum(start, ((seq_len - 1) // BN) * BN))
-    for n0 in range(start, cut, BN):
+    for n0 in range(start, end, BN):
         on = n0 + tl.arange(0, BN)
         nmask = on < end
         m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, nmask[None, :], kvh, od, block_size,
                                       scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                       m_i, l_i, acc)
-    if EARLY:
-        pdl_wait_then_release(PDL)
-        for n0 in range(cut, end, BN):
-            on = n0 + tl.arange(0, BN)
-            nmask = on < end
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, nmask[None, :], kvh, od, block_size,
-                                          scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                          stride_vh, m_i, l_i, acc)
     if SPLIT:
         idx = (b * HQ + heads).to(tl.int64) * NS + sp                               # [BG]
         tl.store(pm_ptr + idx, m_i, mask=gmask)
@@ -143,33 +128,23 @@ def _paged_decode_kernel(
 @triton.jit
 def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, g_ptr, stride_ob, stride_oh, stride_gb,
                         stride_gh, NS, HQ, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
-                        GATED: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+                        GATED: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys (times
-    sigmoid(gate) when GATED). Every load that does not wait for the maximum M is issued at once (the first CH
-    splits' partials included); EARLY: seq_lens (a step input) is read before the PDL wait."""
-    if not EARLY:
-        pdl_wait_then_release(PDL)
+    sigmoid(gate) when GATED)."""
+    pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seqlens_ptr + b)
-    if EARLY:
-        pdl_wait_then_release(PDL)
     used = tl.cdiv(seq_len, _split_tokens(seq_len, NS, BN))        # splits holding keys, 1..NS
     base = (b * HQ + h).to(tl.int64) * NS
-    od = tl.arange(0, D)
-    if GATED:
-        gate = tl.load(g_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + od).to(tl.float32)
-    oc = tl.arange(0, CH)
-    cm = oc < used
-    m0 = tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf"))
-    part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0)
     os_ = tl.arange(0, BS)
     m = tl.load(pm_ptr + base + os_, mask=os_ < used, other=float("-inf"))
-    l = tl.load(pl_ptr + base + os_, mask=os_ < used, other=0.0)
     big = tl.max(m, axis=0)
+    l = tl.load(pl_ptr + base + os_, mask=os_ < used, other=0.0)
     denom = tl.sum(tl.exp2(m - big) * l, axis=0)
-    acc = tl.sum(part * tl.exp2(m0 - big)[:, None], axis=0)
-    for s0 in range(CH, used, CH):
+    od = tl.arange(0, D)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, used, CH):
         oc = s0 + tl.arange(0, CH)
         cm = oc < used
         w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf")) - big)
@@ -177,7 +152,7 @@ def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, g_ptr, strid
         acc += tl.sum(part * w[:, None], axis=0)
     out = acc / denom
     if GATED:
-        out = out * tl.sigmoid(gate)
+        out = out * tl.sigmoid(tl.load(g_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + od).to(tl.float32))
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + od, out.to(o_ptr.dtype.element_ty))
 
 
@@ -191,9 +166,6 @@ DECODE_BN = 64
 # at 9K context 157 against 173 us (92% of the copy rate), at 4K 78 against 86, one sequence at 1K 7.9 against 8.5;
 # more splits than decode_splits' choice did not help (9K: 173-191 us for 2-8x the programs).
 DECODE_WARPS = 8
-# The decode kernels read what the kernels right before them do not write before the PDL wait (see
-# paged_decode_attention); False for A/B runs.
-EARLY_KV_LOAD = True
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 256
 
@@ -220,10 +192,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     """q [B, Hq, D]; k/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (>= 1, keys visible to the query, its own included); max_seq_len: host bound on seq_lens
     (a CUDA-graph bucket's capacity is fine); gate [B, Hq, D] (any strides, unit last) or None
-    -> o [B, Hq, D] in q.dtype, times sigmoid(gate) when given.
-    With EARLY_KV_LOAD the kernels read q, the page tables, seq_lens and every key but each sequence's newest before
-    the PDL wait: the kernel launched right before this call may write only that newest key (paged_attention's
-    write_kv), nothing else this reads."""
+    -> o [B, Hq, D] in q.dtype, times sigmoid(gate) when given."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -248,12 +217,12 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1], scale * LOG2E, ns, hq,
-        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, GATED=gated, EARLY=EARLY_KV_LOAD, num_warps=num_warps,
-        num_stages=num_stages, **pdl_launch())
+        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, GATED=gated, num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch())
     if split:
         _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, gp, o.stride(0), o.stride(1), sgb, sgh, ns, hq,
                                        D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, GATED=gated,
-                                       EARLY=EARLY_KV_LOAD, num_warps=4, **pdl_launch())
+                                       num_warps=4, **pdl_launch())
     return o
 
 
