@@ -61,8 +61,8 @@ BF16_GEMV_TILE = (2, 16, 4)
 # 12288 x 2048 17.4 -> 16.2 (split 2), 1024 x 2048 7.8 -> 6.1 (split 4); shorter programs lost (2048 x 512: 3.6 us
 # unsplit, 5.1 at 2 steps per program, 5.6 at 1; 12288 x 2048 at 8 rows: 12.5 unsplit, 16.2 split 2).
 SPLIT_PROGRAMS = 264
-# Weight tiles the GEMV loads before the PDL wait (_fp8_gemv_kernel's EARLY: 0, 1 or 2 steps); for A/B runs.
-GEMV_EARLY_LOAD = 2
+# The GEMV loads its first weight tile before the PDL wait (_fp8_gemv_kernel's EARLY); False for A/B runs.
+GEMV_EARLY_LOAD = True
 SPLIT_MIN_STEPS = 4
 # The GEMV sums each step's products per scale group into a [BN, NG] accumulator (_gemv_step); False keeps the
 # [BN, NG, 128] products to the end (the previous kernel, for A/B runs).
@@ -127,21 +127,15 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
     w_rows = w_ptr + rows[:, None, None] * stride_wn
     groups = K // 128
     gg0 = tl.arange(0, NG)
-    if EARLY > 0:
+    if EARLY:
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-        if EARLY > 1:                             # (all masked, so no traffic, when K has one step)
-            w1, s1 = _gemv_weight_tile(w_rows, s_row, NG + gg0, j, rmask, groups, SCALED)
         pdl_wait_then_release(PDL)
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
     xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU)
     acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
-    rest = NG
-    if EARLY > 1:
-        acc += _gemv_step(w1, s1, _gemv_x(x_row, NG + gg0, j, groups, up_off, SWIGLU), SCALED, STEP_SUM)
-        rest = 2 * NG
-    for g0 in range(rest, groups, NG):
+    for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
         xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU)
@@ -155,15 +149,12 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
-                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = 1,
+                     BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
                      STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
     weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:] (_gemv_x).
-    EARLY: the first EARLY steps' weight tiles and scales are loaded before the PDL wait. Weights are never written
-    during a step, so that load may overlap the previous kernel's tail (x and y only after the wait). Two steps: the
-    whole of in_proj_qkvz (K = 2048 at NG = 8) and out_proj (K = 4096 at NG = 16) per program; with one, the
-    second step's DRAM trip came after the wait, and the 24 MiB in_proj_qkvz pair ran at ~2.1 TB/s in the batch-1
-    chain (H100 profile, docs/perf-notes.md).
+    EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
+    a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
     Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
     current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
     dependent round trips cost more than the shorter K loop saves)."""
@@ -177,7 +168,7 @@ def _gemv_pair_kernel(x_ptr, K, stride_xm,
                       w2_ptr, s2_ptr, y2_ptr, N2, stride_w2, stride_s2, stride_y2,
                       BN1: tl.constexpr, NG1: tl.constexpr, SCALED1: tl.constexpr,
                       BN2: tl.constexpr, NG2: tl.constexpr, SCALED2: tl.constexpr,
-                      EARLY: tl.constexpr = 1, STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
+                      EARLY: tl.constexpr = True, STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
     """Two GEMVs of one x in one launch: grid (M, cdiv(N1, BN1) + cdiv(N2, BN2)); the first programs compute
     y1 = x @ W1^T, the rest y2 = x @ W2^T, each with its own tile and format (see _fp8_gemv_kernel)."""
     m = tl.program_id(0)
@@ -195,7 +186,7 @@ def _gemv_pair_kernel(x_ptr, K, stride_xm,
 def _swiglu_gemv_route_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
                               logits_ptr, ids_ptr, tw_ptr, E, stride_lt,
                               BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, TOPK: tl.constexpr,
-                              BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr, EARLY: tl.constexpr = 1,
+                              BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr, EARLY: tl.constexpr = True,
                               STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
     """The MoE block's two consumers of the router GEMV pair in one launch: grid (M, cdiv(N, BN) + 1); the first
     programs of row m compute the shared expert's down projection of silu(x) * x[up_off:] (_fp8_gemv_kernel with
