@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.norm import MoeCombine
-from qnext.ops.pdl import pdl_launch, pdl_release, pdl_wait, pdl_wait_then_release
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_ffn import sigmoid_gate_add
 
 Tensor = torch.Tensor
@@ -27,28 +27,18 @@ def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
     NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
-    RB: tl.constexpr = 1, LATE_RELEASE: tl.constexpr = False, PDL: tl.constexpr = False,
+    RB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
     contiguous [rows, D]. Each row is reduced on its own.
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
     KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
-    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s.
-    LATE_RELEASE: the next kernel is released only after the row's sum of squares, i.e. once this program's
-    loads have returned. The MoE combine + norm ahead of in_proj_qkvz took ~7 us of the batch-1 chain against
-    ~1.2 for the other norms (H100 profile, docs/perf-notes.md): released at once, in_proj's ~800 programs load
-    their first weight tiles (12.6 MB) before their own wait, and this program's loads queue behind them."""
-    if LATE_RELEASE:
-        pdl_wait(PDL)
-    else:
-        pdl_wait_then_release(PDL)
-    offs = tl.arange(0, BD)
-    rot = offs < 2 * HALF                          # rotary: dim i < 2*HALF pairs with i +- HALF
-    first = offs < HALF
-    p = tl.where(first, offs + HALF, offs - HALF)
+    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
     rm = row < NROWS
     i0, i1, i2 = row // (B * C), (row // C) % B, row % C
+    offs = tl.arange(0, BD)
     m = rm[:, None] & (offs < D)[None, :]
     flat = row[:, None] * D + offs[None, :]                            # [RB, BD] in y / s (contiguous rows)
     xrow = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
@@ -61,35 +51,33 @@ def _norm_kernel(
         x = (acc + gate[:, None] * shared).to(s_ptr.dtype.element_ty)
     else:
         x = tl.load(x_ptr + xrow + offs[None, :], mask=m, other=0.0)
-    # every other input is loaded before the row's reduction (its barrier would hold later loads back)
-    if GATED:
-        z = tl.load(z_ptr + (i0 * sz0 + i1 * sz1 + i2 * sz2)[:, None] + offs[None, :], mask=m,
-                    other=0.0).to(tl.float32)
-    if HALF > 0:
-        rot2 = rm[:, None] & rot[None, :]
-        xp = tl.load(x_ptr + xrow + p[None, :], mask=rot2, other=0.0).to(tl.float32)
-        j = tl.where(first, offs, offs - HALF)
-        c = tl.load(cos_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=1.0)
-        sn = tl.load(sin_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=0.0)
     if HAS_RES:  # s = x + residual, rounded to x's dtype as a plain tensor add does
         r = tl.load(r_ptr + (i0 * sr0 + i1 * sr1 + i2 * sr2)[:, None] + offs[None, :], mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + flat, x, mask=m)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
-    if LATE_RELEASE:
-        pdl_release(PDL)
     w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
     if GATED:
+        z = tl.load(z_ptr + (i0 * sz0 + i1 * sz1 + i2 * sz2)[:, None] + offs[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         y = xf * rstd * w * (z * tl.sigmoid(z))
     else:
         y = xf * rstd * (1.0 + w)
     if HALF > 0:
-        # the pair partner xp of dim i < 2*HALF is i +- HALF: normalise it too (same row, same rstd),
+        # the pair partner of dim i < 2*HALF is i +- HALF: load and normalise it too (same row, same rstd),
         # rounding both to x's dtype first, as the norm's output is before a separate rotary op
+        rot = offs < 2 * HALF
+        first = offs < HALF
+        p = tl.where(first, offs + HALF, offs - HALF)
+        rot2 = rm[:, None] & rot[None, :]
+        xp = tl.load(x_ptr + xrow + p[None, :], mask=rot2, other=0.0).to(tl.float32)
         wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
         yp = (xp * rstd * (1.0 + wp)).to(y_ptr.dtype.element_ty).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        j = tl.where(first, offs, offs - HALF)
+        c = tl.load(cos_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=1.0)
+        sn = tl.load(sin_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=0.0)
         y = tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
     tl.store(y_ptr + flat, y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -110,8 +98,6 @@ def _num_warps(d: int) -> int:
     return 8 if d >= 2048 else 4 if d >= 512 else 2 if d >= 256 else 1
 
 
-# The MoE combine + norm releases the next kernel after its loads (the kernel's LATE_RELEASE); False for A/B runs.
-COMBINE_LATE_RELEASE = True
 # Rows per program: one for decode-sized launches (more programs, less latency); for prefill-sized ones (8K tokens
 # x 32 GDN heads of 128 = 262K rows) enough rows that a program moves ~4K elements instead of one 128-wide row.
 MANY_ROWS = 4096
@@ -148,8 +134,7 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
     _norm_kernel[(triton.cdiv(rows, rb),)](
         x, r, g, weight, y, s, cos, sin, mg, ms, rows, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), KC=kc, RB=rb, LATE_RELEASE=kc > 0 and COMBINE_LATE_RELEASE,
-        num_warps=_num_warps(d * rb), **pdl_launch())
+        BD=triton.next_power_of_2(d), KC=kc, RB=rb, num_warps=_num_warps(d * rb), **pdl_launch())
     return y, s
 
 
