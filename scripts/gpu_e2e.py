@@ -688,22 +688,18 @@ def settings(*values):
 
 
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The batch-1 chain's shorter links off, each a fresh engine (graphs captured under the setting): all of
-    them (the MoE block's order, moe.ROUTE_FIRST: routing, shared down, then the experts' gate_up with its weights
-    loaded before the PDL wait, EARLY_GATE_UP_LOAD, against routing beside the shared down in one launch,
-    FUSE_ROUTE; the experts' down weights before the wait, EARLY_DOWN_LOAD; the GDN conv and recurrent states
-    before it, EARLY_STATE_LOAD), then the order and the early gate_up load alone. Greedy ids against the default
-    engine (the fused routing sums its softmax over 4 warps instead of 1: near-tied logits of random weights may
-    flip); decode-b1, the replays and a step profile."""
+    """The batch-1 chain's shorter links, all off and each off alone, each a fresh engine (graphs captured under
+    the setting): the routing beside the shared down projection in one launch (FUSE_ROUTE), the experts' down
+    weights loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
+    (EARLY_STATE_LOAD). Greedy ids against the default engine (the fused routing sums its softmax over 4 warps
+    instead of 1: near-tied logits of random weights may flip); decode-b1, the replays and a step profile."""
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
-    fused = [("qnext.model.layers.moe", "ROUTE_FIRST", False)]
-    off = [("qnext.model.layers.moe", "ROUTE_FIRST", False), ("qnext.ops.triton_fused_linear", "FUSE_ROUTE", False),
-           ("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False),
-           ("qnext.ops.fla_gdn", "EARLY_STATE_LOAD", False), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD", False)]
-    for name, values in (("all off", off), ("routing beside the shared down (one launch)", fused),
-                         ("routing first, gate_up weights after the wait",
-                          [("qnext.ops.triton_moe_gemv_mma", "EARLY_GATE_UP_LOAD", False)]),
+    route = [("qnext.ops.triton_fused_linear", "FUSE_ROUTE", False)]
+    down = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
+    states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD", False), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD", False)]
+    for name, values in (("all off", route + down + states), ("route apart", route),
+                         ("down weights after the wait", down), ("GDN states after the wait", states),
                          ("all on again", [])):
         with settings(*values):
             other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
@@ -713,7 +709,7 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
             guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
             guarded(f"{t} replay", 5, bench_replay, t, other)
-            if name != "all on again":
+            if name == "all off":
                 guarded(f"{t} profile", 5, profile_step, t, other)
             del other
             free_memory()

@@ -137,8 +137,6 @@ def test_fused_moe_gemv_variants(kind, m, config):
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
     out = fused_moe(x, w13, w2, weights, ids, path="gemv", config=config)
     assert rel(out, ref) < 1.5e-2
-    # ids settled before the launch: the one-step kernels read ids and weights before the PDL wait, same result
-    assert torch.equal(fused_moe(x, w13, w2, weights, ids, path="gemv", config=config, ids_settled=True), out)
 
 
 @cuda_only

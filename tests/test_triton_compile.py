@@ -106,7 +106,7 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)
     for m, path in ((1, "gemv"), (8, "gemv"), (32, "grouped")):
         ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
-        fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, ids_settled=m == 1)
+        fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path)
         if path == "gemv":                                   # the CUDA-core int4 GEMV kernels
             fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, config={"mma": False})
     c, slots = 384, torch.tensor([3])

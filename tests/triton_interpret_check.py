@@ -250,9 +250,6 @@ def moe_checks() -> dict:
     ref = ref_ffn.fused_moe(x[:5].float(), *formats["int4"], tw[:5], ids[:5])     # int4 GEMV looping over experts
     out["moe_gemv_looped5/int4"] = err(fused_moe(x[:5], *formats["int4"], tw[:5], ids[:5], path="gemv",
                                                  config=dict(split=False)), ref)
-    ref = ref_ffn.fused_moe(x[:2].float(), *formats["int4"], tw[:2], ids[:2])     # ids settled: early loads
-    out["moe_gemv_ids_settled2/int4"] = err(fused_moe(x[:2], *formats["int4"], tw[:2], ids[:2], path="gemv",
-                                                      ids_settled=True), ref)
     ref = ref_ffn.fused_moe(x[:1].float(), *formats["fp8"], tw[:1], ids[:1])     # fp8 GEMV on tensor cores
     out["moe_gemv_mma1/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv",
                                              config=dict(mma=True)), ref)

@@ -27,9 +27,6 @@ Tensor = torch.Tensor
 # The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
 # batch-1 split mode); False for A/B runs.
 EARLY_DOWN_LOAD = True
-# The gate_up kernel does the same when the caller says the ids were settled before the kernel launched right before
-# it (mma_gemv's ids_settled); False for A/B runs.
-EARLY_GATE_UP_LOAD = True
 
 
 @triton.jit
@@ -103,41 +100,27 @@ def _moe_mma_gate_up_kernel(
     N, KU, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
-    KU stored units per weight row.
-    EARLY (S * KSU >= KU: one step per program): the expert id and the gate / up weight tiles are loaded before
-    the PDL wait; only for ids the kernel launched right before this one does not write (see mma_gemv)."""
-    if not EARLY:
-        pdl_wait_then_release(PDL)
+    KU stored units per weight row."""
+    pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if EARLY:
-        e = tl.load(ids_ptr + pid_p, cache_modifier=".cg").to(tl.int64)
-    else:
-        e = tl.load(ids_ptr + pid_p).to(tl.int64)
+    e = tl.load(ids_ptr + pid_p).to(tl.int64)
     x_row = x_ptr + (pid_p // TOPK).to(tl.int64) * stride_xm
     rows = pid_n * BM + tl.arange(0, BM * S) // S          # [BM*S]: each weight row S times
     rmask = rows < N
     wg = w_ptr + e * stride_we + rows * stride_wn
     sg = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8)
     su = _scale_rows(s_ptr, e, rows + N, stride_se, stride_sn, IS_FP8)
-    if EARLY:
-        pg, scg = _slice_tile(wg, sg, rmask, 0, KU, S, KSU, GU, BM * S, IS_FP8)
-        pu, scu = _slice_tile(wg + N * stride_wn, su, rmask, 0, KU, S, KSU, GU, BM * S, IS_FP8)
-        pdl_wait_then_release(PDL)
-        x_a, x_b = _x_slices(x_row, 0, KU, S, KSU, GU, IS_FP8)
-        acc_g = _tile_dots(pg, scg, x_a, x_b, S, BM * S, IS_FP8)
-        acc_u = _tile_dots(pu, scu, x_a, x_b, S, BM * S, IS_FP8)
-    else:
-        acc_g = tl.zeros([BM * S], dtype=tl.float32)
-        acc_u = tl.zeros([BM * S], dtype=tl.float32)
-        for ku0 in range(0, KU, S * KSU):
-            ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
-            x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
-            acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
-            acc_u += _slice_dots(wg + N * stride_wn, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
+    acc_g = tl.zeros([BM * S], dtype=tl.float32)
+    acc_u = tl.zeros([BM * S], dtype=tl.float32)
+    for ku0 in range(0, KU, S * KSU):
+        ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
+        x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
+        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
+        acc_u += _slice_dots(wg + N * stride_wn, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
@@ -203,13 +186,12 @@ def _slicing(w: KernelWeight, bm: int, warps: int, ksu: int | None) -> tuple[int
 
 
 def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int,
-             cfg: dict, split: bool, ids_settled: bool = False) -> Tensor:
+             cfg: dict, split: bool) -> Tensor:
     """x [M, H] -> [M, H], or [M*k, H] per-expert outputs (router-weighted, unsummed) when split: the down
     projection then runs one program per (pair, rows) instead of looping over the k experts -- more programs for the
     latency-bound few-pairs case. ids / tw flat [M*k]; int4 or fp8 weights. cfg keys: mbm1, mw1, mbm2, mw2 (rows
     and warps per program of the two kernels), mks2 (slice units of the down projection; None = auto), mst
-    (pipeline stages). ids_settled: no kernel launched right before this call writes ids (nor tw), so the gate_up
-    kernel may read them and the weights they name before its PDL wait (EARLY_GATE_UP_LOAD)."""
+    (pipeline stages)."""
     p, inter, hidden = m * top_k, w2.k, w2.n
     fp8 = w13.kind == FP8
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
@@ -217,8 +199,7 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_GATE_UP_LOAD and ids_settled and s * ksu >= w13.klim,
-        num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])

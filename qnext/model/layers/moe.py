@@ -22,8 +22,6 @@ from qnext.ops.quant import FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeigh
 from qnext.ops.registry import get_op
 
 _PLAIN = QuantScheme()
-# Batch-1 chain order (see SparseMoeBlock.forward); for A/B runs.
-ROUTE_FIRST = True
 
 
 class MLP(nn.Module):
@@ -91,12 +89,10 @@ class Experts(nn.Module):
         return self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                reduce: bool = True, ids_settled: bool = False) -> torch.Tensor:
-        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed).
-        ids_settled: the kernel launched right before this call wrote neither topk_ids nor topk_weights."""
+                reduce: bool = True) -> torch.Tensor:
+        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed)."""
         w13, w2 = self.quant_weights()
-        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce,
-                                                               ids_settled=ids_settled)
+        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
 
 
 class SparseMoeBlock(nn.Module):
@@ -126,10 +122,8 @@ class SparseMoeBlock(nn.Module):
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
         SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
         Without a side stream and with the projections stacked (decode graphs from batch 1 below
-        SIDE_STREAM_MIN_BATCH) the block is one chain: shared gate_up + router, then (ROUTE_FIRST) the routing, the
-        shared down projection, the experts' gate_up, which may read the ids settled before the kernel right
-        before it and so load its weights early, and their down; or shared down + routing in one launch, then the
-        experts."""
+        SIDE_STREAM_MIN_BATCH) the block is one chain of four launches: shared gate_up + router, shared down +
+        routing, the experts' gate_up, their down."""
         shared, stacked = self.shared_expert, self.router_and_shared_gate
         if shared is not None and side_stream is None and stacked is not None and shared.gate_up is not None:
             pair = project_pair(x, shared.gate_up, stacked)
@@ -137,15 +131,9 @@ class SparseMoeBlock(nn.Module):
                 gate, up = split_stacked(shared.gate_up, pair[0])                       # [T, I] views
                 logits, shared_gate = split_stacked(stacked, pair[1])                   # [T, E], [T, 1]
                 down = shared.down_proj
-                if ROUTE_FIRST:
-                    ids, weights = get_op("moe_route", self.ops_backend, x.device)(logits, self.top_k,
-                                                                                  self.norm_topk_prob)
-                    s = get_op("silu_mul_linear", self.ops_backend, x.device)(gate, up, down.matmul_weight(),
-                                                                              down.bias)
-                else:
-                    s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
-                        gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
-                y = self.experts(x, ids, weights, reduce=False, ids_settled=ROUTE_FIRST)   # shared add sums the k
+                s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
+                    gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
+                y = self.experts(x, ids, weights, reduce=False)                         # the shared add sums the k
                 return self._add_shared(x, y, shared_gate, s, defer_combine)
         s = None
         if shared is not None:
