@@ -39,7 +39,7 @@ def stub_engine(batch: int, max_tokens: int) -> LLMEngine:
     table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
     rows = torch.Generator().manual_seed(1)
     eng.runner.forward = lambda fb: torch.zeros(fb.num_tokens, hidden)
-    eng.model.compute_logits = lambda h: table[torch.randint(0, vocab, (h.shape[0],), generator=rows)]
+    eng.model.compute_logits = lambda h, dtype=None: table[torch.randint(0, vocab, (h.shape[0],), generator=rows)]
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):

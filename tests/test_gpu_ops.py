@@ -635,6 +635,16 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
 
 
 @cuda_only
+def test_rope_cos_sin_matches_torch():
+    """One Triton launch for the rotary cos / sin against torch's six float32 ops (both libdevice cosf / sinf)."""
+    from qnext.ops import norm, triton_norm
+    inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32, device="cuda") / 64)
+    for pos in (torch.tensor([0, 5, 262143], device="cuda"), torch.arange(9000, device="cuda")):
+        for got, want in zip(triton_norm.rope_cos_sin(pos, inv, 1.1), norm.rope_cos_sin(pos, inv, 1.1)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@cuda_only
 def test_pack_to_device_round_trips_every_dtype():
     from qnext.engine.host_device import pack_to_device
 

@@ -110,6 +110,11 @@ def op_checks() -> dict:
     y1 = triton_conv1d.causal_conv1d_prefill_(xq, wq, cq1, slots, init, cu, x_cols=gcols, x_cols_run=gdn.qkv_run)
     y2 = ref_conv.causal_conv1d_prefill_(xq, wq, cq2, slots, init, cu, x_cols=gcols)
     out["conv_prefill_column_runs"] = max(err(y1, y2), err(cq1, cq2))
+    from qnext.ops import norm as ref_rope, triton_norm as tn
+    inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    for name, pos in (("decode", torch.tensor([5, 70000, 3])), ("prefill", torch.arange(5000))):
+        got, want = tn.rope_cos_sin(pos, inv, 1.25), ref_rope.rope_cos_sin(pos, inv, 1.25)
+        out[f"rope_cos_sin_float32/{name}"] = max(err(got[0], want[0]), err(got[1], want[1]))
     xd = torch.randn(3, 20)
     y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
     y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)

@@ -137,7 +137,9 @@ class ModelRunner:
         if plan:
             step.prompt_copy = HostCopy(self._score_prompt(hidden, plan, prompt_targets))
         if last:
-            logits = self.model.compute_logits(hidden[batch.logits_indices if idx is None else idx])  # [B', V]
+            # a decode-only step's rows are all last tokens, in order (logits_indices = arange): no gather
+            rows = hidden if idx is None and batch.is_decode else hidden[batch.logits_indices if idx is None else idx]
+            logits = self.model.compute_logits(rows, dtype=None)                       # [B', V], lm_head's dtype
             step.sample = self.sampler.sample_async(logits, [r.sampling_row for r in step.requests])
         return step
 

@@ -1,4 +1,4 @@
-"""Sampler: logits [B, V] float32 -> one token per row, plus logprobs when asked.
+"""Sampler: logits [B, V] (float32, or the model's 16-bit logits) -> one token per row, plus logprobs when asked.
 
 API (the engine keeps one SamplingRow per running sequence, made at admission, and passes the rows each step):
 
@@ -141,6 +141,12 @@ class Sampler:
         if B != len(rows):
             raise ValueError(f"logits has {B} rows but {len(rows)} SamplingRows were given")
         edits = any(r.params.logits_processors or r.banned_token_ids or _has_penalty(r.params) for r in rows)
+        if not edits and all(r.params.greedy and r.params.logprobs is None for r in rows):
+            # argmax straight over the logits as they come (bf16 from the model): float32 holds every bf16 value
+            # exactly and in order, so the winner (lowest index on ties) is the float32 one
+            sampled = logits.argmax(dim=-1)
+            lp = logprob_tensors(logits, sampled, rows)                                  # none asked
+            return PendingSample(sampled, lp, HostCopy((sampled, *lp.tensors)))
         x = logits.float()  # [B, V]
         if edits:
             x = x.clone(memory_format=torch.contiguous_format)  # edited in place below

@@ -72,7 +72,7 @@ class Qwen3NextModel(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **plain)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops_backend=kw["ops_backend"], **plain)
-        self.rotary_emb = RotaryEmbedding(cfg)
+        self.rotary_emb = RotaryEmbedding(cfg, ops_backend=kw["ops_backend"])
 
     def forward(self, batch, cache) -> torch.Tensor:
         x, residual = self.embed_tokens(batch.input_ids), None
@@ -120,6 +120,8 @@ class Qwen3NextForCausalLM(nn.Module):
         """One step over a ForwardBatch -> final-normed hidden states [T, hidden]; updates the cache in place."""
         return self.model(batch, cache)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, hidden] (already normed) -> logits [B, vocab] float32."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """hidden [B, hidden] (already normed) -> logits [B, vocab] in dtype (None: lm_head's own, which saves the
+        float32 copy where the sampler takes the raw logits)."""
+        logits = self.lm_head(hidden)
+        return logits if dtype is None else logits.to(dtype)

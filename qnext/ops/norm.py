@@ -74,6 +74,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, rest), dim=-1)
 
 
+@register("rope_cos_sin", "torch")
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """positions [T] int, inv_freq [R/2] float32 -> (cos, sin) of positions x inv_freq, each [T, R/2] float32,
+    times scaling (YaRN's attention factor; 1.0 otherwise)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
 @register("rmsnorm_rope", "torch")
 def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] float32 -> rotary(rmsnorm(x)) [T, H, D]."""

@@ -35,6 +35,7 @@ OPS = (
     "rmsnorm",                     # zero-centred RMSNorm, optionally fused with the residual add
     "gated_rmsnorm",               # GDN output norm gated by silu(z)
     "rmsnorm_rope",                # attention q/k norm + partial rotary embedding
+    "rope_cos_sin",                # the rotary embedding's cos / sin at the step's positions
     "moe_route",                   # router softmax + top-k + renormalise
     "silu_mul",                    # SwiGLU activation
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert

@@ -1,4 +1,5 @@
 """RMSNorm kernels (Triton): one launch per norm, the residual add fused in. Semantics of qnext.ops.norm.
+The rotary embedding's cos / sin come from one launch too (rope_cos_sin; torch takes six).
 
 One program per row of D elements (per several rows for prefill-sized inputs); rows are addressed through up to
 three leading strides, so strided views (q/k heads split out of a projection, the GDN gate z inside in_proj_qkvz's
@@ -161,3 +162,32 @@ def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor
     if x.dim() != 3 or cos.shape[0] != x.shape[0] or 2 * cos.shape[-1] > x.shape[-1]:
         raise ValueError(f"rmsnorm_rope: x {tuple(x.shape)} must be [T, H, D] and cos {tuple(cos.shape)} [T, <=D/2]")
     return _launch(x, weight, eps, None, None, (cos, sin))[0]
+
+
+@triton.jit
+def _rope_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, T, scaling, HALF: tl.constexpr, BH: tl.constexpr,
+                 RB: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (cdiv(T, RB),): cos / sin [T, HALF] of position x inv_freq, times scaling, in float32 (tl.cos / tl.sin
+    lower to libdevice's cosf / sinf on NVIDIA, the same code as a no-fast-math CUDA cosf; no .approx)."""
+    pdl_wait_then_release(PDL)
+    t = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
+    j = tl.arange(0, BH)
+    m = (t < T)[:, None] & (j < HALF)[None, :]
+    angle = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.float32)[:, None] * \
+        tl.load(inv_ptr + j, mask=j < HALF, other=0.0)[None, :]
+    out = t[:, None] * HALF + j[None, :]
+    tl.store(cos_ptr + out, tl.cos(angle) * scaling, mask=m)
+    tl.store(sin_ptr + out, tl.sin(angle) * scaling, mask=m)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """positions [T] int, inv_freq [R/2] float32 -> (cos, sin) each [T, R/2] float32, times scaling."""
+    t, half = positions.shape[0], inv_freq.shape[0]
+    cos = torch.empty(t, half, dtype=torch.float32, device=positions.device)
+    sin = torch.empty_like(cos)
+    if t:
+        rb = 1 if t < MANY_ROWS else 32
+        _rope_kernel[(triton.cdiv(t, rb),)](positions, inv_freq.float().contiguous(), cos, sin, t, scaling,
+                                            HALF=half, BH=triton.next_power_of_2(half), RB=rb, num_warps=1,
+                                            **pdl_launch())
+    return cos, sin

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
+from qnext.ops.registry import get_op
 
 
 def _yarn_inv_freq(base: float, dim: int, s: dict, max_pos: int, orig_max: int) -> tuple[torch.Tensor, float]:
@@ -58,9 +59,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops_backend: str = "auto"):
         super().__init__()
-        self.rotary_dim = cfg.rotary_dim
+        self.rotary_dim, self.ops_backend = cfg.rotary_dim, ops_backend
         self._inv_freq_cpu, self.attention_scaling = rope_inv_freq(cfg)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
@@ -69,6 +70,5 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self._inv_freq.get(positions.device)
         if inv_freq is None:
             inv_freq = self._inv_freq[positions.device] = self._inv_freq_cpu.to(positions.device)
-        angles = positions.float()[:, None] * inv_freq[None, :]
-        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return get_op("rope_cos_sin", self.ops_backend, positions.device)(positions, inv_freq, self.attention_scaling)
 
