@@ -635,6 +635,19 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
 
 
 @cuda_only
+def test_greedy_argmax_is_torch_argmax():
+    """The two-stage Triton argmax gives torch.argmax's index (the first of a tie) for bf16 and float32 rows."""
+    from qnext.ops.triton_sampling import greedy_argmax
+    torch.manual_seed(0)
+    x = torch.randn(5, 151936, device="cuda")
+    x[1, 100000] = x[1, 3] = 9.0
+    x[2, 4095] = x[2, 4096] = 9.0
+    x[3, -1] = 9.0
+    for t in (x, x.bfloat16(), x[:1].bfloat16()):
+        assert torch.equal(greedy_argmax(t), t.argmax(-1))
+
+
+@cuda_only
 def test_rope_cos_sin_matches_torch():
     """One Triton launch for the rotary cos / sin against torch's six float32 ops (both libdevice cosf / sinf)."""
     from qnext.ops import norm, triton_norm

@@ -45,5 +45,9 @@ def test_glue_kernels_match_reference(results):
     assert sum(name.startswith(("silu_mul_linear_route/", "moe_route_ids/fused_")) for name in results) == 4
 
 
+def test_greedy_argmax_is_torch_argmax(results):
+    assert results["greedy_argmax_equal"] is True
+
+
 def test_model_greedy_tokens_same_through_triton_backend(results):
     assert results["model_greedy_equal"], results["tokens"]

@@ -115,6 +115,11 @@ def op_checks() -> dict:
     for name, pos in (("decode", torch.tensor([5, 70000, 3])), ("prefill", torch.arange(5000))):
         got, want = tn.rope_cos_sin(pos, inv, 1.25), ref_rope.rope_cos_sin(pos, inv, 1.25)
         out[f"rope_cos_sin_float32/{name}"] = max(err(got[0], want[0]), err(got[1], want[1]))
+    from qnext.ops.triton_sampling import greedy_argmax
+    logits = torch.randn(3, 151936).half()
+    logits[1, 70000] = logits[1, 9000] = 50.0                    # a tie across slices: the lower index wins
+    logits[2, 4095] = logits[2, 4097] = 50.0                     # ... and across a slice edge
+    out["greedy_argmax_equal"] = bool(torch.equal(greedy_argmax(logits), logits.float().argmax(-1)))
     xd = torch.randn(3, 20)
     y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
     y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)

@@ -106,8 +106,12 @@ class ModelRunner:
         batch = ForwardBatch.build(token_ids, context_lens, tables, slots, self.block_size, self.device)
         if patch:
             dst, src = zip(*patch)
-            idx = to_device(dst + src, torch.int64, self.device)
-            batch.input_ids[idx[: len(dst)]] = previous.sample.sampled[idx[len(dst):]]
+            n = len(dst)
+            if dst == tuple(range(dst[0], dst[0] + n)) and src == tuple(range(src[0], src[0] + n)):
+                batch.input_ids[dst[0]: dst[0] + n] = previous.sample.sampled[src[0]: src[0] + n]   # one copy
+            else:
+                idx = to_device(dst + src, torch.int64, self.device)
+                batch.input_ids[idx[:n]] = previous.sample.sampled[idx[n:]]
         return batch
 
     @torch.inference_mode()

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 
 from qnext.engine.host_device import HostCopy, to_device, to_host
+from qnext.ops.registry import get_op
 from qnext.sampling_params import Logprob, SamplingParams
 
 
@@ -144,7 +145,7 @@ class Sampler:
         if not edits and all(r.params.greedy and r.params.logprobs is None for r in rows):
             # argmax straight over the logits as they come (bf16 from the model): float32 holds every bf16 value
             # exactly and in order, so the winner (lowest index on ties) is the float32 one
-            sampled = logits.argmax(dim=-1)
+            sampled = get_op("greedy_argmax", "auto", logits.device)(logits)
             lp = logprob_tensors(logits, sampled, rows)                                  # none asked
             return PendingSample(sampled, lp, HostCopy((sampled, *lp.tensors)))
         x = logits.float()  # [B, V]

@@ -65,6 +65,12 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
     return ids, weights
 
 
+@register("greedy_argmax", "torch")
+def greedy_argmax(logits: Tensor) -> Tensor:
+    """logits [B, V] -> [B] int64, the first index of each row's maximum (the sampler's greedy rows)."""
+    return logits.argmax(dim=-1)
+
+
 @register("silu_mul", "torch")
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU activation: gate, up [..., I] -> silu(gate) * up."""

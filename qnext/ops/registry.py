@@ -42,6 +42,7 @@ OPS = (
     "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
     "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
     "silu_mul_linear_route",       # silu_mul_linear beside moe_route (one launch for decode rows on CUDA)
+    "greedy_argmax",               # the first index of each logits row's maximum (the sampler's greedy rows)
 )
 
 # Modules that provide a backend's ops. A module provides an op by defining a function named after it (same
@@ -52,7 +53,7 @@ BACKEND_MODULES: dict[str, tuple[str, ...]] = {
               "qnext.ops.fp8_linear", "qnext.ops.norm"),
     "triton": ("qnext.ops.fla_gdn", "qnext.ops.triton_conv1d", "qnext.ops.triton_paged_attention",
                "qnext.ops.triton_moe", "qnext.ops.triton_linear_fp8", "qnext.ops.triton_norm",
-               "qnext.ops.triton_ffn", "qnext.ops.triton_fused_linear"),
+               "qnext.ops.triton_ffn", "qnext.ops.triton_fused_linear", "qnext.ops.triton_sampling"),
     "fla": ("qnext.ops.fla_gdn",),
 }
 AUTO_ORDER = ("triton", "fla")  # preference on CUDA; CPU always gets "torch"
