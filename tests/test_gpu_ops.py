@@ -648,6 +648,22 @@ def test_greedy_argmax_is_torch_argmax():
 
 
 @cuda_only
+def test_attention_norm_pair_is_the_two_norms():
+    """rmsnorm_rope_pair's one launch equals the two rmsnorm_rope launches bit for bit, at the model's head shapes
+    (16 query heads of 256 interleaved with their gates, 2 key heads, rotary dim 64)."""
+    from qnext.ops import triton_norm
+    torch.manual_seed(0)
+    for t in (1, 5):
+        qkv = torch.randn(t, 16 * 512 + 2 * 256, device="cuda").bfloat16()
+        q, k = qkv[:, :8192].view(t, 16, 512)[..., :256], qkv[:, 8192:].view(t, 2, 256)
+        wq, wk = torch.randn(256, device="cuda").bfloat16(), torch.randn(256, device="cuda").bfloat16()
+        cos, sin = torch.randn(t, 32, device="cuda"), torch.randn(t, 32, device="cuda")
+        pair = triton_norm.rmsnorm_rope_pair(q, wq, k, wk, 1e-6, cos, sin)
+        apart = triton_norm.rmsnorm_rope(q, wq, 1e-6, cos, sin), triton_norm.rmsnorm_rope(k, wk, 1e-6, cos, sin)
+        assert all(torch.equal(a, b) for a, b in zip(pair, apart))
+
+
+@cuda_only
 def test_rope_cos_sin_matches_torch():
     """One Triton launch for the rotary cos / sin against torch's six float32 ops (both libdevice cosf / sinf)."""
     from qnext.ops import norm, triton_norm

@@ -25,7 +25,7 @@ PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_k
                "_moe_mma_gate_up_kernel", "_moe_mma_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
                "_kv_write_kernel", "_gdn_recurrent_kernel", "_swiglu_gemv_route_kernel",
-               "_rope_kernel", "_slice_max_kernel", "_pick_kernel"}
+               "_rope_kernel", "_slice_max_kernel", "_pick_kernel", "_rope_norm_pair_kernel"}
 
 
 def _signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
@@ -91,6 +91,8 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     triton_norm.rmsnorm(MoeCombine(_bf(1, 10, h), _bf(1, 1), _bf(1, h)), _bf(h), 1e-6, _bf(1, h))
     triton_norm.gated_rmsnorm(_bf(1, 4, 128), _bf(1, 4, 128), _bf(128), 1e-6)
     triton_norm.rmsnorm_rope(_bf(1, 4, 256), _bf(256), 1e-6, torch.randn(1, 32), torch.randn(1, 32))
+    triton_norm.rmsnorm_rope_pair(_bf(1, 4, 256), _bf(256), _bf(1, 2, 256), _bf(256), 1e-6, torch.randn(1, 32),
+                                  torch.randn(1, 32))
     triton_ffn.moe_route(_bf(1, 512), 10, True)
     triton_norm.rope_cos_sin(torch.tensor([7]), torch.rand(32), 1.0)
     from qnext.ops.triton_sampling import greedy_argmax

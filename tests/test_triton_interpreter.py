@@ -49,5 +49,9 @@ def test_greedy_argmax_is_torch_argmax(results):
     assert results["greedy_argmax_equal"] is True
 
 
+def test_attention_norm_pair_is_the_two_norms(results):
+    assert results["rope_pair_bits"] is True
+
+
 def test_model_greedy_tokens_same_through_triton_backend(results):
     assert results["model_greedy_equal"], results["tokens"]

@@ -115,6 +115,13 @@ def op_checks() -> dict:
     for name, pos in (("decode", torch.tensor([5, 70000, 3])), ("prefill", torch.arange(5000))):
         got, want = tn.rope_cos_sin(pos, inv, 1.25), ref_rope.rope_cos_sin(pos, inv, 1.25)
         out[f"rope_cos_sin_float32/{name}"] = max(err(got[0], want[0]), err(got[1], want[1]))
+    qkv = torch.randn(2, 4 * 64 + 2 * 64).half()                 # q heads (stride 2D: gate between) and k heads
+    q, k = qkv[:, :256].view(2, 2, 128)[..., :64], qkv[:, 256:].view(2, 2, 64)
+    wq, wk = torch.randn(64).half(), torch.randn(64).half()
+    cq, sq = torch.randn(2, 16), torch.randn(2, 16)
+    pair = tn.rmsnorm_rope_pair(q, wq, k, wk, 1e-6, cq, sq)
+    apart = tn.rmsnorm_rope(q, wq, 1e-6, cq, sq), tn.rmsnorm_rope(k, wk, 1e-6, cq, sq)
+    out["rope_pair_bits"] = all(bool(torch.equal(a, b)) for a, b in zip(pair, apart))
     from qnext.ops.triton_sampling import greedy_argmax
     logits = torch.randn(3, 151936).half()
     logits[1, 70000] = logits[1, 9000] = 50.0                    # a tie across slices: the lower index wins

@@ -86,3 +86,11 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scaling: float) -> tuple[T
 def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] (any strides); weight [D]; cos, sin [T, R/2] float32 -> rotary(rmsnorm(x)) [T, H, D]."""
     return apply_rotary(rmsnorm(x, weight, eps), cos, sin)
+
+
+@register("rmsnorm_rope_pair", "torch")
+def rmsnorm_rope_pair(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, cos: Tensor,
+                      sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention's two rmsnorm_rope calls, queries and keys (each with its own weight), as one op (one launch on
+    CUDA for decode-sized inputs)."""
+    return rmsnorm_rope(q, wq, eps, cos, sin), rmsnorm_rope(k, wk, eps, cos, sin)

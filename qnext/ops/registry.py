@@ -36,6 +36,7 @@ OPS = (
     "gated_rmsnorm",               # GDN output norm gated by silu(z)
     "rmsnorm_rope",                # attention q/k norm + partial rotary embedding
     "rope_cos_sin",                # the rotary embedding's cos / sin at the step's positions
+    "rmsnorm_rope_pair",           # attention's q and k norm + rotary embedding (one launch for decode on CUDA)
     "moe_route",                   # router softmax + top-k + renormalise
     "silu_mul",                    # SwiGLU activation
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert

@@ -165,6 +165,58 @@ def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor
 
 
 @triton.jit
+def _rope_norm_pair_kernel(q_ptr, wq_ptr, yq_ptr, k_ptr, wk_ptr, yk_ptr, cos_ptr, sin_ptr, HQ, HK,
+                           sq0, sq1, sk0, sk1, D, eps, HALF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
+    """grid (T, HQ + HK): head h of token t, a query head (h < HQ, q [T, HQ, D] -> yq) or a key head (k -> yk),
+    each with its own weight: _norm_kernel's RB = 1, HALF > 0 rows with the same operations in the same order."""
+    pdl_wait_then_release(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    if h < HQ:
+        x_row, w_ptr, y_row = q_ptr + t * sq0 + h * sq1, wq_ptr, yq_ptr + (t * HQ + h) * D
+    else:
+        x_row, w_ptr, y_row = k_ptr + t * sk0 + (h - HQ) * sk1, wk_ptr, yk_ptr + (t * HK + h - HQ) * D
+    offs = tl.arange(0, BD)
+    m = (offs < D)[None, :]
+    x = tl.load(x_row + offs[None, :], mask=m, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+    y = xf * rstd * (1.0 + tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :])
+    rot = offs < 2 * HALF
+    first = offs < HALF
+    p = tl.where(first, offs + HALF, offs - HALF)
+    rot2 = rot[None, :]
+    xp = tl.load(x_row + p[None, :], mask=rot2, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
+    yp = (xp * rstd * (1.0 + wp)).to(yq_ptr.dtype.element_ty).to(tl.float32)
+    y = y.to(yq_ptr.dtype.element_ty).to(tl.float32)
+    j = tl.where(first, offs, offs - HALF)
+    c = tl.load(cos_ptr + t * HALF + j[None, :], mask=rot2, other=1.0)
+    sn = tl.load(sin_ptr + t * HALF + j[None, :], mask=rot2, other=0.0)
+    y = tl.where(rot2, tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+    tl.store(y_row + offs[None, :], y.to(yq_ptr.dtype.element_ty), mask=m)
+
+
+def rmsnorm_rope_pair(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, cos: Tensor,
+                      sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(rmsnorm_rope(q, wq, ...), rmsnorm_rope(k, wk, ...)): one launch for decode-sized q, k [T, H, D] of one dtype
+    and head size with unit last strides (the attention layer's heads, views of its projection), else two."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if (k.dim() != 3 or k.shape[0] != t or k.shape[2] != d or k.dtype != q.dtype or q.stride(2) != 1
+            or k.stride(2) != 1 or t * (hq + hk) >= MANY_ROWS or cos.shape[0] != t or 2 * cos.shape[-1] > d):
+        return rmsnorm_rope(q, wq, eps, cos, sin), rmsnorm_rope(k, wk, eps, cos, sin)
+    yq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    yk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if t:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        _rope_norm_pair_kernel[(t, hq + hk)](q, wq, yq, k, wk, yk, cos, sin, hq, hk, q.stride(0), q.stride(1),
+                                             k.stride(0), k.stride(1), d, eps, HALF=cos.shape[-1],
+                                             BD=triton.next_power_of_2(d), num_warps=_num_warps(d), **pdl_launch())
+    return yq, yk
+
+
+@triton.jit
 def _rope_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, T, scaling, HALF: tl.constexpr, BH: tl.constexpr,
                  RB: tl.constexpr, PDL: tl.constexpr = False):
     """grid (cdiv(T, RB),): cos / sin [T, HALF] of position x inv_freq, times scaling, in float32 (tl.cos / tl.sin

@@ -49,8 +49,8 @@ class GatedAttention(nn.Module):
         t, d = x.shape[0], self.head_dim
         q, k, v = self._qkv(x)
         q, gate = q.view(t, self.num_heads, 2 * d).split(d, dim=-1)                  # [T, Hq, D] each
-        q = self.q_norm.with_rope(q, rope)
-        k = self.k_norm.with_rope(k.view(t, self.num_kv_heads, d), rope)
+        q, k = get_op("rmsnorm_rope_pair", self.ops_backend, x.device)(
+            q, self.q_norm.weight, k.view(t, self.num_kv_heads, d), self.k_norm.weight, self.q_norm.eps, *rope)
         v = v.view(t, self.num_kv_heads, d)
         k_cache, v_cache = cache.kv[self.layer_id]
         attn = get_op("paged_attention", self.ops_backend, x.device)(
