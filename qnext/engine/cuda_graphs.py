@@ -105,12 +105,12 @@ class DecodeGraphs:
         b = batch.num_seqs
         bucket = next(s for s in self.buckets if s >= b)
         width = batch.block_tables.shape[1]
-        # the four int64 inputs as one multi-tensor copy (one kernel on CUDA instead of four)
+        # the int64 inputs as one multi-tensor copy, the int32 ones as another (one kernel each on CUDA where the
+        # slices are dense, as a batch-1 step's are; else torch copies them one by one)
         torch._foreach_copy_([self.input_ids[:b], self.positions[:b], self.slot_mapping[:b], self.state_slots[:b]],
                              [batch.input_ids, batch.positions, batch.slot_mapping, batch.state_slots])
-        self.seq_lens[:b].copy_(batch.seq_lens)
+        torch._foreach_copy_([self.seq_lens[:b], self.block_tables[:b, :width]], [batch.seq_lens, batch.block_tables])
         self.has_initial_state[:b].copy_(batch.has_initial_state)
-        self.block_tables[:b, :width].copy_(batch.block_tables)
         if bucket > b:                                         # padding rows: dummy page and slot only
             self.slot_mapping[b:bucket].fill_(self.dummy_page * self.block_size)
             self.state_slots[b:bucket].fill_(self.dummy_slot)
