@@ -624,16 +624,19 @@ def side_stream_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, m
 
 
 @contextlib.contextmanager
-def flag_off(module: str, name: str):
-    """A module's boolean switch (triton_linear_fp8.GEMV_STEP_SUM, triton_fused_linear.FUSE_DECODE_PROJECTIONS,
-    ...) False inside the block."""
+def settings(*values):
+    """Module attributes (module, name, value) set inside the block, restored after."""
     import importlib
-    mod = importlib.import_module(module)
-    setattr(mod, name, False)
+    saved = []
+    for module, name, value in values:
+        mod = importlib.import_module(module)
+        saved.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, value)
     try:
         yield
     finally:
-        setattr(mod, name, True)
+        for mod, name, value in reversed(saved):
+            setattr(mod, name, value)
 
 
 def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
@@ -649,12 +652,12 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
     ids = generate(engine, prompts, 16)
     one = dict(no_side_stream=True)
     fused, fp8 = "qnext.ops.triton_fused_linear", "qnext.ops.triton_linear_fp8"
-    for name, kw, settings in (("separate projection kernels", {},
-                                lambda: flag_off(fused, "FUSE_DECODE_PROJECTIONS")),
-                               ("GEMV [BN, NG, 128] accumulator", {}, lambda: flag_off(fp8, "GEMV_STEP_SUM")),
-                               ("one stream", one, contextlib.nullcontext),
-                               ("one stream, no PDL", one, pdl.pdl_disabled)):
-        with settings():
+    for name, kw, setting in (("separate projection kernels", {},
+                               lambda: settings((fused, "FUSE_DECODE_PROJECTIONS", False))),
+                              ("GEMV [BN, NG, 128] accumulator", {}, lambda: settings((fp8, "GEMV_STEP_SUM", False))),
+                              ("one stream", one, contextlib.nullcontext),
+                              ("one stream, no PDL", one, pdl.pdl_disabled)):
+        with setting():
             other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len, **kw)
             if other is None:
                 return
@@ -669,22 +672,6 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
                 guarded(f"{t} profile", 5, profile_step, t, other, 40)
             del other
             free_memory()
-
-
-@contextlib.contextmanager
-def settings(*values):
-    """Module attributes (module, name, value) set inside the block, restored after."""
-    import importlib
-    saved = []
-    for module, name, value in values:
-        mod = importlib.import_module(module)
-        saved.append((mod, name, getattr(mod, name)))
-        setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        for mod, name, value in reversed(saved):
-            setattr(mod, name, value)
 
 
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
