@@ -142,13 +142,10 @@ class Sampler:
         if B != len(rows):
             raise ValueError(f"logits has {B} rows but {len(rows)} SamplingRows were given")
         edits = any(r.params.logits_processors or r.banned_token_ids or _has_penalty(r.params) for r in rows)
-        if not edits and all(r.params.greedy and r.params.logprobs is None for r in rows):
-            # argmax straight over the logits as they come (bf16 from the model): float32 holds every bf16 value
-            # exactly and in order, so the winner (lowest index on ties) is the float32 one
-            sampled = get_op("greedy_argmax", "auto", logits.device)(logits)
-            lp = logprob_tensors(logits, sampled, rows)                                  # none asked
-            return PendingSample(sampled, lp, HostCopy((sampled, *lp.tensors)))
-        x = logits.float()  # [B, V]
+        # Greedy rows alone, unedited and without logprobs, take the logits as they come (bf16 from the model, no
+        # float32 copy): float32 holds every bf16 value exactly and in order, so the argmax is the same.
+        as_they_come = not edits and all(r.params.greedy and r.params.logprobs is None for r in rows)
+        x = logits if as_they_come else logits.float()  # [B, V]
         if edits:
             x = x.clone(memory_format=torch.contiguous_format)  # edited in place below
             apply_processors(x, rows)
@@ -165,7 +162,7 @@ class Sampler:
             rows_t = None if len(idx) == B else to_device(idx, torch.int64, x.device)
             sub = x if rows_t is None else x[rows_t]
             if kind == "greedy":
-                tok = sub.argmax(dim=-1)
+                tok = get_op("greedy_argmax", "auto", x.device)(sub)
             else:
                 params = [rows[i].params for i in idx]
                 probs, order = candidate_probs(sub, params)
