@@ -66,21 +66,29 @@ def _norm_kernel(
     else:
         y = xf * rstd * (1.0 + w)
     if HALF > 0:
-        # the pair partner of dim i < 2*HALF is i +- HALF: load and normalise it too (same row, same rstd),
-        # rounding both to x's dtype first, as the norm's output is before a separate rotary op
-        rot = offs < 2 * HALF
-        first = offs < HALF
-        p = tl.where(first, offs + HALF, offs - HALF)
-        rot2 = rm[:, None] & rot[None, :]
-        xp = tl.load(x_ptr + xrow + p[None, :], mask=rot2, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
-        yp = (xp * rstd * (1.0 + wp)).to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        j = tl.where(first, offs, offs - HALF)
-        c = tl.load(cos_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=1.0)
-        sn = tl.load(sin_ptr + i1[:, None] * HALF + j[None, :], mask=rot2, other=0.0)
-        y = tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+        y = _rotate_normed(y, x_ptr + xrow, w_ptr, y_ptr, cos_ptr + i1[:, None] * HALF, sin_ptr + i1[:, None] * HALF,
+                           rstd, rm[:, None], offs, HALF)
     tl.store(y_ptr + flat, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotate_normed(y, x_rows, w_ptr, y_ptr, cos_rows, sin_rows, rstd, rows_ok, offs, HALF: tl.constexpr):
+    """The rotary embedding of normed rows y [R, BD] (float32, zero-centred weight): the pair partner of dim
+    i < 2*HALF is i +- HALF, loaded from x_rows (each row's pointer, [R, 1]) and normalised too (same row, same
+    rstd), both rounded to y_ptr's dtype first, as the norm's output is before a separate rotary op; cos_rows /
+    sin_rows: each row's [HALF] cos / sin; rows_ok [R, 1] the rows to load."""
+    rot = offs < 2 * HALF
+    first = offs < HALF
+    p = tl.where(first, offs + HALF, offs - HALF)
+    rot2 = rows_ok & rot[None, :]
+    xp = tl.load(x_rows + p[None, :], mask=rot2, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
+    yp = (xp * rstd * (1.0 + wp)).to(y_ptr.dtype.element_ty).to(tl.float32)
+    y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+    j = tl.where(first, offs, offs - HALF)
+    c = tl.load(cos_rows + j[None, :], mask=rot2, other=1.0)
+    sn = tl.load(sin_rows + j[None, :], mask=rot2, other=0.0)
+    return tl.where(rot[None, :], tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
 
 
 def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int]]:
@@ -168,7 +176,8 @@ def rmsnorm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor
 def _rope_norm_pair_kernel(q_ptr, wq_ptr, yq_ptr, k_ptr, wk_ptr, yk_ptr, cos_ptr, sin_ptr, HQ, HK,
                            sq0, sq1, sk0, sk1, D, eps, HALF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
     """grid (T, HQ + HK): head h of token t, a query head (h < HQ, q [T, HQ, D] -> yq) or a key head (k -> yk),
-    each with its own weight: _norm_kernel's RB = 1, HALF > 0 rows with the same operations in the same order."""
+    each with its own weight: _norm_kernel's RB = 1, HALF > 0 rows with the same operations in the same order
+    (yq and yk share q's dtype)."""
     pdl_wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -182,18 +191,7 @@ def _rope_norm_pair_kernel(q_ptr, wq_ptr, yq_ptr, k_ptr, wk_ptr, yk_ptr, cos_ptr
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
     y = xf * rstd * (1.0 + tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :])
-    rot = offs < 2 * HALF
-    first = offs < HALF
-    p = tl.where(first, offs + HALF, offs - HALF)
-    rot2 = rot[None, :]
-    xp = tl.load(x_row + p[None, :], mask=rot2, other=0.0).to(tl.float32)
-    wp = tl.load(w_ptr + p, mask=rot, other=0.0).to(tl.float32)[None, :]
-    yp = (xp * rstd * (1.0 + wp)).to(yq_ptr.dtype.element_ty).to(tl.float32)
-    y = y.to(yq_ptr.dtype.element_ty).to(tl.float32)
-    j = tl.where(first, offs, offs - HALF)
-    c = tl.load(cos_ptr + t * HALF + j[None, :], mask=rot2, other=1.0)
-    sn = tl.load(sin_ptr + t * HALF + j[None, :], mask=rot2, other=0.0)
-    y = tl.where(rot2, tl.where(first[None, :], y * c - yp * sn, y * c + yp * sn), y)
+    y = _rotate_normed(y, x_row, w_ptr, yq_ptr, cos_ptr + t * HALF, sin_ptr + t * HALF, rstd, m, offs, HALF)
     tl.store(y_row + offs[None, :], y.to(yq_ptr.dtype.element_ty), mask=m)
 
 
