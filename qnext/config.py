@@ -221,6 +221,8 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # memory for KV pages + GDN slots; default: from free memory
     gpu_memory_utilization: float = 0.90
     quantization: str | None = None      # None | "fp8" | "int4": quantize at load time
+    kv_cache_dtype: str = "auto"         # auto = the model dtype | fp8 (e4m3, values clamped to +-448, no scale)
+    ssm_state_dtype: str = "float32"     # GDN recurrent state storage: float32 | bfloat16 (math stays float32)
     seed: int = 0
     enforce_eager: bool = False          # no CUDA graphs for decode steps
     no_overlap: bool = False             # schedule a step only after the previous one's tokens are read
@@ -246,5 +248,9 @@ class EngineConfig:
               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         check(self.quantization in (None, "fp8", "int4"),
               f"quantization must be fp8 or int4, got {self.quantization!r}")
+        check(self.kv_cache_dtype in ("auto", "fp8"),
+              f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        check(self.ssm_state_dtype in ("float32", "bfloat16"),
+              f"ssm_state_dtype must be float32 or bfloat16, got {self.ssm_state_dtype!r}")
         if self.max_model_len is not None:
             check(self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")

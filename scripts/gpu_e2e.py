@@ -227,13 +227,14 @@ def build_full(preset: str, scheme_name: str, device: str):
     return cfg, model, nbytes
 
 
-def engine_for(model, cfg, device: str, eager: bool, max_model_len: int, **kw) -> LLMEngine:
+def engine_for(model, cfg, device: str, eager: bool, max_model_len: int, kv_cache_memory_gb: float = 8.0,
+               **kw) -> LLMEngine:
     """no_warmup: every measurement here runs its own warm-up first; the engine's start-up requests would only add
     compile time (on a cold Triton cache they made a whole variant miss its budget)."""
     t = time.time()
     ec = EngineConfig(device=device, max_num_seqs=32, max_model_len=max_model_len, max_num_batched_tokens=8192,
-                      kv_cache_memory_gb=8.0 if device == "cuda" else 1.0, enforce_eager=eager, no_warmup=True,
-                      **kw)
+                      kv_cache_memory_gb=kv_cache_memory_gb if device == "cuda" else 1.0, enforce_eager=eager,
+                      no_warmup=True, **kw)
     engine = LLMEngine(model, cfg, ec)
     log(f"[engine] eager={eager} {kw} ready in {time.time() - t:.1f}s (graph capture included)")
     return engine
@@ -324,11 +325,11 @@ def profile_step(tag: str, engine: LLMEngine, top: int = 24) -> None:
                                           for i, (a, z, n) in enumerate(seq[:60])]})
 
 
-def start_decoding(engine: LLMEngine, name: str, b: int, steps: int, seed: int) -> None:
-    """b greedy requests of 256 random prompt tokens, stepped until all of them decode, with room for `steps` more
-    steps (the caller aborts them afterwards)."""
+def start_decoding(engine: LLMEngine, name: str, b: int, steps: int, seed: int, depth: int = 256) -> None:
+    """b greedy requests of `depth` random prompt tokens, stepped until all of them decode, with room for `steps`
+    more steps (the caller aborts them afterwards)."""
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    for i, p in enumerate(rand_prompts(random.Random(seed), b, 256, engine.model_config.vocab_size)):
+    for i, p in enumerate(rand_prompts(random.Random(seed), b, depth, engine.model_config.vocab_size)):
         engine.add_request(f"{name}-{i}", p, params)
     while engine.scheduler.waiting:
         engine.step()
@@ -365,17 +366,18 @@ def cprofile_table(stats: dict, key: int, steps: int, top: int) -> list:
             for (f, line, fn), (_, _, tt, ct, _) in rows]
 
 
-def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: int = 12) -> None:
-    """Where the device idles during whole decode steps at batch b (overlap on): torch profiler over `steps` engine
-    steps; device busy time (union of kernel and copy intervals) against the span, and the longest idle gaps
-    with the device activity before and after each. The Chrome trace goes to OUT/trace_b{b}.json.gz."""
+def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: int = 12, depth: int = 256) -> None:
+    """Where the device time goes during whole decode steps at batch b and ~depth context (overlap on): torch
+    profiler over `steps` engine steps; device busy time (union of kernel and copy intervals) against the span,
+    the longest idle gaps with the device activity before and after each, and device time per kernel name. The
+    Chrome trace goes to OUT/trace_b{b}_d{depth}.json.gz."""
     import gzip
     import shutil
 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    start_decoding(engine, "trace", b, steps, seed=6)
+    start_decoding(engine, "trace", b, steps, seed=6, depth=depth)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
@@ -397,11 +399,19 @@ def trace_steps(tag: str, engine: LLMEngine, b: int = 32, steps: int = 8, top: i
                 end, last = z, name
     span = dev[-1][1] - dev[0][0] if dev else 0.0
     gaps.sort(reverse=True)
-    record(tag, f"device trace b{b} ({steps} steps)", {
+    per_name: dict[str, list[float]] = {}
+    for a, z, name in dev:
+        acc = per_name.setdefault(name[:70], [0, 0.0])
+        acc[0] += 1
+        acc[1] += z - a
+    kernels = sorted(per_name.items(), key=lambda kv: -kv[1][1])
+    record(tag, f"device trace b{b} @ {depth} ({steps} steps)", {
         "span_ms_per_step": round(span / steps / 1e3, 3), "busy_ms_per_step": round(busy / steps / 1e3, 3),
         "idle_ms_per_step": round((span - busy) / steps / 1e3, 3), "device_events": len(dev),
-        "longest_gaps [us, before, after]": [[round(g, 1), x, y] for g, x, y in gaps[:top]]})
-    raw = os.path.join(OUT, f"trace_b{b}.json")
+        "longest_gaps [us, before, after]": [[round(g, 1), x, y] for g, x, y in gaps[:top]],
+        "kernels [name, launches per step, ms per step]": [[k, n // steps, round(us / steps / 1e3, 3)]
+                                                           for k, (n, us) in kernels[:3 * top]]})
+    raw = os.path.join(OUT, f"trace_b{b}_d{depth}.json")
     prof.export_chrome_trace(raw)
     with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as g:
         shutil.copyfileobj(f, g)
@@ -702,6 +712,34 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             free_memory()
 
 
+def deep_ab(tag: str, model, cfg, device: str, args) -> None:
+    """serve-8k1k-c32's decode step: 32 sequences at args.deep context, each a fresh engine with room for them
+    (12 GB of cache): the default cache formats (decode b32, then a device trace with time per kernel), then
+    ssm_state_dtype bfloat16, kv_cache_dtype fp8 and both (decode b32; greedy ids against the default engine's,
+    which reduced-precision caches may change)."""
+    d, max_len = args.deep, args.deep + 512
+    prompts = rand_prompts(random.Random(29), 3, 200, cfg.vocab_size)
+    ids = None
+    for name, kw in (("default formats", {}), ("bf16 GDN states", dict(ssm_state_dtype="bfloat16")),
+                     ("fp8 KV cache", dict(kv_cache_dtype="fp8")),
+                     ("bf16 states + fp8 KV", dict(ssm_state_dtype="bfloat16", kv_cache_dtype="fp8"))):
+        other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len,
+                        kv_cache_memory_gb=12.0, **kw)
+        if other is None:
+            return
+        t = f"{tag} {name}"
+        got = generate(other, prompts, 16)
+        if ids is None:
+            ids = got
+        else:
+            record(t, "greedy ids == default formats", same_ids(ids, got))
+        guarded(f"{t} decode-b32 @ {d}", 40, bench_decode, t, other, 32, d, 64, 1)
+        if not kw:
+            guarded(f"{t} trace @ {d}", 30, trace_steps, t, other, b=32, depth=d)
+        del other
+        free_memory()
+
+
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
     cfg, model, nbytes = build_full(preset, scheme_name, device)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
@@ -729,6 +767,11 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
         guarded(f"{tag} early A/B", 200, early_ab, tag, model, cfg, engine, device, args, max_len)
+    if extended and "deep" in args.extras:
+        del engine
+        free_memory()
+        guarded(f"{tag} deep A/B", 120, deep_ab, tag, model, cfg, device, args)
+        return
     if extended and "ab" in args.extras:
         guarded(f"{tag} side stream A/B", 60, side_stream_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "host" in args.extras:
@@ -786,11 +829,13 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=8192, help="prompt length of the prefill measurement")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--trace-batch", type=int, default=32, help="batch of the device trace (--extras trace)")
+    ap.add_argument("--deep", type=int, default=8192, help="context of the b32 decode A/B (--extras deep)")
     ap.add_argument("--variants", default="int4,int4-bf16",
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: knobs (decode settings A/B), ab (side stream and fp8 "
+                    help="extended measurements of the first variant: deep (b32 decode at --deep context: trace and "
+                         "cache formats A/B; ends the variant), knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "

@@ -47,6 +47,13 @@ def test_generate_in_process_errors_and_token_ids(ckpt, tmp_path, capsys):
     rc = main(["generate", "--model", str(ckpt), "--prompt-token-ids", "1,2,3", "--max-tokens", "3",
                "--temperature", "0", "--ignore-eos", *ENGINE])
     assert rc == 0 and "3 generated tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "hi", "--kv-cache-dtype", "int8", *ENGINE]) == 2
+    assert "kv_cache_dtype must be auto or fp8, got 'int8'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "hi", "--ssm-state-dtype", "fp16", *ENGINE]) == 2
+    assert "ssm_state_dtype must be float32 or bfloat16" in capsys.readouterr().err
+    rc = main(["generate", "--model", str(ckpt), "--prompt-token-ids", "1,2,3", "--max-tokens", "3", "--ignore-eos",
+               "--kv-cache-dtype", "fp8", "--ssm-state-dtype", "bfloat16", *ENGINE])
+    assert rc == 0 and "3 generated tokens" in capsys.readouterr().err
 
 
 def test_chat_keeps_history_and_exits(ckpt):

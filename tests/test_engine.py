@@ -230,6 +230,37 @@ def test_cache_plan(loaded):
         plan_cache(cfg, EngineConfig(num_kv_blocks=4, max_model_len=100), cpu, f32)
 
 
+def test_cache_formats_halve_bytes_and_stay_close(loaded, prompts):
+    """kv_cache_dtype fp8 and ssm_state_dtype bfloat16: the cache holds those dtypes, the plan counts their bytes,
+    and the prompt logprobs of chunked prefills (every chunk after the first reads K/V from the pages and the GDN
+    state from its slot) stay close to a plain float32 forward's without being equal to them."""
+    from qnext.engine.cache_plan import plan_cache
+    from qnext.model.state import kv_bytes_per_token, state_bytes_per_slot
+
+    model, cfg = loaded
+    fmt = dict(kv_cache_dtype="fp8", ssm_state_dtype="bfloat16")
+    engine = make_engine(loaded, max_num_seqs=4, max_num_batched_tokens=5, **fmt)
+    k_cache, _ = next(iter(engine.cache.kv.values()))
+    assert k_cache.dtype == torch.float8_e4m3fn
+    assert {t.dtype for t in engine.cache.ssm.values()} == {torch.bfloat16}
+    assert {t.dtype for t in engine.cache.conv.values()} == {torch.float32}          # the model dtype
+    f32 = torch.float32
+    plan = plan_cache(cfg, EngineConfig(num_kv_blocks=10, max_num_seqs=2, **fmt), torch.device("cpu"), f32)
+    assert plan.kv_bytes == 10 * 16 * kv_bytes_per_token(cfg, f32) // 4
+    assert plan.state_bytes == 2 * state_bytes_per_slot(cfg, f32, torch.bfloat16) < 2 * state_bytes_per_slot(cfg, f32)
+    worst = 0.0
+    for rid in ("g16", "g13"):                                                       # 47 and 33 tokens
+        prompt = prompts[rid]
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
+        got = None
+        while engine.has_unfinished_requests():
+            got = next((o.prompt_logprobs for o in engine.step() if o.finished), got)
+        ref = _forward_logprobs(model, cfg, prompt)
+        for j in range(1, len(prompt)):
+            worst = max(worst, abs(got[j][prompt[j]].logprob - ref[j - 1, prompt[j]].item()))
+    assert 1e-4 < worst < 0.05, worst
+
+
 def test_default_token_budget(loaded, monkeypatch):
     from qnext.engine import cache_plan
 

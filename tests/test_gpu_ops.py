@@ -507,6 +507,48 @@ def test_paged_decode_matches_reference(block_size, gated):
 
 
 @cuda_only
+@pytest.mark.parametrize("ctx,qlens", [([0, 16, 299, 1000, 77], [1] * 5), ([300, 2, 700, 0], [1, 200, 1, 40])])
+def test_paged_attention_over_an_fp8_cache(ctx, qlens):
+    """kv_cache_dtype fp8: the one-launch write clamps and rounds exactly as torch's saturating cast (values up to
+    1000 here), and every attention path (decode with splits, SDPA over gathered pages, the paged prefill kernel)
+    matches the torch reference reading the same e4m3 pages."""
+    from qnext.ops.paged_attention import to_cache_dtype
+    from qnext.ops.triton_paged_attention import paged_attention
+    torch.manual_seed(7)
+    case = _paged_case(ctx, qlens, 16)
+    case["k"][0, 0, :3] = torch.tensor([1000.0, -1000.0, 447.0])
+    case["k_cache"], case["v_cache"] = (to_cache_dtype(case[c], torch.float8_e4m3fn) for c in ("k_cache", "v_cache"))
+    ref = _paged_ref(case)
+    poison_allocator()
+    mine = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
+    out = paged_attention(**mine)
+    assert rel(out, ref) < 1e-2
+    for cache, new in ((mine["k_cache"], case["k"]), (mine["v_cache"], case["v"])):
+        rows = cache.view(torch.uint8).view(-1, *cache.shape[2:])[case["slot_mapping"]]
+        assert torch.equal(rows, to_cache_dtype(new, torch.float8_e4m3fn).view(torch.uint8))   # bit for bit
+    assert mine["k_cache"].view(-1, 2, 256)[case["slot_mapping"][0], 0, :3].float().tolist() == [448, -448, 448]
+
+
+@cuda_only
+def test_gdn_decode_with_bf16_state_storage():
+    """ssm_state_dtype bfloat16: the decode kernel computes in float32 from the widened state and stores it
+    rounded; the torch reference does the same (state and output within bf16 rounding of each other)."""
+    from qnext.ops import delta_rule
+    from qnext.ops.fla_gdn import gdn_decode_
+    torch.manual_seed(3)
+    n, hk, hv, d = 6, 4, 8, 128
+    slots, init, cache, a_log, dt_bias = _slot_case(n)
+    cache = cache.bfloat16()
+    q, k = (torch.randn(n, hk, d, device="cuda").bfloat16() for _ in range(2))
+    v = torch.randn(n, hv, d, device="cuda").bfloat16()
+    a, b = torch.randn(n, hv, device="cuda"), torch.randn(n, hv, device="cuda")
+    ref_cache, mine = cache.clone(), cache.clone()
+    ref_o = delta_rule.gdn_decode_(q, k, v, a, b, a_log, dt_bias, ref_cache, slots, init)
+    o = gdn_decode_(q, k, v, a, b, a_log, dt_bias, mine, slots, init)
+    assert mine.dtype == torch.bfloat16 and rel(o, ref_o) < 1e-2 and rel(mine.float(), ref_cache.float()) < 1e-2
+
+
+@cuda_only
 def test_paged_fresh_prefill_uses_sdpa_and_matches():
     from qnext.ops.triton_paged_attention import paged_attention
     torch.manual_seed(6)

@@ -123,8 +123,13 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
                                                   num_splits=4, gate=_bf(1, 16, 512)[..., 256:])
     triton_paged_attention.write_kv(_bf(1, 2, 256), _bf(1, 2, 256), _bf(8, 16, 2, 256), _bf(8, 16, 2, 256),
                                     torch.tensor([17]))
-    gdn_decode_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
-                torch.randn(4), torch.zeros(4, 4, 128, 128), slots, None)
+    f8 = [torch.zeros(8, 16, 2, 256, dtype=torch.float8_e4m3fn) for _ in range(2)]       # kv_cache_dtype fp8
+    triton_paged_attention.paged_decode_attention(_bf(1, 16, 256), *f8, blocks, torch.tensor([100], dtype=torch.int32),
+                                                  0.0625, max_seq_len=128, num_splits=4)
+    triton_paged_attention.write_kv(_bf(1, 2, 256), _bf(1, 2, 256), *f8, torch.tensor([17]))
+    for state in (torch.float32, torch.bfloat16):                                          # ssm_state_dtype
+        gdn_decode_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
+                    torch.randn(4), torch.zeros(4, 4, 128, 128, dtype=state), slots, None)
 
     assert PDL_KERNELS <= set(compiled), f"not launched: {sorted(PDL_KERNELS - set(compiled))}"
     for name in PDL_KERNELS:

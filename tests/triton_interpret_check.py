@@ -215,6 +215,14 @@ def attention_and_gdn_checks() -> dict:
                                                                   case["block_tables"], case["seq_lens"],
                                                                   case["scale"], max_seq_len=300, num_splits=splits)
                 out[f"paged_attention_decode_splits{splits}"] = err(o, ref)
+    # an fp8 (e4m3) cache: the decode kernel widens the pages (float32 on both sides: exact). Its write is checked
+    # on the GPU only (tests/test_gpu_ops.py): the interpreter's float32 -> e4m3 cast is wrong (0.485 -> 0.25)
+    case = paged_case([16, 140, 299], [1, 1, 1], 16, hq=4, hkv=2, d=32)
+    kc, vc = (paged_attention.to_cache_dtype(case[c], torch.float8_e4m3fn) for c in ("k_cache", "v_cache"))
+    args = (case["block_tables"], case["seq_lens"], case["scale"])
+    out["paged_attention_fp8_cache_decode"] = err(
+        triton_paged_attention.paged_decode_attention(case["q"], kc, vc, *args, max_seq_len=300, num_splits=3),
+        triton_paged_attention.paged_decode_attention(case["q"], kc.float(), vc.float(), *args, max_seq_len=300))
     n, hk, hv, dk, dv, slots_total = 3, 2, 4, 16, 16, 6
     q, k = torch.randn(n, hk, dk), torch.randn(n, hk, dk)
     v, a, b = torch.randn(n, hv, dv), torch.randn(n, hv), torch.randn(n, hv)
@@ -225,6 +233,10 @@ def attention_and_gdn_checks() -> dict:
     o = gdn_decode_(q, k, v, a, b, a_log, dt_bias, mine, slots, init)
     o_ref = delta_rule.gdn_decode_(q, k, v, a, b, a_log, dt_bias, ref_cache, slots, init)
     out["gdn_decode"] = max(err(o, o_ref), err(mine, ref_cache))
+    mine, ref_cache = cache.bfloat16(), cache.bfloat16()             # bf16 state storage, float32 math
+    o = gdn_decode_(q, k, v, a, b, a_log, dt_bias, mine, slots, init)
+    o_ref = delta_rule.gdn_decode_(q, k, v, a, b, a_log, dt_bias, ref_cache, slots, init)
+    out["bf16_state_gdn_decode"] = max(err(o, o_ref), err(mine.float(), ref_cache.float()))
     return out
 
 

@@ -16,24 +16,30 @@ Tensor = torch.Tensor
 
 
 class ModelCache:
+    """dtype: the model's (conv windows; K/V unless kv_dtype); kv_dtype: K/V pages (e.g. float8_e4m3fn);
+    ssm_dtype: the GDN recurrent states (float32 unless asked; the kernels compute in float32 either way)."""
+
     def __init__(self, cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots: int,
-                 dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu",
+                 kv_dtype: torch.dtype | str | None = None, ssm_dtype: torch.dtype | str = SSM_STATE_DTYPE):
         dtype = as_dtype(dtype)
+        kv_dtype, ssm_dtype = as_dtype(kv_dtype or dtype), as_dtype(ssm_dtype)
         self.num_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
-        self.dtype, self.device = dtype, torch.device(device)
-        self.nbytes = (num_blocks * block_size * kv_bytes_per_token(cfg, dtype)
-                       + num_slots * state_bytes_per_slot(cfg, dtype))
+        self.dtype, self.kv_dtype, self.ssm_dtype, self.device = dtype, kv_dtype, ssm_dtype, torch.device(device)
+        self.nbytes = (num_blocks * block_size * kv_bytes_per_token(cfg, kv_dtype)
+                       + num_slots * state_bytes_per_slot(cfg, dtype, ssm_dtype))
         kv_shape = kv_cache_shape(cfg, num_blocks, block_size)
-        # attention layer id -> K, V each [num_blocks, block_size, num_kv_heads, head_dim], model dtype
+        # attention layer id -> K, V each [num_blocks, block_size, num_kv_heads, head_dim], kv_dtype
         self.kv: dict[int, tuple[Tensor, Tensor]] = {
-            i: (torch.zeros(kv_shape, dtype=dtype, device=device), torch.zeros(kv_shape, dtype=dtype, device=device))
+            i: (torch.zeros(kv_shape, dtype=kv_dtype, device=device),
+                torch.zeros(kv_shape, dtype=kv_dtype, device=device))
             for i in cfg.attention_layer_ids}
         # GDN layer id -> [num_slots, conv_dim, K-1], model dtype
         self.conv: dict[int, Tensor] = {
             i: torch.zeros(conv_state_shape(cfg, num_slots), dtype=dtype, device=device) for i in cfg.linear_layer_ids}
-        # GDN layer id -> [num_slots, Hv, Dk, Dv], float32
+        # GDN layer id -> [num_slots, Hv, Dk, Dv], ssm_dtype
         self.ssm: dict[int, Tensor] = {
-            i: torch.zeros(ssm_state_shape(cfg, num_slots), dtype=SSM_STATE_DTYPE, device=device)
+            i: torch.zeros(ssm_state_shape(cfg, num_slots), dtype=ssm_dtype, device=device)
             for i in cfg.linear_layer_ids}
 
     def copy_state(self, src_slots: Tensor | list[int], dst_slots: Tensor | list[int]) -> None:

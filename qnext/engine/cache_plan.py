@@ -84,11 +84,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def cache_dtypes(ec: EngineConfig, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(K/V page dtype, GDN recurrent state dtype) of a model in `dtype` under ec's kv_cache_dtype and
+    ssm_state_dtype."""
+    kv = torch.float8_e4m3fn if ec.kv_cache_dtype == "fp8" else dtype
+    return kv, getattr(torch, ec.ssm_state_dtype)
+
+
 def plan_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype,
                reserve_dummy: bool = False) -> CachePlan:
     num_slots = ec.max_num_seqs
-    block_bytes = max(1, ec.block_size * kv_bytes_per_token(cfg, dtype))
-    slot_bytes = (num_slots + reserve_dummy) * state_bytes_per_slot(cfg, dtype)
+    kv_dtype, ssm_dtype = cache_dtypes(ec, dtype)
+    block_bytes = max(1, ec.block_size * kv_bytes_per_token(cfg, kv_dtype))
+    slot_bytes = (num_slots + reserve_dummy) * state_bytes_per_slot(cfg, dtype, ssm_dtype)
     longest = ec.max_model_len or cfg.max_position_embeddings
     if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "

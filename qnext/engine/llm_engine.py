@@ -26,7 +26,8 @@ from qnext.cache.block_pool import BlockPool
 from qnext.cache.model_cache import ModelCache
 from qnext.cache.state_slots import StateSlotPool
 from qnext.config import EngineConfig, ModelConfig
-from qnext.engine.cache_plan import default_token_budget, plan_cache, resolve_device, resolve_dtype
+from qnext.engine.cache_plan import (cache_dtypes, default_token_budget, plan_cache, resolve_device,
+                                     resolve_dtype)
 from qnext.engine.request import Request, RequestStatus
 from qnext.engine.runner import ModelRunner
 from qnext.engine.sampler import Sampler, SamplingRow, make_generator
@@ -79,8 +80,10 @@ class LLMEngine:
         use_graphs = self.device.type == "cuda" and not ec.enforce_eager
         plan = plan_cache(model_config, ec, self.device, self.dtype, reserve_dummy=use_graphs)
         self.max_model_len = plan.max_model_len
+        kv_dtype, ssm_dtype = cache_dtypes(ec, self.dtype)
         self.cache = ModelCache(model_config, num_blocks=plan.cache_blocks, block_size=ec.block_size,
-                                num_slots=plan.cache_slots, dtype=self.dtype, device=self.device)
+                                num_slots=plan.cache_slots, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype,
+                                ssm_dtype=ssm_dtype)
         self.scheduler = Scheduler(BlockPool(plan.num_blocks, ec.block_size), StateSlotPool(plan.num_slots),
                                    max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
                                    max_queue=ec.max_queue, max_model_len=plan.max_model_len)
@@ -108,10 +111,11 @@ class LLMEngine:
             self.warm_up()
             log.info("warm-up steps (kernel compiles of prefill, mixed and decode steps) took %.1f s",
                      time.perf_counter() - t0)
-        log.info("engine on %s, %s: KV cache %d pages of %d tokens (%.2f GiB), %d GDN state slots (%.2f GiB), "
-                 "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", self.device,
+        log.info("engine on %s, %s: KV cache %d pages of %d tokens (%.2f GiB, %s), %d GDN state slots (%.2f GiB, "
+                 "%s states), max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", self.device,
                  str(self.dtype).removeprefix("torch."), plan.num_blocks, ec.block_size, plan.kv_bytes / 2**30,
-                 plan.num_slots, plan.state_bytes / 2**30, plan.max_model_len, ec.max_num_seqs,
+                 str(kv_dtype).removeprefix("torch."), plan.num_slots, plan.state_bytes / 2**30,
+                 str(ssm_dtype).removeprefix("torch."), plan.max_model_len, ec.max_num_seqs,
                  ec.max_num_batched_tokens)
 
     # ---- construction from a checkpoint ---------------------------------------------------------

@@ -1,8 +1,9 @@
 """Cache and state shapes as pure functions of ModelConfig (the memory planner needs no GPU).
 
-Per attention layer: paged K and V, each [num_blocks, block_size, num_kv_heads, head_dim] in the model dtype.
-Per GDN layer and state slot: the conv window [conv_dim, K-1] in the model dtype and the recurrent state
-[Hv, Dk, Dv], always float32 (the recurrence accumulates over the whole sequence, bf16 drifts).
+Per attention layer: paged K and V, each [num_blocks, block_size, num_kv_heads, head_dim] in the model dtype (or
+float8_e4m3fn with kv_cache_dtype fp8). Per GDN layer and state slot: the conv window [conv_dim, K-1] in the model
+dtype and the recurrent state [Hv, Dk, Dv], float32 by default (the recurrence accumulates over the whole sequence;
+ssm_state_dtype bfloat16 stores it rounded after every step, as vLLM's default does for this model, half the bytes).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, visible, kvh, od, block_si
     page = tl.load(bt_row + on // block_size, mask=nmask, other=0).to(tl.int64)
     off = (on % block_size).to(tl.int64)
     k = tl.load(k_ptr + (page * stride_kb + off * stride_ks + kvh * stride_kh)[:, None] + od[None, :],
-                mask=nmask[:, None], other=0.0)
+                mask=nmask[:, None], other=0.0).to(q.dtype)                        # an fp8 cache widens here
     s = tl.dot(q, tl.trans(k)) * scale_log2                                         # [R, BN], log2 units
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -63,8 +63,8 @@ def _attend_block(q, k_ptr, v_ptr, bt_row, on, nmask, visible, kvh, od, block_si
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_ptr + (page * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + od[None, :],
-                mask=nmask[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                mask=nmask[:, None], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
     return m_new, l_i, acc
 
 
@@ -303,10 +303,20 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
 
 @triton.jit
+def _to_cache(x, cache_ptr):
+    """x in the cache's dtype; an e4m3 cache gets x clamped to its finite range first (FP8_KV_MAX), as the torch
+    reference's saturating cast does."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cs, stride_ch, H: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
     """grid (T, 2): row t of k (program (t, 0)) or v (t, 1), [H, D], into its cache at flat slot slot[t] (the cache
-    viewed as [slots, H, D] with strides stride_cs, stride_ch, unit last), converted to the cache's dtype."""
+    viewed as [slots, H, D] with strides stride_cs, stride_ch, unit last), converted to the cache's dtype
+    (_to_cache)."""
     pdl_wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
@@ -314,9 +324,9 @@ def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_k
     od = tl.arange(0, D)[None, :]
     dst = slot * stride_cs + oh * stride_ch + od
     if tl.program_id(1) == 0:
-        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + oh * stride_kh + od).to(kc_ptr.dtype.element_ty))
+        tl.store(kc_ptr + dst, _to_cache(tl.load(k_ptr + t * stride_kt + oh * stride_kh + od), kc_ptr))
     else:
-        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + oh * stride_vh + od).to(vc_ptr.dtype.element_ty))
+        tl.store(vc_ptr + dst, _to_cache(tl.load(v_ptr + t * stride_vt + oh * stride_vh + od), vc_ptr))
 
 
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
