@@ -712,6 +712,43 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
             free_memory()
 
 
+# Batch-1 expert GEMV tilings per expert format (--extras tiles). int4: the gate_up program (one warp, one weight row,
+# 102 registers: 19 per SM, so its 5,120 programs run in ~2 waves) with more rows (offline ptxas, sm_90a: 2 rows
+# 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2 warps 161 ~1.6 waves). fp8: the tensor-core
+# kernels (measured no faster at b1 on the H200 before the down kernel's early weight load existed) with them.
+TILE_VARIANTS = {
+    "int4": [("gate_up 2 rows per program", dict(mbm1=2)), ("gate_up 4 rows per program", dict(mbm1=4)),
+             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2))],
+    "fp8": [("fp8 experts on tensor cores", dict(mma=True)),
+            ("fp8 experts on tensor cores, gate_up 4 rows", dict(mma=True, mbm1=4))],
+}
+
+
+def tiles_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int, scheme_name: str) -> None:
+    """The experts' batch-1 GEMV tilings of TILE_VARIANTS[scheme_name], each a fresh engine (graphs captured under
+    the tiling): greedy ids against the default engine (other tilings sum in another order: near ties may flip),
+    decode-b1, the replays."""
+    from qnext.ops import triton_moe_gemv
+    from qnext.ops.triton_moe_weights import FP8, INT4
+
+    kind = {"int4": INT4, "int4-bf16": INT4, "fp8": FP8}[scheme_name]
+    prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
+    ids = generate(engine, prompts, 16)
+    for name, over in TILE_VARIANTS["fp8" if kind == FP8 else "int4"]:
+        tiles = {k: dict(v) for k, v in triton_moe_gemv.GEMV_DEFAULTS.items()}
+        tiles[kind].update(over)
+        with settings(("qnext.ops.triton_moe_gemv", "GEMV_DEFAULTS", tiles)):
+            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
+            if other is None:
+                return
+            t = f"{tag} {name}"
+            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
+            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
+            guarded(f"{t} replay", 5, bench_replay, t, other)
+            del other
+            free_memory()
+
+
 def deep_ab(tag: str, model, cfg, device: str, args) -> None:
     """serve-8k1k-c32's decode step: 32 sequences at args.deep context, each a fresh engine with room for them
     (12 GB of cache): the default cache formats (decode b32, then a device trace with time per kernel), then
@@ -767,6 +804,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
         guarded(f"{tag} early A/B", 200, early_ab, tag, model, cfg, engine, device, args, max_len)
+    if extended and "tiles" in args.extras:
+        guarded(f"{tag} tiles A/B", 100, tiles_ab, tag, model, cfg, engine, device, args, max_len, scheme_name)
     if extended and "deep" in args.extras:
         del engine
         free_memory()
@@ -834,7 +873,8 @@ def main() -> None:
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: deep (b32 decode at --deep context: trace and "
+                    help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
+                         "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), ab (side stream and fp8 "
                          "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
