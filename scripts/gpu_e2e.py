@@ -649,67 +649,62 @@ def settings(*values):
             setattr(mod, name, value)
 
 
-def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The same model under other decode settings, each a fresh engine (graphs captured under the setting): the
-    decode projections unfused (SwiGLU apart from the down GEMV, the GEMV pairs apart; FUSE_DECODE_PROJECTIONS
-    off), the FP8 GEMV's previous accumulator, one stream (no_side_stream), then also without programmatic
-    dependent launch (QNEXT_PDL=0, whose step profile gives each kernel's own duration, no PDL waits inside).
-    Greedy ids must not change, except under the other accumulator (other rounding: near-tied logits of random
-    weights may flip); decode-b1 / b32 and the replay of every bucket for each."""
-    from qnext.ops import pdl
-
+def engines_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int, cases, *,
+               b32: bool = False, repeats: int = 2) -> None:
+    """Each case (name, setting: a context-manager factory, engine kwargs, profile the b1 step?) as a fresh engine
+    on the same model, its graphs captured under the setting: greedy ids against `engine`'s, decode-b1 (and b32),
+    then the replays (after the decode runs: a graph replays the inputs it last held, and right after capture
+    those reach fewer experts, so earlier replays are not comparable)."""
     prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
     ids = generate(engine, prompts, 16)
-    one = dict(no_side_stream=True)
-    fused, fp8 = "qnext.ops.triton_fused_linear", "qnext.ops.triton_linear_fp8"
-    for name, kw, setting in (("separate projection kernels", {},
-                               lambda: settings((fused, "FUSE_DECODE_PROJECTIONS", False))),
-                              ("GEMV [BN, NG, 128] accumulator", {}, lambda: settings((fp8, "GEMV_STEP_SUM", False))),
-                              ("one stream", one, contextlib.nullcontext),
-                              ("one stream, no PDL", one, pdl.pdl_disabled)):
+    for name, setting, kw, profile in cases:
         with setting():
             other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len, **kw)
             if other is None:
                 return
             t = f"{tag} {name}"
             record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
-            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 1)
-            guarded(f"{t} decode-b32", 20, bench_decode, t, other, 32, args.depth, 64, 1)
-            # after the decode runs, as full_variant does: a graph replays the inputs it last held, and right after
-            # capture those reach fewer experts (the eighth session's b8 / b32 replays were not comparable)
+            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, repeats)
+            if b32:
+                guarded(f"{t} decode-b32", 20, bench_decode, t, other, 32, args.depth, 64, 1)
             guarded(f"{t} replay", 5, bench_replay, t, other)
-            if name == "one stream, no PDL":
+            if profile:
                 guarded(f"{t} profile", 5, profile_step, t, other, 40)
             del other
             free_memory()
 
 
+def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """Other decode settings: the decode projections unfused (SwiGLU apart from the down GEMV, the GEMV pairs
+    apart; FUSE_DECODE_PROJECTIONS off), the FP8 GEMV's previous accumulator, one stream (no_side_stream), then
+    also without programmatic dependent launch (QNEXT_PDL=0, whose step profile gives each kernel's own duration,
+    no PDL waits inside). Greedy ids must not change, except under the other accumulator (other rounding:
+    near-tied logits of random weights may flip); decode-b1 / b32 and the replays of each."""
+    from qnext.ops import pdl
+
+    one = dict(no_side_stream=True)
+    fused, fp8 = "qnext.ops.triton_fused_linear", "qnext.ops.triton_linear_fp8"
+    engines_ab(tag, model, cfg, engine, device, args, max_len, [
+        ("separate projection kernels", lambda: settings((fused, "FUSE_DECODE_PROJECTIONS", False)), {}, False),
+        ("GEMV [BN, NG, 128] accumulator", lambda: settings((fp8, "GEMV_STEP_SUM", False)), {}, False),
+        ("one stream", contextlib.nullcontext, one, False),
+        ("one stream, no PDL", pdl.pdl_disabled, one, True)], b32=True, repeats=1)
+
+
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The batch-1 chain's shorter links, all off and each off alone, each a fresh engine (graphs captured under
-    the setting): the routing beside the shared down projection in one launch (FUSE_ROUTE), the experts' down
-    weights loaded before the PDL wait (EARLY_DOWN_LOAD), the GDN conv and recurrent states loaded before it
-    (EARLY_STATE_LOAD). Greedy ids against the default engine (the fused routing sums its softmax over 4 warps
-    instead of 1: near-tied logits of random weights may flip); decode-b1, the replays and a step profile."""
-    prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
-    ids = generate(engine, prompts, 16)
+    """The batch-1 chain's shorter links, all off and each off alone: the routing beside the shared down
+    projection in one launch (FUSE_ROUTE), the experts' down weights loaded before the PDL wait (EARLY_DOWN_LOAD),
+    the GDN conv and recurrent states loaded before it (EARLY_STATE_LOAD). Greedy ids against the default engine
+    (the fused routing sums its softmax over 4 warps instead of 1: near-tied logits of random weights may flip);
+    decode-b1, the replays, and the step profile with all off."""
     route = [("qnext.ops.triton_fused_linear", "FUSE_ROUTE", False)]
     down = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
     states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD", False), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD", False)]
-    for name, values in (("all off", route + down + states), ("route apart", route),
-                         ("down weights after the wait", down), ("GDN states after the wait", states),
-                         ("all on again", [])):
-        with settings(*values):
-            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
-            if other is None:
-                return
-            t = f"{tag} {name}"
-            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
-            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
-            guarded(f"{t} replay", 5, bench_replay, t, other)
-            if name == "all off":
-                guarded(f"{t} profile", 5, profile_step, t, other)
-            del other
-            free_memory()
+    engines_ab(tag, model, cfg, engine, device, args, max_len, [
+        (name, lambda values=values: settings(*values), {}, name == "all off")
+        for name, values in (("all off", route + down + states), ("route apart", route),
+                             ("down weights after the wait", down), ("GDN states after the wait", states),
+                             ("all on again", []))])
 
 
 # Batch-1 expert GEMV tilings per expert format (--extras tiles). int4: the gate_up program (one warp, one weight row,
@@ -725,28 +720,21 @@ TILE_VARIANTS = {
 
 
 def tiles_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int, scheme_name: str) -> None:
-    """The experts' batch-1 GEMV tilings of TILE_VARIANTS[scheme_name], each a fresh engine (graphs captured under
-    the tiling): greedy ids against the default engine (other tilings sum in another order: near ties may flip),
-    decode-b1, the replays."""
+    """The experts' batch-1 GEMV tilings of TILE_VARIANTS for the variant's expert format (other tilings sum in
+    another order: near-tied greedy ids may flip)."""
     from qnext.ops import triton_moe_gemv
     from qnext.ops.triton_moe_weights import FP8, INT4
 
-    kind = {"int4": INT4, "int4-bf16": INT4, "fp8": FP8}[scheme_name]
-    prompts = rand_prompts(random.Random(23), 3, 200, cfg.vocab_size)
-    ids = generate(engine, prompts, 16)
-    for name, over in TILE_VARIANTS["fp8" if kind == FP8 else "int4"]:
+    kind = FP8 if scheme_name == "fp8" else INT4
+
+    def tiling(over: dict):
         tiles = {k: dict(v) for k, v in triton_moe_gemv.GEMV_DEFAULTS.items()}
         tiles[kind].update(over)
-        with settings(("qnext.ops.triton_moe_gemv", "GEMV_DEFAULTS", tiles)):
-            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len)
-            if other is None:
-                return
-            t = f"{tag} {name}"
-            record(t, "greedy ids == default engine", same_ids(ids, generate(other, prompts, 16)))
-            guarded(f"{t} decode-b1", 15, bench_decode, t, other, 1, args.depth, args.gen_b1, 2)
-            guarded(f"{t} replay", 5, bench_replay, t, other)
-            del other
-            free_memory()
+        return settings(("qnext.ops.triton_moe_gemv", "GEMV_DEFAULTS", tiles))
+
+    engines_ab(tag, model, cfg, engine, device, args, max_len, [
+        (name, lambda over=over: tiling(over), {}, False)
+        for name, over in TILE_VARIANTS["fp8" if kind == FP8 else "int4"]])
 
 
 def deep_ab(tag: str, model, cfg, device: str, args) -> None:
