@@ -661,7 +661,8 @@ def fused_projection_sweep() -> None:
 
 def fp8_small_m_sweep() -> None:
     """Decode-batch FP8 projections (w8a16 tl.dot, small_m_tiles) over the model's dense shapes at 8 and 32 rows:
-    split-K factors against the default, with parity for each."""
+    split-K factors against the default, and the other operand order (small_m_tiles' swap) with two split
+    factors and 128-row tiles, with parity for each."""
     from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
     torch.manual_seed(0)
     for n, k in ((12288, 2048), (9216, 2048), (2048, 4096), (1024, 2048), (2048, 512)):
@@ -670,9 +671,13 @@ def fp8_small_m_sweep() -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             ref = x.float() @ quant.dequantize(ws[0]).t()
             base = small_m_tiles(m, n, k)
-            for t in (None, dict(split=1), dict(split=2), dict(split=4), dict(split=8)):
+            swapped = small_m_tiles(m, n, k, swap=not base["swap"])
+            for t in (None, dict(split=1), dict(split=2), dict(split=4), dict(split=8), swapped,
+                      dict(swapped, split=max(1, swapped["split"] // 2)), dict(swapped, bn=128)):
                 tiles = {**base, **(t or {})}
-                tag = f"default (split {base['split']})" if t is None else f"split {t['split']}"
+                tag = (f"default (split {base['split']})" if t is None else
+                       f"swap={tiles['swap']} bn {tiles['bn']} split {tiles['split']}" if "swap" in t else
+                       f"split {t['split']}")
                 parity(f"fp8 w8a16 M={m} N={n} K={k} {tag}", rel(fp8_linear(x, ws[0], path="w8a16", tiles=tiles),
                                                                   ref), 1e-2)
                 us = time_graph(lambda i, tiles=tiles: fp8_linear(x, ws[i % 8], path="w8a16", tiles=tiles), 8)

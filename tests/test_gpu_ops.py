@@ -595,6 +595,22 @@ def test_fp8_linear(path, m):
 
 
 @cuda_only
+@pytest.mark.parametrize("m", [5, 8, 32, 64])
+@pytest.mark.parametrize("n,k", [(384, 640), (2048, 512), (1024, 2048)])
+def test_fp8_w8a16_swapped_operands(m, n, k):
+    """small_m_tiles(swap=True): the weights as the MMA's first operand, the output stored transposed back; the
+    same reference as the unswapped tiles, with and without split-K."""
+    from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
+    torch.manual_seed(m + n)
+    w = quantize_fp8_block(torch.randn(n, k, device="cuda") / k ** 0.5)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    ref = x.float() @ dequantize(w).t()
+    poison_allocator()
+    for tiles in (small_m_tiles(m, n, k, swap=True), dict(small_m_tiles(m, n, k, swap=True), split=1)):
+        assert rel(fp8_linear(x, w, path="w8a16", tiles=tiles), ref) < 1e-2, tiles
+
+
+@cuda_only
 @pytest.mark.parametrize("split", [2, 4, 8])
 def test_fp8_w8a16_split_k_is_deterministic(split):
     """Split-K w8a16 (decode batches): matches the reference, the same bits on every call (the last program of a

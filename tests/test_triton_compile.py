@@ -107,6 +107,8 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     gu = _bf(1, 2048)                                        # shared down (I = 1024 here) beside the routing
     silu_mul_linear_route(gu[:, :1024], gu[:, 1024:], w8, None, _bf(1, 512), 10, True)
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
+    from qnext.ops.triton_linear_fp8 import small_m_tiles
+    fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=True))   # weights first
     e, inter = 16, 128
     w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
     w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)

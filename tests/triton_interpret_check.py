@@ -171,11 +171,13 @@ def op_checks() -> dict:
     from qnext.ops.triton_linear_fp8 import small_m_tiles      # split-K over K = 512 (4 scale blocks)
     w4 = quantize_fp8_block(torch.randn(256, 512) / 512 ** 0.5)
     xs = torch.randn(20, 512).half()
-    for split in (2, 4):
-        tiles = {**small_m_tiles(20, 256, 512), "split": split}
-        for _ in range(2):                          # twice: the tickets are back at zero after a call
-            got = fp8_linear(xs, w4, path="w8a16", tiles=tiles).float()
-        out[f"linear_fp8_small_m_split{split}/fp16"] = err(got, xs.float() @ dequantize(w4).t())
+    for swap in (False, True):                      # swap: the weights as the MMA's first operand
+        for split in (2, 4):
+            tiles = {**small_m_tiles(20, 256, 512, swap=swap), "split": split}
+            for _ in range(2):                      # twice: the tickets are back at zero after a call
+                got = fp8_linear(xs, w4, path="w8a16", tiles=tiles).float()
+            out[f"linear_fp8_small_m_split{split}{'_swap' if swap else ''}/fp16"] = err(
+                got, xs.float() @ dequantize(w4).t())
     out.update(moe_checks())
     out.update(attention_and_gdn_checks())
     return out

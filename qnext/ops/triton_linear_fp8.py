@@ -68,6 +68,13 @@ SPLIT_MIN_STEPS = 4
 # [BN, NG, 128] products to the end (the previous kernel, for A/B runs).
 GEMV_STEP_SUM = True
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
+# Decode batches' w8a16 tiles with the weights as the MMA's first operand (small_m_tiles' swap). Offline SASS for
+# sm_90a at 32 rows (Triton 3.9; scripts in docs/perf-notes.md): the unswapped loop spends ~110 of ~400
+# instructions per step moving activation fragments into the operand registers (their k order, set by the fp8
+# operand, differs from the MMA's), 6.3 instructions per weight on 12288 x 2048 and 12.5 on the narrow 2048 x 4096
+# tiles of 16 rows; swapped, the conversion writes the operand registers (wgmma from registers on the wide shapes):
+# 4.8 and 7.0. Off until timed on a GPU (gpu_check.py --only fp8small compares both).
+SMALL_M_SWAP = False
 
 
 @triton.jit
@@ -217,13 +224,15 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
 def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                     stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
                     W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                    SPLIT: tl.constexpr, SWAP: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
     W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
     SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
     of one long chain): each program stores its float32 partial tile to part [tiles, SPLIT, BM, BN] and takes a
     ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
-    order (the result does not depend on which program finishes last), writes y and puts the counter back to 0."""
+    order (the result does not depend on which program finishes last), writes y and puts the counter back to 0.
+    SWAP (w8a16 only): the converted weight tile is the MMA's first operand, acc^T [BN, BM] = W x a^T, so the
+    conversion writes the operand registers themselves and the activations are the second operand."""
     pdl_wait_then_release(PDL)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -241,28 +250,38 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     kk = tl.arange(0, 128)
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     ws_row = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
     ks = K // SPLIT
-    for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
-        a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + kk)[:, None], mask=nmask[None, :], other=0.0)
-        ws = tl.load(ws_row + k0 // 128)
-        if W8A8:
-            a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
-            acc += tl.dot(a, w) * (a_s[:, None] * ws)
-        else:
-            acc += tl.dot(a, w.to(a.dtype)) * ws
-    y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    ymask = mmask[:, None] & nmask[None, :]
+    if SWAP:                                    # everything [BN, BM]: output column n, row m
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
+            a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + kk)[None, :], mask=nmask[:, None], other=0.0)
+            acc += tl.dot(w.to(a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
+        y_tile = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        ymask = mmask[None, :] & nmask[:, None]
+        cell = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
+            a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + kk)[:, None], mask=nmask[None, :], other=0.0)
+            ws = tl.load(ws_row + k0 // 128)
+            if W8A8:
+                a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
+                acc += tl.dot(a, w) * (a_s[:, None] * ws)
+            else:
+                acc += tl.dot(a, w.to(a.dtype)) * ws
+        y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        ymask = mmask[:, None] & nmask[None, :]
+        cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
     if SPLIT == 1:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         tile_part = part_ptr + pid.to(tl.int64) * (SPLIT * BM * BN)
-        cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
         tl.store(tile_part + pid_s * BM * BN + cell, acc)
         tl.debug_barrier()                          # every thread's partial is written before the ticket
         if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 acc += tl.load(tile_part + s * BM * BN + cell, volatile=True)
             tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=ymask)
@@ -454,7 +473,7 @@ def _tickets(device: torch.device) -> Tensor:
 
 
 def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: int = 128, group_m: int = 8,
-            num_warps: int = 8, num_stages: int = 3, split: int = 1) -> Tensor:
+            num_warps: int = 8, num_stages: int = 3, split: int = 1, swap: bool = False) -> Tensor:
     n, k = _check(w)
     m = x.shape[0]
     if w8a8:
@@ -470,25 +489,27 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
         if split > 1 else (y, y)
     _fp8_dot_kernel[(tiles, split)](a, a_s, w.w, s, y, part, cnt, m, n, k, a.stride(0), a_s.stride(0),
                                     w.w.stride(0), s.stride(0), y.stride(0), W8A8=w8a8, BM=bm, BN=bn,
-                                    GROUP_M=group_m, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
-                                    **pdl_launch())
+                                    GROUP_M=group_m, SPLIT=split, SWAP=swap and not w8a8, num_warps=num_warps,
+                                    num_stages=num_stages, **pdl_launch())
     return y
 
 
-def small_m_tiles(m: int, n: int, k: int) -> dict:
+def small_m_tiles(m: int, n: int, k: int, swap: bool = SMALL_M_SWAP) -> dict:
     """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring). H100 sweep
     (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
     bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
     brings the programs to about SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048 outputs in
-    128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices)."""
-    bn = 16 if n < 4096 else 32 if m <= 16 else 64
+    128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices). swap: the weights as the MMA's first operand
+    (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4 warps x 16 rows: fewer would make the warps
+    convert the same weights)."""
+    bn = 64 if swap else 16 if n < 4096 else 32 if m <= 16 else 64
     bm = max(16, triton.next_power_of_2(m))
     tiles, steps = triton.cdiv(m, bm) * triton.cdiv(n, bn), k // 128
     split = 1
     while (split * 2 <= min(MAX_SPLIT, steps // SPLIT_MIN_STEPS) and steps % (split * 2) == 0
            and tiles * split < SPLIT_PROGRAMS):
         split *= 2
-    return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split)
+    return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split, swap=swap)
 
 
 def fp8_scaled_mm(x: Tensor, w: Fp8BlockWeight) -> Tensor:
