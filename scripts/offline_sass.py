@@ -1,6 +1,6 @@
 """Registers, shared memory and the main loop's instruction mix of qnext's Triton kernels for sm_90a, without a GPU.
 
-    python3 scripts/offline_sass.py [grouped] [fp8small] [gateup]
+    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup]
 
 Each case calls the real wrappers on CPU tensors of the model's shapes; every Triton launch is compiled instead of
 run (Triton's own compiler, target sm_90, the launch-time divisibility of its arguments, as the JIT specialises
@@ -118,6 +118,19 @@ def fp8small() -> None:
                      lambda: fp8_linear(torch.randn(m, k).bfloat16(), w, path="w8a16", tiles=tiles))
 
 
+def sorted_prefill() -> None:
+    """The prefill MoE (sorted path) at 8K tokens, int4 and fp8 experts, 64 experts of the model's shape (the
+    kernels' code does not depend on the expert count)."""
+    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
+    from qnext.ops.triton_moe import fused_moe
+    e, inter, h, m = 64, 512, 2048, 8192
+    ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
+    for fmt, quant in (("int4", lambda w: quantize_int4_group(w, 128)), ("fp8", quantize_fp8_block)):
+        w13, w2 = quant(torch.randn(e, 2 * inter, h) / 16), quant(torch.randn(e, h, inter) / 16)
+        case(f"sorted MoE {fmt}, {m} tokens", lambda: fused_moe(torch.randn(m, h).bfloat16(), w13, w2,
+                                                                torch.rand(m, 10), ids, path="sorted"))
+
+
 def gateup() -> None:
     """The batch-1 int4 experts' tensor-core GEMV, gate_up rows per program."""
     from qnext.ops.quant import quantize_int4_group
@@ -136,7 +149,7 @@ def main() -> None:
     from qnext.ops import pdl
     pdl.pdl_enabled = lambda: True                # compile the decode kernels as the GPU runs them
     JITFunction.run = _compile_instead
-    cases = {"grouped": grouped, "fp8small": fp8small, "gateup": gateup}
+    cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup}
     for name in sys.argv[1:] or list(cases):
         cases[name]()
 
