@@ -72,9 +72,14 @@ MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 # sm_90a at 32 rows (Triton 3.9; scripts in docs/perf-notes.md): the unswapped loop spends ~110 of ~400
 # instructions per step moving activation fragments into the operand registers (their k order, set by the fp8
 # operand, differs from the MMA's), 6.3 instructions per weight on 12288 x 2048 and 12.5 on the narrow 2048 x 4096
-# tiles of 16 rows; swapped, the conversion writes the operand registers (wgmma from registers on the wide shapes):
-# 4.8 and 7.0. Off until timed on a GPU (gpu_check.py --only fp8small compares both).
+# tiles of 16 rows; swapped, the conversion writes the operand registers (wgmma from registers): 4.8 and 5.3 (the
+# latter in 128 programs of 64 rows, against 512 of 16). Off until timed on a GPU (gpu_check.py --only fp8small
+# compares both orders).
 SMALL_M_SWAP = False
+# Swapped programs keep at least this many 128-column steps: with 4 (as many as the pipeline's stages) Triton
+# 3.9 does not pipeline the loop (plain loads and shared stores instead of cp.async, 445 against 342
+# instructions per step on 2048 x 4096).
+SWAP_MIN_STEPS = 8
 
 
 @triton.jit
@@ -500,13 +505,14 @@ def small_m_tiles(m: int, n: int, k: int, swap: bool = SMALL_M_SWAP) -> dict:
     bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
     brings the programs to about SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048 outputs in
     128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices). swap: the weights as the MMA's first operand
-    (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4 warps x 16 rows: fewer would make the warps
-    convert the same weights)."""
+    (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4 warps x 16 rows: with fewer, offline SASS shows
+    the warps converting the same weights) and at least SWAP_MIN_STEPS steps per program."""
     bn = 64 if swap else 16 if n < 4096 else 32 if m <= 16 else 64
     bm = max(16, triton.next_power_of_2(m))
     tiles, steps = triton.cdiv(m, bm) * triton.cdiv(n, bn), k // 128
+    min_steps = SWAP_MIN_STEPS if swap else SPLIT_MIN_STEPS
     split = 1
-    while (split * 2 <= min(MAX_SPLIT, steps // SPLIT_MIN_STEPS) and steps % (split * 2) == 0
+    while (split * 2 <= min(MAX_SPLIT, steps // min_steps) and steps % (split * 2) == 0
            and tiles * split < SPLIT_PROGRAMS):
         split *= 2
     return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split, swap=swap)
