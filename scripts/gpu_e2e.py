@@ -740,29 +740,33 @@ def tiles_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 def deep_ab(tag: str, model, cfg, device: str, args) -> None:
     """serve-8k1k-c32's decode step: 32 sequences at args.deep context, each a fresh engine with room for them
     (12 GB of cache): the default cache formats (decode b32, then a device trace with time per kernel), then
-    ssm_state_dtype bfloat16, kv_cache_dtype fp8 and both (decode b32; greedy ids against the default engine's,
-    which reduced-precision caches may change)."""
+    ssm_state_dtype bfloat16, kv_cache_dtype fp8, both, and the FP8 w8a16 decode tiles with the weights first
+    (SMALL_M_SWAP) (decode b32; greedy ids against the default engine's, which reduced-precision caches and
+    another summation order may change)."""
     d, max_len = args.deep, args.deep + 512
     prompts = rand_prompts(random.Random(29), 3, 200, cfg.vocab_size)
     ids = None
-    for name, kw in (("default formats", {}), ("bf16 GDN states", dict(ssm_state_dtype="bfloat16")),
-                     ("fp8 KV cache", dict(kv_cache_dtype="fp8")),
-                     ("bf16 states + fp8 KV", dict(ssm_state_dtype="bfloat16", kv_cache_dtype="fp8"))):
-        other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len,
-                        kv_cache_memory_gb=12.0, **kw)
-        if other is None:
-            return
-        t = f"{tag} {name}"
-        got = generate(other, prompts, 16)
-        if ids is None:
-            ids = got
-        else:
-            record(t, "greedy ids == default formats", same_ids(ids, got))
-        guarded(f"{t} decode-b32 @ {d}", 40, bench_decode, t, other, 32, d, 64, 1)
-        if not kw:
-            guarded(f"{t} trace @ {d}", 30, trace_steps, t, other, b=32, depth=d)
-        del other
-        free_memory()
+    swap = ("qnext.ops.triton_linear_fp8", "SMALL_M_SWAP", True)
+    for name, kw, values in (("default formats", {}, []), ("bf16 GDN states", dict(ssm_state_dtype="bfloat16"), []),
+                             ("fp8 KV cache", dict(kv_cache_dtype="fp8"), []),
+                             ("bf16 states + fp8 KV", dict(ssm_state_dtype="bfloat16", kv_cache_dtype="fp8"), []),
+                             ("FP8 w8a16 weights first", {}, [swap])):
+        with settings(*values):
+            other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len,
+                            kv_cache_memory_gb=12.0, **kw)
+            if other is None:
+                return
+            t = f"{tag} {name}"
+            got = generate(other, prompts, 16)
+            if ids is None:
+                ids = got
+            else:
+                record(t, "greedy ids == default formats", same_ids(ids, got))
+            guarded(f"{t} decode-b32 @ {d}", 40, bench_decode, t, other, 32, d, 64, 1)
+            if name == "default formats":
+                guarded(f"{t} trace @ {d}", 30, trace_steps, t, other, b=32, depth=d)
+            del other
+            free_memory()
 
 
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:

@@ -499,7 +499,7 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
     return y
 
 
-def small_m_tiles(m: int, n: int, k: int, swap: bool = SMALL_M_SWAP) -> dict:
+def small_m_tiles(m: int, n: int, k: int, swap: bool | None = None) -> dict:
     """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring). H100 sweep
     (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
     bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
@@ -507,6 +507,7 @@ def small_m_tiles(m: int, n: int, k: int, swap: bool = SMALL_M_SWAP) -> dict:
     128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices). swap: the weights as the MMA's first operand
     (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4 warps x 16 rows: with fewer, offline SASS shows
     the warps converting the same weights) and at least SWAP_MIN_STEPS steps per program."""
+    swap = SMALL_M_SWAP if swap is None else swap
     bn = 64 if swap else 16 if n < 4096 else 32 if m <= 16 else 64
     bm = max(16, triton.next_power_of_2(m))
     tiles, steps = triton.cdiv(m, bm) * triton.cdiv(n, bn), k // 128
