@@ -69,7 +69,7 @@ SPLIT_MIN_STEPS = 4
 GEMV_STEP_SUM = True
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 # Decode batches' w8a16 tiles with the weights as the MMA's first operand (small_m_tiles' swap). Offline SASS for
-# sm_90a at 32 rows (Triton 3.9; scripts in docs/perf-notes.md): the unswapped loop spends ~110 of ~400
+# sm_90a at 32 rows (Triton 3.9, scripts/offline_sass.py fp8small): the unswapped loop spends ~110 of ~400
 # instructions per step moving activation fragments into the operand registers (their k order, set by the fp8
 # operand, differs from the MMA's), 6.3 instructions per weight on 12288 x 2048 and 12.5 on the narrow 2048 x 4096
 # tiles of 16 rows; swapped, the conversion writes the operand registers (wgmma from registers): 4.8 and 5.3 (the

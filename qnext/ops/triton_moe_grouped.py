@@ -11,8 +11,8 @@ min(E, P) + P / BM slots (programs past the slot count return at once), each pro
 K (gate_up: BN gate rows and the BN matching up rows side by side, one [BM, 2 BN] dot per K step, so the
 activation fragments feed one dot; int4 by offline ptxas for sm_90a (Triton 3.9): 128 registers instead of 144,
 so 4 programs per SM instead of 3 (37 KB of shared memory each), 396 instructions per K step instead of 414; not
-yet timed on a GPU): bf16, fp8 block or int4 group weights, dequantized in
-registers and fed to tl.dot as its second operand.
+yet timed on a GPU): bf16, fp8 block or int4 group weights, dequantized in registers and fed to tl.dot as its
+second operand.
 gate_up writes h [P, I] by pair, down writes y [P, H] = tw * W_down h by pair; the sum over the k experts is the
 caller's (reduce) or the next norm's. Three launches, static shapes, no host sync: CUDA-graph safe. Deterministic:
 a row of tl.dot does not depend on the other rows, and the k-sum runs in a fixed order.
