@@ -262,6 +262,23 @@ def bench_decode(tag: str, engine: LLMEngine, b: int, depth: int, gen: int, repe
            {"tokens_per_s": b * (gen - 1) / t, "ms_per_step": 1e3 * t / (gen - 1), "seconds": times})
 
 
+def bench_steady(tag: str, engine: LLMEngine, b: int, depth: int, steps: int = 48) -> None:
+    """Decode steps with all b requests live at ~depth context: bench_decode's window at a deep context is not
+    (the first of b long prompts start decoding while the last ones prefill, so its requests finish one by one
+    inside the window); here `steps` engine steps are timed once every request decodes, then all are aborted."""
+    start_decoding(engine, "steady", b, steps, seed=b + depth, depth=depth)
+    sync(engine.device)
+    live = len(engine.scheduler.running)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(engine.device)
+    t = time.perf_counter() - t0
+    engine.abort_all()
+    record(tag, f"steady decode b{b} @ {depth} ({steps} steps)",
+           {"tokens_per_s": live * steps / t, "ms_per_step": 1e3 * t / steps, "live": live})
+
+
 def bench_prefill(tag: str, engine: LLMEngine, n: int, repeats: int) -> None:
     rng, vocab = random.Random(n), engine.model_config.vocab_size
     _prefill_once(engine, rand_prompts(rng, 1, n, vocab)[0])                     # warm-up (compiles)
@@ -327,8 +344,9 @@ def profile_step(tag: str, engine: LLMEngine, top: int = 24) -> None:
 
 def start_decoding(engine: LLMEngine, name: str, b: int, steps: int, seed: int, depth: int = 256) -> None:
     """b greedy requests of `depth` random prompt tokens, stepped until all of them decode, with room for `steps`
-    more steps (the caller aborts them afterwards)."""
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    more steps (the caller aborts them afterwards). The first requests decode while the later prompts prefill
+    (one 8K prompt takes about two steps of an 8K budget), so each may produce up to ~2 b tokens before that."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8 + 2 * b * max(1, depth // 4096), ignore_eos=True)
     for i, p in enumerate(rand_prompts(random.Random(seed), b, depth, engine.model_config.vocab_size)):
         engine.add_request(f"{name}-{i}", p, params)
     while engine.scheduler.waiting:
@@ -740,17 +758,17 @@ def tiles_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 def deep_ab(tag: str, model, cfg, device: str, args) -> None:
     """serve-8k1k-c32's decode step: 32 sequences at args.deep context, each a fresh engine with room for them
     (12 GB of cache): the default cache formats (decode b32, then a device trace with time per kernel), then
-    ssm_state_dtype bfloat16, kv_cache_dtype fp8, both, and the FP8 w8a16 decode tiles with the weights first
-    (SMALL_M_SWAP) (decode b32; greedy ids against the default engine's, which reduced-precision caches and
-    another summation order may change)."""
+    ssm_state_dtype bfloat16, kv_cache_dtype fp8, both, and the FP8 w8a16 decode tiles without the weights-first
+    ones (SMALL_M_SWAP False) (decode b32; greedy ids against the default engine's, which reduced-precision caches
+    and another summation order may change)."""
     d, max_len = args.deep, args.deep + 512
     prompts = rand_prompts(random.Random(29), 3, 200, cfg.vocab_size)
     ids = None
-    swap = ("qnext.ops.triton_linear_fp8", "SMALL_M_SWAP", True)
+    unswapped = ("qnext.ops.triton_linear_fp8", "SMALL_M_SWAP", False)
     for name, kw, values in (("default formats", {}, []), ("bf16 GDN states", dict(ssm_state_dtype="bfloat16"), []),
                              ("fp8 KV cache", dict(kv_cache_dtype="fp8"), []),
                              ("bf16 states + fp8 KV", dict(ssm_state_dtype="bfloat16", kv_cache_dtype="fp8"), []),
-                             ("FP8 w8a16 weights first", {}, [swap])):
+                             ("FP8 w8a16 all unswapped", {}, [unswapped])):
         with settings(*values):
             other = guarded(f"{tag} {name} engine", 40, engine_for, model, cfg, device, False, max_len,
                             kv_cache_memory_gb=12.0, **kw)
@@ -762,8 +780,8 @@ def deep_ab(tag: str, model, cfg, device: str, args) -> None:
                 ids = got
             else:
                 record(t, "greedy ids == default formats", same_ids(ids, got))
-            guarded(f"{t} decode-b32 @ {d}", 40, bench_decode, t, other, 32, d, 64, 1)
-            if name == "default formats":
+            guarded(f"{t} steady b32 @ {d}", 40, bench_steady, t, other, 32, d)
+            if name in ("default formats", "fp8 KV cache"):
                 guarded(f"{t} trace @ {d}", 30, trace_steps, t, other, b=32, depth=d)
             del other
             free_memory()

@@ -68,14 +68,14 @@ SPLIT_MIN_STEPS = 4
 # [BN, NG, 128] products to the end (the previous kernel, for A/B runs).
 GEMV_STEP_SUM = True
 MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
-# Decode batches' w8a16 tiles with the weights as the MMA's first operand (small_m_tiles' swap). Offline SASS for
-# sm_90a at 32 rows (Triton 3.9, scripts/offline_sass.py fp8small): the unswapped loop spends ~110 of ~400
-# instructions per step moving activation fragments into the operand registers (their k order, set by the fp8
-# operand, differs from the MMA's), 6.3 instructions per weight on 12288 x 2048 and 12.5 on the narrow 2048 x 4096
-# tiles of 16 rows; swapped, the conversion writes the operand registers (wgmma from registers): 4.8 and 5.3 (the
-# latter in 128 programs of 64 rows, against 512 of 16). Off until timed on a GPU (gpu_check.py --only fp8small
-# compares both orders).
-SMALL_M_SWAP = False
+# Decode batches' w8a16 tiles with the weights as the MMA's first operand (small_m_tiles' swap): "auto" swaps the
+# narrow, long-K shapes only (N < 4096, K >= 4096: out_proj and o_proj, 2048 x 4096). H100 (gpu_check.py --only
+# fp8small, 2026-12-05): 2048 x 4096 at 32 / 8 rows 10.8 / 10.1 us swapped (128 programs of 64 rows, split 4)
+# against 12.6 / 11.6 for the best unswapped tiles; 12288 x 2048 18.1 against 17.5, 1024 x 2048 9.1 against 6.1,
+# 2048 x 512 4.6 against 3.4. Why it can win (offline SASS, scripts/offline_sass.py fp8small): the unswapped loop
+# spends ~110 of ~400 instructions per step moving activation fragments into the operand registers (their k order,
+# set by the fp8 operand, differs from the MMA's); swapped, the conversion writes the operand registers.
+SMALL_M_SWAP = "auto"
 # Swapped programs keep at least this many 128-column steps: with 4 (as many as the pipeline's stages) Triton
 # 3.9 does not pipeline the loop (plain loads and shared stores instead of cp.async, 445 against 342
 # instructions per step on 2048 x 4096).
@@ -503,18 +503,21 @@ def small_m_tiles(m: int, n: int, k: int, swap: bool | None = None) -> dict:
     """fp8_dot tiles for GEMV_MAX_M < m <= SMALL_M_MAX rows (see the module docstring). H100 sweep
     (scripts/gpu_check.py --only fp8, docs/perf-notes.md): 12288 x 2048 at 8 rows bn 32 14.4 us (bn 64 16.5,
     bn 16 21.7), at 32 rows bn 64 18.2 us (bn 32 21.7); 2048 x 4096 bn 16 14.3 / 15.0 us (bn 64 23). Split-K
-    brings the programs to about SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048 outputs in
-    128 tiles of 16; see SPLIT_MIN_STEPS for the measured choices). swap: the weights as the MMA's first operand
-    (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4 warps x 16 rows: with fewer, offline SASS shows
-    the warps converting the same weights) and at least SWAP_MIN_STEPS steps per program."""
-    swap = SMALL_M_SWAP if swap is None else swap
+    doubles the programs while they stay within SPLIT_PROGRAMS (narrow outputs gave fewer programs than SMs: 2048
+    outputs in 128 tiles of 16; H100, 2026-12-05: 12288 x 2048 at 32 rows 17.5 us unsplit against 20.0 split in
+    two, 9216 x 2048 17.1 against 18.9, 2048 x 4096 12.6 split 2 against 15.4 split 4; see SPLIT_MIN_STEPS).
+    swap: the weights as the MMA's first operand (fp8_dot's SWAP), 64 weight rows per tile (one warpgroup of 4
+    warps x 16 rows: with fewer, offline SASS shows the warps converting the same weights) and at least
+    SWAP_MIN_STEPS steps per program; None: SMALL_M_SWAP ("auto": N < 4096 and K >= 4096)."""
+    if swap is None:
+        swap = (n < 4096 and k >= 4096) if SMALL_M_SWAP == "auto" else bool(SMALL_M_SWAP)
     bn = 64 if swap else 16 if n < 4096 else 32 if m <= 16 else 64
     bm = max(16, triton.next_power_of_2(m))
     tiles, steps = triton.cdiv(m, bm) * triton.cdiv(n, bn), k // 128
     min_steps = SWAP_MIN_STEPS if swap else SPLIT_MIN_STEPS
     split = 1
     while (split * 2 <= min(MAX_SPLIT, steps // min_steps) and steps % (split * 2) == 0
-           and tiles * split < SPLIT_PROGRAMS):
+           and tiles * split * 2 <= SPLIT_PROGRAMS):
         split *= 2
     return dict(bm=bm, bn=bn, group_m=1, num_warps=4, num_stages=4, split=split, swap=swap)
 

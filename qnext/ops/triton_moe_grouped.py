@@ -8,11 +8,7 @@ keys expert * PB + pair (tl.sort, P <= a few thousand) and cuts each expert's pa
 (the smallest tl.dot), writing per slot s in expert order the expert slot_e[s], its pair count slot_cnt[s] and its
 pairs slot_pairs[s, :cnt] (increasing), plus the slot count. The two grouped kernels then run on a grid of
 min(E, P) + P / BM slots (programs past the slot count return at once), each program one BM x BN tile over all of
-K (gate_up: BN gate rows and the BN matching up rows side by side, one [BM, 2 BN] dot per K step, so the
-activation fragments feed one dot; int4 by offline ptxas for sm_90a (Triton 3.9): 128 registers instead of 144,
-so 4 programs per SM instead of 3 (37 KB of shared memory each), 396 instructions per K step instead of 414; not
-yet timed on a GPU): bf16, fp8 block or int4 group weights, dequantized in registers and fed to tl.dot as its
-second operand.
+K: bf16, fp8 block or int4 group weights, dequantized in registers and fed to tl.dot as its second operand.
 gate_up writes h [P, I] by pair, down writes y [P, H] = tw * W_down h by pair; the sum over the k experts is the
 caller's (reduce) or the next norm's. Three launches, static shapes, no host sync: CUDA-graph safe. Deterministic:
 a row of tl.dot does not depend on the other rows, and the k-sum runs in a fixed order.
@@ -95,21 +91,23 @@ def _acts(a_rows, mvalid, k0, K, KIND: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _weight_part(xa, xb, wb, sb, rows, k0, K, stride_wn, stride_sn, KIND: tl.constexpr, BK: tl.constexpr):
-    """One K step of the weight rows `rows` [R] of one expert (wb: its data, sb: its scales) times the step's
-    activations -> [BM, R] float32, scaled. int4: BK == group (one scale per row); fp8: BK == 128 (one scale per
-    128-row block). No row masks: the launcher checks N % BN == 0."""
+def _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    """One K step of weight rows r0 + [0, BN) of one expert (wb: its data, sb: its scales; BN divides the rows)
+    times the step's activations -> [BM, BN] float32, scaled. int4: BK == group (one scale per row); fp8:
+    BK == 128, BN divides 128 (one scale per tile). No row masks: the launcher checks N % BN == 0."""
+    rows = r0 + tl.arange(0, BN)
     if KIND == 2:
-        p = tl.load(wb + rows[None, :] * stride_wn + (k0 // 2 + tl.arange(0, BK // 2))[:, None])   # [BK/2, R]
+        p = tl.load(wb + rows[None, :] * stride_wn + (k0 // 2 + tl.arange(0, BK // 2))[:, None])   # [BK/2, BN]
         lo, hi = int4_dq(p, xa.dtype)
         sc = tl.load(sb + rows * stride_sn + k0 // BK).to(tl.float32)
         part = (tl.dot(xa, lo) + tl.dot(xb, hi)) * sc[None, :]
     else:
         ka = k0 + tl.arange(0, BK)
-        w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=(ka < K)[:, None], other=0.0)  # [BK, R]
+        w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=(ka < K)[:, None], other=0.0)  # [BK, BN]
         part = tl.dot(xa, w.to(xa.dtype))
         if KIND == 1:
-            part = part * tl.load(sb + (rows // 128) * stride_sn + k0 // 128)[None, :]
+            part = part * tl.load(sb + (r0 // 128) * stride_sn + k0 // 128)
     return part
 
 
@@ -140,19 +138,16 @@ def _moe_grouped_kernel(
         a_rows = a_ptr + pair * stride_am
     wb = w_ptr + e * stride_we
     sb = s_ptr + e * stride_se
-    acc = tl.zeros([BM, 2 * BN if GATE_UP else BN], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         xa, xb = _acts(a_rows, mvalid, k0, K, KIND, BK)
-        if GATE_UP:     # gate row r0 + j and up row N + r0 + j side by side (columns 2j, 2j + 1): one dot per step
-            c = tl.arange(0, 2 * BN)
-            rows = r0 + c // 2 + (c % 2) * N
-        else:
-            rows = r0 + tl.arange(0, BN)
-        acc += _weight_part(xa, xb, wb, sb, rows, k0, K, stride_wn, stride_sn, KIND, BK)
+        acc += _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND, BN, BK)
+        if GATE_UP:
+            acc2 += _weight_part(xa, xb, wb, sb, N + r0, k0, K, stride_wn, stride_sn, KIND, BN, BK)
     optrs = out_ptr + pair[:, None] * stride_om + (r0 + tl.arange(0, BN))[None, :]
     if GATE_UP:
-        gate, up = tl.split(tl.reshape(acc, [BM, BN, 2]))
-        tl.store(optrs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mvalid[:, None])
+        tl.store(optrs, (acc * tl.sigmoid(acc) * acc2).to(out_ptr.dtype.element_ty), mask=mvalid[:, None])
     else:
         tw = tl.load(tw_ptr + pair, mask=mvalid, other=0.0).to(tl.float32)
         tl.store(optrs, (acc * tw[:, None]).to(out_ptr.dtype.element_ty), mask=mvalid[:, None])

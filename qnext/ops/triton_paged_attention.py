@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
-from qnext.ops.paged_attention import gather_pages
+from qnext.ops.paged_attention import gather_pages, to_cache_dtype
 from qnext.ops.paged_attention import write_kv as write_kv_ref
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 
@@ -354,6 +354,8 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     prompt's chunk): the paged prefill kernel runs at 1/2-1/3 of SDPA's rate on chunks over cached context and
     ~1/5 on a fresh 8K prompt."""
     write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache.dtype != k.dtype:    # paths that read the new K/V directly see them as stored (an fp8 cache rounds)
+        k, v = (to_cache_dtype(t, k_cache.dtype).to(t.dtype) for t in (k, v))
     if all(n == 1 for n in query_lens):
         longest = max(c + 1 for c in context_lens)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest, gate=gate)
