@@ -27,9 +27,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "quantization": (str, "resident weight format: fp8 (FP8 block-scaled) | int4 (4-bit experts, FP8 elsewhere); "
                           "default: the checkpoint's (an FP8 checkpoint stays FP8 on CUDA)"),
     "kv_cache_dtype": (str, "KV page format: auto (the model dtype) | fp8 (e4m3, half the bytes: twice the "
-                            "context per GiB and faster long-context decode; values clamped to +-448, no scales)"),
-    "ssm_state_dtype": (str, "GDN recurrent state storage: float32 | bfloat16 (half the bytes per sequence; "
-                             "rounded after every token, as vLLM stores it by default)"),
+                            "context per GiB; values clamped to +-448, no scales; decode a little slower)"),
+    "ssm_state_dtype": (str, "GDN recurrent state storage: float32 | bfloat16 (half the bytes per sequence and "
+                             "faster batched decode; rounded after every token, as vLLM stores it by default)"),
     "seed": (int, "seed of sampling for requests without their own seed (reproducible runs)"),
     "enforce_eager": (bool, "run decode steps eagerly (no CUDA graphs)"),
     "no_overlap": (bool, "prepare each step only after the previous one's tokens are read (by default the host "
