@@ -93,16 +93,22 @@ def case(name: str, fn) -> None:
     print("\n".join(ROWS), flush=True)
 
 
-def grouped() -> None:
-    """The b32 grouped MoE (serve's decode step), int4 and fp8 experts, 64 experts of the model's shape."""
+def _moe_cases(path: str, m: int) -> None:
+    """fused_moe's `path` at m tokens, int4 and fp8 experts, 64 experts of the model's shape (the kernels' code does
+    not depend on the expert count)."""
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
     from qnext.ops.triton_moe import fused_moe
-    e, inter, h, m = 64, 512, 2048, 32
+    e, inter, h = 64, 512, 2048
     ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
     for fmt, quant in (("int4", lambda w: quantize_int4_group(w, 128)), ("fp8", quantize_fp8_block)):
         w13, w2 = quant(torch.randn(e, 2 * inter, h) / 16), quant(torch.randn(e, h, inter) / 16)
-        case(f"grouped MoE {fmt}, 32 tokens", lambda: fused_moe(torch.randn(m, h).bfloat16(), w13, w2,
-                                                                torch.rand(m, 10), ids, path="grouped"))
+        case(f"{path} MoE {fmt}, {m} tokens", lambda: fused_moe(torch.randn(m, h).bfloat16(), w13, w2,
+                                                                torch.rand(m, 10), ids, path=path))
+
+
+def grouped() -> None:
+    """The b32 grouped MoE (serve's decode step)."""
+    _moe_cases("grouped", 32)
 
 
 def fp8small() -> None:
@@ -119,16 +125,8 @@ def fp8small() -> None:
 
 
 def sorted_prefill() -> None:
-    """The prefill MoE (sorted path) at 8K tokens, int4 and fp8 experts, 64 experts of the model's shape (the
-    kernels' code does not depend on the expert count)."""
-    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
-    from qnext.ops.triton_moe import fused_moe
-    e, inter, h, m = 64, 512, 2048, 8192
-    ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
-    for fmt, quant in (("int4", lambda w: quantize_int4_group(w, 128)), ("fp8", quantize_fp8_block)):
-        w13, w2 = quant(torch.randn(e, 2 * inter, h) / 16), quant(torch.randn(e, h, inter) / 16)
-        case(f"sorted MoE {fmt}, {m} tokens", lambda: fused_moe(torch.randn(m, h).bfloat16(), w13, w2,
-                                                                torch.rand(m, 10), ids, path="sorted"))
+    """The prefill MoE (sorted path) at 8K tokens."""
+    _moe_cases("sorted", 8192)
 
 
 def gateup() -> None:
