@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
-from qnext.ops.paged_attention import gather_pages, to_cache_dtype
+from qnext.ops.paged_attention import FP8_KV_MAX, gather_pages, to_cache_dtype
 from qnext.ops.paged_attention import write_kv as write_kv_ref
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 
@@ -44,6 +44,7 @@ LOG2E = 1.4426950408889634
 # --only attn): SDPA on gathered K/V 167 / 316 / 1,128 us against the paged kernel's 496 / 615 / 2,461 us at
 # 16 / 64 / 2,048 queries.
 SDPA_MIN_CHUNK = 16
+FP8_MAX: tl.constexpr = tl.constexpr(FP8_KV_MAX)    # the kernels' copy of the reference's clamp bound
 
 
 @triton.jit
@@ -315,10 +316,10 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
 @triton.jit
 def _to_cache(x, cache_ptr):
-    """x in the cache's dtype; an e4m3 cache gets x clamped to its finite range first (FP8_KV_MAX), as the torch
-    reference's saturating cast does."""
+    """x in the cache's dtype; an e4m3 cache gets x clamped to its finite range first, as the torch reference's
+    to_cache_dtype does."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        x = tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -365,11 +366,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     prompt's chunk): the paged prefill kernel runs at 1/2-1/3 of SDPA's rate on chunks over cached context and
     ~1/5 on a fresh 8K prompt."""
     write_kv(k, v, k_cache, v_cache, slot_mapping)
-    if k_cache.dtype != k.dtype:    # paths that read the new K/V directly see them as stored (an fp8 cache rounds)
-        k, v = (to_cache_dtype(t, k_cache.dtype).to(t.dtype) for t in (k, v))
     if all(n == 1 for n in query_lens):
         longest = max(c + 1 for c in context_lens)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, longest, gate=gate)
+    if k_cache.dtype != k.dtype:    # fresh prompts read their new K/V directly: as stored (an fp8 cache rounds them)
+        k, v = (to_cache_dtype(t, k_cache.dtype).to(t.dtype) for t in (k, v))
     if all(c == 0 for c in context_lens):
         out = fresh_prefill_attention(q, k, v, query_lens, scale)
         return out if gate is None else out * torch.sigmoid(gate)
