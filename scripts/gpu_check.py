@@ -779,6 +779,24 @@ def grouped_sweep(kinds) -> None:
         torch.cuda.empty_cache()
 
 
+def write_results(out: str, stem: str = "gpu_check") -> None:
+    """RESULTS as <stem>.json and the table as <stem>.md under out; the table printed."""
+    RESULTS["elapsed_s"] = time.time() - T0
+    with open(os.path.join(out, stem + ".json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    lines = [f"device: {RESULTS['env'].get('device')} | {RESULTS['env'].get('nvidia_smi')}",
+             f"copy {RESULTS['env'].get('copy_GBps', 0):.0f} GB/s, bf16 mm {RESULTS['env'].get('matmul_TFLOPs', 0):.0f}"
+             f" TFLOP/s; torch {RESULTS['env'].get('torch')} triton {RESULTS['env'].get('triton')}", "",
+             "| op | us | rate | note |", "|---|---:|---|---|"]
+    lines += [f"| {n} | {us:.1f} | {extra.strip()} | {note} |" for n, us, extra, note in ROWS]
+    bad = [k for k, v in RESULTS["parity"].items() if not v["ok"]]
+    lines += ["", f"parity: {len(RESULTS['parity']) - len(bad)} ok, {len(bad)} failed {bad}",
+              f"errors: {RESULTS['errors']}"]
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     global BUDGET, DECODE_ONLY
     ap = argparse.ArgumentParser()
@@ -821,20 +839,7 @@ def main() -> None:
         if "moe" in only and "int4_32" in kinds:
             moe_section(["int4_32"], True)
     finally:
-        RESULTS["elapsed_s"] = time.time() - T0
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
-        lines = [f"device: {RESULTS['env'].get('device')} | {RESULTS['env'].get('nvidia_smi')}",
-                 f"copy {RESULTS['env'].get('copy_GBps', 0):.0f} GB/s, bf16 mm {RESULTS['env'].get('matmul_TFLOPs', 0):.0f}"
-                 f" TFLOP/s; torch {RESULTS['env'].get('torch')} triton {RESULTS['env'].get('triton')}", "",
-                 "| op | us | rate | note |", "|---|---:|---|---|"]
-        lines += [f"| {n} | {us:.1f} | {extra.strip()} | {note} |" for n, us, extra, note in ROWS]
-        bad = [k for k, v in RESULTS["parity"].items() if not v["ok"]]
-        lines += ["", f"parity: {len(RESULTS['parity']) - len(bad)} ok, {len(bad)} failed {bad}",
-                  f"errors: {RESULTS['errors']}"]
-        with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines), flush=True)
+        write_results(args.out)
 
 
 if __name__ == "__main__":
