@@ -181,9 +181,9 @@ def make_layer(kind: str, gen_seed: int):
         return w13, w2
     if kind == "fp8":
         out = quant.quantize_fp8_block(w13), quant.quantize_fp8_block(w2)
-    else:
-        g = int(kind.split("_")[1])
-        out = quant.quantize_int4_group(w13, g), quant.quantize_int4_group(w2, g)
+    else:                                       # int4 in the tiled storage the engine gives the GPU kernels
+        g, t = int(kind.split("_")[1]), quant.int4_tile_rows(I, H)
+        out = tuple(quant.tile_int4(quant.quantize_int4_group(w, g), t) for w in (w13, w2))
     del w13, w2
     torch.cuda.empty_cache()
     return out

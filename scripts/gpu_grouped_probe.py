@@ -7,7 +7,7 @@ one probe kernel that differ in the weights' memory layout and in whether the ma
 Variants (one layer of 512 experts, int4 g128, uniform routing; us per call from CUDA-graph replays over 2 layers
 x 8 routings, % of the copy rate for the distinct experts' bytes; parity of the full-math variants against the
 float32 reference):
-- default: qnext's moe_grouped.
+- default: qnext's moe_grouped (over tiled storage since the probe's first run).
 - probe rows: the probe kernel over the stored layout (rows of K/2 bytes): must match default.
 - probe tiles: each (expert, BN rows, 128-element K step) tile of the weights (and its BN scales) stored
   contiguously, so one pipeline stage reads 4-8 KB in one piece instead of BN pieces of 64 bytes 1 KB apart.
@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 import gpu_check as gc  # noqa: E402
 from qnext.ops import quant  # noqa: E402
@@ -109,6 +110,7 @@ def _probe_kernel(a_ptr, w_ptr, s_ptr, out_ptr, slot_e_ptr, slot_cnt_ptr, slot_p
 
 def relayout(q: quant.Int4GroupWeight, bn: int, layout: int, gate_up: bool):
     """(data, scale) of an int4 g128 stacked weight [E, N, K/2] in `layout` (see _tile_ptrs), flat per expert."""
+    q = quant.untile_int4(q)
     data, scale = q.qweight, q.scale                  # [E, N, K/2] uint8, [E, N, K/128] bf16
     e, n, kh = data.shape
     ks = kh // 64
@@ -136,8 +138,8 @@ class Probe:
         _probe_kernel[(slot_e.shape[0], n // bn)](
             a, data, scale, out, slot_e, slot_cnt, slot_pairs, used, tw, n, k, top_k,
             a.stride(0), data.stride(0), data.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
-            GATE_UP=gate_up, LAYOUT=self.layout if gate_up else min(self.layout, 1), LOAD_ONLY=self.load_only, BM=BM, BN=bn, BK=128,
-            num_warps=4, num_stages=self.stages)
+            GATE_UP=gate_up, LAYOUT=self.layout if gate_up else min(self.layout, 1), LOAD_ONLY=self.load_only,
+            BM=BM, BN=bn, BK=128, num_warps=4, num_stages=self.stages)
 
     def __call__(self, x, li, topk_weights, topk_ids):
         w13, w2 = self.layers[li]
@@ -182,7 +184,8 @@ def main() -> None:
     qlayers = [gc.make_layer("int4_128", s) for s in (1, 2)]
     per_expert = gc.expert_bytes(*qlayers[0])
     variants = {"default": lambda x, li, wt, ids: fused_moe(x, *qlayers[li], wt, ids, path="grouped")}
-    for name, kw in (("probe rows", dict(layout=0, load_only=False)), ("probe tiles", dict(layout=1, load_only=False)),
+    for name, kw in (("probe rows", dict(layout=0, load_only=False)),
+                     ("probe tiles", dict(layout=1, load_only=False)),
                      ("probe tiles gu", dict(layout=2, load_only=False)),
                      ("probe rows load-only", dict(layout=0, load_only=True)),
                      ("probe tiles load-only", dict(layout=1, load_only=True)),

@@ -13,8 +13,9 @@ import pytest
 import torch
 from paged_case import paged_case
 
-from qnext.ops.quant import (Fp8BlockWeight, Int4GroupWeight, dequantize, moe_forward_ref, pack_int4, quantize,
-                             quantize_fp8_block, quantize_int4_group, select_experts, unpack_int4)
+from qnext.ops.quant import (Fp8BlockWeight, Int4GroupWeight, dequantize, int4_tile_rows, moe_forward_ref, pack_int4,
+                             quantize, quantize_fp8_block, quantize_int4_group, select_experts, tile_int4, unpack_int4,
+                             untile_int4)
 
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (run on the GPU machine)")
@@ -53,6 +54,27 @@ def test_int4_quantize_dequantize(group):
     assert rel(dequantize(q), w) < 0.12                                            # 4-bit: ~9% rms error
     again = quantize_int4_group(dequantize(q), group)                             # exactly representable
     assert torch.equal(again.qweight, q.qweight) and torch.equal(dequantize(again), dequantize(q))
+
+
+@pytest.mark.parametrize("group,tile_rows", [(128, 64), (32, 16)])
+def test_int4_tiles(group, tile_rows):
+    """Tiled storage: every byte and scale where quant's docstring puts it, the same dequantized weight, and back."""
+    q = quantize_int4_group(torch.randn(3, 128, 256), group)
+    t = tile_int4(q, tile_rows)
+    assert t.tile_rows == tile_rows and t.qweight.shape == q.qweight.shape and t.scale.shape == q.scale.shape
+    groups, gb = 256 // group, group // 2
+    n, b = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    off = ((n // tile_rows) * groups + b // gb) * (tile_rows * gb) + (n % tile_rows) * gb + b % gb
+    assert torch.equal(t.qweight.reshape(3, -1)[:, off], q.qweight)
+    n, g = torch.meshgrid(torch.arange(128), torch.arange(groups), indexing="ij")
+    assert torch.equal(t.scale.reshape(3, -1)[:, ((n // tile_rows) * groups + g) * tile_rows + n % tile_rows],
+                       q.scale)
+    assert torch.equal(dequantize(t), dequantize(q))
+    back = untile_int4(t)
+    assert back.tile_rows == 0 and torch.equal(back.qweight, q.qweight) and torch.equal(back.scale, q.scale)
+    with pytest.raises(ValueError, match="divisible"):
+        tile_int4(q, 48)
+    assert (int4_tile_rows(512, 2048), int4_tile_rows(96, 96), int4_tile_rows(40)) == (64, 32, 0)
 
 
 def test_fp8_quantize_dequantize_odd_shapes():
@@ -98,19 +120,23 @@ def _moe_weights(kind: str, e: int, h: int, inter: int, device="cuda"):
         return w13, w2
     if kind == "fp8":
         return quantize_fp8_block(w13), quantize_fp8_block(w2)
-    group = int(kind[4:])
-    return quantize_int4_group(w13, group), quantize_int4_group(w2, group)
+    group, *tiles = kind.split("_")[1:]                    # int4_<group>[_tiles]: the GPU engine's storage
+    w13, w2 = quantize_int4_group(w13, int(group)), quantize_int4_group(w2, int(group))
+    if tiles:
+        t = int4_tile_rows(inter, h)
+        return tile_int4(w13, t), tile_int4(w2, t)
+    return w13, w2
 
 
 @cuda_only
-@pytest.mark.parametrize("kind", ["bf16", "fp8", "int4_128", "int4_32"])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "int4_128", "int4_32", "int4_128_tiles", "int4_32_tiles"])
 @pytest.mark.parametrize("path", ["gemv", "grouped", "sorted"])
 @pytest.mark.parametrize("m,e,k", [(1, 16, 4), (7, 13, 3), (133, 20, 5)])
 def test_fused_moe(kind, path, m, e, k):
     from qnext.ops.triton_moe import fused_moe
     torch.manual_seed(m * 31 + e)
     h, inter = 384, 256
-    w13, w2 = _moe_weights(kind.replace("_", ""), e, h, inter)
+    w13, w2 = _moe_weights(kind, e, h, inter)
     x = torch.randn(m, h, device="cuda").bfloat16()
     weights, ids = select_experts(torch.randn(m, e, device="cuda"), k)
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)
@@ -121,7 +147,7 @@ def test_fused_moe(kind, path, m, e, k):
 
 
 @cuda_only
-@pytest.mark.parametrize("kind", ["int4_32", "int4_128", "fp8"])
+@pytest.mark.parametrize("kind", ["int4_32", "int4_128", "int4_128_tiles", "fp8"])
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs at k = 4: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
                                     dict(mma=True, mbm1=4, mw1=4), dict(mma=True, mbm2=16, mw2=4, mks2=16),
@@ -131,7 +157,7 @@ def test_fused_moe_gemv_variants(kind, m, config):
     (triton_moe_gemv_mma) with several tilings."""
     from qnext.ops.triton_moe import fused_moe
     torch.manual_seed(len(kind) + m)
-    w13, w2 = _moe_weights(kind.replace("_", ""), 9, 384, 256)
+    w13, w2 = _moe_weights(kind, 9, 384, 256)
     x = torch.randn(m, 384, device="cuda").bfloat16()
     weights, ids = select_experts(torch.randn(m, 9, device="cuda"), 4)
     ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=torch.bfloat16)

@@ -37,8 +37,8 @@ def test_glue_kernels_match_reference(results):
         elif isinstance(value, float):
             exact = "float32" in name or name.startswith(("conv", "fp8", "paged", "gdn"))  # float32 on both sides
             assert value < (1e-6 if exact else 2e-2), (name, value)
-    # (gemv, sorted, grouped at 3 and 70 tokens) x 3 formats x (summed or not)
-    assert sum(name.startswith("fused_moe_") for name in results) == 24
+    # (gemv, sorted, grouped at 3 and 70 tokens) x 4 formats (int4 in rows and in tiles) x (summed or not)
+    assert sum(name.startswith("fused_moe_") for name in results) == 32
     assert results["moe_group_pairs_ids"] is True
     assert sum(name.startswith("norm_rows_bits/") for name in results) == 2
     assert sum(name.startswith(("silu_mul_linear/", "linear_pair/")) for name in results) == 4

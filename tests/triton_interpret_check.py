@@ -248,14 +248,15 @@ def moe_checks() -> dict:
     group_pairs against a torch grouping. fp16
     activations: this interpreter's tl.dot is wrong for bf16 operands (a plain 16x16 bf16 dot is off by 1e10),
     right for fp16 and float32."""
-    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
+    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group, tile_int4
     from qnext.ops.triton_moe import fused_moe
     from qnext.ops.triton_moe_grouped import group_pairs
 
     e, h, inter, k = 8, 256, 128, 2
     w13f, w2f = torch.randn(e, 2 * inter, h) / 16, torch.randn(e, h, inter) / 16
-    formats = {"fp16": (w13f.half(), w2f.half(), w13f, w2f),
-               "int4": (quantize_int4_group(w13f, 128), quantize_int4_group(w2f, 128)),
+    int4 = quantize_int4_group(w13f, 128), quantize_int4_group(w2f, 128)
+    formats = {"fp16": (w13f.half(), w2f.half(), w13f, w2f), "int4": int4,
+               "int4 tiles": (tile_int4(int4[0], 64), tile_int4(int4[1], 64), *int4),    # the reference: rows
                "fp8": (quantize_fp8_block(w13f), quantize_fp8_block(w2f))}
     out = {}
     for name, ws in formats.items():
@@ -275,12 +276,16 @@ def moe_checks() -> dict:
     x = torch.randn(70, h).half()
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(70)])
     tw = torch.rand(70, k)
-    ref = ref_ffn.fused_moe(x.float(), *formats["int4"], tw, ids)
-    out["moe_sorted70_unswapped/int4"] = err(fused_moe(x, *formats["int4"], tw, ids, path="sorted",
-                                                       config=dict(bm=16, swap=False, swap2=False)), ref)
-    ref = ref_ffn.fused_moe(x[:5].float(), *formats["int4"], tw[:5], ids[:5])     # int4 GEMV looping over experts
-    out["moe_gemv_looped5/int4"] = err(fused_moe(x[:5], *formats["int4"], tw[:5], ids[:5], path="gemv",
-                                                 config=dict(split=False)), ref)
+    ref = ref_ffn.fused_moe(x.float(), *int4, tw, ids)
+    ref5 = ref_ffn.fused_moe(x[:5].float(), *int4, tw[:5], ids[:5])
+    for name in ("int4", "int4 tiles"):
+        ws = formats[name][:2]
+        out[f"moe_sorted70_unswapped/{name}"] = err(fused_moe(x, *ws, tw, ids, path="sorted",
+                                                              config=dict(bm=16, swap=False, swap2=False)), ref)
+        for tag, cfg in (("looped", dict(split=False)), ("cores_looped", dict(split=False, mma=False)),
+                         ("cores_split", dict(mma=False))):                 # int4 GEMV over its k experts / CUDA cores
+            out[f"moe_gemv_{tag}5/{name}"] = err(fused_moe(x[:5], *ws, tw[:5], ids[:5], path="gemv", config=cfg),
+                                                 ref5)
     ref = ref_ffn.fused_moe(x[:1].float(), *formats["fp8"], tw[:1], ids[:1])     # fp8 GEMV on tensor cores
     out["moe_gemv_mma1/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv",
                                              config=dict(mma=True)), ref)
@@ -291,8 +296,10 @@ def moe_checks() -> dict:
     w13n, w2n = quantize_int4_group(w13n, 32), quantize_int4_group(w2n, 32)
     xn, idn = torch.randn(20, 96).half(), torch.stack([torch.randperm(e)[:k] for _ in range(20)])
     twn = torch.rand(20, k)
-    out["moe_grouped_narrow/int4"] = err(fused_moe(xn, w13n, w2n, twn, idn, path="grouped"),
-                                         ref_ffn.fused_moe(xn.float(), w13n, w2n, twn, idn))
+    refn = ref_ffn.fused_moe(xn.float(), w13n, w2n, twn, idn)
+    out["moe_grouped_narrow/int4"] = err(fused_moe(xn, w13n, w2n, twn, idn, path="grouped"), refn)
+    out["moe_grouped_narrow/int4 tiles"] = err(fused_moe(xn, tile_int4(w13n, 32), tile_int4(w2n, 32), twn, idn,
+                                                         path="grouped"), refn)
     ids = torch.stack([torch.randperm(12)[:3] for _ in range(40)])     # 120 pairs: some experts fill 2 slots
     slot_e, slot_cnt, slot_pairs, used = group_pairs(ids, 12)
     flat, n = ids.reshape(-1), int(used)

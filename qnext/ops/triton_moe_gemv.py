@@ -9,7 +9,8 @@ import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_gemv_mma import mma_gemv
-from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
+from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
+                                          int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
 
 Tensor = torch.Tensor
 
@@ -32,27 +33,30 @@ SPLIT_MAX_PAIRS = 32
 
 @triton.jit
 def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM,
-               KIND: tl.constexpr, GS: tl.constexpr):
+               KIND: tl.constexpr, GS: tl.constexpr, TR: tl.constexpr = 0):
     """acc [BN, NG] += one weight tile times the activations, summed over each group's GS columns (a [BN, NG, GS]
     accumulator, reduced only at the end, held 3x the registers).
 
     rows [BN] output rows; gg [NG] group (fp8: 128-block, int4: quant group, bf16: GS chunk) indices;
     kp [NG, GS] stored column of each element, km its bound mask.
     bf16 / fp8: xa [NG, GS] activation at k = kp (fp8: already times the block scale); xb unused.
-    int4: xa / xb [NG, GS] activations of the low / high nibbles (k = g*2GS + j and g*2GS + GS + j).
+    int4: xa / xb [NG, GS] activations of the low / high nibbles (k = g*2GS + j and g*2GS + GS + j); TR the
+    weight's tile_rows.
     """
-    ptrs = w_base + rows[:, None, None] * stride_wn + kp[None, :, :]
     mask = rmask[:, None, None] & km[None, :, :]
     if KIND == 2:
-        p = tl.load(ptrs, mask=mask, other=0)
+        kw = kp + (int4_group_offsets(gg, TR, GS) - gg * GS)[:, None]          # kp's bytes where they are stored
+        p = tl.load(w_base + int4_row_offsets(rows, stride_wn, TR, GS)[:, None, None] + kw[None, :, :], mask=mask,
+                    other=0)
         # q - 8 without an int->float convert (quarter rate): (0x4B000000 | q) is the float 2^23 + q
         lo = ((p & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         hi = ((p >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        sc = tl.load(s_base + rows[:, None] * stride_sn + gg[None, :],
+        sc = tl.load(s_base + int4_scale_row_offsets(rows, stride_sn, TR)[:, None]
+                     + int4_scale_group_offsets(gg, TR)[None, :],
                      mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
         acc += tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) * sc
     else:
-        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + rows[:, None, None] * stride_wn + kp[None, :, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(w * xa[None, :, :], axis=2)
     return acc
 
@@ -63,7 +67,7 @@ def _moe_gemv_gate_up_kernel(
     N, KLIM, NGRP, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BN)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK."""
     pdl_wait_then_release(PDL)
@@ -92,19 +96,19 @@ def _moe_gemv_gate_up_kernel(
         if KIND == 2:
             xa = tl.load(x_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32)
             xb = tl.load(x_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32)
-            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
-            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS, TR)
         elif KIND == 1:
             xa = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
             gm = gg * GS < KLIM
             xg = xa * tl.load(sg + gg, mask=gm, other=0)[:, None]
             xu = xa * tl.load(su + gg, mask=gm, other=0)[:, None]
-            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xg, xg, stride_wn, stride_sn, KLIM, KIND, GS)
-            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xu, xu, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xg, xg, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xu, xu, stride_wn, stride_sn, KLIM, KIND, GS, TR)
         else:
             xa = tl.load(x_row + kp, mask=km, other=0).to(tl.float32)
-            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
-            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+            acc_g = _gemv_tile(acc_g, wg, sg, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+            acc_u = _gemv_tile(acc_u, wu, su, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
     gate = tl.sum(acc_g, axis=1)
     up = tl.sum(acc_u, axis=1)
     h = gate * tl.sigmoid(gate) * up
@@ -117,7 +121,7 @@ def _moe_gemv_down_kernel(
     N, KLIM, NGRP, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
     pdl_wait_then_release(PDL)
@@ -144,14 +148,14 @@ def _moe_gemv_down_kernel(
             if KIND == 2:
                 xa = tl.load(h_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32) * wt
                 xb = tl.load(h_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32) * wt
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS)
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS, TR)
             elif KIND == 1:
                 xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32)
                 xa = xa * (tl.load(sb + gg, mask=gg * GS < KLIM, other=0) * wt)[:, None]
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
             else:
                 xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32) * wt
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS)
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -192,14 +196,14 @@ def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, 
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, gs), top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, num_warps=cfg["sw"], **pdl_launch())
+        KIND=w13.kind, BN=cfg["sbn1"], NG=ng, GS=gs, TR=w13.tile_rows, num_warps=cfg["sw"], **pdl_launch())
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     ng, gs = _full_k(w2)
     _moe_gemv_down_kernel[(p, triton.cdiv(hidden, cfg["sbn2"]))](
         h, w2.data, w2.scale, ids, tw, y,
         hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
-        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, num_warps=cfg["sw"], **pdl_launch())
+        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, TR=w2.tile_rows, num_warps=cfg["sw"], **pdl_launch())
     return _split_result(y, m, top_k, reduce)
 
 
@@ -228,11 +232,12 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
         x, w13.data, w13.scale, ids, h,
         inter, w13.klim, triton.cdiv(w13.klim, cfg["gs1"]), top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        KIND=w13.kind, BN=cfg["bn1"], NG=cfg["ng1"], GS=cfg["gs1"], num_warps=cfg["w1"], **pdl_launch())
+        KIND=w13.kind, BN=cfg["bn1"], NG=cfg["ng1"], GS=cfg["gs1"], TR=w13.tile_rows,
+        num_warps=cfg["w1"], **pdl_launch())
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     _moe_gemv_down_kernel[(m, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, ids, tw, out,
         hidden, w2.klim, triton.cdiv(w2.klim, cfg["gs2"]), top_k,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
-        KIND=w2.kind, BN=cfg["bn2"], NG=cfg["ng2"], GS=cfg["gs2"], num_warps=cfg["w2"], **pdl_launch())
+        KIND=w2.kind, BN=cfg["bn2"], NG=cfg["ng2"], GS=cfg["gs2"], TR=w2.tile_rows, num_warps=cfg["w2"], **pdl_launch())
     return out

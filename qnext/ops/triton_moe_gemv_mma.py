@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
-from qnext.ops.triton_moe_weights import FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq
+from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
+                                          int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
 
 Tensor = torch.Tensor
 
@@ -45,17 +46,17 @@ def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constex
 
 @triton.jit
 def _slice_tile(w_rows, s_rows, rmask, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
-                BMS: tl.constexpr, IS_FP8: tl.constexpr):
+                BMS: tl.constexpr, IS_FP8: tl.constexpr, TR: tl.constexpr):
     """The weight tile of _slice_dots: (stored units [BMS, KSU], each A row's group scale [BMS] float32)."""
     a = tl.arange(0, BMS)
     ua = ku0 + (a % S) * KSU                              # first unit of each A row's slice
     am = rmask & (ua < KU)                                # KU % GU == 0: a slice is wholly in or out
-    ptrs = w_rows[:, None] + ua[:, None] + tl.arange(0, KSU)[None, :]
+    ptrs = w_rows[:, None] + int4_unit_offsets(ua, TR, GU)[:, None] + tl.arange(0, KSU)[None, :]
     if IS_FP8:                                            # zeros, not garbage (which may be an fp8 NaN)
         p = tl.load(ptrs, mask=am[:, None], other=0.0)
     else:
         p = tl.load(ptrs, mask=am[:, None], other=0)
-    return p, tl.load(s_rows + ua // GU, mask=am, other=0).to(tl.float32)
+    return p, tl.load(s_rows + int4_scale_group_offsets(ua // GU, TR), mask=am, other=0).to(tl.float32)
 
 
 @triton.jit
@@ -79,19 +80,26 @@ def _tile_dots(p, sc, x_a, x_b, S: tl.constexpr, BMS: tl.constexpr, IS_FP8: tl.c
 
 @triton.jit
 def _slice_dots(w_rows, s_rows, rmask, ku0, KU, x_a, x_b, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
-                BMS: tl.constexpr, IS_FP8: tl.constexpr):
+                BMS: tl.constexpr, IS_FP8: tl.constexpr, TR: tl.constexpr):
     """-> [BMS] float32: A row a = (r, s)'s partial dot (units ku0 + s*KSU + [0, KSU) of its weight row) times its
-    group scale. w_rows / s_rows [BMS]: each A row's weight-row / scale-row pointer; rmask [BMS] its row bound."""
-    p, sc = _slice_tile(w_rows, s_rows, rmask, ku0, KU, S, KSU, GU, BMS, IS_FP8)
+    group scale. w_rows / s_rows [BMS]: each A row's weight-row / scale-row pointer; rmask [BMS] its row bound; TR
+    the int4 tile_rows (0 for fp8)."""
+    p, sc = _slice_tile(w_rows, s_rows, rmask, ku0, KU, S, KSU, GU, BMS, IS_FP8, TR)
     return _tile_dots(p, sc, x_a, x_b, S, BMS, IS_FP8)
 
 
 @triton.jit
-def _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8: tl.constexpr):
+def _weight_rows(w_ptr, e, rows, stride_we, stride_wn, GU: tl.constexpr, TR: tl.constexpr):
+    """Pointer to each weight row's first stored unit (int4 tiles: its place in its first group's tile)."""
+    return w_ptr + e * stride_we + int4_row_offsets(rows, stride_wn, TR, GU)
+
+
+@triton.jit
+def _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8: tl.constexpr, TR: tl.constexpr):
     """Scale-row pointer of each weight row: int4 one per row, fp8 one per 128-row block."""
     if IS_FP8:
         return s_ptr + e * stride_se + (rows // 128) * stride_sn
-    return s_ptr + e * stride_se + rows * stride_sn
+    return s_ptr + e * stride_se + int4_scale_row_offsets(rows, stride_sn, TR)
 
 
 @triton.jit
@@ -100,7 +108,7 @@ def _moe_mma_gate_up_kernel(
     N, KU, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
     KU stored units per weight row."""
@@ -111,16 +119,17 @@ def _moe_mma_gate_up_kernel(
     x_row = x_ptr + (pid_p // TOPK).to(tl.int64) * stride_xm
     rows = pid_n * BM + tl.arange(0, BM * S) // S          # [BM*S]: each weight row S times
     rmask = rows < N
-    wg = w_ptr + e * stride_we + rows * stride_wn
-    sg = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8)
-    su = _scale_rows(s_ptr, e, rows + N, stride_se, stride_sn, IS_FP8)
+    wg = _weight_rows(w_ptr, e, rows, stride_we, stride_wn, GU, TR)
+    wu = _weight_rows(w_ptr, e, rows + N, stride_we, stride_wn, GU, TR)
+    sg = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR)
+    su = _scale_rows(s_ptr, e, rows + N, stride_se, stride_sn, IS_FP8, TR)
     acc_g = tl.zeros([BM * S], dtype=tl.float32)
     acc_u = tl.zeros([BM * S], dtype=tl.float32)
     for ku0 in range(0, KU, S * KSU):
         ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
         x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
-        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
-        acc_u += _slice_dots(wg + N * stride_wn, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8)
+        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
+        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
@@ -134,7 +143,7 @@ def _moe_mma_down_kernel(
     N, KU, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False, TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k].
     EARLY (TOPK == 1 and S * KSU >= KU: one pair and one step per program): the expert id and the weight tile are
@@ -147,9 +156,9 @@ def _moe_mma_down_kernel(
     rmask = rows < N
     if EARLY:
         e = tl.load(ids_ptr + m, cache_modifier=".cg").to(tl.int64)
-        p, sc = _slice_tile(w_ptr + e * stride_we + rows * stride_wn,
-                            _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8), rmask, 0, KU, S, KSU, GU,
-                            BM * S, IS_FP8)
+        p, sc = _slice_tile(_weight_rows(w_ptr, e, rows, stride_we, stride_wn, GU, TR),
+                            _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR), rmask, 0, KU, S, KSU, GU,
+                            BM * S, IS_FP8, TR)
         pdl_wait_then_release(PDL)
         x_a, x_b = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8)
         acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * tl.load(tw_ptr + m).to(tl.float32)
@@ -161,12 +170,12 @@ def _moe_mma_down_kernel(
             e = tl.load(ids_ptr + p).to(tl.int64)
             wt = tl.load(tw_ptr + p).to(tl.float32)
             h_row = h_ptr + p.to(tl.int64) * stride_hm
-            wb = w_ptr + e * stride_we + rows * stride_wn
-            sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8)
+            wb = _weight_rows(w_ptr, e, rows, stride_we, stride_wn, GU, TR)
+            sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR)
             for ku0 in range(0, KU, S * KSU):
                 ku0 = tl.multiple_of(ku0, S * KSU)
                 x_a, x_b = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8)
-                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8) * wt
+                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * wt
     out = tl.sum(tl.reshape(acc, [BM, S]), axis=1)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + out_rows, out.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -199,7 +208,8 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
+        **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])
@@ -207,5 +217,5 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
         BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
-        num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        TR=w2.tile_rows, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out

@@ -22,19 +22,21 @@ import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_sorted import tile_cfg
-from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
+from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
+                                          int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
 
 Tensor = torch.Tensor
 
 # Tiles per weight kind: gate_up (bn, warps, stages), down (bn2, warps2, stages2); bk as in the sorted path.
 # Overridable per call through `config`; timed by scripts/gpu_check.py --only grouped (H100: int4 bn 64 over 32 by
 # 2-5% at 32-64 tokens; BN 16 is 2.5x slower; 2 stages lose ~10%. H200: int4 bn2 128 over 64 by 3-4% at 32-64
-# tokens; 4 stages over 3 by 2% at 32-64 tokens (int4 only); 8 warps 25% slower; a persistent grid running the
-# items' K steps as one loop and swapped MMA operands were both slower, see docs/perf-notes.md).
+# tokens; 8 warps 25% slower; a persistent grid running the items' K steps as one loop and swapped MMA operands
+# were both slower, see docs/perf-notes.md). int4 over tiled storage (scripts/gpu_grouped_probe.py, H100): 3 stages
+# over 4 by 3-5% at 8-64 tokens (over rows the H200 had preferred 4 by 2%); gate_up BN 128 7% slower.
 GROUPED_DEFAULTS = {
     BF16: dict(bk=64, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
     FP8: dict(bk=128, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
-    INT4: dict(bk=None, bn=64, warps=4, stages=4, bn2=128, warps2=4, stages2=4),
+    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=3),
 }
 BM = 16
 # The grouping kernel sorts all P keys in one program.
@@ -92,16 +94,18 @@ def _acts(a_rows, mvalid, k0, K, KIND: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 BK: tl.constexpr, TR: tl.constexpr):
     """One K step of weight rows r0 + [0, BN) of one expert (wb: its data, sb: its scales; BN divides the rows)
-    times the step's activations -> [BM, BN] float32, scaled. int4: BK == group (one scale per row); fp8:
-    BK == 128, BN divides 128 (one scale per tile). No row masks: the launcher checks N % BN == 0."""
+    times the step's activations -> [BM, BN] float32, scaled. int4: BK == group (one scale per row), TR its
+    tile_rows; fp8: BK == 128, BN divides 128 (one scale per tile). No row masks: the launcher checks N % BN == 0."""
     rows = r0 + tl.arange(0, BN)
     if KIND == 2:
-        p = tl.load(wb + rows[None, :] * stride_wn + (k0 // 2 + tl.arange(0, BK // 2))[:, None])   # [BK/2, BN]
+        g = k0 // BK
+        p = tl.load(wb + int4_row_offsets(rows, stride_wn, TR, BK // 2)[None, :]
+                    + (int4_group_offsets(g, TR, BK // 2) + tl.arange(0, BK // 2))[:, None])   # [BK/2, BN]
         lo, hi = int4_dq(p, xa.dtype)
-        sc = tl.load(sb + rows * stride_sn + k0 // BK).to(tl.float32)
-        part = (tl.dot(xa, lo) + tl.dot(xb, hi)) * sc[None, :]
+        sc = tl.load(sb + int4_scale_row_offsets(rows, stride_sn, TR) + int4_scale_group_offsets(g, TR))
+        part = (tl.dot(xa, lo) + tl.dot(xb, hi)) * sc.to(tl.float32)[None, :]
     else:
         ka = k0 + tl.arange(0, BK)
         w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=(ka < K)[:, None], other=0.0)  # [BK, BN]
@@ -117,7 +121,7 @@ def _moe_grouped_kernel(
     N, K, TOPK,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (slots, N / BN): slot s's expert, rows [r0, r0 + BN), times its (at most BM) pairs; programs past the
     used slots return at once.
@@ -142,9 +146,9 @@ def _moe_grouped_kernel(
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         xa, xb = _acts(a_rows, mvalid, k0, K, KIND, BK)
-        acc += _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND, BN, BK)
+        acc += _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND, BN, BK, TR)
         if GATE_UP:
-            acc2 += _weight_part(xa, xb, wb, sb, N + r0, k0, K, stride_wn, stride_sn, KIND, BN, BK)
+            acc2 += _weight_part(xa, xb, wb, sb, N + r0, k0, K, stride_wn, stride_sn, KIND, BN, BK, TR)
     optrs = out_ptr + pair[:, None] * stride_om + (r0 + tl.arange(0, BN))[None, :]
     if GATE_UP:
         tl.store(optrs, (acc * tl.sigmoid(acc) * acc2).to(out_ptr.dtype.element_ty), mask=mvalid[:, None])
@@ -187,7 +191,8 @@ def _launch(a, w: KernelWeight, out, groups, tw, n: int, top_k: int, gate_up: bo
     _moe_grouped_kernel[(slot_e.shape[0], n // bn)](
         a, w.data, w.scale, out, slot_e, slot_cnt, slot_pairs, used, tw, n, w.k, top_k,
         a.stride(0), w.data.stride(0), w.data.stride(1), w.scale.stride(0), w.scale.stride(1), out.stride(0),
-        KIND=w.kind, GATE_UP=gate_up, BM=BM, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_launch())
+        KIND=w.kind, GATE_UP=gate_up, BM=BM, BN=bn, BK=bk, TR=w.tile_rows, num_warps=warps, num_stages=stages,
+        **pdl_launch())
 
 
 def moe_grouped(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,

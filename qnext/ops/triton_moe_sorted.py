@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.triton_moe_weights import BF16, FP8, INT4, KernelWeight, int4_dq
+from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
+                                          int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
 
 Tensor = torch.Tensor
 
@@ -54,10 +55,12 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
 
 @triton.jit
 def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, stride_sn,
-                 KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 TR: tl.constexpr):
     """(acc, acc2) [BM, BN] float32: the BM activation rows a_rows (pointers to row starts; rows not in mvalid read
     zeros) times rows `rows` of one expert's weight (wb: its data, sb: its scales); acc2 = the up rows N + rows
-    when GATE_UP (else zeros). fp8: BK == 128, BN divides 128, N % 128 == 0; int4: BK == group, K % BK == 0."""
+    when GATE_UP (else zeros). fp8: BK == 128, BN divides 128, N % 128 == 0; int4: BK == group, K % BK == 0, TR
+    the weight's tile_rows."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     if KIND == 2:
@@ -65,16 +68,19 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
         for k0 in range(0, K, BK):              # half-split packing: low nibbles k0.., high nibbles k0 + BK/2..
             a_e = tl.load(a_rows + (k0 + jj)[None, :], mask=mvalid[:, None], other=0.0)
             a_o = tl.load(a_rows + (k0 + BK // 2 + jj)[None, :], mask=mvalid[:, None], other=0.0)
-            pk = k0 // 2 + jj
-            p = tl.load(wb + rows[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+            pk = int4_group_offsets(k0 // BK, TR, BK // 2) + jj
+            sg = int4_scale_group_offsets(k0 // BK, TR)
+            p = tl.load(wb + int4_row_offsets(rows, stride_wn, TR, BK // 2)[None, :] + pk[:, None],
+                        mask=nmask[None, :], other=0)
             lo, hi = int4_dq(p, a_e.dtype)
-            sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-            acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc[None, :]
+            sc = tl.load(sb + int4_scale_row_offsets(rows, stride_sn, TR) + sg, mask=nmask, other=0)
+            acc += (tl.dot(a_e, lo) + tl.dot(a_o, hi)) * sc.to(tl.float32)[None, :]
             if GATE_UP:
-                p2 = tl.load(wb + (rows + N)[None, :] * stride_wn + pk[:, None], mask=nmask[None, :], other=0)
+                p2 = tl.load(wb + int4_row_offsets(rows + N, stride_wn, TR, BK // 2)[None, :] + pk[:, None],
+                             mask=nmask[None, :], other=0)
                 lo2, hi2 = int4_dq(p2, a_e.dtype)
-                sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-                acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2[None, :]
+                sc2 = tl.load(sb + int4_scale_row_offsets(rows + N, stride_sn, TR) + sg, mask=nmask, other=0)
+                acc2 += (tl.dot(a_e, lo2) + tl.dot(a_o, hi2)) * sc2.to(tl.float32)[None, :]
     else:
         kk = tl.arange(0, BK)
         for k0 in range(0, K, BK):
@@ -101,7 +107,8 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
 
 @triton.jit
 def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, stride_sn,
-                  KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  TR: tl.constexpr):
     """_expert_tile for int4 (KIND 2) or fp8 block (KIND 1) weights with the MMA operands swapped ("swap-AB"):
     acc^T [BN, BM] += W [BN, BK] x A^T [BK, BM]. The dequantized weight tile is the MMA's first operand, which
     Hopper's wgmma reads from registers (the normal order must stage it through shared memory), and the expert's
@@ -114,16 +121,19 @@ def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, s
         for k0 in range(0, K, BK):              # half-split packing, as in _expert_tile
             a_e = tl.load(a_rows[None, :] + (k0 + jj)[:, None], mask=mvalid[None, :], other=0.0)       # [BK/2, BM]
             a_o = tl.load(a_rows[None, :] + (k0 + BK // 2 + jj)[:, None], mask=mvalid[None, :], other=0.0)
-            pk = k0 // 2 + jj
-            p = tl.load(wb + rows[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)    # [BN, BK/2]
+            pk = int4_group_offsets(k0 // BK, TR, BK // 2) + jj
+            sg = int4_scale_group_offsets(k0 // BK, TR)
+            p = tl.load(wb + int4_row_offsets(rows, stride_wn, TR, BK // 2)[:, None] + pk[None, :],
+                        mask=nmask[:, None], other=0)                                               # [BN, BK/2]
             lo, hi = int4_dq(p, a_e.dtype)
-            sc = tl.load(sb + rows * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-            acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc[:, None]
+            sc = tl.load(sb + int4_scale_row_offsets(rows, stride_sn, TR) + sg, mask=nmask, other=0)
+            acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc.to(tl.float32)[:, None]
             if GATE_UP:
-                p2 = tl.load(wb + (rows + N)[:, None] * stride_wn + pk[None, :], mask=nmask[:, None], other=0)
+                p2 = tl.load(wb + int4_row_offsets(rows + N, stride_wn, TR, BK // 2)[:, None] + pk[None, :],
+                             mask=nmask[:, None], other=0)
                 lo2, hi2 = int4_dq(p2, a_e.dtype)
-                sc2 = tl.load(sb + (rows + N) * stride_sn + k0 // BK, mask=nmask, other=0).to(tl.float32)
-                acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2[:, None]
+                sc2 = tl.load(sb + int4_scale_row_offsets(rows + N, stride_sn, TR) + sg, mask=nmask, other=0)
+                acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2.to(tl.float32)[:, None]
     else:
         kk = tl.arange(0, BK)
         for k0 in range(0, K, BK):              # BK == 128: one scale block per tile, as in _expert_tile
@@ -148,7 +158,7 @@ def _moe_dot_kernel(
     N, K, P, TOPK, E,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, A_SORTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, TR: tl.constexpr = 0,
 ):
     """grid (NB, cdiv(N, BN)); block pid_m holds BM pairs of expert e = block_e[pid_m].
     GATE_UP: a = x gathered by token (pair // TOPK), out = h [NB*BM, N] in sorted order, h = silu(gate) * up with
@@ -171,11 +181,11 @@ def _moe_dot_kernel(
     nmask = rows < N
     if SWAP:   # int4 / fp8
         acc, acc2 = _tile_swapped(a_ptr + arow * stride_am, mvalid, w_ptr + e * stride_we, s_ptr + e * stride_se,
-                                  rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK)
+                                  rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK, TR)
     else:
         acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we,
                                  s_ptr + e * stride_se, rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND,
-                                 GATE_UP, BM, BN, BK)
+                                 GATE_UP, BM, BN, BK, TR)
     if GATE_UP:
         h = acc * tl.sigmoid(acc) * acc2
         tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + rows[None, :],
@@ -221,12 +231,12 @@ def moe_sorted(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Ten
         inter, w13.k, p, top_k, experts,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
         KIND=w13.kind, GATE_UP=True, A_SORTED=False, BM=bm, BN=cfg["bn"], BK=cfg["bk"],
-        SWAP=cfg.get("swap", False), num_warps=cfg["warps"], num_stages=cfg["stages"])
+        SWAP=cfg.get("swap", False), TR=w13.tile_rows, num_warps=cfg["warps"], num_stages=cfg["stages"])
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, y, sorted_pairs, block_expert, tw,
         hidden, w2.k, p, top_k, experts,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
-        SWAP=cfg.get("swap2", False), num_warps=cfg["warps2"], num_stages=cfg["stages2"])
+        SWAP=cfg.get("swap2", False), TR=w2.tile_rows, num_warps=cfg["warps2"], num_stages=cfg["stages2"])
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)

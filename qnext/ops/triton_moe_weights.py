@@ -26,6 +26,7 @@ class KernelWeight:
     n: int
     k: int                 # logical K
     group: int             # int4 group (elements) / fp8 block; 0 for bf16
+    tile_rows: int = 0     # int4: rows per tile of the tiled storage (0: rows; see int4_row_offsets)
 
     @property
     def klim(self) -> int:  # stored units per row
@@ -40,11 +41,52 @@ def kernel_view(w: QuantWeight) -> KernelWeight:
         return KernelWeight(FP8, w.w.contiguous(), w.scale_inv.float().contiguous(), n, k, 128)
     if isinstance(w, Int4GroupWeight):
         e, n, kh = w.qweight.shape
-        return KernelWeight(INT4, w.qweight.contiguous(), w.scale.contiguous(), n, 2 * kh, w.group_size)
+        return KernelWeight(INT4, w.qweight.contiguous(), w.scale.contiguous(), n, 2 * kh, w.group_size, w.tile_rows)
     if w.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"MoE kernels take bf16/fp16/fp8/int4 weights, got {w.dtype}")
     w = w.contiguous()
     return KernelWeight(BF16, w, w, w.shape[1], w.shape[2], 0)
+
+
+# int4 addressing. The offset of byte j of group g of row n in one expert's data splits into a row part and a
+# group part (rows: n * stride + g * G/2 + j; tiles of T rows: (n // T) * T * stride + (n % T) * G/2 +
+# g * T * G/2 + j), and likewise a scale's (rows: n * stride + g; tiles: (n // T) * T * stride + n % T + g * T),
+# so a kernel keeps its per-row pointers and steps its group offsets. TR is the weight's tile_rows, GB = G/2.
+@triton.jit
+def int4_row_offsets(rows, stride_wn, TR: tl.constexpr, GB: tl.constexpr):
+    if TR == 0:
+        return rows * stride_wn
+    return (rows // TR) * (TR * stride_wn) + (rows % TR) * GB
+
+
+@triton.jit
+def int4_group_offsets(g, TR: tl.constexpr, GB: tl.constexpr):
+    """Offset of group g's first byte within its row (the byte offset j inside the group is added as is)."""
+    if TR == 0:
+        return g * GB
+    return g * (TR * GB)
+
+
+@triton.jit
+def int4_unit_offsets(u, TR: tl.constexpr, GB: tl.constexpr):
+    """Offset of stored byte u of a row (u // GB its group)."""
+    if TR == 0:
+        return u
+    return (u // GB) * (TR * GB) + u % GB
+
+
+@triton.jit
+def int4_scale_row_offsets(rows, stride_sn, TR: tl.constexpr):
+    if TR == 0:
+        return rows * stride_sn
+    return (rows // TR) * (TR * stride_sn) + rows % TR
+
+
+@triton.jit
+def int4_scale_group_offsets(g, TR: tl.constexpr):
+    if TR == 0:
+        return g
+    return g * TR
 
 
 # int4 -> 16-bit dequantization: "asm" (default on the GPU) or "arith" (the Triton-language version; always under
