@@ -14,6 +14,11 @@ float32 reference):
 - probe tiles gu: gate_up's gate and up tiles of a step side by side, so a program reads one sequential stream.
 - ... load-only: the same loads, no dequantization and no dots (an xor keeps them alive): the access pattern's rate.
 Then the two GEMM kernels of one call apart (torch profiler, in launch order) for default and the best variant.
+
+    python3 scripts/gpu_grouped_probe.py --out $OUT --tile-rows 0,4,8,16,64
+
+instead times qnext's own kernels over tiles of each height (0: rows): the grouped path at 8 / 32 / 64 tokens and
+the batch-1 GEMV (default tiles, and 2 or 4 weight rows per gate_up program), parity of each against the reference.
 """
 
 from __future__ import annotations
@@ -172,14 +177,52 @@ def kernels_apart(name, fn, args_at) -> None:
               f"({len(gu)}/{len(dn)} events)", flush=True)
 
 
+def tile_sweep(heights: list[int]) -> None:
+    from qnext.ops.triton_moe import fused_moe
+    rows = [quant.untile_int4(w) for w in gc.make_layer("int4_128", 1)], \
+        [quant.untile_int4(w) for w in gc.make_layer("int4_128", 2)]
+    per_expert = gc.expert_bytes(*rows[0])
+    cases = [(1, "gemv", None), (1, "gemv", dict(mbm1=2)), (1, "gemv", dict(mbm1=4, mw1=2)), (32, "grouped", None),
+             (8, "grouped", None), (64, "grouped", None)]
+    for t in heights:
+        layers = rows if t == 0 else [tuple(quant.tile_int4(w, t) for w in layer) for layer in rows]
+        for m, path, cfg in cases:
+            if gc.left() < 15:
+                return
+            routes = gc.routings(m, 8, seed=m)
+            xs = [torch.randn(m, gc.H, device="cuda").bfloat16() for _ in range(4)]
+            uniq = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
+            tag = f"tiles {t} M={m} {path} {cfg or ''}"
+            fn = lambda x, li, wt, ids, cfg=cfg, path=path: fused_moe(x, *layers[li], wt, ids, path=path, config=cfg)
+            try:
+                w, ids = routes[0]
+                ref = quant.moe_forward_ref(xs[0], *rows[0], w, ids, h_dtype=torch.bfloat16)
+                gc.parity(tag, gc.rel(fn(xs[0], 0, w, ids), ref), 1.5e-2)
+                us = gc.time_graph(lambda i: fn(xs[i % 4], i % 2, *routes[i % 8]), 16)
+            except Exception as e:
+                gc.RESULTS["errors"][tag] = repr(e)[:400]
+                print(f"[error] {tag}: {e!r}"[:600], flush=True)
+                continue
+            gc.record(tag, us, bytes_=uniq * per_expert, note=f"{uniq:.0f} experts")
+        del layers
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--budget", type=float, default=240.0)
+    ap.add_argument("--tile-rows", default="", help="comma-separated tile heights: time qnext's kernels over each")
     args = ap.parse_args()
     gc.BUDGET = args.budget
     os.makedirs(args.out, exist_ok=True)
     gc.env()
+    if args.tile_rows:
+        try:
+            tile_sweep([int(t) for t in args.tile_rows.split(",")])
+        finally:
+            gc.write_results(args.out, "gpu_tile_sweep")
+        return
     from qnext.ops.triton_moe import fused_moe
     qlayers = [gc.make_layer("int4_128", s) for s in (1, 2)]
     per_expert = gc.expert_bytes(*qlayers[0])
