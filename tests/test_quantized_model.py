@@ -67,6 +67,29 @@ def test_quantized_experts_are_dequantized_experts(quant, group):
     assert rel(q(x, ids.long(), weights), plain(x, ids.long(), weights)) < 1e-6
 
 
+
+def test_int4_experts_tile_in_place(monkeypatch):
+    """Experts.tile_storage: nothing on the torch backend; with the Triton kernels behind it the same parameters
+    (same storage) hold the tiled layout, the outputs stay the same, and a second call changes nothing."""
+    import qnext.model.layers.moe as moe_layer
+    e, h, inter, m, k = 40, 128, 64, 9, 3                # 40 experts: two chunks of the in-place copy
+    q = Experts(e, h, inter, dtype=torch.float32, quant="int4", group_size=32)
+    for name, p in q.named_parameters():
+        fill_(name, p.data, seed=3)
+    q.gate_up_proj_scale.data.uniform_(0.002, 0.01)
+    x = torch.randn(m, h)
+    weights, ids = select_experts(torch.randn(m, e), k)
+    before, storage = q(x, ids.long(), weights), q.gate_up_proj.data_ptr()
+    q.tile_storage()
+    assert q.tile_rows == 0
+    monkeypatch.setattr(moe_layer, "resolve_backend", lambda backend, device: "triton")
+    q.tile_storage()
+    tiled = q.gate_up_proj.clone()
+    q.tile_storage()
+    assert q.tile_rows == moe_layer.INT4_TILE_ROWS and q.gate_up_proj.data_ptr() == storage
+    assert torch.equal(q.gate_up_proj, tiled)
+    assert torch.equal(q(x, ids.long(), weights), before)
+
 def test_synthetic_quantized_weights_have_the_plain_scale():
     model = fill_synthetic_(Qwen3NextForCausalLM(TINY, dtype=torch.float32, device="cpu", quantization="int4"))
     ex = model.model.layers[0].mlp.experts

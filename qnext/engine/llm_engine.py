@@ -73,6 +73,8 @@ class LLMEngine:
         self.model, self.model_config, self.engine_config = model, model_config, ec
         if hasattr(model, "stack_projections"):
             model.stack_projections()   # fewer, larger GEMVs per decode step; the weights are final here
+        if ec.max_num_seqs > 1 and hasattr(model, "tile_int4_experts"):
+            model.tile_int4_experts()   # batched decodes read int4 experts faster from tiles; batch 1 from rows
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.generation_config = dict(generation_config or {})
         self.model_path = model_path

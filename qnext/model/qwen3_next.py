@@ -105,6 +105,13 @@ class Qwen3NextForCausalLM(nn.Module):
             if m is not self and hasattr(m, "stack_projections"):
                 m.stack_projections()
 
+    def tile_int4_experts(self) -> None:
+        """int4 routed experts in tiled storage (Experts.tile_storage), for an engine that batches decodes; once
+        (an engine built later on the same model keeps the layout the first one chose)."""
+        for m in self.modules():
+            if hasattr(m, "tile_storage"):
+                m.tile_storage()
+
     def tie_weights(self) -> None:
         """tie_word_embeddings: one parameter under both names (named_parameters() lists only the embedding)."""
         if self.config.tie_word_embeddings:

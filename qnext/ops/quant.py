@@ -18,8 +18,10 @@ INT4 group (our own load-time format for `--quantization int4`; symmetric, no ze
     Tiled storage (tile_rows = T > 0; what the GPU kernels read, see tile_int4): the same arrays, shapes and codes,
     but each block of T rows stores its group g contiguously: byte j of row n's group g sits at
     ((n // T) * K/G + g) * (T * G/2) + (n % T) * G/2 + j of the matrix, scale (n, g) at ((n // T) * K/G + g) * T +
-    n % T. A kernel's K step over a block of rows then reads whole 4 KB tiles, not T runs of G/2 bytes 1 KB apart
-    (H100: the grouped decode MoE's loads alone run at 85% of the copy rate from tiles, 61% from rows).
+    n % T. A kernel's K step over a block of rows then reads runs of T * G/2 bytes, not runs of G/2 bytes 1 KB
+    apart (H100: the grouped decode MoE's loads alone run at 85% of the copy rate from 64-row tiles, 61% from rows);
+    a batch-1 GEMV reading one row's whole K pays for it (its row is no longer contiguous), so the engine tiles
+    only when it batches (LLMEngine).
 
 Everything here is plain torch (runs on CPU and GPU); the Triton kernels in triton_moe.py / triton_linear_fp8.py read
 exactly these layouts and are tested against dequantize() + the float32 reference below.
@@ -153,14 +155,10 @@ def quantize_int4_group(w: Tensor, group_size: int = 128, scale_dtype: torch.dty
                            group_size)
 
 
-# Rows per tile of the tiled int4 storage: the largest of these dividing every row count the kernels split at.
-INT4_TILE_ROWS = (64, 32, 16)
-
-
-def int4_tile_rows(*row_counts: int) -> int:
-    """The tile height for weights whose row blocks start at multiples of every count (w13: the gate/up boundary
-    I; w2: H); 0 (rows) when none fits."""
-    return next((t for t in INT4_TILE_ROWS if all(n % t == 0 for n in row_counts)), 0)
+# Rows per tile of the tiled int4 storage the engine uses (H100, scripts/gpu_grouped_probe.py --tile-rows: the
+# grouped decode MoE at 32 tokens 161.9 us over tiles of 4 rows, 166.1 / 167.5 / 166.8 over 8 / 16 / 64, 213.6 over
+# rows; 256-byte runs are enough for the memory system).
+INT4_TILE_ROWS = 4
 
 
 def _retile(q: Int4GroupWeight, tile_rows: int, to_tiles: bool) -> Int4GroupWeight:

@@ -4,8 +4,8 @@ MoE: p = softmax(router logits) in float32, top-k, renormalised when norm_topk_p
 y = sum_e p_e * down_e(silu(gate_e x) * up_e x) + sigmoid(x . w_sg) * shared(x).
 Routed experts are fused as in transformers: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I],
 resident as plain tensors, FP8 blocks (+ `<name>_scale_inv` [E, ceil(N/128), ceil(K/128)] float32) or int4 groups
-(packed uint8 [E, N, K/2] + `<name>_scale` [E, N, K/group] bf16, tiled in place for the GPU kernels once the
-weights are final; layouts in qnext.ops.quant). The expert math is
+(packed uint8 [E, N, K/2] + `<name>_scale` [E, N, K/group] bf16, tiled in place for the GPU kernels by an engine
+that batches; layouts in qnext.ops.quant). The expert math is
 the "fused_moe" op: Triton (GEMV for decode, grouped GEMM for prefill; no host sync) on CUDA, torch reference on CPU.
 """
 
@@ -19,7 +19,7 @@ from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, m
                                       split_stacked, stack_projections)
 from qnext.model.side_stream import SideBranch
 from qnext.ops.norm import MoeCombine
-from qnext.ops.quant import (FP8_BLOCK, FP8_DTYPE, Fp8BlockWeight, Int4GroupWeight, QuantWeight, int4_tile_rows,
+from qnext.ops.quant import (FP8_BLOCK, FP8_DTYPE, INT4_TILE_ROWS, Fp8BlockWeight, Int4GroupWeight, QuantWeight,
                              tile_int4)
 from qnext.ops.registry import get_op, resolve_backend
 
@@ -61,7 +61,7 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts, self.quant, self.group_size = num_experts, quant, group_size
         self.ops_backend = ops_backend
-        self.tile_rows = 0             # int4 storage: rows until stack_projections() tiles it for the GPU kernels
+        self.tile_rows = 0             # int4 storage: rows until tile_storage()
         for name, (n, k) in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
             if quant is None:
                 setattr(self, name, empty_param(num_experts, n, k, dtype=dtype, device=device))
@@ -91,15 +91,14 @@ class Experts(nn.Module):
                     Int4GroupWeight(self.down_proj, self.down_proj_scale, self.group_size, self.tile_rows))
         return self.gate_up_proj, self.down_proj
 
-    def stack_projections(self) -> None:
-        """Once the weights are final (see the model's stack_projections): int4 experts that the Triton kernels
-        serve move to tiled storage in place (qnext.ops.quant.tile_int4: a kernel's K step then reads whole tiles;
-        the grouped decode MoE 17% faster on the H100), a few experts at a time so no second copy is held."""
-        if self.quant != "int4" or self.tile_rows or resolve_backend(self.ops_backend,
-                                                                     self.gate_up_proj.device) != "triton":
-            return
-        tile_rows = int4_tile_rows(self.gate_up_proj.shape[1] // 2, self.down_proj.shape[1])
-        if not tile_rows:
+    def tile_storage(self) -> None:
+        """int4 experts that the Triton kernels serve move to tiled storage in place (qnext.ops.quant, tile_int4:
+        the grouped decode MoE reads whole tiles, ~20% faster on the H100; the batch-1 GEMV ~10% slower), a few
+        experts at a time so no second copy is held. Once; nothing for other formats, devices or widths."""
+        tile_rows = INT4_TILE_ROWS
+        if (self.quant != "int4" or self.tile_rows or self.gate_up_proj.shape[1] % (2 * tile_rows)
+                or self.down_proj.shape[1] % tile_rows
+                or resolve_backend(self.ops_backend, self.gate_up_proj.device) != "triton"):
             return
         for name in ("gate_up_proj", "down_proj"):
             data, scale = getattr(self, name).data, getattr(self, name + "_scale").data
