@@ -177,18 +177,13 @@ def kernels_apart(name, fn, args_at) -> None:
               f"({len(gu)}/{len(dn)} events)", flush=True)
 
 
-# grouped tiles with several K steps per pipeline stage (their loads issue together)
-GPS_CASES = [dict(gps=4), dict(gps=2), dict(gps=4, gps2=4, stages=2), dict(gps=4, gps2=1), dict(gps=2, stages=4)]
-
-
 def tile_sweep(heights: list[int]) -> None:
     from qnext.ops.triton_moe import fused_moe
     rows = [quant.untile_int4(w) for w in gc.make_layer("int4_128", 1)], \
         [quant.untile_int4(w) for w in gc.make_layer("int4_128", 2)]
     per_expert = gc.expert_bytes(*rows[0])
     cases = [(1, "gemv", None), (1, "gemv", dict(mbm1=2)), (1, "gemv", dict(mbm1=4, mw1=2)), (32, "grouped", None),
-             (8, "grouped", None), (64, "grouped", None)] + [
-        (m, "grouped", cfg) for m in (32, 8, 64) for cfg in GPS_CASES]
+             (8, "grouped", None), (64, "grouped", None)]
     for t in heights:
         layers = rows if t == 0 else [tuple(quant.tile_int4(w, t) for w in layer) for layer in rows]
         for m, path, cfg in cases:

@@ -34,9 +34,9 @@ Tensor = torch.Tensor
 # were both slower, see docs/perf-notes.md). int4 over tiled storage (scripts/gpu_grouped_probe.py, H100): 3 stages
 # over 4 by 3-5% at 8-64 tokens (over rows the H200 had preferred 4 by 2%); gate_up BN 128 7% slower.
 GROUPED_DEFAULTS = {
-    BF16: dict(bk=64, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3, gps=1, gps2=1),
-    FP8: dict(bk=128, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3, gps=1, gps2=1),
-    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=3, gps=1, gps2=1),
+    BF16: dict(bk=64, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
+    FP8: dict(bk=128, bn=32, warps=4, stages=3, bn2=64, warps2=4, stages2=3),
+    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=3),
 }
 BM = 16
 # The grouping kernel sorts all P keys in one program.
@@ -121,7 +121,7 @@ def _moe_grouped_kernel(
     N, K, TOPK,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    TR: tl.constexpr = 0, GPS: tl.constexpr = 1, PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (slots, N / BN): slot s's expert, rows [r0, r0 + BN), times its (at most BM) pairs; programs past the
     used slots return at once.
@@ -144,13 +144,11 @@ def _moe_grouped_kernel(
     sb = s_ptr + e * stride_se
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK * GPS):               # GPS tiles per pipeline stage: their loads issue together
-        for j in tl.static_range(GPS):
-            kj = k0 + j * BK
-            xa, xb = _acts(a_rows, mvalid, kj, K, KIND, BK)
-            acc += _weight_part(xa, xb, wb, sb, r0, kj, K, stride_wn, stride_sn, KIND, BN, BK, TR)
-            if GATE_UP:
-                acc2 += _weight_part(xa, xb, wb, sb, N + r0, kj, K, stride_wn, stride_sn, KIND, BN, BK, TR)
+    for k0 in range(0, K, BK):
+        xa, xb = _acts(a_rows, mvalid, k0, K, KIND, BK)
+        acc += _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND, BN, BK, TR)
+        if GATE_UP:
+            acc2 += _weight_part(xa, xb, wb, sb, N + r0, k0, K, stride_wn, stride_sn, KIND, BN, BK, TR)
     optrs = out_ptr + pair[:, None] * stride_om + (r0 + tl.arange(0, BN))[None, :]
     if GATE_UP:
         tl.store(optrs, (acc * tl.sigmoid(acc) * acc2).to(out_ptr.dtype.element_ty), mask=mvalid[:, None])
@@ -182,7 +180,7 @@ def group_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Ten
 
 
 def _launch(a, w: KernelWeight, out, groups, tw, n: int, top_k: int, gate_up: bool, bn: int, bk: int, warps: int,
-            stages: int, gps: int = 1) -> None:
+            stages: int) -> None:
     """One grouped GEMM: out = silu(gate) * up of a's rows (gate_up) or tw * (a's rows times w). The tile's BN
     rows are halved until they divide N (the kernel has no row masks)."""
     slot_e, slot_cnt, slot_pairs, used = groups
@@ -193,15 +191,8 @@ def _launch(a, w: KernelWeight, out, groups, tw, n: int, top_k: int, gate_up: bo
     _moe_grouped_kernel[(slot_e.shape[0], n // bn)](
         a, w.data, w.scale, out, slot_e, slot_cnt, slot_pairs, used, tw, n, w.k, top_k,
         a.stride(0), w.data.stride(0), w.data.stride(1), w.scale.stride(0), w.scale.stride(1), out.stride(0),
-        KIND=w.kind, GATE_UP=gate_up, BM=BM, BN=bn, BK=bk, TR=w.tile_rows, GPS=gps, num_warps=warps, num_stages=stages,
+        KIND=w.kind, GATE_UP=gate_up, BM=BM, BN=bn, BK=bk, TR=w.tile_rows, num_warps=warps, num_stages=stages,
         **pdl_launch())
-
-
-def _steps_together(gps: int, k: int, bk: int) -> int:
-    """K steps per pipeline stage: gps, halved until the stage divides K (int4 steps have no K mask)."""
-    while gps > 1 and k % (bk * gps):
-        gps //= 2
-    return gps
 
 
 def moe_grouped(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
@@ -213,9 +204,7 @@ def moe_grouped(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Te
     groups = group_pairs(topk_ids, w13.data.shape[0])
     tw = topk_weights.reshape(-1).contiguous()
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    _launch(x, w13, h, groups, tw, inter, top_k, True, cfg["bn"], cfg["bk"], cfg["warps"], cfg["stages"],
-            _steps_together(cfg["gps"], w13.k, cfg["bk"]))
+    _launch(x, w13, h, groups, tw, inter, top_k, True, cfg["bn"], cfg["bk"], cfg["warps"], cfg["stages"])
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
-    _launch(h, w2, y, groups, tw, hidden, top_k, False, cfg["bn2"], cfg["bk"], cfg["warps2"], cfg["stages2"],
-            _steps_together(cfg["gps2"], w2.k, cfg["bk"]))
+    _launch(h, w2, y, groups, tw, hidden, top_k, False, cfg["bn2"], cfg["bk"], cfg["warps2"], cfg["stages2"])
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)
