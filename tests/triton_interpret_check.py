@@ -248,7 +248,7 @@ def moe_checks() -> dict:
     group_pairs against a torch grouping. fp16
     activations: this interpreter's tl.dot is wrong for bf16 operands (a plain 16x16 bf16 dot is off by 1e10),
     right for fp16 and float32."""
-    from qnext.ops.quant import quantize_fp8_block, quantize_int4_group, tile_int4
+    from qnext.ops.quant import INT4_TILE_ROWS, quantize_fp8_block, quantize_int4_group, tile_int4
     from qnext.ops.triton_moe import fused_moe
     from qnext.ops.triton_moe_grouped import group_pairs
 
@@ -256,7 +256,7 @@ def moe_checks() -> dict:
     w13f, w2f = torch.randn(e, 2 * inter, h) / 16, torch.randn(e, h, inter) / 16
     int4 = quantize_int4_group(w13f, 128), quantize_int4_group(w2f, 128)
     formats = {"fp16": (w13f.half(), w2f.half(), w13f, w2f), "int4": int4,
-               "int4 tiles": (tile_int4(int4[0], 64), tile_int4(int4[1], 64), *int4),    # the reference: rows
+               "int4 tiles": (tile_int4(int4[0], INT4_TILE_ROWS), tile_int4(int4[1], INT4_TILE_ROWS), *int4),
                "fp8": (quantize_fp8_block(w13f), quantize_fp8_block(w2f))}
     out = {}
     for name, ws in formats.items():
