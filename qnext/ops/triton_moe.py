@@ -2,7 +2,8 @@
 
 Weights (any of the three formats in qnext.ops.quant, the same format for both):
     w13 [E, 2I, H] (gate rows first, as transformers fuses them), w2 [E, H, I]
-    bf16/fp16 tensors | Fp8BlockWeight (e4m3 + 128x128 scale_inv) | Int4GroupWeight (packed nibbles + bf16 scales)
+    bf16/fp16 tensors | Fp8BlockWeight (e4m3 + 128x128 scale_inv) | Int4GroupWeight (packed nibbles + bf16 scales,
+    stored in rows or in tiles of a few rows; every int4 kernel reads both, see triton_moe_weights.py)
 Routing: topk_ids [M, k] (int32/int64), topk_weights [M, k] float32 (already renormalised).
 Reference: qnext.ops.quant.moe_forward_ref (float32 over dequantized weights).
 Files: this one (fused_moe, the path choice), triton_moe_gemv.py, triton_moe_grouped.py, triton_moe_sorted.py,
