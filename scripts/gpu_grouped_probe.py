@@ -179,8 +179,7 @@ def kernels_apart(name, fn, args_at) -> None:
 
 def tile_sweep(heights: list[int]) -> None:
     from qnext.ops.triton_moe import fused_moe
-    rows = [quant.untile_int4(w) for w in gc.make_layer("int4_128", 1)], \
-        [quant.untile_int4(w) for w in gc.make_layer("int4_128", 2)]
+    rows = [tuple(quant.untile_int4(w) for w in gc.make_layer("int4_128", seed)) for seed in (1, 2)]
     per_expert = gc.expert_bytes(*rows[0])
     cases = [(1, "gemv", None), (1, "gemv", dict(mbm1=2)), (1, "gemv", dict(mbm1=4, mw1=2)), (32, "grouped", None),
              (8, "grouped", None), (64, "grouped", None)]
