@@ -162,15 +162,14 @@ INT4_TILE_ROWS = 4
 
 
 def _retile(q: Int4GroupWeight, tile_rows: int, to_tiles: bool) -> Int4GroupWeight:
-    t = tile_rows
+    """Rows [..., N/T, T, groups, G/2] <-> tiles [..., N/T, groups, T, G/2] (scales likewise without G/2): one swap
+    of the two middle axes either way, read from the layout q is in."""
+    t, lead = tile_rows, q.qweight.shape[:-2]
     n, groups, gb = q.qweight.shape[-2], q.scale.shape[-1], q.group_size // 2
-    d = q.qweight.unflatten(-2, (n // t, t)).unflatten(-1, (groups, gb))           # [..., N/T, T, groups, G/2]
-    s = q.scale.unflatten(-2, (n // t, t))                                          # [..., N/T, T, groups]
-    if not to_tiles:                                   # the storage holds [..., N/T, groups, T, ...]: read it so
-        d = d.reshape(*d.shape[:-4], n // t, groups, t, gb)
-        s = s.reshape(*s.shape[:-3], n // t, groups, t)
-    d = d.transpose(-3, -2).contiguous().view(q.qweight.shape)
-    s = s.transpose(-2, -1).contiguous().view(q.scale.shape)
+    d_src, s_src = ((n // t, t, groups, gb), (n // t, t, groups)) if to_tiles else \
+        ((n // t, groups, t, gb), (n // t, groups, t))
+    d = q.qweight.reshape(*lead, *d_src).transpose(-3, -2).contiguous().view(q.qweight.shape)
+    s = q.scale.reshape(*lead, *s_src).transpose(-2, -1).contiguous().view(q.scale.shape)
     return Int4GroupWeight(d, s, q.group_size, t if to_tiles else 0)
 
 
