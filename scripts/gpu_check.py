@@ -181,7 +181,7 @@ def make_layer(kind: str, gen_seed: int):
         return w13, w2
     if kind == "fp8":
         out = quant.quantize_fp8_block(w13), quant.quantize_fp8_block(w2)
-    else:                                       # int4 in the tiled storage the engine gives the GPU kernels
+    else:                                       # int4 in the tiled storage of an engine that batches
         g, t = int(kind.split("_")[1]), quant.INT4_TILE_ROWS
         out = tuple(quant.tile_int4(quant.quantize_int4_group(w, g), t) for w in (w13, w2))
     del w13, w2

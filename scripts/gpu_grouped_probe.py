@@ -37,7 +37,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 import gpu_check as gc  # noqa: E402
 from qnext.ops import quant  # noqa: E402
-from qnext.ops.triton_moe_grouped import BM, group_pairs  # noqa: E402
+from qnext.ops.triton_moe_grouped import BM, group_pairs, slot_rows  # noqa: E402
 from qnext.ops.triton_moe_weights import int4_dq  # noqa: E402
 
 
@@ -69,14 +69,8 @@ def _probe_kernel(a_ptr, w_ptr, s_ptr, out_ptr, slot_e_ptr, slot_cnt_ptr, slot_p
     r0 = tl.program_id(1) * BN
     if s >= tl.load(used_ptr):
         return
-    e = tl.load(slot_e_ptr + s).to(tl.int64)
-    r = tl.arange(0, BM)
-    mvalid = r < tl.load(slot_cnt_ptr + s)
-    pair = tl.load(slot_pairs_ptr + s * BM + r, mask=mvalid, other=0).to(tl.int64)
-    if GATE_UP:
-        a_rows = a_ptr + (pair // TOPK) * stride_am
-    else:
-        a_rows = a_ptr + pair * stride_am
+    e, mvalid, pair, a_rows = slot_rows(a_ptr, slot_e_ptr, slot_cnt_ptr, slot_pairs_ptr, s, TOPK, stride_am,
+                                        GATE_UP, BM)
     wb = w_ptr + e * stride_we
     sb = s_ptr + e * stride_se
     acc = tl.zeros([BM, BN], dtype=tl.float32)

@@ -116,6 +116,22 @@ def _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND: tl.const
 
 
 @triton.jit
+def slot_rows(a_ptr, slot_e_ptr, slot_cnt_ptr, slot_pairs_ptr, s, TOPK, stride_am, GATE_UP: tl.constexpr,
+              BM: tl.constexpr):
+    """Slot s of group_pairs -> (its expert int64, which of its BM rows hold a pair [BM], the pairs [BM] int64,
+    each row's activation pointer [BM]: x by token (pair // TOPK) for gate_up, h by pair for down)."""
+    e = tl.load(slot_e_ptr + s).to(tl.int64)
+    r = tl.arange(0, BM)
+    mvalid = r < tl.load(slot_cnt_ptr + s)
+    pair = tl.load(slot_pairs_ptr + s * BM + r, mask=mvalid, other=0).to(tl.int64)
+    if GATE_UP:
+        a_rows = a_ptr + (pair // TOPK) * stride_am
+    else:
+        a_rows = a_ptr + pair * stride_am
+    return e, mvalid, pair, a_rows
+
+
+@triton.jit
 def _moe_grouped_kernel(
     a_ptr, w_ptr, s_ptr, out_ptr, slot_e_ptr, slot_cnt_ptr, slot_pairs_ptr, used_ptr, tw_ptr,
     N, K, TOPK,
@@ -132,14 +148,8 @@ def _moe_grouped_kernel(
     r0 = tl.program_id(1) * BN
     if s >= tl.load(used_ptr):
         return
-    e = tl.load(slot_e_ptr + s).to(tl.int64)
-    r = tl.arange(0, BM)
-    mvalid = r < tl.load(slot_cnt_ptr + s)
-    pair = tl.load(slot_pairs_ptr + s * BM + r, mask=mvalid, other=0).to(tl.int64)
-    if GATE_UP:
-        a_rows = a_ptr + (pair // TOPK) * stride_am
-    else:
-        a_rows = a_ptr + pair * stride_am
+    e, mvalid, pair, a_rows = slot_rows(a_ptr, slot_e_ptr, slot_cnt_ptr, slot_pairs_ptr, s, TOPK, stride_am,
+                                        GATE_UP, BM)
     wb = w_ptr + e * stride_we
     sb = s_ptr + e * stride_se
     acc = tl.zeros([BM, BN], dtype=tl.float32)
