@@ -28,11 +28,11 @@ from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa
 from qnext.ops import quant  # noqa: E402
 from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
-# sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands) against its former
-# defaults (unswapped, bn 32) and variants; fp8's (unswapped) against swapped operands
-SORTED = {"int4_128": [None, dict(bm=128), dict(bm=128, warps=8, warps2=8), dict(bm=128, bn=128, warps=8, warps2=8),
-                       dict(bn=128, warps=8), dict(bn2=256, warps2=8), dict(stages=4), dict(stages=2, stages2=3),
-                       dict(bm=128, warps=8, warps2=8, stages=4)],
+# sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands) against the two-byte
+# dequant (dq_pairs), and tile variants; fp8's (unswapped) against swapped operands
+SORTED = {"int4_128": [None, dict(dq_pairs=True), dict(bm=128), dict(bm=128, warps=8, warps2=8),
+                       dict(bm=128, bn=128, warps=8, warps2=8), dict(bn=128, warps=8), dict(bn2=256, warps2=8),
+                       dict(stages=4), dict(stages=2, stages2=3), dict(bm=128, warps=8, warps2=8, stages=4)],
           "fp8": [None, dict(swap=True, swap2=True), dict(swap=True), dict(swap2=True),
                   dict(swap=True, swap2=True, stages=4), dict(swap=True, swap2=True, bn=128, warps=8)]}
 SIZES = (16384, 8192, 2048)     # tokens timed per config (a 16K-token step holds two 8K prompts)

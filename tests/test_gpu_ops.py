@@ -145,6 +145,23 @@ def test_fused_moe(kind, path, m, e, k):
 
 
 @cuda_only
+@pytest.mark.parametrize("kind", ["int4_32", "int4_128", "int4_128_tiles"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moe_sorted_dq_pairs(kind, dtype):
+    """The prefill MoE's swapped int4 tiles dequantizing two bytes at a time (config dq_pairs) against the
+    reference, and equal to the default four-byte dequantization (the same values reach the same dots)."""
+    from qnext.ops.triton_moe import fused_moe
+    torch.manual_seed(5)
+    w13, w2 = _moe_weights(kind, 12, 384, 256)
+    x = torch.randn(300, 384, device="cuda").to(dtype)
+    weights, ids = select_experts(torch.randn(300, 12, device="cuda"), 4)
+    ref = moe_forward_ref(x, w13, w2, weights, ids, h_dtype=dtype)
+    out = fused_moe(x, w13, w2, weights, ids, path="sorted", config={"dq_pairs": True})
+    assert rel(out, ref) < 1.5e-2
+    assert torch.equal(out, fused_moe(x, w13, w2, weights, ids, path="sorted"))
+
+
+@cuda_only
 @pytest.mark.parametrize("kind", ["int4_32", "int4_128", "int4_128_tiles", "fp8"])
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs at k = 4: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
@@ -164,24 +181,25 @@ def test_fused_moe_gemv_variants(kind, m, config):
 
 
 @cuda_only
-def test_int4_dequant_asm_matches_arith():
-    """The inline-PTX int4 dequantization (int4_dq's default) gives exactly the Triton-language version's values,
-    for every byte and both 16-bit types."""
+@pytest.mark.parametrize("pairs", [False, True])
+def test_int4_dequant_asm_matches_arith(pairs):
+    """The inline-PTX int4 dequantization (int4_dq's default; four bytes at a time, or two with PAIRS) gives
+    exactly the Triton-language version's values, for every byte and both 16-bit types."""
     import triton
     import triton.language as tl
     from qnext.ops import triton_moe_weights as tw
 
     @triton.jit
-    def dq(p_ptr, lo_ptr, hi_ptr, DT: tl.constexpr):
+    def dq(p_ptr, lo_ptr, hi_ptr, DT: tl.constexpr, PAIRS: tl.constexpr):
         i = tl.arange(0, 256)
-        lo, hi = tw.int4_dq(tl.load(p_ptr + i), DT)
+        lo, hi = tw.int4_dq(tl.load(p_ptr + i), DT, PAIRS)
         tl.store(lo_ptr + i, lo)
         tl.store(hi_ptr + i, hi)
 
     p = torch.arange(256, dtype=torch.uint8, device="cuda")
     for dt in (torch.bfloat16, torch.float16):
         lo, hi = torch.empty(256, dtype=dt, device="cuda"), torch.empty(256, dtype=dt, device="cuda")
-        dq[(1,)](p, lo, hi, DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16)
+        dq[(1,)](p, lo, hi, DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16, PAIRS=pairs)
         want_lo = (p.long() & 0xF) - 8
         want_hi = (p.long() >> 4) - 8
         assert torch.equal(lo.float(), want_lo.float()) and torch.equal(hi.float(), want_hi.float()), dt

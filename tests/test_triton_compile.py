@@ -137,3 +137,23 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     for name in PDL_KERNELS:
         for ptx in compiled[name]:
             assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sorted_int4_pair_dequant_compiles_for_hopper(compiled, dtype):
+    """The prefill MoE's swapped int4 tiles with dq_pairs (int4_dq's two-byte inline PTX): the PTX assembles for
+    sm_90 and holds the two-byte dequant; without it the four-byte one. Its values are a GPU test
+    (tests/test_gpu_ops.py: test_int4_dequant_asm_matches_arith, test_fused_moe_sorted_dq_pairs)."""
+    from qnext.ops.quant import quantize_int4_group
+    from qnext.ops.triton_moe import fused_moe
+    m, e, h, inter = 64, 8, 256, 128
+    w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
+    w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)
+    ids = torch.stack([torch.randperm(e)[:4] for _ in range(m)])
+    x = torch.randn(m, h).to(dtype)
+    fused_moe(x, w13, w2, torch.rand(m, 4), ids, path="sorted", config={"dq_pairs": True})
+    paired = compiled.pop("_moe_dot_kernel")
+    fused_moe(x, w13, w2, torch.rand(m, 4), ids, path="sorted")
+    plain = compiled.pop("_moe_dot_kernel")
+    assert len(paired) == len(plain) == 2                     # gate_up and down
+    assert all("0x4140" in ptx for ptx in paired) and not any("0x4140" in ptx for ptx in plain)   # its prmt

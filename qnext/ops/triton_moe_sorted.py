@@ -22,8 +22,10 @@ SORTED_DEFAULTS = {
     # gate_up swapped gained nothing)
     FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=False, swap2=True),
     # int4: swapped operands (see _tile_swapped) on both GEMMs, 3.4 vs 4.6 ms at 8K tokens (H100 sweep,
-    # scripts/gpu_moe_prefill_sweep.py)
-    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=True, swap2=True),
+    # scripts/gpu_moe_prefill_sweep.py). dq_pairs: the swapped tiles dequantize two bytes at a time (int4_dq's
+    # PAIRS: offline 595 -> 483 instructions per gate_up K step); off until a GPU run has checked and timed it.
+    INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=True, swap2=True,
+               dq_pairs=False),
 }
 
 
@@ -108,12 +110,12 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
 @triton.jit
 def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, stride_sn,
                   KIND: tl.constexpr, GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  TR: tl.constexpr):
+                  TR: tl.constexpr, DQ_PAIRS: tl.constexpr = False):
     """_expert_tile for int4 (KIND 2) or fp8 block (KIND 1) weights with the MMA operands swapped ("swap-AB"):
     acc^T [BN, BM] += W [BN, BK] x A^T [BK, BM]. The dequantized weight tile is the MMA's first operand, which
     Hopper's wgmma reads from registers (the normal order must stage it through shared memory), and the expert's
-    tokens are its N, which may be small. a_rows: [BM] pointers to the activation rows. Returns (acc, acc2)
-    [BM, BN] like _expert_tile."""
+    tokens are its N, which may be small. a_rows: [BM] pointers to the activation rows; DQ_PAIRS: int4_dq's
+    PAIRS. Returns (acc, acc2) [BM, BN] like _expert_tile."""
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
     if KIND == 2:
@@ -125,13 +127,13 @@ def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, s
             sg = int4_scale_group_offsets(k0 // BK, TR)
             p = tl.load(wb + int4_row_offsets(rows, stride_wn, TR, BK // 2)[:, None] + pk[None, :],
                         mask=nmask[:, None], other=0)                                               # [BN, BK/2]
-            lo, hi = int4_dq(p, a_e.dtype)
+            lo, hi = int4_dq(p, a_e.dtype, DQ_PAIRS)
             sc = tl.load(sb + int4_scale_row_offsets(rows, stride_sn, TR) + sg, mask=nmask, other=0)
             acc += (tl.dot(lo, a_e) + tl.dot(hi, a_o)) * sc.to(tl.float32)[:, None]
             if GATE_UP:
                 p2 = tl.load(wb + int4_row_offsets(rows + N, stride_wn, TR, BK // 2)[:, None] + pk[None, :],
                              mask=nmask[:, None], other=0)
-                lo2, hi2 = int4_dq(p2, a_e.dtype)
+                lo2, hi2 = int4_dq(p2, a_e.dtype, DQ_PAIRS)
                 sc2 = tl.load(sb + int4_scale_row_offsets(rows + N, stride_sn, TR) + sg, mask=nmask, other=0)
                 acc2 += (tl.dot(lo2, a_e) + tl.dot(hi2, a_o)) * sc2.to(tl.float32)[:, None]
     else:
@@ -159,6 +161,7 @@ def _moe_dot_kernel(
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, GATE_UP: tl.constexpr, A_SORTED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, TR: tl.constexpr = 0,
+    DQ_PAIRS: tl.constexpr = False,
 ):
     """grid (NB, cdiv(N, BN)); block pid_m holds BM pairs of expert e = block_e[pid_m].
     GATE_UP: a = x gathered by token (pair // TOPK), out = h [NB*BM, N] in sorted order, h = silu(gate) * up with
@@ -181,7 +184,8 @@ def _moe_dot_kernel(
     nmask = rows < N
     if SWAP:   # int4 / fp8
         acc, acc2 = _tile_swapped(a_ptr + arow * stride_am, mvalid, w_ptr + e * stride_we, s_ptr + e * stride_se,
-                                  rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK, TR)
+                                  rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND, GATE_UP, BM, BN, BK, TR,
+                                  DQ_PAIRS)
     else:
         acc, acc2 = _expert_tile(a_ptr + arow[:, None] * stride_am, mvalid, w_ptr + e * stride_we,
                                  s_ptr + e * stride_se, rows, nmask, pid_n, N, K, stride_wn, stride_sn, KIND,
@@ -231,12 +235,14 @@ def moe_sorted(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Ten
         inter, w13.k, p, top_k, experts,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
         KIND=w13.kind, GATE_UP=True, A_SORTED=False, BM=bm, BN=cfg["bn"], BK=cfg["bk"],
-        SWAP=cfg.get("swap", False), TR=w13.tile_rows, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        SWAP=cfg.get("swap", False), TR=w13.tile_rows, DQ_PAIRS=cfg.get("dq_pairs", False), num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     _moe_dot_kernel[(nb, triton.cdiv(hidden, cfg["bn2"]))](
         h, w2.data, w2.scale, y, sorted_pairs, block_expert, tw,
         hidden, w2.k, p, top_k, experts,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
         KIND=w2.kind, GATE_UP=False, A_SORTED=True, BM=bm, BN=cfg["bn2"], BK=cfg["bk"],
-        SWAP=cfg.get("swap2", False), TR=w2.tile_rows, num_warps=cfg["warps2"], num_stages=cfg["stages2"])
+        SWAP=cfg.get("swap2", False), TR=w2.tile_rows, DQ_PAIRS=cfg.get("dq_pairs", False),
+        num_warps=cfg["warps2"], num_stages=cfg["stages2"])
     return y.view(m, top_k, hidden).sum(dim=1) if reduce else y.view(m, top_k, hidden)

@@ -124,14 +124,45 @@ _DQ_ASM_BF16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3F803F80", bias=
 _DQ_ASM_FP16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400",
                                                          ty="f16"))
 
+# The same for two bytes (a 16-bit input: pack=2), 7 instructions per 4 values: prmt spreads bytes 0 and 1 into the
+# two 16-bit halves (zeros above them), then one lop3 / fma per half as above. Output registers: $0 low nibbles, $1
+# high nibbles, each a (byte 0, byte 1) pair. Where Triton feeds int4_dq from shared memory in the MMA's register
+# operand layout (the sorted path's swapped tiles: each thread holds pairs of consecutive bytes, loaded 16 bits at
+# a time), the 4-byte version made it assemble words first and split them again (offline SASS, sorted int4 gate_up
+# at 8K tokens: 595 -> 483 instructions per K step, PRMT 148 -> 36); elsewhere (the grouped decode kernel: 396 ->
+# 529) the 4-byte version is the right one, hence a choice per call site (int4_dq's PAIRS).
+_DQ2_ASM = """{{
+.reg .b32 t, one, bias;
+mov.b32 one, {one};
+mov.b32 bias, {bias};
+cvt.u32.u16 t, $2;
+prmt.b32 t, t, 0, 0x4140;
+lop3.b32 $0, t, 0x000F000F, {magic}, 0xEA;
+shr.u32 t, t, 4;
+lop3.b32 $1, t, 0x000F000F, {magic}, 0xEA;
+fma.rn.{ty}x2 $0, $0, one, bias;
+fma.rn.{ty}x2 $1, $1, one, bias;
+}}"""
+_DQ2_ASM_BF16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300",
+                                                           ty="bf16"))
+_DQ2_ASM_FP16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400",
+                                                           ty="f16"))
+
 
 @triton.jit
-def int4_dq(p, DT: tl.constexpr):
+def int4_dq(p, DT: tl.constexpr, PAIRS: tl.constexpr = False):
     """uint8 tile -> (low, high) nibbles as q - 8 in DT (bf16 or fp16) without int->float converts (those run at
     quarter rate): the bf16 with bits 0x4300 | q is 128 + q exactly (fp16: 0x6400 | q is 1024 + q), and the
-    subtraction is exact. INT4_DQ_ASM: four bytes at a time in inline PTX (see _DQ_ASM); else Triton ops (packed
-    HADD2 on sm90)."""
-    if INT4_DQ_ASM:
+    subtraction is exact. INT4_DQ_ASM: four bytes at a time in inline PTX (see _DQ_ASM), or two with PAIRS (see
+    _DQ2_ASM); else Triton ops (packed HADD2 on sm90)."""
+    if INT4_DQ_ASM and PAIRS:
+        if DT == tl.float16:
+            lo, hi = tl.inline_asm_elementwise(_DQ2_ASM_FP16, "=r,=r,h", [p], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=2)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_DQ2_ASM_BF16, "=r,=r,h", [p], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=2)
+    elif INT4_DQ_ASM:
         if DT == tl.float16:
             lo, hi = tl.inline_asm_elementwise(_DQ_ASM_FP16, "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16),
                                                is_pure=True, pack=4)
