@@ -119,10 +119,11 @@ fma.rn.{ty}x2 $1, $1, one, bias;
 fma.rn.{ty}x2 $2, $2, one, bias;
 fma.rn.{ty}x2 $3, $3, one, bias;
 }}"""
-_DQ_ASM_BF16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300",
-                                                         ty="bf16"))
-_DQ_ASM_FP16: tl.constexpr = tl.constexpr(_DQ_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400",
-                                                         ty="f16"))
+# Per 16-bit type: 1.0 x2, -136 x2 (fp16: -1032), the exponent ORed in, the PTX type.
+_DQ_BF16 = dict(one="0x3F803F80", bias="0xC308C308", magic="0x43004300", ty="bf16")
+_DQ_FP16 = dict(one="0x3C003C00", bias="0xE408E408", magic="0x64006400", ty="f16")
+_DQ_ASM_BF16: tl.constexpr = tl.constexpr(_DQ_ASM.format(**_DQ_BF16))
+_DQ_ASM_FP16: tl.constexpr = tl.constexpr(_DQ_ASM.format(**_DQ_FP16))
 
 # The same for two bytes (a 16-bit input: pack=2), 7 instructions per 4 values: prmt spreads bytes 0 and 1 into the
 # two 16-bit halves (zeros above them), then one lop3 / fma per half as above. Output registers: $0 low nibbles, $1
@@ -143,10 +144,8 @@ lop3.b32 $1, t, 0x000F000F, {magic}, 0xEA;
 fma.rn.{ty}x2 $0, $0, one, bias;
 fma.rn.{ty}x2 $1, $1, one, bias;
 }}"""
-_DQ2_ASM_BF16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(one="0x3F803F80", bias="0xC308C308", magic="0x43004300",
-                                                           ty="bf16"))
-_DQ2_ASM_FP16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(one="0x3C003C00", bias="0xE408E408", magic="0x64006400",
-                                                           ty="f16"))
+_DQ2_ASM_BF16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(**_DQ_BF16))
+_DQ2_ASM_FP16: tl.constexpr = tl.constexpr(_DQ2_ASM.format(**_DQ_FP16))
 
 
 @triton.jit
