@@ -414,6 +414,14 @@ def conv_section() -> None:
         us = time_events(lambda i, run=run: causal_conv1d_prefill_(xq, w, work, slots, init, cu, x_cols=cols,
                                                                    x_cols_run=run, seq_index=seq), iters=9)
         record(f"conv prefill T=8192 C=8192 column map, run {run}", us, bytes_=2 * t * CONV * 2)
+    for bt, warps in ((16, 4), (64, 4), (64, 8), (128, 8)):       # tiles of the GDN layer's call (default 32, 4)
+        y = causal_conv1d_prefill_(xq, w, cache.clone(), slots, init, cu, x_cols=cols, x_cols_run=gdn.qkv_run,
+                                   bt=bt, warps=warps)
+        parity(f"conv prefill column runs bt {bt} warps {warps}", rel(y, ref_y), 1e-2)
+        us = time_events(lambda i: causal_conv1d_prefill_(xq, w, work, slots, init, cu, x_cols=cols, bt=bt,
+                                                          warps=warps, x_cols_run=gdn.qkv_run, seq_index=seq),
+                         iters=9)
+        record(f"conv prefill T=8192 C=8192 column runs, bt {bt} warps {warps}", us, bytes_=2 * t * CONV * 2)
     for n in (1, 32):
         xs = torch.randn(n, CONV, device="cuda").bfloat16()
         sl = torch.randperm(64, device="cuda")[:n]

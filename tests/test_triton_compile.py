@@ -142,7 +142,7 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sorted_int4_pair_dequant_compiles_for_hopper(compiled, dtype):
     """The prefill MoE's swapped int4 tiles with dq_pairs (int4_dq's two-byte inline PTX): the PTX assembles for
-    sm_90 and holds the two-byte dequant; without it the four-byte one. Its values are a GPU test
+    sm_90 and holds the two-byte dequant (the default); with dq_pairs off the four-byte one. Its values are a GPU test
     (tests/test_gpu_ops.py: test_int4_dequant_asm_matches_arith, test_fused_moe_sorted_dq_pairs)."""
     from qnext.ops.quant import quantize_int4_group
     from qnext.ops.triton_moe import fused_moe
@@ -153,7 +153,19 @@ def test_sorted_int4_pair_dequant_compiles_for_hopper(compiled, dtype):
     x = torch.randn(m, h).to(dtype)
     fused_moe(x, w13, w2, torch.rand(m, 4), ids, path="sorted", config={"dq_pairs": True})
     paired = compiled.pop("_moe_dot_kernel")
-    fused_moe(x, w13, w2, torch.rand(m, 4), ids, path="sorted")
+    fused_moe(x, w13, w2, torch.rand(m, 4), ids, path="sorted", config={"dq_pairs": False})
     plain = compiled.pop("_moe_dot_kernel")
     assert len(paired) == len(plain) == 2                     # gate_up and down
     assert all("0x4140" in ptx for ptx in paired) and not any("0x4140" in ptx for ptx in plain)   # its prmt
+
+
+def test_conv_prefill_compiles_for_hopper(compiled):
+    """The prefill conv with its state loads under a block-level branch (taken only by blocks that hold one of a
+    sequence's first K-1 tokens): it compiles for sm_90, in each column mode. Values: test_triton_interpreter.py."""
+    from qnext.ops.triton_conv1d import causal_conv1d_prefill_
+    c, t = 256, 100
+    cu, slots, init = torch.tensor([0, 40, t], dtype=torch.int32), torch.tensor([1, 3]), torch.tensor([True, False])
+    cols = torch.arange(c, dtype=torch.int32) + 64
+    for kw in ({}, dict(x_cols=cols), dict(x_cols=cols, x_cols_run=128)):
+        causal_conv1d_prefill_(_bf(t, c + 64), _bf(c, 4), torch.zeros(4, c, 3).bfloat16(), slots, init, cu, **kw)
+    assert len(compiled["_conv_prefill_kernel"]) == 3

@@ -85,15 +85,16 @@ def op_checks() -> dict:
         rg = torch.randn(6, 25, dtype=dt)[:, 24:]                          # last column of [router | shared gate]
         out[f"sigmoid_gate_add_strided_gate/{n}"] = err(triton_ffn.sigmoid_gate_add(g, rg, u),
                                                         ref_ffn.sigmoid_gate_add(g.float(), rg.float(), u.float()))
-    # conv: columns picked out of a wider input, slots, a sequence without initial state
+    # conv: columns picked out of a wider input, slots, a sequence without initial state; 80 tokens make blocks
+    # (32 tokens) that read no state (32-63) beside ones where a sequence starts mid-block (its state read there)
     c, k = 12, 4
     cols = torch.randperm(20)[:c].to(torch.int32)
     wt = torch.randn(c, k)
     cache1 = torch.randn(5, c, k - 1)
     cache2 = cache1.clone()
-    slots, init = torch.tensor([3, 1, 4]), torch.tensor([True, False, True])
-    cu = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
-    x = torch.randn(9, 20)
+    slots, init = torch.tensor([3, 1, 4, 0]), torch.tensor([True, False, True, True])
+    cu = torch.tensor([0, 4, 5, 66, 80], dtype=torch.int32)
+    x = torch.randn(80, 20)
     y1 = triton_conv1d.causal_conv1d_prefill_(x, wt, cache1, slots, init, cu, x_cols=cols)
     y2 = ref_conv.causal_conv1d_prefill_(x, wt, cache2, slots, init, cu, x_cols=cols)
     out["conv_prefill"] = max(err(y1, y2), err(cache1, cache2))
@@ -103,7 +104,7 @@ def op_checks() -> dict:
     from qnext.weights.presets import preset_config
     gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("tiny")), 0, dtype=torch.float32, device="meta")
     gcols = gdn.qkv_columns(torch.device("cpu"))
-    xq = torch.randn(9, gdn.in_proj_qkvz.out_features)
+    xq = torch.randn(80, gdn.in_proj_qkvz.out_features)
     wq = torch.randn(gcols.numel(), k)
     cq1 = torch.randn(5, gcols.numel(), k - 1)
     cq2 = cq1.clone()
@@ -127,7 +128,7 @@ def op_checks() -> dict:
     logits[1, 70000] = logits[1, 9000] = 50.0                    # a tie across slices: the lower index wins
     logits[2, 4095] = logits[2, 4097] = 50.0                     # ... and across a slice edge
     out["greedy_argmax_equal"] = bool(torch.equal(greedy_argmax(logits), logits.float().argmax(-1)))
-    xd = torch.randn(3, 20)
+    xd = torch.randn(4, 20)
     y1 = triton_conv1d.causal_conv1d_update_(xd, wt, cache1, slots, init, x_cols=cols)
     y2 = ref_conv.causal_conv1d_update_(xd, wt, cache2, slots, init, x_cols=cols)
     out["conv_update"] = max(err(y1, y2), err(cache1, cache2))

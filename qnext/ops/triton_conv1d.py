@@ -51,6 +51,10 @@ def _conv_prefill_kernel(
     bos = tl.load(cu_ptr + seq, mask=tmask, other=0)
     slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
     init = tl.load(init_ptr + seq, mask=tmask, other=0).to(tl.int32) != 0
+    # Only a block holding one of a sequence's first K-1 tokens reads state columns. The others skip those loads:
+    # masked off they move no bytes, but at stride K-1 they cannot be vectorized, and their per-element address
+    # math and predicated loads (K x BT x BC) outnumbered the input's vector loads eightfold.
+    reads_state = tl.min(tl.where(tmask, ot - bos, KW)) < KW - 1
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(KW):
         wj = tl.load(w_ptr + oc * KW + j, mask=cmask, other=0).to(tl.float32)
@@ -58,10 +62,11 @@ def _conv_prefill_kernel(
         inside = src >= bos
         xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + xc[None, :],
                      mask=(tmask & inside)[:, None] & cmask[None, :], other=0).to(tl.float32)
-        col = (KW - 1) + src - bos                 # state column when src precedes the sequence: 0..K-2
-        sv = tl.load(state_ptr + slot[:, None] * stride_ss + oc[None, :] * stride_sc + col[:, None],
-                     mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
-        acc += (xv + sv) * wj[None, :]
+        if reads_state:                            # xv is 0 where the state is read, so the sum is exact
+            col = (KW - 1) + src - bos             # state column when src precedes the sequence: 0..K-2
+            xv += tl.load(state_ptr + slot[:, None] * stride_ss + oc[None, :] * stride_sc + col[:, None],
+                          mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
+        acc += xv * wj[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + ot.to(tl.int64)[:, None] * stride_yt + oc[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -152,7 +157,7 @@ def _seq_index(cu: Tensor, t: int) -> Tensor:
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
                            x_cols: Tensor | None = None, seq_index: Tensor | None = None, bt: int = 32,
-                           bc: int = 128, x_cols_run: int = 1) -> Tensor:
+                           bc: int = 128, x_cols_run: int = 1, warps: int = 4) -> Tensor:
     """x [T, C] (unit channel stride), or [T, *] with x_cols [C] int32 naming the column of each channel
     (x_cols_run: see the module docstring; a run of >= 16 aligned columns); weight [C, K] (or [C, 1, K]);
     conv_cache [num_slots, C, K-1]; state_slots [N]; has_initial_state [N] bool; cu_seqlens [N+1] -> y [T, C] in
@@ -173,7 +178,7 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
     _conv_prefill_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
         x, cols, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, y,
         t, c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", COLS=cols_mode, num_warps=4)
+        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", COLS=cols_mode, num_warps=warps)
     n = cu_seqlens.shape[0] - 1
     _conv_state_kernel[(n, triton.cdiv(c, 256))](
         x, cols, conv_cache, state_slots, has_initial_state, cu_seqlens,
