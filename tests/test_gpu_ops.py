@@ -431,6 +431,10 @@ def test_conv_prefill_reads_the_gdn_column_map_by_runs(preset):
     y = triton_conv1d.causal_conv1d_prefill_(x, w, mine, slots, init, cu, x_cols=cols, x_cols_run=gdn.qkv_run)
     y_ref = causal_conv.causal_conv1d_prefill_(x.float(), w.float(), ref, slots, init, cu, x_cols=cols)
     assert gdn.qkv_run >= 16 and rel(y, y_ref) < 1e-2 and torch.equal(mine, ref)
+    kd = gdn.hk * gdn.dk                        # q, k, v in contiguous planes, as the GDN layer asks: the same values
+    parts = triton_conv1d.causal_conv1d_prefill_(x, w, cache.clone(), slots, init, cu, x_cols=cols,
+                                                 x_cols_run=gdn.qkv_run, split=(kd, kd))
+    assert all(p.is_contiguous() for p in parts) and torch.equal(torch.cat(parts, dim=1), y)
 
 
 # ---- CUDA: norms and feed-forward glue ---------------------------------------------------------------------------

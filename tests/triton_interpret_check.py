@@ -107,10 +107,16 @@ def op_checks() -> dict:
     xq = torch.randn(80, gdn.in_proj_qkvz.out_features)
     wq = torch.randn(gcols.numel(), k)
     cq1 = torch.randn(5, gcols.numel(), k - 1)
-    cq2 = cq1.clone()
+    cq2, cq3 = cq1.clone(), cq1.clone()
     y1 = triton_conv1d.causal_conv1d_prefill_(xq, wq, cq1, slots, init, cu, x_cols=gcols, x_cols_run=gdn.qkv_run)
     y2 = ref_conv.causal_conv1d_prefill_(xq, wq, cq2, slots, init, cu, x_cols=gcols)
     out["conv_prefill_column_runs"] = max(err(y1, y2), err(cq1, cq2))
+    kd = gdn.hk * gdn.dk                                        # q, k, v as the GDN layer asks for them
+    parts = triton_conv1d.causal_conv1d_prefill_(xq, wq, cq3, slots, init, cu, x_cols=gcols,
+                                                 x_cols_run=gdn.qkv_run, split=(kd, kd))
+    want = y2.split([kd, kd, y2.shape[1] - 2 * kd], dim=1)
+    out["conv_prefill_split_q_k_v"] = (max(max(err(p1, p2) for p1, p2 in zip(parts, want)), err(cq3, cq2))
+                                       if len(parts) == 3 and all(p.is_contiguous() for p in parts) else float("inf"))
     from qnext.ops import norm as ref_rope, triton_norm as tn
     inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
     for name, pos in (("decode", torch.tensor([5, 70000, 3])), ("prefill", torch.arange(5000))):

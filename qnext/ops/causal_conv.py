@@ -65,15 +65,19 @@ def _gather(x: Tensor, x_cols: Tensor | None) -> Tensor:
 @register("causal_conv1d_prefill_", "torch")
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
-                           x_cols: Tensor | None = None, x_cols_run: int = 1) -> Tensor:
+                           x_cols: Tensor | None = None, x_cols_run: int = 1,
+                           split: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, ...]:
     """causal_conv1d with the states read from and written back to conv_cache [num_slots, C, K-1] at
     state_slots [N] (zeros where has_initial_state [N] is false). x [T, C], or [T, *] with x_cols [C] naming
-    the column of x that feeds each channel -> y [T, C]. x_cols_run: a layout promise about x_cols that fast
-    kernels use (qnext.ops.triton_conv1d); the reference gathers either way."""
+    the column of x that feeds each channel -> y [T, C]; with split (c1, c2) y as three contiguous tensors
+    [T, c1], [T, c2], [T, C - c1 - c2]. x_cols_run: a layout promise about x_cols that fast kernels use
+    (qnext.ops.triton_conv1d); the reference gathers either way."""
     slots = state_slots.long()
     y, final = causal_conv1d(_gather(x, x_cols), weight, slot_states(conv_cache, slots, has_initial_state),
                              cu_seqlens, activation)
     conv_cache.index_copy_(0, slots, final.to(conv_cache.dtype))
+    if split:
+        return tuple(part.contiguous() for part in y.split([split[0], split[1], y.shape[1] - sum(split)], dim=1))
     return y
 
 

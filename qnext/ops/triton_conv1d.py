@@ -31,12 +31,17 @@ Tensor = torch.Tensor
 @triton.jit
 def _conv_prefill_kernel(
     x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, seq_ptr, cu_ptr, y_ptr,
-    T, C, stride_xt, stride_yt, stride_ss, stride_sc,
+    T, C, C1, C2, stride_xt, stride_ss, stride_sc,
     KW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, COLS: tl.constexpr,
 ):
     """grid (cdiv(T, BT), cdiv(C, BC)): y for BT tokens x BC channels; reads (never writes) the state.
-    COLS: 0 channel c is x's column c; 1 column cols[c]; 2 the block's columns are cols[c0] + 0..BC-1."""
+    COLS: 0 channel c is x's column c; 1 column cols[c]; 2 the block's columns are cols[c0] + 0..BC-1.
+    y is three contiguous planes one after the other: channels [0, C1) as [T, C1], [C1, C2) as [T, C2 - C1], [C2, C)
+    as [T, C - C2] (C1 = C2 = C: one [T, C]); BC divides C1 and C2 - C1, so a block lies in one plane."""
     c0 = tl.program_id(1) * BC
+    pc = tl.where(c0 >= C2, C2, tl.where(c0 >= C1, C1, 0))       # the block's output plane: first channel,
+    pw = tl.where(c0 >= C2, C, tl.where(c0 >= C1, C2, C1)) - pc   # row width,
+    y_ptr += pc.to(tl.int64) * T                                   # and offset
     ot = tl.program_id(0) * BT + tl.arange(0, BT)
     oc = c0 + tl.arange(0, BC)
     tmask = ot < T
@@ -69,7 +74,7 @@ def _conv_prefill_kernel(
         acc += xv * wj[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + ot.to(tl.int64)[:, None] * stride_yt + oc[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=tmask[:, None] & cmask[None, :])
 
 
@@ -157,27 +162,35 @@ def _seq_index(cu: Tensor, t: int) -> Tensor:
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
                            x_cols: Tensor | None = None, seq_index: Tensor | None = None, bt: int = 32,
-                           bc: int = 128, x_cols_run: int = 1, warps: int = 4) -> Tensor:
+                           bc: int = 128, x_cols_run: int = 1, warps: int = 4,
+                           split: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """x [T, C] (unit channel stride), or [T, *] with x_cols [C] int32 naming the column of each channel
     (x_cols_run: see the module docstring; a run of >= 16 aligned columns); weight [C, K] (or [C, 1, K]);
     conv_cache [num_slots, C, K-1]; state_slots [N]; has_initial_state [N] bool; cu_seqlens [N+1] -> y [T, C] in
-    x.dtype; state updated in place. seq_index [T] (token -> sequence) may be passed to save its computation."""
+    x.dtype; state updated in place. seq_index [T] (token -> sequence) may be passed to save its computation.
+    split (c1, c2): y as three contiguous tensors [T, c1], [T, c2], [T, C - c1 - c2] (the GDN layer's q, k, v,
+    which fla's chunked kernel would otherwise copy to make them contiguous: 3 copies, ~6 ms per 8K prefill)."""
     t, c = x.shape[0], weight.shape[0]
-    cols_mode = 0 if x_cols is None else 2 if x_cols_run >= 16 else 1
-    if cols_mode == 2:
+    c1, c2 = (split[0], split[0] + split[1]) if split else (c, c)
+    if x_cols is not None and x_cols_run >= 16:
         bc = min(bc, x_cols_run)
+    while split and (c1 % bc or (c2 - c1) % bc):   # a block lies in one output plane (bc: a power of two)
+        bc //= 2
+    cols_mode = 0 if x_cols is None else 2 if x_cols_run >= 16 and bc >= 16 else 1
     w = weight.reshape(c, -1).contiguous()
     kw = w.shape[1]
     if x.stride(1) != 1 or conv_cache.stride(2) != 1:
         raise ValueError("x and conv_cache need a unit stride in their last dim")
-    y = torch.empty(t, c, dtype=x.dtype, device=x.device)
+    flat = torch.empty(t * c, dtype=x.dtype, device=x.device)
+    y = flat.view(t, c) if not split else (flat[:t * c1].view(t, c1), flat[t * c1:t * c2].view(t, c2 - c1),
+                                           flat[t * c2:].view(t, c - c2))
     if t == 0:
         return y
     seq = _seq_index(cu_seqlens, t) if seq_index is None else seq_index
     cols = x_cols if x_cols is not None else w
     _conv_prefill_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-        x, cols, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, y,
-        t, c, x.stride(0), y.stride(0), conv_cache.stride(0), conv_cache.stride(1),
+        x, cols, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, flat,
+        t, c, c1, c2, x.stride(0), conv_cache.stride(0), conv_cache.stride(1),
         KW=kw, BT=bt, BC=bc, SILU=activation == "silu", COLS=cols_mode, num_warps=warps)
     n = cu_seqlens.shape[0] - 1
     _conv_state_kernel[(n, triton.cdiv(c, 256))](

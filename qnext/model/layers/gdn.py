@@ -105,14 +105,14 @@ class GatedDeltaNet(nn.Module):
 
         conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
         weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
+        kd = hk * dk
         if decode:
             mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols)
-        else:
-            mixed = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
-                                                              batch.cu_query_lens, x_cols=cols,
-                                                              x_cols_run=self.qkv_run)
-        kd = hk * dk
-        q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
+            q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
+        else:       # q, k, v each contiguous, as the chunked kernel wants them
+            q, k, v = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
+                                                                batch.cu_query_lens, x_cols=cols,
+                                                                x_cols_run=self.qkv_run, split=(kd, kd))
         q, k, v = q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, self.hv, dv)
         ssm_cache = cache.ssm[self.layer_id]                                            # [S, Hv, Dk, Dv] float32
         side.join()
