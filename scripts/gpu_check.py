@@ -396,8 +396,7 @@ def conv_section() -> None:
     y = causal_conv1d_prefill_(x, w, work, slots, init, cu)
     parity("conv prefill T=8192 y", rel(y, ref_y), 1e-2)
     parity("conv prefill T=8192 state", rel(work[slots], ref_s), 1e-6)
-    seq = torch.zeros(t, dtype=torch.int32, device="cuda")
-    us = time_events(lambda i: causal_conv1d_prefill_(x, w, work, slots, init, cu, seq_index=seq), iters=9)
+    us = time_events(lambda i: causal_conv1d_prefill_(x, w, work, slots, init, cu), iters=9)
     record("conv prefill T=8192 C=8192", us, bytes_=2 * t * CONV * 2)
     # the GDN layer's call: channels read through its column map out of in_proj_qkvz's [T, 12288] output
     from qnext.config import ModelConfig
@@ -412,16 +411,16 @@ def conv_section() -> None:
         y = causal_conv1d_prefill_(xq, w, cache.clone(), slots, init, cu, x_cols=cols, x_cols_run=run)
         parity(f"conv prefill T=8192 column map run {run}", rel(y, ref_y), 1e-2)
         us = time_events(lambda i, run=run: causal_conv1d_prefill_(xq, w, work, slots, init, cu, x_cols=cols,
-                                                                   x_cols_run=run, seq_index=seq), iters=9)
+                                                                   x_cols_run=run), iters=9)
         record(f"conv prefill T=8192 C=8192 column map, run {run}", us, bytes_=2 * t * CONV * 2)
-    for bt, warps in ((16, 4), (64, 4), (64, 8), (128, 8)):       # tiles of the GDN layer's call (default 32, 4)
+    for bt, warps in ((32, 4), (16, 4), (64, 4), (64, 8)):        # the GDN layer's call (q, k, v planes) by tile
         y = causal_conv1d_prefill_(xq, w, cache.clone(), slots, init, cu, x_cols=cols, x_cols_run=gdn.qkv_run,
-                                   bt=bt, warps=warps)
-        parity(f"conv prefill column runs bt {bt} warps {warps}", rel(y, ref_y), 1e-2)
+                                   bt=bt, warps=warps, split=(2048, 2048))
+        parity(f"conv prefill q, k, v planes bt {bt} warps {warps}", rel(torch.cat(y, dim=1), ref_y), 1e-2)
         us = time_events(lambda i: causal_conv1d_prefill_(xq, w, work, slots, init, cu, x_cols=cols, bt=bt,
-                                                          warps=warps, x_cols_run=gdn.qkv_run, seq_index=seq),
+                                                          warps=warps, x_cols_run=gdn.qkv_run, split=(2048, 2048)),
                          iters=9)
-        record(f"conv prefill T=8192 C=8192 column runs, bt {bt} warps {warps}", us, bytes_=2 * t * CONV * 2)
+        record(f"conv prefill T=8192 C=8192 q, k, v planes, bt {bt} warps {warps}", us, bytes_=2 * t * CONV * 2)
     for n in (1, 32):
         xs = torch.randn(n, CONV, device="cuda").bfloat16()
         sl = torch.randperm(64, device="cuda")[:n]

@@ -1,6 +1,6 @@
 """Registers, shared memory and the main loop's instruction mix of qnext's Triton kernels for sm_90a, without a GPU.
 
-    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup]
+    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup] [conv]
 
 Each case calls the real wrappers on CPU tensors of the model's shapes; every Triton launch is compiled instead of
 run (Triton's own compiler, target sm_90, the launch-time divisibility of its arguments, as the JIT specialises
@@ -50,7 +50,8 @@ def _divisibility(kernel, args, kwargs) -> dict:
 
 
 def _main_loop(sass: str) -> tuple[int, collections.Counter]:
-    """Instructions of the longest backward-branch loop, by opcode (IMAD.MOV kept apart: register moves)."""
+    """Instructions of the longest backward-branch loop, by opcode (IMAD.MOV kept apart: register moves); of the
+    whole kernel where it has no loop."""
     lines = sass.splitlines()
     best = (0, 0)
     for i, line in enumerate(lines):
@@ -60,6 +61,8 @@ def _main_loop(sass: str) -> tuple[int, collections.Counter]:
         start = next((j for j, t in enumerate(lines) if t.strip().startswith(m.group(1) + ":")), None)
         if start is not None and start < i and i - start > best[1] - best[0]:
             best = (start, i)
+    if best == (0, 0):
+        best = (0, len(lines) - 1)
     ops: collections.Counter = collections.Counter()
     for line in lines[best[0]:best[1] + 1]:
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)
@@ -143,11 +146,30 @@ def gateup() -> None:
                                                                     config=cfg))
 
 
+def conv() -> None:
+    """The GDN layer's prefill conv at 8K tokens (q, k, v read by column runs out of in_proj_qkvz's output, written
+    as three planes), per token-block height."""
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.ops.triton_conv1d import causal_conv1d_prefill_
+    from qnext.weights.presets import preset_config
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("qwen3-coder-next")), 0, dtype=torch.bfloat16,
+                        device="meta")
+    cols, t, c = gdn.qkv_columns(torch.device("cpu")), 8192, 8192
+    x = torch.empty(t, gdn.in_proj_qkvz.out_features, dtype=torch.bfloat16)
+    cu, slots, init = torch.tensor([0, t], dtype=torch.int32), torch.tensor([3]), torch.tensor([True])
+    for bt, warps in ((32, 4), (16, 4), (64, 8)):
+        case(f"conv prefill 8K, bt {bt}, {warps} warps",
+             lambda: causal_conv1d_prefill_(x, torch.randn(c, 4).bfloat16(), torch.zeros(8, c, 3).bfloat16(),
+                                            slots, init, cu, x_cols=cols, x_cols_run=gdn.qkv_run, bt=bt,
+                                            warps=warps, split=(2048, 2048)))
+
+
 def main() -> None:
     from qnext.ops import pdl
     pdl.pdl_enabled = lambda: True                # compile the decode kernels as the GPU runs them
     JITFunction.run = _compile_instead
-    cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup}
+    cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup, "conv": conv}
     for name in sys.argv[1:] or list(cases):
         cases[name]()
 

@@ -160,12 +160,12 @@ def test_sorted_int4_pair_dequant_compiles_for_hopper(compiled, dtype):
 
 
 def test_conv_prefill_compiles_for_hopper(compiled):
-    """The prefill conv with its state loads under a block-level branch (taken only by blocks that hold one of a
-    sequence's first K-1 tokens): it compiles for sm_90, in each column mode. Values: test_triton_interpreter.py."""
+    """The prefill conv's kernels (all tokens as one stateless sequence, then each sequence's first K-1 tokens with
+    its state, then the new states) compile for sm_90 in each column mode. Values: test_triton_interpreter.py."""
     from qnext.ops.triton_conv1d import causal_conv1d_prefill_
     c, t = 256, 100
     cu, slots, init = torch.tensor([0, 40, t], dtype=torch.int32), torch.tensor([1, 3]), torch.tensor([True, False])
     cols = torch.arange(c, dtype=torch.int32) + 64
     for kw in ({}, dict(x_cols=cols), dict(x_cols=cols, x_cols_run=128)):
         causal_conv1d_prefill_(_bf(t, c + 64), _bf(c, 4), torch.zeros(4, c, 3).bfloat16(), slots, init, cu, **kw)
-    assert len(compiled["_conv_prefill_kernel"]) == 3
+    assert all(len(compiled[k]) == 3 for k in ("_conv_prefill_kernel", "_conv_head_kernel", "_conv_state_kernel"))

@@ -85,8 +85,8 @@ def op_checks() -> dict:
         rg = torch.randn(6, 25, dtype=dt)[:, 24:]                          # last column of [router | shared gate]
         out[f"sigmoid_gate_add_strided_gate/{n}"] = err(triton_ffn.sigmoid_gate_add(g, rg, u),
                                                         ref_ffn.sigmoid_gate_add(g.float(), rg.float(), u.float()))
-    # conv: columns picked out of a wider input, slots, a sequence without initial state; 80 tokens make blocks
-    # (32 tokens) that read no state (32-63) beside ones where a sequence starts mid-block (its state read there)
+    # conv: columns picked out of a wider input, slots, a sequence without initial state, one of a single token;
+    # 80 tokens make blocks (32 tokens) without a sequence start (32-63) beside ones where a sequence starts mid-block
     c, k = 12, 4
     cols = torch.randperm(20)[:c].to(torch.int32)
     wt = torch.randn(c, k)

@@ -6,7 +6,7 @@ the last K-1 inputs of (old state ++ new tokens). Math in float32.
 
 fla-core has a causal conv too, but its state keeps K columns (ours, the model cache's, keeps K-1), so these are
 our own small kernels, slot-indexed and in place on the model's conv cache [num_slots, C, K-1]:
-    causal_conv1d_prefill_(x, weight, conv_cache, state_slots, has_initial_state, cu_seqlens) -> y   (2 launches)
+    causal_conv1d_prefill_(x, weight, conv_cache, state_slots, has_initial_state, cu_seqlens) -> y   (3 launches)
     causal_conv1d_update_(x, weight, conv_cache, state_slots, has_initial_state) -> y               (1 launch)
 plus registry-compatible wrappers causal_conv1d / causal_conv1d_update (functional: state in, state out).
 x may be a strided view (row stride != C, unit channel stride), e.g. columns of the in_proj output, and with
@@ -29,53 +29,94 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _out_plane(c0, C, C1, C2):
+    """(first channel, row width) of the output plane holding channel block c0: y is three contiguous planes one
+    after the other, channels [0, C1) as [T, C1], [C1, C2) as [T, C2 - C1], [C2, C) as [T, C - C2] (C1 = C2 = C:
+    one [T, C]); its offset is first channel x T."""
+    pc = tl.where(c0 >= C2, C2, tl.where(c0 >= C1, C1, 0))
+    return pc, tl.where(c0 >= C2, C, tl.where(c0 >= C1, C2, C1)) - pc
+
+
+@triton.jit
+def _x_columns(cols_ptr, c0, oc, cmask, BC: tl.constexpr, COLS: tl.constexpr):
+    """x column of each channel oc: COLS 0 channel c is column c; 1 column cols[c]; 2 the block's columns are
+    cols[c0] + 0..BC-1 (aligned runs, so its row segment is contiguous)."""
+    if COLS == 2:
+        return tl.multiple_of(tl.load(cols_ptr + c0), 16) + tl.arange(0, BC)
+    elif COLS == 1:
+        return tl.load(cols_ptr + oc, mask=cmask, other=0)
+    else:
+        return oc
+
+
+@triton.jit
 def _conv_prefill_kernel(
-    x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, seq_ptr, cu_ptr, y_ptr,
-    T, C, C1, C2, stride_xt, stride_ss, stride_sc,
+    x_ptr, cols_ptr, w_ptr, y_ptr, T, C, C1, C2, stride_xt,
     KW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, COLS: tl.constexpr,
 ):
-    """grid (cdiv(T, BT), cdiv(C, BC)): y for BT tokens x BC channels; reads (never writes) the state.
-    COLS: 0 channel c is x's column c; 1 column cols[c]; 2 the block's columns are cols[c0] + 0..BC-1.
-    y is three contiguous planes one after the other: channels [0, C1) as [T, C1], [C1, C2) as [T, C2 - C1], [C2, C)
-    as [T, C - C2] (C1 = C2 = C: one [T, C]); BC divides C1 and C2 - C1, so a block lies in one plane."""
+    """grid (cdiv(T, BT), cdiv(C, BC)): y for BT tokens x BC channels as if the T tokens were one sequence without
+    a state (inputs before token 0 are zeros). The first K-1 tokens of every sequence come out wrong here (their
+    taps read the previous sequence's inputs instead of their own state): _conv_head_kernel rewrites them after.
+    Why not handle them here: the sequence lookups, state gathers and masks per token took this kernel to 242
+    registers (2 programs per SM) and chained three dependent loads before the inputs' (offline SASS, sm_90)."""
     c0 = tl.program_id(1) * BC
-    pc = tl.where(c0 >= C2, C2, tl.where(c0 >= C1, C1, 0))       # the block's output plane: first channel,
-    pw = tl.where(c0 >= C2, C, tl.where(c0 >= C1, C2, C1)) - pc   # row width,
-    y_ptr += pc.to(tl.int64) * T                                   # and offset
+    pc, pw = _out_plane(c0, C, C1, C2)
     ot = tl.program_id(0) * BT + tl.arange(0, BT)
     oc = c0 + tl.arange(0, BC)
     tmask = ot < T
     cmask = oc < C
-    if COLS == 2:                                  # x column of channel c
-        xc = tl.multiple_of(tl.load(cols_ptr + c0), 16) + tl.arange(0, BC)
-    elif COLS == 1:
-        xc = tl.load(cols_ptr + oc, mask=cmask, other=0)
-    else:
-        xc = oc
-    seq = tl.load(seq_ptr + ot, mask=tmask, other=0)
-    bos = tl.load(cu_ptr + seq, mask=tmask, other=0)
-    slot = tl.load(slots_ptr + seq, mask=tmask, other=0).to(tl.int64)
-    init = tl.load(init_ptr + seq, mask=tmask, other=0).to(tl.int32) != 0
-    # Only a block holding one of a sequence's first K-1 tokens reads state columns. The others skip those loads:
-    # masked off they move no bytes, but at stride K-1 they cannot be vectorized, and their per-element address
-    # math and predicated loads (K x BT x BC) outnumbered the input's vector loads eightfold.
-    reads_state = tl.min(tl.where(tmask, ot - bos, KW)) < KW - 1
+    xc = _x_columns(cols_ptr, c0, oc, cmask, BC, COLS)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(KW):
+        wj = tl.load(w_ptr + oc * KW + j, mask=cmask, other=0).to(tl.float32)
+        src = ot - (KW - 1) + j                    # input token of tap j
+        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + xc[None, :],
+                     mask=(tmask & (src >= 0))[:, None] & cmask[None, :], other=0).to(tl.float32)
+        acc += xv * wj[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + pc.to(tl.int64) * T + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_head_kernel(
+    x_ptr, cols_ptr, w_ptr, state_ptr, slots_ptr, init_ptr, cu_ptr, y_ptr,
+    T, C, C1, C2, stride_xt, stride_ss, stride_sc,
+    KW: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, COLS: tl.constexpr,
+):
+    """grid (N, cdiv(C, BC)): y for the first min(K-1, length) tokens of sequence n, whose taps reach back into its
+    conv state (zeros without an initial state), over what _conv_prefill_kernel wrote there; the same sum in the
+    same order (a tap reads x or the state, the other term is 0). Reads the state before _conv_state_kernel
+    replaces it."""
+    n = tl.program_id(0)
+    c0 = tl.program_id(1) * BC
+    pc, pw = _out_plane(c0, C, C1, C2)
+    oc = c0 + tl.arange(0, BC)
+    cmask = oc < C
+    xc = _x_columns(cols_ptr, c0, oc, cmask, BC, COLS)
+    bos = tl.load(cu_ptr + n)
+    eos = tl.load(cu_ptr + n + 1)
+    oh = tl.arange(0, BH)
+    ot = bos + oh                                  # [BH] the sequence's first tokens
+    tmask = (oh < KW - 1) & (ot < eos)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    init = tl.load(init_ptr + n + 0 * oh).to(tl.int32) != 0     # [BH]: a vector, as the interpreter wants
+    acc = tl.zeros([BH, BC], dtype=tl.float32)
     for j in tl.static_range(KW):
         wj = tl.load(w_ptr + oc * KW + j, mask=cmask, other=0).to(tl.float32)
         src = ot - (KW - 1) + j                    # input token of tap j
         inside = src >= bos
         xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + xc[None, :],
                      mask=(tmask & inside)[:, None] & cmask[None, :], other=0).to(tl.float32)
-        if reads_state:                            # xv is 0 where the state is read, so the sum is exact
-            col = (KW - 1) + src - bos             # state column when src precedes the sequence: 0..K-2
-            xv += tl.load(state_ptr + slot[:, None] * stride_ss + oc[None, :] * stride_sc + col[:, None],
-                          mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
-        acc += xv * wj[None, :]
+        col = (KW - 1) + src - bos                 # state column when src precedes the sequence: 0..K-2
+        sv = tl.load(state_ptr + slot * stride_ss + oc[None, :] * stride_sc + col[:, None],
+                     mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
+        acc += (xv + sv) * wj[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
+    tl.store(y_ptr + pc.to(tl.int64) * T + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -154,22 +195,18 @@ def _conv_update_kernel(
     tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-def _seq_index(cu: Tensor, t: int) -> Tensor:
-    """cu [N+1] -> [T] int32 sequence id of each token (device ops only)."""
-    return (torch.searchsorted(cu.to(torch.int64), torch.arange(t, device=cu.device), right=True) - 1).to(torch.int32)
-
-
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
                            has_initial_state: Tensor, cu_seqlens: Tensor, activation: str | None = "silu",
-                           x_cols: Tensor | None = None, seq_index: Tensor | None = None, bt: int = 32,
-                           bc: int = 128, x_cols_run: int = 1, warps: int = 4,
-                           split: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                           x_cols: Tensor | None = None, bt: int = 32, bc: int = 128, x_cols_run: int = 1,
+                           warps: int = 4, split: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, ...]:
     """x [T, C] (unit channel stride), or [T, *] with x_cols [C] int32 naming the column of each channel
     (x_cols_run: see the module docstring; a run of >= 16 aligned columns); weight [C, K] (or [C, 1, K]);
     conv_cache [num_slots, C, K-1]; state_slots [N]; has_initial_state [N] bool; cu_seqlens [N+1] -> y [T, C] in
-    x.dtype; state updated in place. seq_index [T] (token -> sequence) may be passed to save its computation.
+    x.dtype; state updated in place.
     split (c1, c2): y as three contiguous tensors [T, c1], [T, c2], [T, C - c1 - c2] (the GDN layer's q, k, v,
-    which fla's chunked kernel would otherwise copy to make them contiguous: 3 copies, ~6 ms per 8K prefill)."""
+    which fla's chunked kernel would otherwise copy to make them contiguous: 3 copies, ~6 ms per 8K prefill).
+    Three launches: every token as one stateless sequence, then each sequence's first K-1 tokens again with its
+    state, then the new states."""
     t, c = x.shape[0], weight.shape[0]
     c1, c2 = (split[0], split[0] + split[1]) if split else (c, c)
     if x_cols is not None and x_cols_run >= 16:
@@ -186,13 +223,14 @@ def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_
                                            flat[t * c2:].view(t, c - c2))
     if t == 0:
         return y
-    seq = _seq_index(cu_seqlens, t) if seq_index is None else seq_index
-    cols = x_cols if x_cols is not None else w
+    cols, n, silu = x_cols if x_cols is not None else w, cu_seqlens.shape[0] - 1, activation == "silu"
     _conv_prefill_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-        x, cols, w, conv_cache, state_slots, has_initial_state, seq, cu_seqlens, flat,
+        x, cols, w, flat, t, c, c1, c2, x.stride(0), KW=kw, BT=bt, BC=bc, SILU=silu, COLS=cols_mode,
+        num_warps=warps)
+    _conv_head_kernel[(n, triton.cdiv(c, bc))](
+        x, cols, w, conv_cache, state_slots, has_initial_state, cu_seqlens, flat,
         t, c, c1, c2, x.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        KW=kw, BT=bt, BC=bc, SILU=activation == "silu", COLS=cols_mode, num_warps=warps)
-    n = cu_seqlens.shape[0] - 1
+        KW=kw, BH=triton.next_power_of_2(max(kw - 1, 1)), BC=bc, SILU=silu, COLS=cols_mode, num_warps=4)
     _conv_state_kernel[(n, triton.cdiv(c, 256))](
         x, cols, conv_cache, state_slots, has_initial_state, cu_seqlens,
         c, x.stride(0), conv_cache.stride(0), conv_cache.stride(1),
