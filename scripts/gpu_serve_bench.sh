@@ -17,7 +17,7 @@
 # OUT_DIR gets warmup_burst.json, serve_c32.json, serve_c1.json, server.log and metrics.txt (/metrics after the runs).
 # Off the GPU, SERVE_BENCH_SMALL=1 runs the same steps on the tiny preset (a check of the script, not a figure).
 # Needs qnext's server packages; the GPU machine lacks fastapi, uvicorn, starlette, pydantic (+ pydantic-core,
-# annotated-types, typing-inspection), sniffio and opentelemetry-api: carry them as wheels (docs/benchmarks.md).
+# annotated-types, typing-inspection), sniffio and opentelemetry-api: carry them as wheels (scripts/device_wheels.sh).
 set -euo pipefail
 out=${1:?usage: gpu_serve_bench.sh OUT_DIR [serve flags...]}
 shift
