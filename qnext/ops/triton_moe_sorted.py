@@ -23,7 +23,7 @@ SORTED_DEFAULTS = {
     FP8: dict(bk=128, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=False, swap2=True),
     # int4: swapped operands (see _tile_swapped) on both GEMMs, 3.4 vs 4.6 ms at 8K tokens (H100 sweep,
     # scripts/gpu_moe_prefill_sweep.py). dq_pairs: the swapped tiles dequantize two bytes at a time (int4_dq's
-    # PAIRS: offline 595 -> 483 instructions per gate_up K step): 4-5% faster at 8K-32K tokens in two H100 sweeps
+    # PAIRS: offline 595 -> 483 instructions per gate_up K step): 4-7% faster at 8K-32K tokens in two H100 sweeps
     # (8K: 2,597-2,622 vs 2,738-2,799 us), bit-equal outputs.
     INT4: dict(bk=None, bn=64, warps=4, stages=3, bn2=128, warps2=4, stages2=4, swap=True, swap2=True,
                dq_pairs=True),
