@@ -30,8 +30,8 @@ from gpu_check import H, I, TOPK, make_layer, rel, routings, time_events  # noqa
 from qnext.ops import quant  # noqa: E402
 from qnext.ops.triton_moe import fused_moe  # noqa: E402
 
-# sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands; the two-byte dequant with
-# 64-row blocks) against the four-byte dequant, and tile variants; fp8's (unswapped) against swapped operands
+# sorted-path tiles at 8K per weight kind, the defaults first: int4's (swapped operands, the two-byte dequant)
+# against the four-byte dequant, and tile variants; fp8's (unswapped) against swapped operands
 SORTED = {"int4_128": [None, dict(dq_pairs=False), dict(bm=128), dict(bm=128, warps=8, warps2=8),
                        dict(bm=128, bn=128, warps=8, warps2=8), dict(bn=128, warps=8), dict(bn2=256, warps2=8),
                        dict(stages=4), dict(stages=2, stages2=3), dict(bm=128, warps=8, warps2=8, stages=4)],
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--kinds", default="int4_128", help="comma-separated: int4_128, fp8")
     ap.add_argument("--configs", help="JSON list of tile configs instead of SORTED's ({} = the defaults)")
-    ap.add_argument("--sizes", default=SIZES, help="comma-separated token counts to time (the first is the largest)")
+    ap.add_argument("--sizes", default=SIZES, help="comma-separated token counts to time (the table sorts by the first)")
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

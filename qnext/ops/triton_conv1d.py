@@ -29,12 +29,16 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _out_plane(c0, C, C1, C2):
-    """(first channel, row width) of the output plane holding channel block c0: y is three contiguous planes one
-    after the other, channels [0, C1) as [T, C1], [C1, C2) as [T, C2 - C1], [C2, C) as [T, C - C2] (C1 = C2 = C:
-    one [T, C]); its offset is first channel x T."""
+def _activate_store(y_ptr, acc, ot, oc, tmask, cmask, c0, T, C, C1, C2, SILU: tl.constexpr):
+    """SiLU (if SILU) of acc [tokens ot, channels oc of block c0], stored into y: three contiguous planes one after
+    the other, channels [0, C1) as [T, C1], [C1, C2) as [T, C2 - C1], [C2, C) as [T, C - C2] (C1 = C2 = C: one
+    [T, C]); a block lies in one plane, which starts at its first channel pc times T and has rows of pw."""
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
     pc = tl.where(c0 >= C2, C2, tl.where(c0 >= C1, C1, 0))
-    return pc, tl.where(c0 >= C2, C, tl.where(c0 >= C1, C2, C1)) - pc
+    pw = tl.where(c0 >= C2, C, tl.where(c0 >= C1, C2, C1)) - pc
+    tl.store(y_ptr + pc.to(tl.int64) * T + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -60,7 +64,6 @@ def _conv_prefill_kernel(
     Why not handle them here: the sequence lookups, state gathers and masks per token took this kernel to 242
     registers (2 programs per SM) and chained three dependent loads before the inputs' (offline SASS, sm_90)."""
     c0 = tl.program_id(1) * BC
-    pc, pw = _out_plane(c0, C, C1, C2)
     ot = tl.program_id(0) * BT + tl.arange(0, BT)
     oc = c0 + tl.arange(0, BC)
     tmask = ot < T
@@ -73,10 +76,7 @@ def _conv_prefill_kernel(
         xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xt + xc[None, :],
                      mask=(tmask & (src >= 0))[:, None] & cmask[None, :], other=0).to(tl.float32)
         acc += xv * wj[None, :]
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + pc.to(tl.int64) * T + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    _activate_store(y_ptr, acc, ot, oc, tmask, cmask, c0, T, C, C1, C2, SILU)
 
 
 @triton.jit
@@ -91,7 +91,6 @@ def _conv_head_kernel(
     replaces it."""
     n = tl.program_id(0)
     c0 = tl.program_id(1) * BC
-    pc, pw = _out_plane(c0, C, C1, C2)
     oc = c0 + tl.arange(0, BC)
     cmask = oc < C
     xc = _x_columns(cols_ptr, c0, oc, cmask, BC, COLS)
@@ -113,10 +112,7 @@ def _conv_head_kernel(
         sv = tl.load(state_ptr + slot * stride_ss + oc[None, :] * stride_sc + col[:, None],
                      mask=(tmask & (~inside) & init)[:, None] & cmask[None, :], other=0).to(tl.float32)
         acc += (xv + sv) * wj[None, :]
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + pc.to(tl.int64) * T + ot.to(tl.int64)[:, None] * pw + (oc - pc)[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    _activate_store(y_ptr, acc, ot, oc, tmask, cmask, c0, T, C, C1, C2, SILU)
 
 
 @triton.jit
