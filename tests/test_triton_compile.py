@@ -25,8 +25,7 @@ PDL_KERNELS = {"_norm_kernel", "_route_kernel", "_silu_mul_kernel", "_gate_add_k
                "_moe_mma_gate_up_kernel", "_moe_mma_down_kernel", "_group_pairs_kernel",
                "_moe_grouped_kernel", "_conv_update_kernel", "_paged_decode_kernel", "_paged_merge_kernel",
                "_kv_write_kernel", "_gdn_recurrent_kernel", "_swiglu_gemv_route_kernel",
-               "_rope_kernel", "_slice_max_kernel", "_pick_kernel", "_rope_norm_pair_kernel",
-               "_gated_norm_gemv_kernel"}
+               "_rope_kernel", "_slice_max_kernel", "_pick_kernel", "_rope_norm_pair_kernel"}
 
 
 def _signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
@@ -107,10 +106,6 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     from qnext.ops.triton_fused_linear import silu_mul_linear_route
     gu = _bf(1, 2048)                                        # shared down (I = 1024 here) beside the routing
     silu_mul_linear_route(gu[:, :1024], gu[:, 1024:], w8, None, _bf(1, 512), 10, True)
-    from qnext.ops.triton_fused_linear import gated_rmsnorm_linear
-    vz = _bf(1, 4, 512)                                      # GDN output norm + out_proj: 8 heads, z a view
-    gated_rmsnorm_linear(_bf(1, 4, 2, 128), vz[..., 256:].unflatten(-1, (2, 128)), _bf(128), 1e-6,
-                         quantize_fp8_block(torch.randn(512, 1024) / 32))
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
     from qnext.ops.triton_linear_fp8 import small_m_tiles
     fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=True))   # weights first

@@ -2,7 +2,7 @@
 qnext.ops.triton_fused_linear): fp8_linear is x [..., K] @ dequantize(W)^T with W an Fp8BlockWeight [N, K] (any N,
 K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear projects silu_mul's output and
 linear_pair makes two projections of one input (W fp8 or plain), silu_mul_linear_route is silu_mul_linear beside
-the MoE routing, gated_rmsnorm_linear projects the GDN output norm; each one launch on CUDA for decode rows."""
+the MoE routing; each one launch on CUDA for decode rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.moe import moe_route, silu_mul
-from qnext.ops.norm import gated_rmsnorm
 from qnext.ops.quant import Fp8BlockWeight, dequantize_fp8_block
 from qnext.ops.registry import register
 
@@ -51,11 +50,3 @@ def linear_pair(x: torch.Tensor, w1: Fp8BlockWeight | torch.Tensor,
                 w2: Fp8BlockWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x @ W1^T, x @ W2^T)."""
     return _project(x, w1, None), _project(x, w2, None)
-
-
-@register("gated_rmsnorm_linear", "torch")
-def gated_rmsnorm_linear(x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                         w: Fp8BlockWeight | torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x, z [T, ..., D] of one shape -> gated_rmsnorm(x, z, norm_weight, eps) as [T, -1] @ W^T (the GDN layer's
-    output norm and out_proj)."""
-    return _project(gated_rmsnorm(x, z, norm_weight, eps).reshape(x.shape[0], -1), w, bias)

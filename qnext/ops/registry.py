@@ -43,7 +43,6 @@ OPS = (
     "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
     "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
     "silu_mul_linear_route",       # silu_mul_linear beside moe_route (one launch for decode rows on CUDA)
-    "gated_rmsnorm_linear",        # a projection of gated_rmsnorm's output (the GEMV forms it on CUDA)
     "greedy_argmax",               # the first index of each logits row's maximum (the sampler's greedy rows)
 )
 

@@ -4,8 +4,8 @@ in_proj_qkvz rows are grouped per key head g: [q_g (Dk) | k_g (Dk) | v of its r 
 z of the same heads (r*Dv)]; in_proj_ba per key head: [b (r) | a (r)]. Forward splits that layout, runs the causal
 conv + SiLU over cat(all q, all k, all v), then the gated delta rule with
 beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias) (float32), q and k L2-normalised, q scaled by Dk^-0.5,
-and finally the gated RMSNorm with silu(z) per value head and out_proj (one op: the decode GEMV forms the norm).
-Engines regroup in_proj_ba's rows once (stack_projections) so that b and a come out as views.
+and finally the gated RMSNorm with silu(z) per value head and out_proj. Engines regroup in_proj_ba's rows once
+(stack_projections) so that b and a come out as views.
 State lives in the cache slots batch.state_slots (zeros where has_initial_state is false) and is written back:
 the causal_conv1d_*_ ops read q, k, v straight out of in_proj_qkvz's output (a column map) with the conv state in
 place, the gdn_prefill_ / gdn_decode_ ops do gates, L2 norm and the rule with the state in place, and the gated
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Fp8Linear, Linear, QuantScheme, empty_param, make_linear, project_pair
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, project_pair
 from qnext.model.layers.norm import GatedRMSNorm
 from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
@@ -122,13 +122,5 @@ class GatedDeltaNet(nn.Module):
         else:
             out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
                                                   has_init, batch.cu_query_lens)
-        return self._norm_out_proj(out.view(t, hk, r, dv), z)
-
-    def _norm_out_proj(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """out, z [T, Hk, r, Dv] -> out_proj(norm(out, z)) [T, hidden]: one "gated_rmsnorm_linear" op (one launch
-        for decode rows on CUDA) where the projection is a plain or FP8 Linear on the norm's ops backend."""
-        proj = self.out_proj
-        if type(proj) in (Linear, Fp8Linear) and proj.ops_backend == self.norm.ops_backend:
-            return get_op("gated_rmsnorm_linear", proj.ops_backend, out.device)(
-                out, z, self.norm.weight, self.norm.eps, proj.matmul_weight(), proj.bias)
-        return proj(self.norm(out, z).reshape(out.shape[0], -1))
+        out = self.norm(out.view(t, hk, r, dv), z)                                      # [T, Hk, r, Dv]
+        return self.out_proj(out.reshape(t, -1))
