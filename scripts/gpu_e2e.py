@@ -15,10 +15,10 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, early, ab, host, trace, mixed, lone, wave,
-    eager; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on one
-    stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
-    off: see early_ab).
+    --extras picks the first variant's extended measurements (knobs, early, conv, ab, host, trace, mixed, lone,
+    wave, eager; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on
+    one stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
+    off: see early_ab; conv: the GDN decode conv apart from the in_proj GEMV: see conv_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -725,6 +725,18 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
                              ("all on again", []))])
 
 
+def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The GDN decode conv in the in_proj GEMV pair's epilogue (FUSE_IN_PROJ_CONV) against the pair and the conv
+    kernel apart, and the fused conv's state loaded after the K loop (CONV_EARLY_LOAD off); greedy ids must not
+    change; decode-b1, the replays and the step profile of each."""
+    fused = "qnext.ops.triton_fused_linear"
+    engines_ab(tag, model, cfg, engine, device, args, max_len, [
+        (name, lambda values=values: settings(*values), {}, True)
+        for name, values in (("in_proj and conv apart", [(fused, "FUSE_IN_PROJ_CONV", False)]),
+                             ("conv state loaded after the K loop", [(fused, "CONV_EARLY_LOAD", False)]),
+                             ("all on again", []))])
+
+
 # Batch-1 expert GEMV tilings per expert format (--extras tiles). int4: the gate_up program (one warp, one weight row,
 # 102 registers: 19 per SM, so its 5,120 programs run in ~2 waves) with more rows (offline ptxas, sm_90a: 2 rows
 # 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2 warps 161 ~1.6 waves). fp8: the tensor-core
@@ -810,6 +822,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
+    if extended and "conv" in args.extras:
+        guarded(f"{tag} conv A/B", 100, conv_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "knobs" in args.extras:
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
@@ -885,8 +899,8 @@ def main() -> None:
     ap.add_argument("--extras", default="ab,host,trace,eager",
                     help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
                          "deep (b32 decode at --deep context: trace and "
-                         "cache formats A/B; ends the variant), knobs (decode settings A/B), ab (side stream and fp8 "
-                         "prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
+                         "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
+                         "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "
                          "(eager engine)")

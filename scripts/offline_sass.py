@@ -1,6 +1,6 @@
 """Registers, shared memory and the main loop's instruction mix of qnext's Triton kernels for sm_90a, without a GPU.
 
-    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup] [conv]
+    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup] [conv] [inproj]
 
 Each case calls the real wrappers on CPU tensors of the model's shapes; every Triton launch is compiled instead of
 run (Triton's own compiler, target sm_90, the launch-time divisibility of its arguments, as the JIT specialises
@@ -165,11 +165,31 @@ def conv() -> None:
                                             warps=warps, split=(2048, 2048)))
 
 
+def inproj() -> None:
+    """The GDN layer's batch-1 in_proj pair (in_proj_qkvz 12288 x 2048 fp8 with in_proj_ba 64 x 2048 bf16), alone
+    and with the decode conv in its epilogue."""
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.ops.quant import quantize_fp8_block
+    from qnext.ops.triton_fused_linear import linear_pair, linear_pair_conv_update_
+    from qnext.weights.presets import preset_config
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("qwen3-coder-next")), 0, dtype=torch.bfloat16,
+                        device="meta")
+    cpu = torch.device("cpu")
+    x, wq = torch.randn(1, 2048).bfloat16(), quantize_fp8_block(torch.randn(12288, 2048) / 45)
+    wba = torch.randn(64, 2048).bfloat16()
+    case("in_proj pair", lambda: linear_pair(x, wq, wba))
+    case("in_proj pair + decode conv", lambda: linear_pair_conv_update_(
+        x, wq, wba, torch.randn(8192, 4).bfloat16(), torch.zeros(4, 8192, 3).bfloat16(), torch.tensor([3]),
+        torch.tensor([True]), gdn.qkv_columns(cpu), gdn.qkv_channels(cpu)))
+
+
 def main() -> None:
     from qnext.ops import pdl
     pdl.pdl_enabled = lambda: True                # compile the decode kernels as the GPU runs them
     JITFunction.run = _compile_instead
-    cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup, "conv": conv}
+    cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup, "conv": conv,
+             "inproj": inproj}
     for name in sys.argv[1:] or list(cases):
         cases[name]()
 

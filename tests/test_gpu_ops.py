@@ -739,6 +739,44 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
 
 
 @cuda_only
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_in_proj_pair_with_conv_equals_the_separate_kernels(monkeypatch, m, fp8):
+    """linear_pair_conv_update_ at the GDN layer's shapes (in_proj_qkvz 12288 x 2048 with in_proj_ba 64 x 2048, the
+    conv over the layer's q, k, v column map, one sequence without state) takes the one-launch path (the separate
+    kernels are patched out) and gives the separate GEMV pair + conv kernel's outputs and conv states; the conv's
+    float32 sums may contract into other FMAs, so a conv output may differ in its last bit."""
+    from qnext.config import ModelConfig
+    from qnext.model.layers.gdn import GatedDeltaNet
+    from qnext.ops import triton_fused_linear as fused
+    from qnext.ops.triton_conv1d import causal_conv1d_update_
+    from qnext.weights.presets import preset_config
+    torch.manual_seed(m)
+    gdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("qwen3-coder-next")), 0, dtype=torch.bfloat16,
+                        device="meta")
+    dev = torch.device("cuda")
+    cols, chans = gdn.qkv_columns(dev), gdn.qkv_channels(dev)
+    w = torch.randn(12288, 2048, device="cuda") / 45
+    wq = quantize_fp8_block(w) if fp8 else w.bfloat16()
+    wba = (torch.randn(64, 2048, device="cuda") / 45).bfloat16()
+    x = torch.randn(m, 2048, device="cuda").bfloat16()
+    cw = torch.randn(8192, 4, device="cuda").bfloat16()
+    cache = torch.randn(8, 8192, 3, device="cuda").bfloat16()
+    slots = torch.tensor([5, 1, 6][:m], device="cuda")
+    init = torch.tensor([True, False, True][:m], device="cuda")
+    y1, y2 = fused.linear_pair(x, wq, wba)
+    apart_cache = cache.clone()
+    apart = causal_conv1d_update_(y1, cw, apart_cache, slots, init, x_cols=cols)
+    monkeypatch.setattr(fused, "linear_pair", None)
+    monkeypatch.setattr(fused, "causal_conv1d_update_", None)
+    g1, g2, mixed = fused.linear_pair_conv_update_(x, wq, wba, cw, cache, slots, init, cols, chans)
+    assert torch.equal(g1, y1) and torch.equal(g2, y2)
+    assert (mixed != apart).float().mean().item() < 0.01
+    torch.testing.assert_close(mixed, apart, rtol=1e-2, atol=1e-3)
+    assert torch.equal(cache, apart_cache)
+
+
+@cuda_only
 def test_greedy_argmax_is_torch_argmax():
     """The two-stage Triton argmax gives torch.argmax's index (the first of a tie) for bf16 and float32 rows."""
     from qnext.ops.triton_sampling import greedy_argmax

@@ -169,6 +169,25 @@ def op_checks() -> dict:
         y1, y2 = fused.linear_pair(xw, w1, w2)
         r1, r2 = ref_linear.linear_pair(xw.float(), *(w if w is w8 else w.float() for w in (w1, w2)))
         out[f"linear_pair/{name}"] = max(err(y1.float(), r1), err(y2.float(), r2))
+    # in_proj_qkvz with in_proj_ba and the decode conv of q, k, v in one launch (the small preset's GDN layout;
+    # slot 0's sequence has no state): against the torch reference, and bit for bit against the separate kernels
+    pgdn = GatedDeltaNet(ModelConfig.from_hf(preset_config("small")), 0, dtype=torch.float16, device="meta")
+    pcols, pchans = pgdn.qkv_columns(torch.device("cpu")), pgdn.qkv_channels(torch.device("cpu"))
+    xin, wba, cw = torch.randn(3, 256).half(), torch.randn(16, 256).half(), torch.randn(pcols.numel(), 4).half()
+    pcache, pslots, pinit = torch.randn(6, pcols.numel(), 3).half(), torch.tensor([4, 0, 2]), torch.tensor([1, 0, 1])
+    pinit = pinit > 0
+    wq8 = quantize_fp8_block(torch.randn(pchans.numel(), 256) / 16)
+    for name, wq in (("fp8", wq8), ("plain", dequantize(wq8).half())):
+        pcaches = [pcache.clone() for _ in range(3)]
+        got = fused.linear_pair_conv_update_(xin, wq, wba, cw, pcaches[0], pslots, pinit, pcols, pchans)
+        want = ref_conv.linear_pair_conv_update_(xin.float(), wq if name == "fp8" else wq.float(), wba.float(),
+                                                 cw.float(), pcaches[1], pslots, pinit, pcols, pchans)
+        out[f"linear_pair_conv/{name}"] = max(max(err(a.float(), b.float()) for a, b in zip(got, want)),
+                                              err(pcaches[0].float(), pcaches[1].float()))
+        y1, y2 = fused.linear_pair(xin, wq, wba)
+        apart = (y1, y2, triton_conv1d.causal_conv1d_update_(y1, cw, pcaches[2], pslots, pinit, x_cols=pcols))
+        out[f"linear_pair_conv_bits/{name}"] = bool(all(torch.equal(a, b) for a, b in zip((*got, pcaches[0]),
+                                                                                        (*apart, pcaches[2]))))
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qnext.ops.fp8_linear import linear_pair
 from qnext.ops.registry import register
 from qnext.ops.slots import slot_states
 
@@ -92,3 +93,14 @@ def causal_conv1d_update_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_s
                                   activation)
     conv_cache.index_copy_(0, slots, new.to(conv_cache.dtype))
     return y
+
+
+@register("linear_pair_conv_update_", "torch")
+def linear_pair_conv_update_(x: Tensor, w1, w2, conv_weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
+                             has_initial_state: Tensor | None, x_cols: Tensor,
+                             x_chans: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The GDN layer's decode input: (y1, y2) = linear_pair(x, w1, w2) (W fp8 or plain), then
+    causal_conv1d_update_ of y1's columns x_cols (x_chans, their inverse map, serves the fused CUDA kernel) ->
+    (y1, y2, conv output [N, C])."""
+    y1, y2 = linear_pair(x, w1, w2)
+    return y1, y2, causal_conv1d_update_(y1, conv_weight, conv_cache, state_slots, has_initial_state, x_cols=x_cols)

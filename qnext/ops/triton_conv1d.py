@@ -179,6 +179,16 @@ def _conv_update_kernel(
     if EARLY:
         pdl_wait_then_release(PDL)
     xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + xc, mask=cmask, other=0)
+    acc = conv_step(xv, window, w, base, j, cmask, KW, SILU)
+    tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def conv_step(xv, window, w, base, j, cmask, KW: tl.constexpr, SILU: tl.constexpr):
+    """One new token xv [BC] of channels whose window [BC, BKW] holds their K-1 state columns (oldest first; zeros
+    for a fresh sequence) and w [BC, BKW] their weights: stores the shifted state at base [BC] (each channel's
+    state row; channels in cmask) and returns the conv output, float32 (SiLU'd when SILU). Also the epilogue of
+    qnext.ops.triton_fused_linear's in_proj GEMV (the same operations in the same order: the same bits)."""
     window = tl.where(j[None, :] == KW - 1, xv[:, None].to(window.dtype), window)
     wf, wd = w.to(tl.float32), window.to(tl.float32)
     acc = xv.to(tl.float32) * _column(wf, j, KW - 1)    # newest first, then oldest to newest: one fixed order
@@ -188,7 +198,7 @@ def _conv_update_kernel(
     tl.store(base[:, None] + (j - 1)[None, :], window, mask=cmask[:, None] & ((j >= 1) & (j < KW))[None, :])
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+    return acc
 
 
 def causal_conv1d_prefill_(x: Tensor, weight: Tensor, conv_cache: Tensor, state_slots: Tensor,

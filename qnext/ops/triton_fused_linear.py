@@ -7,21 +7,31 @@
     silu_mul_linear_route(gate, up, w, bias, logits, k, renorm)  silu_mul_linear beside moe_route(logits, k, renorm)
                                                               in one launch (the shared expert's down projection
                                                               and the routing both read the pair above)
+    linear_pair_conv_update_(x, w1, w2, conv, cache, ...)   linear_pair whose first output also goes through the
+                                                              decode conv (causal_conv1d_update_) in the GEMV's
+                                                              epilogue (in_proj_qkvz with in_proj_ba, then the GDN
+                                                              layer's conv: each program owns its outputs' channels)
 Semantics of qnext.ops.fp8_linear (W fp8 block-scaled or plain 16-bit); each output is rounded as the separate
 kernels round it (SwiGLU's input to x's dtype before the projection reads it), so results are theirs bit for bit.
 
 Why by hand: no library fuses an activation into a weight-only FP8 GEMV's prologue, or launches two differently
 quantized GEMVs as one grid. The batch-1 step is a chain of ~740 dependent kernels, each paying its launch, wait
-and ramp; these remove 48 + 84 + 48 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate kernels.
+and ramp; these remove 48 + 84 + 48 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
+kernels.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from qnext.ops.pdl import pdl_launch
 from qnext.ops.quant import Fp8BlockWeight
+from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step
 from qnext.ops.triton_ffn import moe_route, silu_mul
-from qnext.ops.triton_linear_fp8 import fp8_linear, gemv, gemv_pair, gemv_takes, linear, swiglu_gemv_route
+from qnext.ops.triton_linear_fp8 import (GEMV_EARLY_LOAD, GEMV_STEP_SUM, _gemv_program, _ng, _operand, fp8_linear,
+                                         gemv, gemv_pair, gemv_takes, linear, swiglu_gemv_route)
 
 Tensor = torch.Tensor
 
@@ -29,6 +39,11 @@ Tensor = torch.Tensor
 FUSE_DECODE_PROJECTIONS = True
 # False: silu_mul_linear_route launches the routing apart (A/B runs: scripts/gpu_e2e.py --extras early).
 FUSE_ROUTE = True
+# False: linear_pair_conv_update_ runs the pair and the conv as two kernels (A/B runs: gpu_e2e.py --extras conv).
+FUSE_IN_PROJ_CONV = True
+# The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
+# pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
+CONV_EARLY_LOAD = True
 # Rows per program of the SwiGLU-formed down projection (2048 x 512). H200, scripts/gpu_check.py --only fused
 # (docs/benchmarks.md, 2026-12-03 third session): two kernels 2.3 us; formed in the GEMV bn4 1.7, bn8 1.6, bn16 1.5
 # (an earlier sweep: bn8 and bn16 1.5, bn4 1.8, bn2 2.0). The end-to-end runs used bn8.
@@ -69,3 +84,89 @@ def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Ten
     if FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w1, None) and gemv_takes(x2, w2, None):
         return gemv_pair(x2, w1, w2)
     return _project(x, w1), _project(x, w2)
+
+
+@triton.jit
+def _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW: tl.constexpr, HAS_INIT: tl.constexpr):
+    """(window [BN, BKW]: the K-1 state columns of channels ch at their state rows base, zeros without initial
+    state; w [BN, BKW]: their conv weights), as _conv_update_kernel loads them."""
+    smask = cmask
+    if HAS_INIT:
+        smask = cmask & (tl.load(init_ptr + m + 0 * ch).to(tl.int32) != 0)
+    window = tl.load(base[:, None] + j[None, :], mask=smask[:, None] & (j < KW - 1)[None, :], other=0)
+    w = tl.load(cw_ptr + ch[:, None] * KW + j[None, :], mask=cmask[:, None] & (j < KW)[None, :], other=0)
+    return window, w
+
+
+@triton.jit
+def _gemv_pair_conv_kernel(x_ptr, K, stride_xm,
+                           w1_ptr, s1_ptr, y1_ptr, N1, stride_w1, stride_s1, stride_y1,
+                           w2_ptr, s2_ptr, y2_ptr, N2, stride_w2, stride_s2, stride_y2,
+                           chan_ptr, cw_ptr, state_ptr, slots_ptr, init_ptr, mixed_ptr, stride_mm, stride_ss,
+                           stride_sc,
+                           BN1: tl.constexpr, NG1: tl.constexpr, SCALED1: tl.constexpr,
+                           BN2: tl.constexpr, NG2: tl.constexpr, SCALED2: tl.constexpr,
+                           KW: tl.constexpr, BKW: tl.constexpr, HAS_INIT: tl.constexpr, CONV_EARLY: tl.constexpr,
+                           EARLY: tl.constexpr = True, STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
+    """qnext.ops.triton_linear_fp8's _gemv_pair_kernel, and each program of the first GEMV (row m, outputs rows)
+    then runs the conv step of the channels those outputs feed: chan [N1] int32 names each output's conv channel
+    (-1: none, in_proj_qkvz's z columns); conv weights cw [C, KW], conv state [S, C, KW-1] at slot slots[m], zeros
+    where init[m] is false; the conv output (SiLU'd) goes to mixed [M, C]. A channel is fed by one output, so no
+    two programs touch one channel's state. CONV_EARLY: the state and weights are loaded before the PDL wait, as
+    _conv_update_kernel loads them (the kernel before this one, the input norm, writes neither), and held through
+    the K loop; else after it."""
+    m = tl.program_id(0)
+    p = tl.program_id(1)
+    tiles1 = tl.cdiv(N1, BN1)
+    if p < tiles1:
+        rows = p * BN1 + tl.arange(0, BN1)
+        ch = tl.load(chan_ptr + rows, mask=rows < N1, other=-1)
+        cmask = ch >= 0
+        j = tl.arange(0, BKW)
+        base = state_ptr + tl.load(slots_ptr + m).to(tl.int64) * stride_ss + ch * stride_sc
+        if CONV_EARLY:
+            window, w = _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
+        y = _gemv_program(x_ptr, w1_ptr, s1_ptr, y1_ptr, m, p, N1, K, stride_xm, stride_w1, stride_s1, stride_y1, 0,
+                          BN1, NG1, SCALED1, EARLY, STEP_SUM, False, PDL)
+        if not CONV_EARLY:
+            window, w = _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
+        acc = conv_step(y, window, w, base, j, cmask, KW, True)
+        tl.store(mixed_ptr + m.to(tl.int64) * stride_mm + ch, acc.to(mixed_ptr.dtype.element_ty), mask=cmask)
+    else:
+        _gemv_program(x_ptr, w2_ptr, s2_ptr, y2_ptr, m, p - tiles1, N2, K, stride_xm, stride_w2, stride_s2,
+                      stride_y2, 0, BN2, NG2, SCALED2, EARLY, STEP_SUM, False, PDL)
+
+
+def linear_pair_conv_update_(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor,
+                             conv_weight: Tensor, conv_cache: Tensor, state_slots: Tensor,
+                             has_initial_state: Tensor | None, x_cols: Tensor,
+                             x_chans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(y1, y2) = linear_pair(x, w1, w2) and the SiLU'd decode conv of y1's columns x_cols [C] (channel c reads
+    column x_cols[c]; x_chans [N1] is the inverse map, -1 for columns no channel reads): causal_conv1d_update_(y1,
+    conv_weight [C, K], conv_cache [S, C, K-1] in place at state_slots [M], has_initial_state, x_cols=x_cols)
+    -> (y1, y2, conv output [M, C]). One launch for decode rows (see _gemv_pair_conv_kernel), else linear_pair,
+    then the conv kernel."""
+    c = conv_weight.shape[0]
+    cw = conv_weight.reshape(c, -1)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    if not (FUSE_IN_PROJ_CONV and FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w1, None)
+            and gemv_takes(x2, w2, None) and conv_cache.stride(-1) == 1 and cw.is_contiguous()):
+        y1, y2 = linear_pair(x, w1, w2)
+        return y1, y2, causal_conv1d_update_(y1, conv_weight, conv_cache, state_slots, has_initial_state,
+                                             x_cols=x_cols)
+    m, k = x2.shape
+    (a, sa, n1, _, (bn1, ng1, warps1)), (b, sb, n2, _, (bn2, ng2, warps2)) = _operand(w1), _operand(w2)
+    y1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
+    y2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
+    mixed = torch.empty(m, c, dtype=x.dtype, device=x.device)
+    _gemv_pair_conv_kernel[(m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2))](
+        x2, k, x2.stride(0),
+        a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
+        b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0),
+        x_chans, cw, conv_cache, state_slots, has_initial_state if has_initial_state is not None else state_slots,
+        mixed, mixed.stride(0), conv_cache.stride(0), conv_cache.stride(1),
+        BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
+        KW=cw.shape[1], BKW=triton.next_power_of_2(cw.shape[1]), HAS_INIT=has_initial_state is not None,
+        CONV_EARLY=CONV_EARLY_LOAD, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2),
+        **pdl_launch())
+    return y1, y2, mixed

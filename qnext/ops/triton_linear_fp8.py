@@ -130,7 +130,7 @@ def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
 def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
                   BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, EARLY: tl.constexpr,
                   STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
-    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel)."""
+    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype."""
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
@@ -156,7 +156,9 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
         y = tl.sum(acc, axis=1)
     else:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y, mask=rmask)
+    return y
 
 
 @triton.jit

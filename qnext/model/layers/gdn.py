@@ -54,6 +54,7 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, ops_backend=ops_backend, **kw)
         self.out_proj = make_linear(value_dim, cfg.hidden_size, **dense)
         self._qkv_cols: torch.Tensor | None = None
+        self._qkv_chans: torch.Tensor | None = None
         # qkv_columns() maps aligned runs of this many channels (a power of two dividing Dk and r * Dv) to
         # consecutive columns: the conv kernel then reads whole channel blocks as contiguous row segments
         run = math.gcd(self.dk, self.r * self.dv)
@@ -85,11 +86,26 @@ class GatedDeltaNet(nn.Module):
             self._qkv_cols = torch.cat((q.flatten(), k.flatten(), v.flatten())).to(device, torch.int32)
         return self._qkv_cols
 
+    def qkv_channels(self, device: torch.device) -> torch.Tensor:
+        """[in_proj_qkvz outputs] int32: the conv channel each output column feeds (the inverse of qkv_columns), -1
+        for the z columns. Made once per device, like qkv_columns."""
+        cols = self.qkv_columns(device)
+        if self._qkv_chans is None or self._qkv_chans.device != device:
+            chans = torch.full((self.in_proj_qkvz.out_features,), -1, dtype=torch.int32, device=device)
+            chans[cols.long()] = torch.arange(cols.numel(), dtype=torch.int32, device=device)
+            self._qkv_chans = chans
+        return self._qkv_chans
+
     def forward(self, x: torch.Tensor, batch, cache, rope=None) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
         t, dev, be = x.shape[0], x.device, self.ops_backend
         hk, r, dk, dv = self.hk, self.r, self.dk, self.dv
-        pair = (project_pair(x, self.in_proj_qkvz, self.ba_proj)      # one launch (no side stream to overlap)
+        slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state
+        conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
+        weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
+        # one launch (no side stream to overlap): both projections, and in decode the conv of q, k, v too
+        conv = (weight, conv_cache, slots, has_init, cols, self.qkv_channels(dev)) if decode else None
+        pair = (project_pair(x, self.in_proj_qkvz, self.ba_proj, conv)
                 if batch.side_stream is None and self.ba_proj is not None else None)
         with SideBranch(None if pair else batch.side_stream) as side:                   # beside in_proj_qkvz
             if pair:
@@ -101,13 +117,10 @@ class GatedDeltaNet(nn.Module):
         if not pair:
             qkvz = self.in_proj_qkvz(x)                                                 # [T, Hk * (2Dk + 2rDv)]
         z = qkvz.view(t, hk, -1)[..., 2 * dk + r * dv:].unflatten(-1, (r, dv))         # [T, Hk, r, Dv] view
-        slots, decode, has_init = batch.state_slots, batch.is_decode, batch.has_initial_state
-
-        conv_cache, cols = cache.conv[self.layer_id], self.qkv_columns(dev)            # [S, C, K-1]
-        weight = self.conv1d.weight[:, 0, :]                                            # [C, K]
         kd = hk * dk
         if decode:
-            mixed = get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots, has_init, x_cols=cols)
+            mixed = pair[2] if pair else get_op("causal_conv1d_update_", be, dev)(qkvz, weight, conv_cache, slots,
+                                                                                 has_init, x_cols=cols)
             q, k, v = mixed.split([kd, kd, self.hv * dv], dim=-1)
         else:       # q, k, v each contiguous, as the chunked kernel wants them
             q, k, v = get_op("causal_conv1d_prefill_", be, dev)(qkvz, weight, conv_cache, slots, has_init,
