@@ -151,7 +151,8 @@ def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Te
     has_initial_state [N] bool or None (= all true); cu_seqlens [N+1] int or None (= one token per sequence, T = N)
     -> o [T, Hv, Dv] in v.dtype. q/k are L2-normalised and q scaled by `scale` (default Dk^-0.5) in the kernel.
     The state is loaded before the PDL wait (EARLY_STATE_LOAD): the kernel launched right before this one (the
-    GDN layer's conv step) must not write ssm_cache, the slots, has_initial_state, cu_seqlens, A_log or dt_bias."""
+    GDN layer's conv step, alone or in the in_proj GEMV's epilogue) must not write ssm_cache, the slots,
+    has_initial_state, cu_seqlens, A_log or dt_bias."""
     n = state_slots.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _launch_recurrent(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state, cu_seqlens,

@@ -26,12 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.pdl import pdl_launch
 from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step
 from qnext.ops.triton_ffn import moe_route, silu_mul
-from qnext.ops.triton_linear_fp8 import (GEMV_EARLY_LOAD, GEMV_STEP_SUM, _gemv_program, _ng, _operand, fp8_linear,
-                                         gemv, gemv_pair, gemv_takes, linear, swiglu_gemv_route)
+from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
+                                         linear, swiglu_gemv_route)
 
 Tensor = torch.Tensor
 
@@ -154,19 +153,11 @@ def linear_pair_conv_update_(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8Bloc
         y1, y2 = linear_pair(x, w1, w2)
         return y1, y2, causal_conv1d_update_(y1, conv_weight, conv_cache, state_slots, has_initial_state,
                                              x_cols=x_cols)
-    m, k = x2.shape
-    (a, sa, n1, _, (bn1, ng1, warps1)), (b, sb, n2, _, (bn2, ng2, warps2)) = _operand(w1), _operand(w2)
-    y1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
-    y2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
-    mixed = torch.empty(m, c, dtype=x.dtype, device=x.device)
-    _gemv_pair_conv_kernel[(m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2))](
-        x2, k, x2.stride(0),
-        a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
-        b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0),
-        x_chans, cw, conv_cache, state_slots, has_initial_state if has_initial_state is not None else state_slots,
-        mixed, mixed.stride(0), conv_cache.stride(0), conv_cache.stride(1),
-        BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
-        KW=cw.shape[1], BKW=triton.next_power_of_2(cw.shape[1]), HAS_INIT=has_initial_state is not None,
-        CONV_EARLY=CONV_EARLY_LOAD, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2),
-        **pdl_launch())
+    y1, y2, grid, args, tiles = gemv_pair_launch(x2, w1, w2)
+    mixed = torch.empty(x2.shape[0], c, dtype=x.dtype, device=x.device)
+    _gemv_pair_conv_kernel[grid](
+        *args, x_chans, cw, conv_cache, state_slots,
+        has_initial_state if has_initial_state is not None else state_slots, mixed, mixed.stride(0),
+        conv_cache.stride(0), conv_cache.stride(1), KW=cw.shape[1], BKW=triton.next_power_of_2(cw.shape[1]),
+        HAS_INIT=has_initial_state is not None, CONV_EARLY=CONV_EARLY_LOAD, **tiles)
     return y1, y2, mixed

@@ -413,19 +413,26 @@ def gemv(x: Tensor, w: Fp8BlockWeight | Tensor, **kw) -> Tensor:
     return fp8_gemv(x, w, **kw) if isinstance(w, Fp8BlockWeight) else bf16_gemv(x, w, **kw)
 
 
-def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
-    """(x @ w1^T, x @ w2^T) in one launch (gemv_takes must hold for both); each weight fp8 or 16-bit, at its own
-    default tile (the launch takes the larger warp count; every default tile has 4)."""
+def gemv_pair_launch(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple:
+    """(y1, y2 (empty outputs), grid, the pair kernels' leading arguments, their tile keywords) of x @ w1^T and
+    x @ w2^T as one launch, each weight at its own default tile (the launch takes the larger warp count; every
+    default tile has 4): for _gemv_pair_kernel and the kernels that extend it."""
     m, k = x.shape
     (a, sa, n1, _, (bn1, ng1, warps1)), (b, sb, n2, _, (bn2, ng2, warps2)) = _operand(w1), _operand(w2)
     y1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
     y2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
-    _gemv_pair_kernel[(m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2))](
-        x, k, x.stride(0),
-        a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
-        b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0),
-        BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
-        EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2), **pdl_launch())
+    args = (x, k, x.stride(0),
+            a, a if sa is None else sa, y1, n1, a.stride(0), 0 if sa is None else sa.stride(0), y1.stride(0),
+            b, b if sb is None else sb, y2, n2, b.stride(0), 0 if sb is None else sb.stride(0), y2.stride(0))
+    tiles = dict(BN1=bn1, NG1=_ng(ng1, k), SCALED1=sa is not None, BN2=bn2, NG2=_ng(ng2, k), SCALED2=sb is not None,
+                 EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, num_warps=max(warps1, warps2), **pdl_launch())
+    return y1, y2, (m, triton.cdiv(n1, bn1) + triton.cdiv(n2, bn2)), args, tiles
+
+
+def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
+    """(x @ w1^T, x @ w2^T) in one launch (gemv_takes must hold for both); each weight fp8 or 16-bit."""
+    y1, y2, grid, args, tiles = gemv_pair_launch(x, w1, w2)
+    _gemv_pair_kernel[grid](*args, **tiles)
     return y1, y2
 
 
