@@ -169,18 +169,26 @@ def _conv_update_kernel(
     cmask = oc < C
     j = tl.arange(0, BKW)
     xc = tl.load(cols_ptr + oc, mask=cmask, other=0) if HAS_COLS else oc
-    slot = tl.load(slots_ptr + n).to(tl.int64)
-    smask = cmask
-    if HAS_INIT:
-        smask = cmask & (tl.load(init_ptr + n + 0 * oc).to(tl.int32) != 0)
-    base = state_ptr + slot * stride_ss + oc * stride_sc
-    window = tl.load(base[:, None] + j[None, :], mask=smask[:, None] & (j < KW - 1)[None, :], other=0)
-    w = tl.load(w_ptr + oc[:, None] * KW + j[None, :], mask=cmask[:, None] & (j < KW)[None, :], other=0)
+    base = state_ptr + tl.load(slots_ptr + n).to(tl.int64) * stride_ss + oc * stride_sc
+    window, w = conv_window(base, w_ptr, init_ptr, n, oc, cmask, j, KW, HAS_INIT)
     if EARLY:
         pdl_wait_then_release(PDL)
     xv = tl.load(x_ptr + n.to(tl.int64) * stride_xn + xc, mask=cmask, other=0)
     acc = conv_step(xv, window, w, base, j, cmask, KW, SILU)
     tl.store(y_ptr + n.to(tl.int64) * stride_yn + oc, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def conv_window(base, w_ptr, init_ptr, n, oc, cmask, j, KW: tl.constexpr, HAS_INIT: tl.constexpr):
+    """(window [BC, BKW]: the K-1 state columns of channels oc (in cmask) of sequence n, at their state rows base,
+    zeros where init[n] is false (HAS_INIT); w [BC, BKW]: their conv weights [C, KW]), for conv_step. Also the
+    in_proj GEMV's conv epilogue's loads (qnext.ops.triton_fused_linear)."""
+    smask = cmask
+    if HAS_INIT:
+        smask = cmask & (tl.load(init_ptr + n + 0 * oc).to(tl.int32) != 0)
+    window = tl.load(base[:, None] + j[None, :], mask=smask[:, None] & (j < KW - 1)[None, :], other=0)
+    w = tl.load(w_ptr + oc[:, None] * KW + j[None, :], mask=cmask[:, None] & (j < KW)[None, :], other=0)
+    return window, w
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.quant import Fp8BlockWeight
-from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step
+from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step, conv_window
 from qnext.ops.triton_ffn import moe_route, silu_mul
 from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
                                          linear, swiglu_gemv_route)
@@ -86,18 +86,6 @@ def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Ten
 
 
 @triton.jit
-def _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW: tl.constexpr, HAS_INIT: tl.constexpr):
-    """(window [BN, BKW]: the K-1 state columns of channels ch at their state rows base, zeros without initial
-    state; w [BN, BKW]: their conv weights), as _conv_update_kernel loads them."""
-    smask = cmask
-    if HAS_INIT:
-        smask = cmask & (tl.load(init_ptr + m + 0 * ch).to(tl.int32) != 0)
-    window = tl.load(base[:, None] + j[None, :], mask=smask[:, None] & (j < KW - 1)[None, :], other=0)
-    w = tl.load(cw_ptr + ch[:, None] * KW + j[None, :], mask=cmask[:, None] & (j < KW)[None, :], other=0)
-    return window, w
-
-
-@triton.jit
 def _gemv_pair_conv_kernel(x_ptr, K, stride_xm,
                            w1_ptr, s1_ptr, y1_ptr, N1, stride_w1, stride_s1, stride_y1,
                            w2_ptr, s2_ptr, y2_ptr, N2, stride_w2, stride_s2, stride_y2,
@@ -124,11 +112,11 @@ def _gemv_pair_conv_kernel(x_ptr, K, stride_xm,
         j = tl.arange(0, BKW)
         base = state_ptr + tl.load(slots_ptr + m).to(tl.int64) * stride_ss + ch * stride_sc
         if CONV_EARLY:
-            window, w = _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
+            window, w = conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
         y = _gemv_program(x_ptr, w1_ptr, s1_ptr, y1_ptr, m, p, N1, K, stride_xm, stride_w1, stride_s1, stride_y1, 0,
                           BN1, NG1, SCALED1, EARLY, STEP_SUM, False, PDL)
         if not CONV_EARLY:
-            window, w = _conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
+            window, w = conv_window(base, cw_ptr, init_ptr, m, ch, cmask, j, KW, HAS_INIT)
         acc = conv_step(y, window, w, base, j, cmask, KW, True)
         tl.store(mixed_ptr + m.to(tl.int64) * stride_mm + ch, acc.to(mixed_ptr.dtype.element_ty), mask=cmask)
     else:
