@@ -215,15 +215,20 @@ def parity_case(scheme_name: str | None, device: str, tol_logits: float, tol_sig
 
 # ---- (b) speed -------------------------------------------------------------------------------------------------------
 
-def build_full(preset: str, scheme_name: str, device: str):
-    cfg = ModelConfig.from_hf(preset_config(preset))
+def build_full(preset: str, scheme_name: str, device: str, num_experts: int = 0):
+    """num_experts (> 0): the preset with fewer routed experts, the same top-k, so the same bytes per token (FP8
+    experts of the full preset need an H200; with 256 they fit an H100, for per-layer measurements)."""
+    hf = preset_config(preset)
+    if num_experts:
+        hf["num_experts"] = num_experts
+    cfg = ModelConfig.from_hf(hf)
     scheme = QuantScheme.named(scheme_name, cfg)
     t = time.time()
     model = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, device=device, quantization=scheme).eval()
     fill_synthetic_(model, seed=0)
     sync(device)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    log(f"[build] {preset} {scheme}: {nbytes / 2**30:.1f} GiB of weights in {time.time() - t:.1f}s")
+    log(f"[build] {preset} ({cfg.num_experts} experts) {scheme}: {nbytes / 2**30:.1f} GiB of weights in {time.time() - t:.1f}s")
     return cfg, model, nbytes
 
 
@@ -737,15 +742,20 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
                              ("all on again", []))])
 
 
-# Batch-1 expert GEMV tilings per expert format (--extras tiles). int4: the gate_up program (one warp, one weight row,
-# 102 registers: 19 per SM, so its 5,120 programs run in ~2 waves) with more rows (offline ptxas, sm_90a: 2 rows
-# 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2 warps 161 ~1.6 waves). fp8: the tensor-core
-# kernels (measured no faster at b1 on the H200 before the down kernel's early weight load existed) with them.
+# Batch-1 expert GEMV tilings per expert format (--extras tiles): (name, GEMV_DEFAULTS entries, module settings).
+# int4: the gate_up program (one warp, one weight row, 102 registers: 19 per SM, so its 5,120 programs run in ~2
+# waves) with more rows (offline ptxas, sm_90a: 2 rows 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2
+# warps 161 ~1.6 waves). fp8 (CUDA cores; offline registers at 4 warps: gate_up 80 at 4 rows per program, 6 per
+# SM, ~1.6 waves of 1,280; 64 at 2 rows; down 40 with its weights loaded before the PDL wait, 72 without, 32 at 8
+# rows): the down weights after the wait, other rows per program, and the tensor-core kernels (measured no faster at
+# b1 on the H200 before the down kernels' early weight loads existed).
+_LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
-    "int4": [("gate_up 2 rows per program", dict(mbm1=2)), ("gate_up 4 rows per program", dict(mbm1=4)),
-             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2))],
-    "fp8": [("fp8 experts on tensor cores", dict(mma=True)),
-            ("fp8 experts on tensor cores, gate_up 4 rows", dict(mma=True, mbm1=4))],
+    "int4": [("gate_up 2 rows per program", dict(mbm1=2), []), ("gate_up 4 rows per program", dict(mbm1=4), []),
+             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2), [])],
+    "fp8": [("fp8 down weights after the wait", {}, _LATE_DOWN), ("fp8 gate_up 2 rows", dict(sbn1=2), []),
+            ("fp8 down 8 rows", dict(sbn2=8), []), ("fp8 experts on tensor cores", dict(mma=True), []),
+            ("fp8 experts on tensor cores, gate_up 2 rows", dict(mma=True, mbm1=2), [])],
 }
 
 
@@ -757,14 +767,14 @@ def tiles_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 
     kind = FP8 if scheme_name == "fp8" else INT4
 
-    def tiling(over: dict):
+    def tiling(over: dict, values: list):
         tiles = {k: dict(v) for k, v in triton_moe_gemv.GEMV_DEFAULTS.items()}
         tiles[kind].update(over)
-        return settings(("qnext.ops.triton_moe_gemv", "GEMV_DEFAULTS", tiles))
+        return settings(("qnext.ops.triton_moe_gemv", "GEMV_DEFAULTS", tiles), *values)
 
     engines_ab(tag, model, cfg, engine, device, args, max_len, [
-        (name, lambda over=over: tiling(over), {}, False)
-        for name, over in TILE_VARIANTS["fp8" if kind == FP8 else "int4"]])
+        (name, lambda over=over, values=values: tiling(over, values), {}, False)
+        for name, over, values in TILE_VARIANTS["fp8" if kind == FP8 else "int4"]])
 
 
 def deep_ab(tag: str, model, cfg, device: str, args) -> None:
@@ -800,7 +810,7 @@ def deep_ab(tag: str, model, cfg, device: str, args) -> None:
 
 
 def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, extended: bool) -> None:
-    cfg, model, nbytes = build_full(preset, scheme_name, device)
+    cfg, model, nbytes = build_full(preset, scheme_name, device, args.num_experts)
     R["bench"].setdefault(tag, {})["weights_GiB"] = nbytes / 2**30
     max_len = max(args.prefill, args.depth + args.gen_b1) + 512
     engine = guarded(f"{tag} engine", 20, engine_for, model, cfg, device, False, max_len)
@@ -891,6 +901,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=1024, help="context of the decode measurements")
     ap.add_argument("--prefill", type=int, default=8192, help="prompt length of the prefill measurement")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--num-experts", type=int, default=0, help="routed experts of the full-size model (default: "
+                    "the preset's); fewer keep the bytes per token (FP8 experts on an H100)")
     ap.add_argument("--trace-batch", type=int, default=32, help="batch of the device trace (--extras trace)")
     ap.add_argument("--deep", type=int, default=8192, help="context of the b32 decode A/B (--extras deep)")
     ap.add_argument("--variants", default="int4,int4-bf16",

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+from qnext.ops import triton_moe_gemv_mma
 from qnext.ops.triton_moe_gemv_mma import mma_gemv
 from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
                                           int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
@@ -32,6 +33,38 @@ SPLIT_MAX_PAIRS = 32
 
 
 @triton.jit
+def _gemv_load(w_base, s_base, rows, rmask, gg, kp, km, stride_wn, stride_sn, KLIM,
+               KIND: tl.constexpr, GS: tl.constexpr, TR: tl.constexpr = 0):
+    """One weight tile of _gemv_tile as stored: (w [BN, NG, GS], int4 group scales [BN, NG] float32; other kinds
+    return w twice, the second unused)."""
+    mask = rmask[:, None, None] & km[None, :, :]
+    if KIND == 2:
+        kw = kp + (int4_group_offsets(gg, TR, GS) - gg * GS)[:, None]          # kp's bytes where they are stored
+        p = tl.load(w_base + int4_row_offsets(rows, stride_wn, TR, GS)[:, None, None] + kw[None, :, :], mask=mask,
+                    other=0)
+        sc = tl.load(s_base + int4_scale_row_offsets(rows, stride_sn, TR)[:, None]
+                     + int4_scale_group_offsets(gg, TR)[None, :],
+                     mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
+    else:
+        p = tl.load(w_base + rows[:, None, None] * stride_wn + kp[None, :, :], mask=mask, other=0.0)
+        sc = p
+    return p, sc
+
+
+@triton.jit
+def _gemv_dot(acc, w, sc, xa, xb, KIND: tl.constexpr):
+    """acc [BN, NG] += a tile of _gemv_load times the activations, summed over each group's GS columns."""
+    if KIND == 2:
+        # q - 8 without an int->float convert (quarter rate): (0x4B000000 | q) is the float 2^23 + q
+        lo = ((w & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        hi = ((w >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        acc += tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) * sc
+    else:
+        acc += tl.sum(w.to(tl.float32) * xa[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM,
                KIND: tl.constexpr, GS: tl.constexpr, TR: tl.constexpr = 0):
     """acc [BN, NG] += one weight tile times the activations, summed over each group's GS columns (a [BN, NG, GS]
@@ -43,22 +76,8 @@ def _gemv_tile(acc, w_base, s_base, rows, rmask, gg, kp, km, xa, xb, stride_wn, 
     int4: xa / xb [NG, GS] activations of the low / high nibbles (k = g*2GS + j and g*2GS + GS + j); TR the
     weight's tile_rows.
     """
-    mask = rmask[:, None, None] & km[None, :, :]
-    if KIND == 2:
-        kw = kp + (int4_group_offsets(gg, TR, GS) - gg * GS)[:, None]          # kp's bytes where they are stored
-        p = tl.load(w_base + int4_row_offsets(rows, stride_wn, TR, GS)[:, None, None] + kw[None, :, :], mask=mask,
-                    other=0)
-        # q - 8 without an int->float convert (quarter rate): (0x4B000000 | q) is the float 2^23 + q
-        lo = ((p & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        hi = ((p >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        sc = tl.load(s_base + int4_scale_row_offsets(rows, stride_sn, TR)[:, None]
-                     + int4_scale_group_offsets(gg, TR)[None, :],
-                     mask=rmask[:, None] & (gg * GS < KLIM)[None, :], other=0).to(tl.float32)
-        acc += tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) * sc
-    else:
-        w = tl.load(w_base + rows[:, None, None] * stride_wn + kp[None, :, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(w * xa[None, :, :], axis=2)
-    return acc
+    w, sc = _gemv_load(w_base, s_base, rows, rmask, gg, kp, km, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+    return _gemv_dot(acc, w, sc, xa, xb, KIND)
 
 
 @triton.jit
@@ -116,46 +135,71 @@ def _moe_gemv_gate_up_kernel(
 
 
 @triton.jit
+def _down_x(h_row, gg, kp, km, sb, wt, KLIM, KIND: tl.constexpr, GS: tl.constexpr):
+    """The down GEMV's activations for one step (h [NG, GS] times the router weight wt, fp8 also times the weight's
+    block scales at sb): (xa, xb) as _gemv_tile takes them."""
+    if KIND == 2:
+        xa = tl.load(h_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32) * wt
+        xb = tl.load(h_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32) * wt
+        return xa, xb
+    xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32)
+    if KIND == 1:
+        xa = xa * (tl.load(sb + gg, mask=gg * GS < KLIM, other=0) * wt)[:, None]
+    else:
+        xa = xa * wt
+    return xa, xa
+
+
+@triton.jit
 def _moe_gemv_down_kernel(
     h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
     N, KLIM, NGRP, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     KIND: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k]."""
-    pdl_wait_then_release(PDL)
+    """grid (M, cdiv(N, BN)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k].
+    EARLY (TOPK == 1 and NG * GS covering K: one pair and one step per program, the split mode): the expert id and
+    the weight tile are loaded before the PDL wait, as the tensor-core down kernel does (safe for the same reason,
+    see triton_moe_gemv_mma.py)."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     acc = tl.zeros([BN, NG], dtype=tl.float32)
     j = tl.arange(0, GS)
-    for kk in range(0, TOPK):
-        p = m * TOPK + kk
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        wt = tl.load(tw_ptr + p).to(tl.float32)
+    if EARLY:
+        e = tl.load(ids_ptr + m, cache_modifier=".cg").to(tl.int64)
+        gg = tl.arange(0, NG)
+        kp = gg[:, None] * GS + j[None, :]
+        km = kp < KLIM
         wb = w_ptr + e * stride_we
+        sb = s_ptr + e * stride_se
         if KIND == 1:
-            sb = s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn
-        else:
-            sb = s_ptr + e * stride_se
-        h_row = h_ptr + p.to(tl.int64) * stride_hm
-        for g0 in range(0, NGRP, NG):
-            gg = g0 + tl.arange(0, NG)
-            kp = gg[:, None] * GS + j[None, :]
-            km = kp < KLIM
-            if KIND == 2:
-                xa = tl.load(h_row + kp + gg[:, None] * GS, mask=km, other=0).to(tl.float32) * wt
-                xb = tl.load(h_row + kp + gg[:, None] * GS + GS, mask=km, other=0).to(tl.float32) * wt
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS, TR)
-            elif KIND == 1:
-                xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32)
-                xa = xa * (tl.load(sb + gg, mask=gg * GS < KLIM, other=0) * wt)[:, None]
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+            sb += ((pid_n * BN) // 128) * stride_sn
+        w, sc = _gemv_load(wb, sb, rows, rmask, gg, kp, km, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+        pdl_wait_then_release(PDL)
+        xa, xb = _down_x(h_ptr + m.to(tl.int64) * stride_hm, gg, kp, km, sb, tl.load(tw_ptr + m).to(tl.float32),
+                         KLIM, KIND, GS)
+        acc = _gemv_dot(acc, w, sc, xa, xb, KIND)
+    else:
+        pdl_wait_then_release(PDL)
+        for kk in range(0, TOPK):
+            p = m * TOPK + kk
+            e = tl.load(ids_ptr + p).to(tl.int64)
+            wt = tl.load(tw_ptr + p).to(tl.float32)
+            wb = w_ptr + e * stride_we
+            if KIND == 1:
+                sb = s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn
             else:
-                xa = tl.load(h_row + kp, mask=km, other=0).to(tl.float32) * wt
-                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xa, stride_wn, stride_sn, KLIM, KIND, GS, TR)
+                sb = s_ptr + e * stride_se
+            h_row = h_ptr + p.to(tl.int64) * stride_hm
+            for g0 in range(0, NGRP, NG):
+                gg = g0 + tl.arange(0, NG)
+                kp = gg[:, None] * GS + j[None, :]
+                km = kp < KLIM
+                xa, xb = _down_x(h_row, gg, kp, km, sb, wt, KLIM, KIND, GS)
+                acc = _gemv_tile(acc, wb, sb, rows, rmask, gg, kp, km, xa, xb, stride_wn, stride_sn, KLIM, KIND, GS, TR)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -163,7 +207,7 @@ def _moe_gemv_down_kernel(
 def _gemv_cfg(w: KernelWeight, config: dict | None) -> dict:
     """-> dict(bn, ng, gs, warps) for kernel 1 (suffix 1) and kernel 2 (suffix 2) (+ the int4 dot variant's and
     the split mode's: split (None = auto), sbn1, sbn2, sw)."""
-    cfg = dict(GEMV_DEFAULTS[w.kind], split=None, sbn1=4, sbn2=16, sw=4)
+    cfg = dict(dict(split=None, sbn1=4, sbn2=16, sw=4), **GEMV_DEFAULTS[w.kind])
     if config:
         cfg.update({k: v for k, v in config.items() if k in cfg})
     for i in ("1", "2"):
@@ -203,7 +247,8 @@ def _moe_gemv_split(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, 
         h, w2.data, w2.scale, ids, tw, y,
         hidden, w2.klim, triton.cdiv(w2.klim, gs), 1,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), y.stride(0),
-        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, TR=w2.tile_rows, num_warps=cfg["sw"], **pdl_launch())
+        KIND=w2.kind, BN=cfg["sbn2"], NG=ng, GS=gs, TR=w2.tile_rows, EARLY=triton_moe_gemv_mma.EARLY_DOWN_LOAD,
+        num_warps=cfg["sw"], **pdl_launch())
     return _split_result(y, m, top_k, reduce)
 
 
