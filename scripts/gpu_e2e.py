@@ -747,15 +747,19 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # waves) with more rows (offline ptxas, sm_90a: 2 rows 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2
 # warps 161 ~1.6 waves). fp8 (CUDA cores; offline registers at 4 warps: gate_up 80 at 4 rows per program, 6 per
 # SM, ~1.6 waves of 1,280; 64 at 2 rows; down 40 with its weights loaded before the PDL wait, 72 without, 32 at 8
-# rows): the down weights after the wait, other rows per program, and the tensor-core kernels (measured no faster at
-# b1 on the H200 before the down kernels' early weight loads existed).
+# rows): the down weights after the wait and the tensor-core kernels (H100, 256 experts: replay b1 2.354 ms against
+# 2.388 on CUDA cores). Both: gate_up as the looping kernel (mloop1: Triton pipelines the loop, so a program's next
+# items load while it computes; 111 registers, 18 programs per SM fit).
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
-    "int4": [("gate_up 2 rows per program", dict(mbm1=2), []), ("gate_up 4 rows per program", dict(mbm1=4), []),
-             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2), [])],
-    "fp8": [("fp8 down weights after the wait", {}, _LATE_DOWN), ("fp8 gate_up 2 rows", dict(sbn1=2), []),
-            ("fp8 down 8 rows", dict(sbn2=8), []), ("fp8 experts on tensor cores", dict(mma=True), []),
-            ("fp8 experts on tensor cores, gate_up 2 rows", dict(mma=True, mbm1=2), [])],
+    "int4": [("gate_up looped, 8 programs per SM", dict(mloop1=8), []),
+             ("gate_up looped, 16 programs per SM", dict(mloop1=16), []),
+             ("gate_up looped, 16 per SM, 2 stages", dict(mloop1=16, mlst=2), []),
+             ("gate_up 2 rows per program", dict(mbm1=2), [])],
+    "fp8": [("fp8 experts on tensor cores", dict(mma=True), []),
+            ("fp8 tensor cores, gate_up looped, 8 per SM", dict(mma=True, mloop1=8), []),
+            ("fp8 tensor cores, gate_up looped, 16 per SM", dict(mma=True, mloop1=16), []),
+            ("fp8 down weights after the wait", {}, _LATE_DOWN)],
 }
 
 

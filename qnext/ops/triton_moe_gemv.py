@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 # `config` (keys bn1, rb1, w1, bn2, rb2, w2); tuned by scripts/gpu_check.py.
 # int4 runs on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below); fp8 can
 # (mma=True) but its CUDA-core kernels were as fast at batch 1 (H200: 20.1 against 20.9 us) and faster at 8.
-MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2)
+MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2, mloop1=0, mlst=3)
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
     FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **dict(MMA, mma=False)),
