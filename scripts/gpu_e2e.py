@@ -752,11 +752,13 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # items load while it computes; 111 registers, 18 programs per SM fit).
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
-    "int4": [("gate_up looped, 8 programs per SM", dict(mloop1=8), []),
+    "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
+             ("gate_up looped, 8 programs per SM", dict(mloop1=8), []),
              ("gate_up looped, 16 programs per SM", dict(mloop1=16), []),
              ("gate_up looped, 16 per SM, 2 stages", dict(mloop1=16, mlst=2), []),
              ("gate_up 2 rows per program", dict(mbm1=2), [])],
-    "fp8": [("fp8 experts on tensor cores", dict(mma=True), []),
+    "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
+            ("fp8 experts on tensor cores", dict(mma=True), []),
             ("fp8 tensor cores, gate_up looped, 8 per SM", dict(mma=True, mloop1=8), []),
             ("fp8 tensor cores, gate_up looped, 16 per SM", dict(mma=True, mloop1=16), []),
             ("fp8 down weights after the wait", {}, _LATE_DOWN)],
