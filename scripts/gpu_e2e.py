@@ -745,22 +745,18 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # Batch-1 expert GEMV tilings per expert format (--extras tiles): (name, GEMV_DEFAULTS entries, module settings).
 # int4: the gate_up program (one warp, one weight row, 102 registers: 19 per SM, so its 5,120 programs run in ~2
 # waves) with more rows (offline ptxas, sm_90a: 2 rows 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2
-# warps 161 ~1.6 waves). fp8 (CUDA cores; offline registers at 4 warps: gate_up 80 at 4 rows per program, 6 per
-# SM, ~1.6 waves of 1,280; 64 at 2 rows; down 40 with its weights loaded before the PDL wait, 72 without, 32 at 8
-# rows): the down weights after the wait and the tensor-core kernels (H100, 256 experts: replay b1 2.354 ms against
-# 2.388 on CUDA cores). Both: gate_up as the looping kernel (mloop1: Triton pipelines the loop, so a program's next
-# items load while it computes; 111 registers, 18 programs per SM fit).
+# warps 161 ~1.6 waves; H100 run 3 of 2026-12-06, fourth session: 2 rows replayed b1 in 2.231 ms against 2.303).
+# fp8: the CUDA-core kernels (offline registers at 4 warps: gate_up 80 at 4 rows per program, 6 per SM, ~1.6 waves
+# of 1,280; down 40 with its weights loaded before the PDL wait, 72 without) and the down weights after the wait.
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
-             ("gate_up looped, 8 programs per SM", dict(mloop1=8), []),
-             ("gate_up looped, 16 programs per SM", dict(mloop1=16), []),
-             ("gate_up looped, 16 per SM, 2 stages", dict(mloop1=16, mlst=2), []),
-             ("gate_up 2 rows per program", dict(mbm1=2), [])],
+             ("gate_up 2 rows per program", dict(mbm1=2), []),
+             ("gate_up 4 rows per program", dict(mbm1=4), []),
+             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2), []),
+             ("gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
-            ("fp8 experts on tensor cores", dict(mma=True), []),
-            ("fp8 tensor cores, gate_up looped, 8 per SM", dict(mma=True, mloop1=8), []),
-            ("fp8 tensor cores, gate_up looped, 16 per SM", dict(mma=True, mloop1=16), []),
+            ("fp8 experts on CUDA cores", dict(mma=False), []),
             ("fp8 down weights after the wait", {}, _LATE_DOWN)],
 }
 

@@ -166,12 +166,10 @@ def test_fused_moe_sorted_dq_pairs(kind, dtype):
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs at k = 4: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
                                     dict(mma=True, mbm1=4, mw1=4), dict(mma=True, mbm2=16, mw2=4, mks2=16),
-                                    dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3),
-                                    dict(mma=True, mloop1=1), dict(mma=True, mloop1=1, mbm1=2, mlst=2)])
+                                    dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3)])
 def test_fused_moe_gemv_variants(kind, m, config):
     """The fp8 / int4 GEMV kernels both ways: on CUDA cores (mma=False) in both modes, and on tensor cores
-    (triton_moe_gemv_mma) with several tilings, gate_up also as the looping kernel (mloop1: one program per SM
-    over 3 x 4 x 256 or more items)."""
+    (triton_moe_gemv_mma) with several tilings."""
     from qnext.ops.triton_moe import fused_moe
     torch.manual_seed(len(kind) + m)
     w13, w2 = _moe_weights(kind, 9, 384, 256)

@@ -16,10 +16,11 @@ Three paths, chosen by the number of (token, expert) pairs P = M * k (see GEMV_M
     per (pair, 16 rows of H) writing tw * W_down h [P, H]; a sum over the k experts finishes. No program loops.
   - otherwise kernel 1 streams BN-row blocks of (pair, expert) over K, kernel 2 runs one program per (token, BN rows)
     looping over its k experts, so the router-weighted sum stays in registers (deterministic, no atomics).
-  bf16 and fp8 (and int4 with config mma=False) on CUDA cores keep a [BN, NG] float32 accumulator (each step's
-  tile summed over its GS columns), weights dequantized in registers; int4 (and fp8 with mma=True) runs on tensor
-  cores instead (triton_moe_gemv_mma.py: weights as the MMA's A operand with K folded into its 16 columns; same two
-  modes), fewer instructions per weight byte.
+  bf16, fp8 outside the split mode (and int4 with config mma=False) on CUDA cores keep a [BN, NG] float32
+  accumulator (each step's tile summed over its GS columns), weights dequantized in registers; int4 and fp8's split
+  mode run on tensor cores instead (triton_moe_gemv_mma.py: weights as the MMA's A operand with K folded into its
+  16 columns; same two modes), fewer instructions per weight byte. In the split mode the down kernel loads its
+  expert's weights before the PDL wait (the ids were written two kernels back).
 * "grouped" (decode batches, triton_moe_grouped.py): one kernel groups the pairs by expert (a sort in one
   program), then one program per (used expert, BN rows) multiplies the expert's tile by all of its pairs (16-row
   tl.dot chunks), so each used expert is read once per call; 3 launches, CUDA-graph safe.

@@ -19,12 +19,13 @@ Tensor = torch.Tensor
 # split into NG groups of GS units (fp8: GS = 128, the scale block; int4: GS = group / 2 bytes, one scale; bf16:
 # NG = 1). Kernel 1 (gate_up) loads two such tiles per step, kernel 2 (down) one. Overridable per call through
 # `config` (keys bn1, rb1, w1, bn2, rb2, w2); tuned by scripts/gpu_check.py.
-# int4 runs on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below); fp8 can
-# (mma=True) but its CUDA-core kernels were as fast at batch 1 (H200: 20.1 against 20.9 us) and faster at 8.
-MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2, mloop1=0, mlst=3)
+# int4 runs on tensor cores (triton_moe_gemv_mma.py; config mma=False: the CUDA-core kernels below); fp8 in the
+# split mode only (mma="split"): in the batch-1 chain (H100, 256 FP8 experts, scripts/gpu_e2e.py --extras tiles)
+# the step replayed in 2.343 ms against 2.395 on CUDA cores, whose kernels were faster at 8 rows.
+MMA = dict(mma=True, mbm1=1, mw1=1, mbm2=8, mw2=1, mks2=32, mst=2)
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
-    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **dict(MMA, mma=False)),
+    FP8: dict(bn1=16, rb1=512, w1=4, bn2=16, rb2=512, w2=4, **dict(MMA, mma="split")),
     INT4: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=256, w2=4, **MMA),
 }
 # One step per program (the split mode) up to this many pairs (M <= 3 at top-10: latency bound; it lost at M = 8
@@ -267,7 +268,7 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
-    if cfg.get("mma"):
+    if cfg.get("mma") is True or (cfg.get("mma") == "split" and split):
         out = mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
         return _split_result(out, m, top_k, reduce) if split else out
     if split:

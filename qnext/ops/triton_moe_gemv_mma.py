@@ -15,8 +15,6 @@ fp8: [E, N, K] e4m3 with f32 scales [E, N/128, K/128]."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -105,21 +103,18 @@ def _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8: tl.constexpr, TR: 
 
 
 @triton.jit
-def _gate_up_step(x_row, wg, wu, sg, su, rmask, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr,
-                  BMS: tl.constexpr, IS_FP8: tl.constexpr, TR: tl.constexpr):
-    """One K step of gate_up for BMS A rows: (gate, up) partial dots [BMS] float32 (_slice_dots of each half)."""
-    x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
-    return (_slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BMS, IS_FP8, TR),
-            _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BMS, IS_FP8, TR))
-
-
-@triton.jit
-def _gate_up_item(x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, pid_p, pid_n, N, KU, TOPK,
-                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                  BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-                  TR: tl.constexpr, ONE_STEP: tl.constexpr):
-    """h[pid_p, BM rows of block pid_n] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[pid_p], t = pid_p // TOPK.
-    ONE_STEP (S * KSU >= KU): straight-line code, no K loop (so a loop around this call is the innermost one)."""
+def _moe_mma_gate_up_kernel(
+    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
+    N, KU, TOPK,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+    BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
+):
+    """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
+    KU stored units per weight row."""
+    pdl_wait_then_release(PDL)
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
     e = tl.load(ids_ptr + pid_p).to(tl.int64)
     x_row = x_ptr + (pid_p // TOPK).to(tl.int64) * stride_xm
     rows = pid_n * BM + tl.arange(0, BM * S) // S          # [BM*S]: each weight row S times
@@ -128,55 +123,18 @@ def _gate_up_item(x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, pid_p, pid_n, N, KU, TOPK
     wu = _weight_rows(w_ptr, e, rows + N, stride_we, stride_wn, GU, TR)
     sg = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR)
     su = _scale_rows(s_ptr, e, rows + N, stride_se, stride_sn, IS_FP8, TR)
-    if ONE_STEP:
-        acc_g, acc_u = _gate_up_step(x_row, wg, wu, sg, su, rmask, 0, KU, S, KSU, GU, BM * S, IS_FP8, TR)
-    else:
-        acc_g = tl.zeros([BM * S], dtype=tl.float32)
-        acc_u = tl.zeros([BM * S], dtype=tl.float32)
-        for ku0 in range(0, KU, S * KSU):
-            ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
-            g, u = _gate_up_step(x_row, wg, wu, sg, su, rmask, ku0, KU, S, KSU, GU, BM * S, IS_FP8, TR)
-            acc_g += g
-            acc_u += u
+    acc_g = tl.zeros([BM * S], dtype=tl.float32)
+    acc_u = tl.zeros([BM * S], dtype=tl.float32)
+    for ku0 in range(0, KU, S * KSU):
+        ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
+        x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
+        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
+        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + out_rows, h.to(h_ptr.dtype.element_ty), mask=out_rows < N)
-
-
-@triton.jit
-def _moe_mma_gate_up_kernel(
-    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
-    N, KU, TOPK,
-    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-    BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
-):
-    """grid (P, cdiv(N, BM)): _gate_up_item (pair program_id(0), row block program_id(1)). KU stored units per
-    weight row."""
-    pdl_wait_then_release(PDL)
-    _gate_up_item(x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, tl.program_id(0), tl.program_id(1), N, KU, TOPK,
-                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, BM, S, KSU, GU, IS_FP8, TR, False)
-
-
-@triton.jit
-def _moe_mma_gate_up_loop_kernel(
-    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
-    N, KU, TOPK, NBLK, NITEMS,
-    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-    BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    TR: tl.constexpr = 0, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
-):
-    """grid (G,), G < NITEMS = P * NBLK: program i takes items i, i + G, ... (item = (pair, row block)), one K step
-    each. Why a loop: Triton software-pipelines it, so a program's next items' ids and weight tiles are in flight
-    (cp.async into shared memory) while it computes the current one -- more bytes in flight per SM than one item
-    per program in registers gives, and no second wave paying the whole ids -> weights chain again."""
-    pdl_wait_then_release(PDL)
-    for it in tl.range(tl.program_id(0), NITEMS, tl.num_programs(0), num_stages=STAGES):
-        _gate_up_item(x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, it // NBLK, it % NBLK, N, KU, TOPK,
-                      stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, BM, S, KSU, GU, IS_FP8, TR,
-                      True)
 
 
 @triton.jit
@@ -223,13 +181,6 @@ def _moe_mma_down_kernel(
     tl.store(out_ptr + m.to(tl.int64) * stride_om + out_rows, out.to(out_ptr.dtype.element_ty), mask=out_rows < N)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132                                        # off the GPU (offline compiles): an H100's count
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _slicing(w: KernelWeight, bm: int, warps: int, ksu: int | None) -> tuple[int, int, int, int, int]:
     """-> (BM, S, KSU, GU, warps): slices of KSU units (16 <= KSU <= GU, a power of two dividing GU; the given one
     capped at GU, by default the smallest that lets 16 slices cover a row), S slices per row (<= 16); BM rows so
@@ -249,26 +200,16 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     projection then runs one program per (pair, rows) instead of looping over the k experts -- more programs for the
     latency-bound few-pairs case. ids / tw flat [M*k]; int4 or fp8 weights. cfg keys: mbm1, mw1, mbm2, mw2 (rows
     and warps per program of the two kernels), mks2 (slice units of the down projection; None = auto), mst
-    (pipeline stages), mloop1 (gate_up as _moe_mma_gate_up_loop_kernel with this many programs per SM where a row
-    takes one K step and there are more items than programs; 0: one program per item), mlst (its stages)."""
+    (pipeline stages)."""
     p, inter, hidden = m * top_k, w2.k, w2.n
     fp8 = w13.kind == FP8
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w13, cfg["mbm1"], cfg["mw1"], None)
-    nblk = triton.cdiv(inter, bm)
-    strides = (x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1),
-               h.stride(0))
-    programs = cfg["mloop1"] * _num_sms(x.device) if cfg["mloop1"] and s * ksu >= w13.klim else 0
-    if 0 < programs < p * nblk:
-        _moe_mma_gate_up_loop_kernel[(programs,)](
-            x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k, nblk, p * nblk, *strides,
-            BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, STAGES=cfg["mlst"], num_warps=warps,
-            **pdl_launch())
-    else:
-        _moe_mma_gate_up_kernel[(p, nblk)](
-            x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k, *strides,
-            BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
-            **pdl_launch())
+    _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
+        x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
+        x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
+        **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])
