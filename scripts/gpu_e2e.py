@@ -751,13 +751,13 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
-             ("gate_up 2 rows per program", dict(mbm1=2), []),
-             ("gate_up 4 rows per program", dict(mbm1=4), []),
-             ("gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2), []),
-             ("gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), [])],
+             ("gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
+             ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), []),
+             ("gate_up 8 rows on 8 warps", dict(mbm1=8, mw1=8), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
-            ("fp8 experts on CUDA cores", dict(mma=False), []),
-            ("fp8 down weights after the wait", {}, _LATE_DOWN)],
+            ("fp8 gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
+            ("fp8 gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), []),
+            ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }
 
 

@@ -140,7 +140,7 @@ def gateup() -> None:
     w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
     w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)
     ids = torch.randperm(e)[:10].view(1, 10)
-    for cfg in ({}, dict(mbm1=2), dict(mbm1=4), dict(mbm1=4, mw1=2)):
+    for cfg in ({}, dict(mbm1=2, mw1=2), dict(mbm1=4, mw1=4), dict(mbm1=8, mw1=8)):
         case(f"int4 GEMV b1 {cfg or 'default'}", lambda: fused_moe(torch.randn(1, h).bfloat16(), w13, w2,
                                                                     torch.rand(1, 10), ids, path="gemv",
                                                                     config=cfg))
