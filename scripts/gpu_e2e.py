@@ -743,21 +743,18 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 
 
 # Batch-1 expert GEMV tilings per expert format (--extras tiles): (name, GEMV_DEFAULTS entries, module settings).
-# int4: the gate_up program (one warp, one weight row, 102 registers: 19 per SM, so its 5,120 programs run in ~2
-# waves) with more rows (offline ptxas, sm_90a: 2 rows 168 registers ~1.6 waves; 4 rows 250 ~1.2 waves; 4 rows on 2
-# warps 161 ~1.6 waves; H100 run 3 of 2026-12-06, fourth session: 2 rows replayed b1 in 2.231 ms against 2.303).
-# fp8: the CUDA-core kernels (offline registers at 4 warps: gate_up 80 at 4 rows per program, 6 per SM, ~1.6 waves
-# of 1,280; down 40 with its weights loaded before the PDL wait, 72 without) and the down weights after the wait.
+# H100, 2026-12-06 fourth session (docs/benchmarks.md): int4's gate_up with 2 rows on 2 warps (the default since)
+# replayed b1 in 2.17 ms against 2.31 at 1 row on 1 warp (102 registers either way, half the programs); fp8 on
+# tensor cores in the split mode (the default since) 2.34 against 2.39-2.40 on CUDA cores, and the down weights
+# loaded after the PDL wait 2.46-2.48.
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
-             ("gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
-             ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), []),
-             ("gate_up 8 rows on 8 warps", dict(mbm1=8, mw1=8), [])],
+             ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
+             ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
-            ("fp8 gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
-            ("fp8 gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), []),
-            ("fp8 experts on CUDA cores", dict(mma=False), [])],
+            ("fp8 experts on CUDA cores", dict(mma=False), []),
+            ("fp8 down weights after the wait", {}, _LATE_DOWN)],
 }
 
 
