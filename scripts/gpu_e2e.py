@@ -747,14 +747,12 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # replayed b1 in 2.17 ms against 2.31 at 1 row on 1 warp (102 registers either way, half the programs); fp8 on
 # tensor cores in the split mode (the default since) 2.34 against 2.39-2.40 on CUDA cores, and the down weights
 # loaded after the PDL wait 2.46-2.48.
-# Both: the decode attention's splits merged by a second kernel (MERGE_IN_DECODE off) instead of by the last split.
 _LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
-_MERGE_KERNEL = ("attention splits merged by a kernel", {}, [("qnext.ops.triton_paged_attention",
-                                                              "MERGE_IN_DECODE", False)])
 TILE_VARIANTS = {
-    "int4": [("default tiles (A/B engines run behind the first one)", {}, []), _MERGE_KERNEL,
-             ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), [])],
-    "fp8": [("default tiles (A/B engines run behind the first one)", {}, []), _MERGE_KERNEL,
+    "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
+             ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
+             ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
+    "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
             ("fp8 experts on CUDA cores", dict(mma=False), []),
             ("fp8 down weights after the wait", {}, _LATE_DOWN)],
 }

@@ -553,34 +553,6 @@ def test_paged_decode_matches_reference(block_size, gated):
 
 
 @cuda_only
-def test_paged_decode_split_merge_by_ticket_is_the_merge_kernel(monkeypatch):
-    """The splits merged by the last split program of each (sequence, kv head) (ticket counters) give the merge
-    kernel's output bit for bit (the same code in the same order), call after call in a CUDA graph, so no program
-    merges before every split's partial is visible (a race would show as a differing call)."""
-    from qnext.ops import triton_paged_attention as tpa
-    torch.manual_seed(9)
-    case = _paged_case([900, 511, 64, 1, 700, 300, 200, 400], [1] * 8, 16, gated=True)     # 200 pages of 16
-    args = (case["q"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"], case["scale"])
-    kw = dict(max_seq_len=1024, num_splits=16, gate=case["gate"])
-    monkeypatch.setattr(tpa, "MERGE_IN_DECODE", False)
-    want = tpa.paged_decode_attention(*args, **kw)
-    monkeypatch.setattr(tpa, "MERGE_IN_DECODE", True)
-    outs = [tpa.paged_decode_attention(*args, **kw)]                    # eager, then 40 calls in one graph
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        tpa.paged_decode_attention(*args, **kw)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs += [tpa.paged_decode_attention(*args, **kw) for _ in range(40)]
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(o, want) for o in outs)
-
-
-@cuda_only
 @pytest.mark.parametrize("ctx,qlens", [([0, 16, 299, 1000, 77], [1] * 5), ([300, 2, 700, 0], [1, 200, 1, 40])])
 def test_paged_attention_over_an_fp8_cache(ctx, qlens):
     """kv_cache_dtype fp8: the one-launch write clamps and rounds exactly as torch's saturating cast (values up to

@@ -79,7 +79,7 @@ def _bf(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
+def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     from qnext.ops import triton_conv1d, triton_ffn, triton_norm, triton_paged_attention
     from qnext.ops.fla_gdn import gdn_decode_
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
@@ -131,9 +131,6 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
     triton_paged_attention.write_kv(_bf(1, 2, 256), _bf(1, 2, 256), _bf(8, 16, 2, 256), _bf(8, 16, 2, 256),
                                     torch.tensor([17]))
     f8 = [torch.zeros(8, 16, 2, 256, dtype=torch.float8_e4m3fn) for _ in range(2)]       # kv_cache_dtype fp8
-    triton_paged_attention.paged_decode_attention(_bf(1, 16, 256), *f8, blocks, torch.tensor([100], dtype=torch.int32),
-                                                  0.0625, max_seq_len=128, num_splits=4)
-    monkeypatch.setattr(triton_paged_attention, "MERGE_IN_DECODE", False)                # the merge kernel
     triton_paged_attention.paged_decode_attention(_bf(1, 16, 256), *f8, blocks, torch.tensor([100], dtype=torch.int32),
                                                   0.0625, max_seq_len=128, num_splits=4)
     triton_paged_attention.write_kv(_bf(1, 2, 256), _bf(1, 2, 256), *f8, torch.tensor([17]))

@@ -38,7 +38,6 @@ import triton.language as tl
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 from qnext.ops.triton_ffn import _route_row
-from qnext.ops.tickets import TICKETS, tickets
 
 Tensor = torch.Tensor
 
@@ -471,6 +470,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+_TICKETS: dict[tuple[torch.device, int], Tensor] = {}
+TICKETS = 1 << 16                           # split-K counters per stream (the most output tiles of one call)
+
+
+def _tickets(device: torch.device) -> Tensor:
+    """fp8_dot's split-K counters: int32, zero between calls (each tile's last program resets its own), one buffer
+    per stream so that calls on two streams (a side branch) never share a counter. A buffer first made inside a
+    CUDA-graph capture (its stream is the capture stream) comes from the graph's pool and its zeroing becomes a
+    node of the graph, ahead of the kernels that use it: still zero at every replay."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    t = _TICKETS.get((device, stream))
+    if t is None:
+        t = _TICKETS[(device, stream)] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return t
+
+
 def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: int = 128, group_m: int = 8,
             num_warps: int = 8, num_stages: int = 3, split: int = 1, swap: bool = False) -> Tensor:
     n, k = _check(w)
@@ -484,7 +499,7 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if (k // 128) % split or tiles > TICKETS:
         split = 1
-    part, cnt = (torch.empty(tiles * split * bm * bn, dtype=torch.float32, device=x.device), tickets(x.device)) \
+    part, cnt = (torch.empty(tiles * split * bm * bn, dtype=torch.float32, device=x.device), _tickets(x.device)) \
         if split > 1 else (y, y)
     _fp8_dot_kernel[(tiles, split)](a, a_s, w.w, s, y, part, cnt, m, n, k, a.stride(0), a_s.stride(0),
                                     w.w.stride(0), s.stride(0), y.stride(0), W8A8=w8a8, BM=bm, BN=bn,

@@ -7,9 +7,8 @@ causal, bottom-right aligned); GQA: query head h reads kv head h // G, G = Hq / 
 * paged_decode_attention: one query per sequence. One program per (sequence, kv head, split of the context) holds
   the G query heads of its kv head as the rows of one tl.dot (G padded to 16), so every K/V byte is read once for
   all G heads; BN tokens per step are gathered row by row through the block table (any block_size). With more than
-  one split (long contexts, few sequences) each split writes (acc, max, sum) in float32 and the split of each
-  (sequence, kv head) that finishes last merges them (flash-decoding; a ticket counter, qnext/ops/tickets.py;
-  MERGE_IN_DECODE off: a second kernel). num_splits is a host choice from max_seq_len, fixed per CUDA-graph bucket; each
+  one split (long contexts, few sequences) each split writes (acc, max, sum) in float32 and a second kernel merges
+  them (flash-decoding). num_splits is a host choice from max_seq_len, fixed per CUDA-graph bucket; each
   sequence's split length is chosen on the device from its own seq_len (at least BN tokens), so a short context
   in a graph captured for a long one still spreads over its splits, and the merge reads only the splits used.
 * paged_prefill_attention: q_len > 1 (prefill chunks, with or without cached context). One program per
@@ -36,7 +35,6 @@ from torch.nn.attention.bias import causal_lower_right
 from qnext.ops.paged_attention import FP8_KV_MAX, gather_pages, to_cache_dtype
 from qnext.ops.paged_attention import write_kv as write_kv_ref
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
-from qnext.ops.tickets import TICKETS, tickets
 
 Tensor = torch.Tensor
 
@@ -93,15 +91,13 @@ def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, g_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_gb, stride_gh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    block_size, scale_log2, NS, HQ, cnt_ptr,
+    block_size, scale_log2, NS, HQ,
     G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-    GATED: tl.constexpr = False, MERGE: tl.constexpr = False, BS: tl.constexpr = 1, PDL: tl.constexpr = False,
+    GATED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """grid (B, Hkv, NS). q [B, Hq, D] -> o [B, Hq, D] (NS == 1; times sigmoid(gate [B, Hq, D]) when GATED) or
     partials [B, Hq, NS] (+ D) of the splits holding keys (split_tokens(seq_len, NS) each; the merge reads no
-    others and applies the gate). MERGE (with SPLIT): every split then takes a ticket from the counter of its
-    (sequence, kv head) (cnt_ptr, qnext/ops/tickets.py), and the one that draws the last merges the G heads into o,
-    so no merge kernel runs."""
+    others and applies the gate)."""
     pdl_wait_then_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -131,14 +127,6 @@ def _paged_decode_kernel(
         tl.store(pm_ptr + idx, m_i, mask=gmask)
         tl.store(pl_ptr + idx, l_i, mask=gmask)
         tl.store(po_ptr + idx[:, None] * D + od[None, :], acc, mask=gmask[:, None])
-        if MERGE:
-            tl.debug_barrier()                          # every thread's partial is written before the ticket
-            cnt = cnt_ptr + b * (HQ // G) + kvh
-            if tl.atomic_add(cnt, 1, sem="acq_rel") == NS - 1:
-                for j in range(G):
-                    _merge_head(po_ptr, pm_ptr, pl_ptr, o_ptr, g_ptr, b, kvh * G + j, seq_len, stride_ob,
-                                stride_oh, stride_gb, stride_gh, NS, HQ, D, BS, 16, BN, GATED)
-                tl.atomic_xchg(cnt, 0)
     else:
         out = acc / l_i[:, None]
         if GATED:
@@ -150,42 +138,34 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _merge_head(po_ptr, pm_ptr, pl_ptr, o_ptr, g_ptr, b, h, seq_len, stride_ob, stride_oh, stride_gb, stride_gh,
-                NS, HQ, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
-                GATED: tl.constexpr):
-    """o[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys (times
-    sigmoid(gate) when GATED). Partials read through L2 (.cg): see qnext/ops/tickets.py."""
+def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, g_ptr, stride_ob, stride_oh, stride_gb,
+                        stride_gh, NS, HQ, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
+                        GATED: tl.constexpr = False, PDL: tl.constexpr = False):
+    """grid (B, Hq): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that hold keys (times
+    sigmoid(gate) when GATED)."""
+    pdl_wait_then_release(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seqlens_ptr + b)
     used = tl.cdiv(seq_len, _split_tokens(seq_len, NS, BN))        # splits holding keys, 1..NS
     base = (b * HQ + h).to(tl.int64) * NS
     os_ = tl.arange(0, BS)
-    m = tl.load(pm_ptr + base + os_, mask=os_ < used, other=float("-inf"), cache_modifier=".cg")
+    m = tl.load(pm_ptr + base + os_, mask=os_ < used, other=float("-inf"))
     big = tl.max(m, axis=0)
-    l = tl.load(pl_ptr + base + os_, mask=os_ < used, other=0.0, cache_modifier=".cg")
+    l = tl.load(pl_ptr + base + os_, mask=os_ < used, other=0.0)
     denom = tl.sum(tl.exp2(m - big) * l, axis=0)
     od = tl.arange(0, D)
     acc = tl.zeros([D], dtype=tl.float32)
     for s0 in range(0, used, CH):
         oc = s0 + tl.arange(0, CH)
         cm = oc < used
-        w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf"), cache_modifier=".cg") - big)
-        part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0,
-                       cache_modifier=".cg")
+        w = tl.exp2(tl.load(pm_ptr + base + oc, mask=cm, other=float("-inf")) - big)
+        part = tl.load(po_ptr + (base + oc)[:, None] * D + od[None, :], mask=cm[:, None], other=0.0)
         acc += tl.sum(part * w[:, None], axis=0)
     out = acc / denom
     if GATED:
         out = out * tl.sigmoid(tl.load(g_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + od).to(tl.float32))
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + od, out.to(o_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _paged_merge_kernel(po_ptr, pm_ptr, pl_ptr, seqlens_ptr, o_ptr, g_ptr, stride_ob, stride_oh, stride_gb,
-                        stride_gh, NS, HQ, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr,
-                        GATED: tl.constexpr = False, PDL: tl.constexpr = False):
-    """grid (B, Hq): _merge_head of (program_id(0), program_id(1))."""
-    pdl_wait_then_release(PDL)
-    b = tl.program_id(0)
-    _merge_head(po_ptr, pm_ptr, pl_ptr, o_ptr, g_ptr, b, tl.program_id(1), tl.load(seqlens_ptr + b), stride_ob,
-                stride_oh, stride_gb, stride_gh, NS, HQ, D, BS, CH, BN, GATED)
 
 
 @functools.lru_cache(maxsize=8)
@@ -198,9 +178,6 @@ DECODE_BN = 64
 # at 9K context 157 against 173 us (92% of the copy rate), at 4K 78 against 86, one sequence at 1K 7.9 against 8.5;
 # more splits than decode_splits' choice did not help (9K: 173-191 us for 2-8x the programs).
 DECODE_WARPS = 8
-# The splits merge in the decode kernel (its last split per (sequence, kv head), by ticket) instead of a second
-# launch; False for A/B runs.
-MERGE_IN_DECODE = True
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 256
 
@@ -246,19 +223,18 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     else:
         po = pm = pl = o
     gated = gate is not None
-    merge = split and MERGE_IN_DECODE and bsz * hkv <= TICKETS
-    bs = triton.next_power_of_2(ns)
     _paged_decode_kernel[(bsz, hkv, ns)](
         q, k_cache, v_cache, block_tables, seq_lens, o, po, pm, pl, gp,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), sgb, sgh,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        k_cache.shape[1], scale * LOG2E, ns, hq, tickets(q.device) if merge else o,
-        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, GATED=gated, MERGE=merge, BS=bs, num_warps=num_warps,
-        num_stages=num_stages, **pdl_launch())
-    if split and not merge:
+        k_cache.shape[1], scale * LOG2E, ns, hq,
+        G=g, BG=max(16, g), BN=bn, D=d, SPLIT=split, GATED=gated, num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch())
+    if split:
         _paged_merge_kernel[(bsz, hq)](po, pm, pl, seq_lens, o, gp, o.stride(0), o.stride(1), sgb, sgh, ns, hq,
-                                       D=d, BS=bs, CH=16, BN=bn, GATED=gated, num_warps=4, **pdl_launch())
+                                       D=d, BS=triton.next_power_of_2(ns), CH=16, BN=bn, GATED=gated,
+                                       num_warps=4, **pdl_launch())
     return o
 
 
