@@ -677,6 +677,33 @@ def test_fp8_w8a16_split_k_is_deterministic(split):
 
 
 @cuda_only
+@pytest.mark.parametrize("n,k", [(2048, 4096), (1024, 2048)])
+def test_fp8_w8a16_split_k_repeats_in_a_graph(n, k):
+    """The split-K tickets under back-to-back calls at the model's shapes that small_m_tiles splits (out_proj
+    swapped, the shared expert's gate_up unswapped; split 4 each at 32 rows): 48 calls in one CUDA graph, replayed twice, every output bit-equal to
+    an eager call's, so no tile's last program ever sums a partial before it is visible."""
+    from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
+    torch.manual_seed(n + k)
+    w = quantize_fp8_block(torch.randn(n, k, device="cuda") / 45)
+    x = torch.randn(32, k, device="cuda").bfloat16()
+    tiles = small_m_tiles(32, n, k)
+    assert tiles["split"] > 1
+    want = fp8_linear(x, w, path="w8a16", tiles=tiles)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fp8_linear(x, w, path="w8a16", tiles=tiles)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fp8_linear(x, w, path="w8a16", tiles=tiles) for _ in range(48)]
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, want) for o in outs)
+
+
+@cuda_only
 def test_linear_gemv_matches_cublas():
     from qnext.ops.triton_linear_fp8 import linear
     torch.manual_seed(0)
