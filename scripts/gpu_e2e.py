@@ -746,15 +746,19 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # H100, 2026-12-06 fourth session (docs/benchmarks.md): int4's gate_up with 2 rows on 2 warps (the default since)
 # replayed b1 in 2.17 ms against 2.31 at 1 row on 1 warp (102 registers either way, half the programs); fp8 on
 # tensor cores in the split mode (the default since) 2.34 against 2.39-2.40 on CUDA cores, and the down weights
-# loaded after the PDL wait 2.46-2.48.
-_LATE_DOWN = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
+# loaded after the PDL wait 2.46-2.48 (that variant is gone from the list).
+# fp8 since: the dots in fp16 (FP8_FP16_DOTS) and gate_up on 2 rows / 2 warps, built offline (e4m3 -> bf16 took
+# three conversion instructions per two weights, e4m3 -> fp16 one), not yet measured: the rows below A/B it.
+_BF16_DOTS = [("qnext.ops.triton_moe_gemv_mma", "FP8_FP16_DOTS", False)]
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
              ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
              ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
-            ("fp8 experts on CUDA cores", dict(mma=False), []),
-            ("fp8 down weights after the wait", {}, _LATE_DOWN)],
+            ("fp8 bf16 dots, gate_up 1 row on 1 warp (72bc7c9)", dict(mbm1=1, mw1=1), _BF16_DOTS),
+            ("fp8 bf16 dots, gate_up 2 rows on 2 warps", {}, _BF16_DOTS),
+            ("fp8 fp16 dots, gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
+            ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }
 
 

@@ -122,6 +122,8 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
         fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path)
         if path == "gemv":                                   # the CUDA-core int4 GEMV kernels
             fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, config={"mma": False})
+    w13, w2 = quantize_fp8_block(torch.randn(e, 2 * inter, h) / 16), quantize_fp8_block(torch.randn(e, h, inter) / 16)
+    fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), ids[:1], path="gemv")    # fp8 experts at b1: fp16 dots
     c, slots = 384, torch.tensor([3])
     triton_conv1d.causal_conv1d_update_(_bf(1, c), _bf(c, 1, 4), torch.zeros(4, c, 3).bfloat16(), slots, None)
     blocks = torch.arange(8, dtype=torch.int32).view(1, 8)

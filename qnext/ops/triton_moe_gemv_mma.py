@@ -28,20 +28,43 @@ Tensor = torch.Tensor
 # The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
 # batch-1 split mode); False for A/B runs.
 EARLY_DOWN_LOAD = True
+# fp8 weights meet the activations in fp16 dots: e4m3 -> fp16 is one convert per two weights, e4m3 -> bf16 three
+# (via fp16; offline SASS: F2FP.F16.E4M3.UNPACK_B 64 + F2F.BF16.F16 128 per 4,096 weights, at the conversion
+# units' 16 per clock per SM). The activations are scaled by a power of two into fp16's range first (exact), and
+# the sums scaled back. False: bf16 dots, for A/B runs.
+FP8_FP16_DOTS = True
 
 
 @triton.jit
-def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr):
-    """-> (x_a, x_b) [KSU, 16]: column c < S holds the activations of units ku0 + c*KSU + [0, KSU) (int4: of the
-    low / high nibbles; fp8: x_a, and x_b is the same); columns >= S are zero."""
+def _fp16_range(x):
+    """x [KSU, 16] float32 -> (x / 2^j in fp16, 2^j), 2^j from the largest |x|'s exponent so that every value is
+    below 2^15 (fp16's largest is 65,504); exact powers of two from the exponent bits, no rounding."""
+    big = tl.max(tl.max(tl.abs(x), axis=1), axis=0).to(tl.int32, bitcast=True)
+    ex = tl.minimum(tl.maximum((big >> 23) & 0xFF, 15), 254)      # |x| < 2^(ex - 126)
+    scale = ((ex - 14) << 23).to(tl.float32, bitcast=True)        # 2^(ex - 141)
+    inv = ((268 - ex) << 23).to(tl.float32, bitcast=True)         # 2^(141 - ex)
+    return (x * inv).to(tl.float16), scale
+
+
+@triton.jit
+def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
+              F16: tl.constexpr = False):
+    """-> (x_a, x_b, xs): x_a, x_b [KSU, 16], column c < S holding the activations of units ku0 + c*KSU + [0, KSU)
+    (int4: of the low / high nibbles; fp8: x_a, and x_b is the same); columns >= S are zero. F16 (fp8 only): in
+    fp16, divided by the power of two xs (_fp16_range), which the dots' sums must be multiplied by; else xs = 1."""
     c = tl.arange(0, 16)
     u = ku0 + c[None, :] * KSU + tl.arange(0, KSU)[:, None]     # [KSU, 16]
     xm = (c[None, :] < S) & (u < KU)
+    xs = 1.0
     if IS_FP8:
         x_a = tl.load(x_row + u, mask=xm, other=0.0)
-        return x_a, x_a
-    xi = (u // GU) * (2 * GU) + u % GU
-    return tl.load(x_row + xi, mask=xm, other=0.0), tl.load(x_row + xi + GU, mask=xm, other=0.0)
+        if F16:
+            x_a, xs = _fp16_range(x_a.to(tl.float32))
+        x_b = x_a
+    else:
+        xi = (u // GU) * (2 * GU) + u % GU
+        x_a, x_b = tl.load(x_row + xi, mask=xm, other=0.0), tl.load(x_row + xi + GU, mask=xm, other=0.0)
+    return x_a, x_b, xs
 
 
 @triton.jit
@@ -108,10 +131,10 @@ def _moe_mma_gate_up_kernel(
     N, KU, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, F16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
-    KU stored units per weight row."""
+    KU stored units per weight row; F16: fp8 dots in fp16 (see FP8_FP16_DOTS)."""
     pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -127,9 +150,9 @@ def _moe_mma_gate_up_kernel(
     acc_u = tl.zeros([BM * S], dtype=tl.float32)
     for ku0 in range(0, KU, S * KSU):
         ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
-        x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
-        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
-        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
+        x_a, x_b, xs = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8, F16)
+        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * xs
+        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * xs
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
@@ -143,7 +166,7 @@ def _moe_mma_down_kernel(
     N, KU, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    EARLY: tl.constexpr = False, TR: tl.constexpr = 0, PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False, TR: tl.constexpr = 0, F16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k].
     EARLY (TOPK == 1 and S * KSU >= KU: one pair and one step per program): the expert id and the weight tile are
@@ -160,8 +183,8 @@ def _moe_mma_down_kernel(
                             _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR), rmask, 0, KU, S, KSU, GU,
                             BM * S, IS_FP8, TR)
         pdl_wait_then_release(PDL)
-        x_a, x_b = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8)
-        acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * tl.load(tw_ptr + m).to(tl.float32)
+        x_a, x_b, xs = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8, F16)
+        acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * (tl.load(tw_ptr + m).to(tl.float32) * xs)
     else:
         pdl_wait_then_release(PDL)
         acc = tl.zeros([BM * S], dtype=tl.float32)
@@ -174,8 +197,8 @@ def _moe_mma_down_kernel(
             sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR)
             for ku0 in range(0, KU, S * KSU):
                 ku0 = tl.multiple_of(ku0, S * KSU)
-                x_a, x_b = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8)
-                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * wt
+                x_a, x_b, xs = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8, F16)
+                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * (wt * xs)
     out = tl.sum(tl.reshape(acc, [BM, S]), axis=1)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + out_rows, out.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -208,8 +231,8 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
-        **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, F16=fp8 and FP8_FP16_DOTS, num_warps=warps,
+        num_stages=cfg["mst"], **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])
@@ -217,5 +240,5 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
         BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
-        TR=w2.tile_rows, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        TR=w2.tile_rows, F16=fp8 and FP8_FP16_DOTS, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out
