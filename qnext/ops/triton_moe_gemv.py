@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops import triton_moe_gemv_mma
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_gemv_mma import mma_gemv
 from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
                                           int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
