@@ -696,6 +696,23 @@ def test_fp8_w8a16_split_k_is_deterministic(split):
 
 
 @cuda_only
+@pytest.mark.parametrize("m", [8, 32])
+@pytest.mark.parametrize("n,k", [(2048, 4096), (1024, 2048), (12288, 2048)])
+def test_fp8_w8a16_dots_in_fp16(monkeypatch, m, n, k):
+    """W8A16_FP16_DOTS: the w8a16 tiles (swapped, unswapped, split-K as small_m_tiles picks them for the model's
+    shapes) with fp16 dots match the reference, each row within tolerance, for rows from 1e-3 to 1e5 in size."""
+    from qnext.ops import triton_linear_fp8
+    monkeypatch.setattr(triton_linear_fp8, "W8A16_FP16_DOTS", True)
+    torch.manual_seed(m + n)
+    w = quantize_fp8_block(torch.randn(n, k, device="cuda") / 45)
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-3, 5, m, device="cuda")[:, None]).bfloat16()
+    got = triton_linear_fp8.fp8_linear(x, w, path="w8a16")
+    want = x.float() @ dequantize(w).t()
+    assert torch.isfinite(got).all()
+    assert max(rel(g, r) for g, r in zip(got, want)) < 1e-2
+
+
+@cuda_only
 @pytest.mark.parametrize("n,k", [(2048, 4096), (1024, 2048)])
 def test_fp8_w8a16_split_k_repeats_in_a_graph(n, k):
     """The split-K tickets under back-to-back calls at the model's shapes that small_m_tiles splits (out_proj

@@ -79,7 +79,7 @@ def _bf(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
+def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
     from qnext.ops import triton_conv1d, triton_ffn, triton_norm, triton_paged_attention
     from qnext.ops.fla_gdn import gdn_decode_
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
@@ -114,6 +114,11 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
     from qnext.ops.triton_linear_fp8 import small_m_tiles
     fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=True))   # weights first
+    from qnext.ops import triton_linear_fp8
+    monkeypatch.setattr(triton_linear_fp8, "W8A16_FP16_DOTS", True)                      # fp16 dots, both orders
+    for swap in (True, False):
+        fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=swap))
+    monkeypatch.setattr(triton_linear_fp8, "W8A16_FP16_DOTS", False)
     e, inter = 16, 128
     w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
     w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)

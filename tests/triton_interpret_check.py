@@ -204,6 +204,15 @@ def op_checks() -> dict:
                 got = fp8_linear(xs, w4, path="w8a16", tiles=tiles).float()
             out[f"linear_fp8_small_m_split{split}{'_swap' if swap else ''}/fp16"] = err(
                 got, xs.float() @ dequantize(w4).t())
+    from qnext.ops import triton_linear_fp8          # the w8a16 dots in fp16, rows of very different sizes
+    xr = xs * torch.logspace(-3, 3, 20).view(20, 1).half()
+    triton_linear_fp8.W8A16_FP16_DOTS = True
+    for swap in (False, True):
+        got = fp8_linear(xr, w4, path="w8a16", tiles=small_m_tiles(20, 256, 512, swap=swap)).float()
+        want = xr.float() @ dequantize(w4).t()
+        out[f"linear_fp8_fp16_dots{'_swap' if swap else ''}/fp16"] = max(     # the worst row's relative error
+            err(g, r) for g, r in zip(got, want))
+    triton_linear_fp8.W8A16_FP16_DOTS = False
     out.update(moe_checks())
     out.update(attention_and_gdn_checks())
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+from qnext.ops.triton_fp16 import pow2_fp16_scales
 from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
                                           int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
 
@@ -28,22 +29,9 @@ Tensor = torch.Tensor
 # The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
 # batch-1 split mode); False for A/B runs.
 EARLY_DOWN_LOAD = True
-# fp8 weights meet the activations in fp16 dots: e4m3 -> fp16 is one convert per two weights, e4m3 -> bf16 three
-# (via fp16; offline SASS: F2FP.F16.E4M3.UNPACK_B 64 + F2F.BF16.F16 128 per 4,096 weights, at the conversion
-# units' 16 per clock per SM). The activations are scaled by a power of two into fp16's range first (exact), and
-# the sums scaled back. False: bf16 dots, for A/B runs.
+# fp8 weights meet the activations in fp16 dots (qnext/ops/triton_fp16.py; offline SASS per 4,096 weights: 64
+# conversion instructions instead of 192). False: bf16 dots, for A/B runs.
 FP8_FP16_DOTS = True
-
-
-@triton.jit
-def _fp16_range(x):
-    """x [KSU, 16] float32 -> (x / 2^j in fp16, 2^j), 2^j from the largest |x|'s exponent so that every value is
-    below 2^15 (fp16's largest is 65,504); exact powers of two from the exponent bits, no rounding."""
-    big = tl.max(tl.max(tl.abs(x), axis=1), axis=0).to(tl.int32, bitcast=True)
-    ex = tl.minimum(tl.maximum((big >> 23) & 0xFF, 15), 254)      # |x| < 2^(ex - 126)
-    scale = ((ex - 14) << 23).to(tl.float32, bitcast=True)        # 2^(ex - 141)
-    inv = ((268 - ex) << 23).to(tl.float32, bitcast=True)         # 2^(141 - ex)
-    return (x * inv).to(tl.float16), scale
 
 
 @triton.jit
@@ -51,15 +39,17 @@ def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constex
               F16: tl.constexpr = False):
     """-> (x_a, x_b, xs): x_a, x_b [KSU, 16], column c < S holding the activations of units ku0 + c*KSU + [0, KSU)
     (int4: of the low / high nibbles; fp8: x_a, and x_b is the same); columns >= S are zero. F16 (fp8 only): in
-    fp16, divided by the power of two xs (_fp16_range), which the dots' sums must be multiplied by; else xs = 1."""
+    fp16, divided by the power of two xs (triton_fp16), which the dots' sums must be multiplied by; else xs = 1."""
     c = tl.arange(0, 16)
     u = ku0 + c[None, :] * KSU + tl.arange(0, KSU)[:, None]     # [KSU, 16]
     xm = (c[None, :] < S) & (u < KU)
     xs = 1.0
     if IS_FP8:
         x_a = tl.load(x_row + u, mask=xm, other=0.0)
-        if F16:
-            x_a, xs = _fp16_range(x_a.to(tl.float32))
+        if F16:                                           # one row: one power of two for the whole tile
+            xf = x_a.to(tl.float32)
+            xs, inv = pow2_fp16_scales(tl.max(tl.max(tl.abs(xf), axis=1), axis=0))
+            x_a = (xf * inv).to(tl.float16)
         x_b = x_a
     else:
         xi = (u // GU) * (2 * GU) + u % GU
