@@ -228,7 +228,8 @@ def build_full(preset: str, scheme_name: str, device: str, num_experts: int = 0)
     fill_synthetic_(model, seed=0)
     sync(device)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    log(f"[build] {preset} ({cfg.num_experts} experts) {scheme}: {nbytes / 2**30:.1f} GiB of weights in {time.time() - t:.1f}s")
+    log(f"[build] {preset} ({cfg.num_experts} experts) {scheme}: {nbytes / 2**30:.1f} GiB of weights in "
+        f"{time.time() - t:.1f}s")
     return cfg, model, nbytes
 
 

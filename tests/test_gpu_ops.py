@@ -716,8 +716,9 @@ def test_fp8_w8a16_dots_in_fp16(monkeypatch, m, n, k):
 @pytest.mark.parametrize("n,k", [(2048, 4096), (1024, 2048)])
 def test_fp8_w8a16_split_k_repeats_in_a_graph(n, k):
     """The split-K tickets under back-to-back calls at the model's shapes that small_m_tiles splits (out_proj
-    swapped, the shared expert's gate_up unswapped; split 4 each at 32 rows): 48 calls in one CUDA graph, replayed twice, every output bit-equal to
-    an eager call's, so no tile's last program ever sums a partial before it is visible."""
+    swapped, the shared expert's gate_up unswapped; split 4 each at 32 rows): 48 calls in one CUDA graph, replayed
+    twice, every output bit-equal to an eager call's, so no tile's last program ever sums a partial before it is
+    visible."""
     from qnext.ops.triton_linear_fp8 import fp8_linear, small_m_tiles
     torch.manual_seed(n + k)
     w = quantize_fp8_block(torch.randn(n, k, device="cuda") / 45)
