@@ -22,3 +22,12 @@ def pow2_fp16_scales(amax):
     scale = ((ex - 14) << 23).to(tl.float32, bitcast=True)                                  # 2^(ex - 141)
     inv = ((268 - ex) << 23).to(tl.float32, bitcast=True)                                   # 2^(141 - ex)
     return scale, inv
+
+
+@triton.jit
+def fp16_rows(x):
+    """x [R, C] -> (x divided by a power of two per row, in fp16; those powers [R] float32, to multiply the row's
+    sums by)."""
+    xf = x.to(tl.float32)
+    scale, inv = pow2_fp16_scales(tl.max(tl.abs(xf), axis=1))
+    return (xf * inv[:, None]).to(tl.float16), scale

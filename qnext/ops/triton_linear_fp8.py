@@ -38,7 +38,7 @@ import triton.language as tl
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 from qnext.ops.triton_ffn import _route_row
-from qnext.ops.triton_fp16 import pow2_fp16_scales
+from qnext.ops.triton_fp16 import fp16_rows
 
 Tensor = torch.Tensor
 
@@ -271,10 +271,8 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
             a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + kk)[None, :], mask=nmask[:, None], other=0.0)
             if F16:                             # each row (token) its own power of two
-                af = a.to(tl.float32)
-                a_sc, inv = pow2_fp16_scales(tl.max(tl.abs(af), axis=1))
-                acc += tl.dot(w.to(tl.float16), tl.trans((af * inv[:, None]).to(tl.float16))) * (
-                    tl.load(ws_row + k0 // 128) * a_sc[None, :])
+                a16, a_sc = fp16_rows(a)
+                acc += tl.dot(w.to(tl.float16), tl.trans(a16)) * (tl.load(ws_row + k0 // 128) * a_sc[None, :])
             else:
                 acc += tl.dot(w.to(a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
         y_tile = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
@@ -290,9 +288,8 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
                 a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
                 acc += tl.dot(a, w) * (a_s[:, None] * ws)
             elif F16:
-                af = a.to(tl.float32)
-                a_sc, inv = pow2_fp16_scales(tl.max(tl.abs(af), axis=1))
-                acc += tl.dot((af * inv[:, None]).to(tl.float16), w.to(tl.float16)) * (a_sc[:, None] * ws)
+                a16, a_sc = fp16_rows(a)
+                acc += tl.dot(a16, w.to(tl.float16)) * (a_sc[:, None] * ws)
             else:
                 acc += tl.dot(a, w.to(a.dtype)) * ws
         y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
