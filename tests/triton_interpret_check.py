@@ -327,13 +327,13 @@ def moe_checks() -> dict:
                                              config=dict(mma=True)), ref)
     out["moe_gemv_cores1/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv",
                                                config=dict(mma=False)), ref)     # split mode on CUDA cores
-    triton_moe_gemv_mma.FP8_FP16_DOTS = False                                   # the bf16 dots
-    out["moe_gemv_mma1_bf16_dots/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv"), ref)
-    triton_moe_gemv_mma.FP8_FP16_DOTS = True
+    triton_moe_gemv_mma.FP8_FP16_DOTS = True                                    # the fp16 dots (A/B only)
+    out["moe_gemv_mma1_fp16_dots/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv"), ref)
     big = (x[:1].float() * 3e4).bfloat16()      # h ~ 1e9, x ~ 1e5: beyond fp16's 65,504 without the range scaling
     ref = ref_ffn.fused_moe(big.float(), *formats["fp8"], tw[:1], ids[:1])
     out["moe_gemv_mma1_large_x/fp8"] = err(fused_moe(big, *formats["fp8"], tw[:1], ids[:1], path="gemv").float(),
                                            ref)
+    triton_moe_gemv_mma.FP8_FP16_DOTS = False
     ref = ref_ffn.fused_moe(x.float(), *formats["fp8"], tw, ids)      # fp8 with both GEMMs swapped
     out["moe_sorted70_swapped/fp8"] = err(fused_moe(x, *formats["fp8"], tw, ids, path="sorted",
                                                     config=dict(bm=16, swap=True, swap2=True)), ref)
