@@ -133,9 +133,8 @@ def sorted_prefill() -> None:
 
 
 def gateup() -> None:
-    """The batch-1 experts' tensor-core GEMV: int4 and fp8 by gate_up rows / warps per program, fp8 also with its
-    dots in bf16 (FP8_FP16_DOTS off) and on CUDA cores."""
-    from qnext.ops import triton_moe_gemv_mma
+    """The batch-1 experts' tensor-core GEMV: int4 and fp8 by gate_up rows / warps per program, fp8 also on CUDA
+    cores."""
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
     from qnext.ops.triton_moe import fused_moe
     e, inter, h = 16, 512, 2048
@@ -143,17 +142,12 @@ def gateup() -> None:
     formats = {"int4": lambda w: quantize_int4_group(w, 128), "fp8": quantize_fp8_block}
     for fmt, quant in formats.items():
         w13, w2 = quant(torch.randn(e, 2 * inter, h) / 16), quant(torch.randn(e, h, inter) / 16)
-        cfgs = [{}, dict(mbm1=1, mw1=1), dict(mbm1=4, mw1=4)] + ([dict(mma=False)] if fmt == "fp8" else [])
+        cfgs = [{}, dict(mbm1=1, mw1=1), dict(mbm1=2, mw1=2), dict(mbm1=4, mw1=4)]
+        cfgs += [dict(mma=False)] if fmt == "fp8" else []
         for cfg in cfgs:
             case(f"{fmt} GEMV b1 {cfg or 'default'}", lambda: fused_moe(torch.randn(1, h).bfloat16(), w13, w2,
                                                                         torch.rand(1, 10), ids, path="gemv",
                                                                         config=cfg))
-    triton_moe_gemv_mma.FP8_FP16_DOTS = False
-    for cfg in ({}, dict(mbm1=1, mw1=1)):
-        case(f"fp8 GEMV b1, bf16 dots, {cfg or 'default'}", lambda: fused_moe(torch.randn(1, h).bfloat16(), w13, w2,
-                                                                              torch.rand(1, 10), ids, path="gemv",
-                                                                              config=cfg))
-    triton_moe_gemv_mma.FP8_FP16_DOTS = True
 
 
 def conv() -> None:

@@ -79,7 +79,7 @@ def _bf(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
+def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     from qnext.ops import triton_conv1d, triton_ffn, triton_norm, triton_paged_attention
     from qnext.ops.fla_gdn import gdn_decode_
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
@@ -114,11 +114,6 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
     fp8_linear(_bf(32, 1024), w8)                            # w8a16 tiles of a 32-row decode batch, split K
     from qnext.ops.triton_linear_fp8 import small_m_tiles
     fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=True))   # weights first
-    from qnext.ops import triton_linear_fp8
-    monkeypatch.setattr(triton_linear_fp8, "W8A16_FP16_DOTS", True)                      # fp16 dots, both orders
-    for swap in (True, False):
-        fp8_linear(_bf(32, 1024), w8, path="w8a16", tiles=small_m_tiles(32, 512, 1024, swap=swap))
-    monkeypatch.setattr(triton_linear_fp8, "W8A16_FP16_DOTS", False)
     e, inter = 16, 128
     w13 = quantize_int4_group(torch.randn(e, 2 * inter, h) / 16, 128)
     w2 = quantize_int4_group(torch.randn(e, h, inter) / 16, 128)
@@ -128,7 +123,7 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
         if path == "gemv":                                   # the CUDA-core int4 GEMV kernels
             fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, config={"mma": False})
     w13, w2 = quantize_fp8_block(torch.randn(e, 2 * inter, h) / 16), quantize_fp8_block(torch.randn(e, h, inter) / 16)
-    fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), ids[:1], path="gemv")    # fp8 experts at b1: fp16 dots
+    fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), ids[:1], path="gemv")    # fp8 experts at b1 on tensor cores
     c, slots = 384, torch.tensor([3])
     triton_conv1d.causal_conv1d_update_(_bf(1, c), _bf(c, 1, 4), torch.zeros(4, c, 3).bfloat16(), slots, None)
     blocks = torch.arange(8, dtype=torch.int32).view(1, 8)

@@ -41,8 +41,7 @@ def test_glue_kernels_match_reference(results):
     # (gemv, sorted, grouped at 3 and 70 tokens) x 4 formats (int4 in rows and in tiles) x (summed or not)
     assert sum(name.startswith("fused_moe_") for name in results) == 32
     assert results["moe_group_pairs_ids"] is True
-    assert {"moe_gemv_mma1/fp8", "moe_gemv_cores1/fp8", "moe_gemv_mma1_fp16_dots/fp8", "moe_gemv_mma1_large_x/fp8",
-            "linear_fp8_fp16_dots/fp16", "linear_fp8_fp16_dots_swap/fp16"} <= results.keys()
+    assert {"moe_gemv_mma1/fp8", "moe_gemv_cores1/fp8"} <= results.keys()
     assert sum(name.startswith("norm_rows_bits/") for name in results) == 2
     assert sum(name.startswith(("silu_mul_linear/", "linear_pair/")) for name in results) == 4
     assert sum(name.startswith(("linear_pair_conv/", "linear_pair_conv_bits/")) for name in results) == 4

@@ -38,7 +38,6 @@ import triton.language as tl
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 from qnext.ops.triton_ffn import _route_row
-from qnext.ops.triton_fp16 import fp16_rows
 
 Tensor = torch.Tensor
 
@@ -77,10 +76,6 @@ MAX_SPLIT = int(os.environ.get("QNEXT_FP8_MAX_SPLIT", "8"))
 # spends ~110 of ~400 instructions per step moving activation fragments into the operand registers (their k order,
 # set by the fp8 operand, differs from the MMA's); swapped, the conversion writes the operand registers.
 SMALL_M_SWAP = "auto"
-# The w8a16 tiles' dots in fp16 (triton_fp16: one e4m3 conversion per two weights instead of three instructions).
-# Built offline on 2026-12-06 (at 32 rows the 12288 x 2048 projection converts ~38 M lanes, ~10 us of issue, where
-# it measured 16-18 us); off until measured: scripts/gpu_e2e.py --extras knobs A/Bs it.
-W8A16_FP16_DOTS = False
 # Swapped programs keep at least this many 128-column steps: with 4 (as many as the pipeline's stages) Triton
 # 3.9 does not pipeline the loop (plain loads and shared stores instead of cp.async, 445 against 342
 # instructions per step on 2048 x 4096).
@@ -236,8 +231,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
 def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                     stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
                     W8A8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                    SPLIT: tl.constexpr, SWAP: tl.constexpr = False, F16: tl.constexpr = False,
-                    PDL: tl.constexpr = False):
+                    SPLIT: tl.constexpr, SWAP: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (cdiv(M, BM) * cdiv(N, BN), SPLIT); BK = 128 = the scale block; BN divides 128; K / 128 % SPLIT == 0.
     W8A8: a is e4m3 with per-(row, 128) scales as_ptr [M, K/128]; else a is bf16/fp16 (as_ptr unused).
     SPLIT > 1 (split-K, for few rows: the weight tiles of one output block are streamed by SPLIT programs instead
@@ -245,8 +239,7 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
     ticket from the tile's counter (cnt, int32, zero between calls); the last one adds the SPLIT partials in split
     order (the result does not depend on which program finishes last), writes y and puts the counter back to 0.
     SWAP (w8a16 only): the converted weight tile is the MMA's first operand, acc^T [BN, BM] = W x a^T, so the
-    conversion writes the operand registers themselves and the activations are the second operand.
-    F16 (w8a16 only): the dots in fp16, each row of a scaled by its own power of two per K step (triton_fp16)."""
+    conversion writes the operand registers themselves and the activations are the second operand."""
     pdl_wait_then_release(PDL)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -270,11 +263,7 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
         for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
             a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + kk)[None, :], mask=nmask[:, None], other=0.0)
-            if F16:                             # each row (token) its own power of two
-                a16, a_sc = fp16_rows(a)
-                acc += tl.dot(w.to(tl.float16), tl.trans(a16)) * (tl.load(ws_row + k0 // 128) * a_sc[None, :])
-            else:
-                acc += tl.dot(w.to(a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
+            acc += tl.dot(w.to(a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
         y_tile = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
         ymask = mmask[None, :] & nmask[:, None]
         cell = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -287,9 +276,6 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
             if W8A8:
                 a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
                 acc += tl.dot(a, w) * (a_s[:, None] * ws)
-            elif F16:
-                a16, a_sc = fp16_rows(a)
-                acc += tl.dot(a16, w.to(tl.float16)) * (a_sc[:, None] * ws)
             else:
                 acc += tl.dot(a, w.to(a.dtype)) * ws
         y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -517,8 +503,7 @@ def fp8_dot(x: Tensor, w: Fp8BlockWeight, w8a8: bool = True, bm: int = 128, bn: 
         if split > 1 else (y, y)
     _fp8_dot_kernel[(tiles, split)](a, a_s, w.w, s, y, part, cnt, m, n, k, a.stride(0), a_s.stride(0),
                                     w.w.stride(0), s.stride(0), y.stride(0), W8A8=w8a8, BM=bm, BN=bn,
-                                    GROUP_M=group_m, SPLIT=split, SWAP=swap and not w8a8,
-                                    F16=W8A16_FP16_DOTS and not w8a8, num_warps=num_warps,
+                                    GROUP_M=group_m, SPLIT=split, SWAP=swap and not w8a8, num_warps=num_warps,
                                     num_stages=num_stages, **pdl_launch())
     return y
 

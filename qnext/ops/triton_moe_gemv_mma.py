@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
-from qnext.ops.triton_fp16 import pow2_fp16_scales
 from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
                                           int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
 
@@ -29,33 +28,20 @@ Tensor = torch.Tensor
 # The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
 # batch-1 split mode); False for A/B runs.
 EARLY_DOWN_LOAD = True
-# fp8 weights meet the activations in fp16 dots (qnext/ops/triton_fp16.py; offline SASS per 4,096 weights: 64
-# conversion instructions instead of 192). Off: on the H100 (256 FP8 experts, b1 chain) the step replayed in
-# 2.43-2.45 ms against 2.36 with bf16 dots; the fewer conversions did not pay for the activations' scaling.
-FP8_FP16_DOTS = False
 
 
 @triton.jit
-def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-              F16: tl.constexpr = False):
-    """-> (x_a, x_b, xs): x_a, x_b [KSU, 16], column c < S holding the activations of units ku0 + c*KSU + [0, KSU)
-    (int4: of the low / high nibbles; fp8: x_a, and x_b is the same); columns >= S are zero. F16 (fp8 only): in
-    fp16, divided by the power of two xs (triton_fp16), which the dots' sums must be multiplied by; else xs = 1."""
+def _x_slices(x_row, ku0, KU, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr):
+    """-> (x_a, x_b) [KSU, 16]: column c < S holds the activations of units ku0 + c*KSU + [0, KSU) (int4: of the
+    low / high nibbles; fp8: x_a, and x_b is the same); columns >= S are zero."""
     c = tl.arange(0, 16)
     u = ku0 + c[None, :] * KSU + tl.arange(0, KSU)[:, None]     # [KSU, 16]
     xm = (c[None, :] < S) & (u < KU)
-    xs = 1.0
     if IS_FP8:
         x_a = tl.load(x_row + u, mask=xm, other=0.0)
-        if F16:                                           # one row: one power of two for the whole tile
-            xf = x_a.to(tl.float32)
-            xs, inv = pow2_fp16_scales(tl.max(tl.max(tl.abs(xf), axis=1), axis=0))
-            x_a = (xf * inv).to(tl.float16)
-        x_b = x_a
-    else:
-        xi = (u // GU) * (2 * GU) + u % GU
-        x_a, x_b = tl.load(x_row + xi, mask=xm, other=0.0), tl.load(x_row + xi + GU, mask=xm, other=0.0)
-    return x_a, x_b, xs
+        return x_a, x_a
+    xi = (u // GU) * (2 * GU) + u % GU
+    return tl.load(x_row + xi, mask=xm, other=0.0), tl.load(x_row + xi + GU, mask=xm, other=0.0)
 
 
 @triton.jit
@@ -122,10 +108,10 @@ def _moe_mma_gate_up_kernel(
     N, KU, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    TR: tl.constexpr = 0, F16: tl.constexpr = False, PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
-    KU stored units per weight row; F16: fp8 dots in fp16 (see FP8_FP16_DOTS)."""
+    KU stored units per weight row."""
     pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -141,9 +127,9 @@ def _moe_mma_gate_up_kernel(
     acc_u = tl.zeros([BM * S], dtype=tl.float32)
     for ku0 in range(0, KU, S * KSU):
         ku0 = tl.multiple_of(ku0, S * KSU)              # lets the loads vectorize
-        x_a, x_b, xs = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8, F16)
-        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * xs
-        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * xs
+        x_a, x_b = _x_slices(x_row, ku0, KU, S, KSU, GU, IS_FP8)
+        acc_g += _slice_dots(wg, sg, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
+        acc_u += _slice_dots(wu, su, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR)
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
@@ -157,7 +143,7 @@ def _moe_mma_down_kernel(
     N, KU, TOPK,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    EARLY: tl.constexpr = False, TR: tl.constexpr = 0, F16: tl.constexpr = False, PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False, TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (M, cdiv(N, BM)): out[m, rows] = sum_k tw[m, k] * W_down[ids[m, k]][rows] @ h[m * TOPK + k].
     EARLY (TOPK == 1 and S * KSU >= KU: one pair and one step per program): the expert id and the weight tile are
@@ -174,8 +160,8 @@ def _moe_mma_down_kernel(
                             _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR), rmask, 0, KU, S, KSU, GU,
                             BM * S, IS_FP8, TR)
         pdl_wait_then_release(PDL)
-        x_a, x_b, xs = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8, F16)
-        acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * (tl.load(tw_ptr + m).to(tl.float32) * xs)
+        x_a, x_b = _x_slices(h_ptr + m.to(tl.int64) * stride_hm, 0, KU, S, KSU, GU, IS_FP8)
+        acc = _tile_dots(p, sc, x_a, x_b, S, BM * S, IS_FP8) * tl.load(tw_ptr + m).to(tl.float32)
     else:
         pdl_wait_then_release(PDL)
         acc = tl.zeros([BM * S], dtype=tl.float32)
@@ -188,8 +174,8 @@ def _moe_mma_down_kernel(
             sb = _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8, TR)
             for ku0 in range(0, KU, S * KSU):
                 ku0 = tl.multiple_of(ku0, S * KSU)
-                x_a, x_b, xs = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8, F16)
-                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * (wt * xs)
+                x_a, x_b = _x_slices(h_row, ku0, KU, S, KSU, GU, IS_FP8)
+                acc += _slice_dots(wb, sb, rmask, ku0, KU, x_a, x_b, S, KSU, GU, BM * S, IS_FP8, TR) * wt
     out = tl.sum(tl.reshape(acc, [BM, S]), axis=1)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + out_rows, out.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -222,8 +208,8 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, F16=fp8 and FP8_FP16_DOTS, num_warps=warps,
-        num_stages=cfg["mst"], **pdl_launch())
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
+        **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w2, cfg["mbm2"], cfg["mw2"], cfg["mks2"])
@@ -231,5 +217,5 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
         BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
-        TR=w2.tile_rows, F16=fp8 and FP8_FP16_DOTS, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
+        TR=w2.tile_rows, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out
