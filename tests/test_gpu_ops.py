@@ -916,3 +916,40 @@ def test_pdl_chain_replayed_in_a_cuda_graph_equals_plain_launches():
             t.zero_()
         graph.replay()
         assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["fp8", "int4_128_tiles"])
+def test_experts_picked_in_gate_up_beside_the_routing(monkeypatch, kind):
+    """ROUTE_IN_GATE_UP: the batch-1 gate_up picks its experts from the router logits and computes before its PDL
+    wait, beside the routing launch that writes the ids. A MoE block's chain (norm, router GEMV, routing, experts)
+    captured in a CUDA graph and replayed 30 times gives the bits of the ids-reading kernels launched plainly: a
+    wrong pick, or a read of x or the logits before they are written, would differ."""
+    from qnext.ops import pdl, triton_ffn, triton_moe_gemv_mma, triton_norm
+    from qnext.ops.triton_linear_fp8 import linear
+    from qnext.ops.triton_moe import fused_moe
+    torch.manual_seed(11)
+    h, e = 512, 64
+    w13, w2 = _moe_weights(kind, e, h, 256)
+    x0, wn = torch.randn(1, h, device="cuda").bfloat16(), torch.rand(h, device="cuda").bfloat16()
+    wr = (torch.randn(e, h, device="cuda") / h ** 0.5).bfloat16()
+
+    def chain():
+        x = triton_norm.rmsnorm(x0, wn, 1e-6)
+        logits = linear(x, wr)
+        ids, tw = triton_ffn.moe_route(logits, 10, True)
+        return x, logits, ids, tw, fused_moe(x, w13, w2, tw, ids, path="gemv", reduce=False, route_logits=logits)
+
+    monkeypatch.setattr(triton_moe_gemv_mma, "ROUTE_IN_GATE_UP", False)
+    with pdl.pdl_disabled():
+        ref = chain()
+    monkeypatch.setattr(triton_moe_gemv_mma, "ROUTE_IN_GATE_UP", True)
+    assert all(torch.equal(a, b) for a, b in zip(chain(), ref))       # also compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(30):
+        for t in out:
+            t.zero_()
+        graph.replay()
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
