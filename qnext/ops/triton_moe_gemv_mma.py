@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
+from qnext.ops.pdl import pdl_launch, pdl_release, pdl_wait, pdl_wait_then_release
 from qnext.ops.triton_ffn import routed_expert
 from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
                                           int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
@@ -124,6 +124,7 @@ def _moe_mma_gate_up_kernel(
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     if ROUTE:
+        pdl_release(PDL)                                # the down kernel then loads its ids after its wait
         e = routed_expert(logits_ptr, pid_p // TOPK, pid_p % TOPK, E, stride_lt, BE).to(tl.int64)
     else:
         pdl_wait_then_release(PDL)
@@ -146,7 +147,7 @@ def _moe_mma_gate_up_kernel(
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
     if ROUTE:
-        pdl_wait_then_release(PDL)
+        pdl_wait(PDL)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + out_rows, h.to(h_ptr.dtype.element_ty), mask=out_rows < N)
 
@@ -233,6 +234,7 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_down_kernel[(rows_out, triton.cdiv(hidden, bm))](
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8,
+        EARLY=EARLY_DOWN_LOAD and not route and k_loop == 1 and s * ksu >= w2.klim,
         TR=w2.tile_rows, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out
