@@ -750,14 +750,11 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 # loaded after the PDL wait 2.46-2.48 (that variant is gone from the list).
 # fifth session: fp8's dots in fp16 (activations scaled into fp16 by a power of two, one conversion per two
 # weights instead of three instructions; removed) replayed 2.43-2.45 ms against 2.36 in bf16.
-_IDS_IN_GATE_UP = [("qnext.ops.triton_moe_gemv_mma", "ROUTE_IN_GATE_UP", False)]
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
-             ("gate_up reads the routing's ids after its wait", {}, _IDS_IN_GATE_UP),
              ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
              ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
-            ("gate_up reads the routing's ids after its wait", {}, _IDS_IN_GATE_UP),
             ("fp8 bf16 dots, gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
             ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }

@@ -120,13 +120,10 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     for m, path in ((1, "gemv"), (8, "gemv"), (32, "grouped")):
         ids = torch.stack([torch.randperm(e)[:10] for _ in range(m)])
         fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path)
-        if m == 1:                                           # experts picked in gate_up from the router logits
-            fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, route_logits=_bf(m, e))
         if path == "gemv":                                   # the CUDA-core int4 GEMV kernels
             fused_moe(_bf(m, h), w13, w2, torch.rand(m, 10), ids, path=path, config={"mma": False})
     w13, w2 = quantize_fp8_block(torch.randn(e, 2 * inter, h) / 16), quantize_fp8_block(torch.randn(e, h, inter) / 16)
-    for logits in (None, _bf(1, e)):                        # fp8 experts at b1 on tensor cores
-        fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), ids[:1], path="gemv", route_logits=logits)
+    fused_moe(_bf(1, h), w13, w2, torch.rand(1, 10), ids[:1], path="gemv")    # fp8 experts at b1 on tensor cores
     c, slots = 384, torch.tensor([3])
     triton_conv1d.causal_conv1d_update_(_bf(1, c), _bf(c, 1, 4), torch.zeros(4, c, 3).bfloat16(), slots, None)
     blocks = torch.arange(8, dtype=torch.int32).view(1, 8)

@@ -317,16 +317,6 @@ def moe_checks() -> dict:
                                              config=dict(mma=True)), ref)
     out["moe_gemv_cores1/fp8"] = err(fused_moe(x[:1], *formats["fp8"], tw[:1], ids[:1], path="gemv",
                                                config=dict(mma=False)), ref)     # split mode on CUDA cores
-    from qnext.ops.triton_ffn import moe_route      # gate_up picking its experts from the logits: the same outputs
-    wide = torch.randn(3, e + 1).half()             # a view of a wider row, as the stacked router's is
-    wide[0, 5] = wide[0, 2]                         # a tie: the lower index is picked first
-    logits = wide[:, :e]
-    rids, rtw = moe_route(logits, k, True)
-    for name in ("fp8", "int4 tiles"):
-        ws = formats[name][:2]
-        out[f"moe_gemv_routed_in_gate_up/{name}"] = bool(torch.equal(
-            fused_moe(x[:3], *ws, rtw, rids, path="gemv", route_logits=logits),
-            fused_moe(x[:3], *ws, rtw, rids, path="gemv")))
     ref = ref_ffn.fused_moe(x.float(), *formats["fp8"], tw, ids)      # fp8 with both GEMMs swapped
     out["moe_sorted70_swapped/fp8"] = err(fused_moe(x, *formats["fp8"], tw, ids, path="sorted",
                                                     config=dict(bm=16, swap=True, swap2=True)), ref)

@@ -24,10 +24,8 @@ def num_experts(w: QuantWeight) -> int:
 
 @register("fused_moe", "torch")
 def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor, topk_ids: Tensor, *,
-              path: str = "auto", config: dict | None = None, reduce: bool = True,
-              route_logits: Tensor | None = None) -> Tensor:
-    # reduce=False lets a fast path return its per-expert outputs [M, k, H] unsummed; this one always sums.
-    # route_logits (what topk_ids were routed from) only lets a fast path re-pick them; unused here
+              path: str = "auto", config: dict | None = None, reduce: bool = True) -> Tensor:
+    # reduce=False lets a fast path return its per-expert outputs [M, k, H] unsummed; this one always sums
     k = topk_ids.shape[1]
     flat = topk_ids.flatten().long()
     order = flat.argsort(stable=True)                      # assignments grouped by expert

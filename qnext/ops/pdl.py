@@ -66,17 +66,3 @@ def pdl_wait_then_release(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_release(PDL: tl.constexpr):
-    """Release before the wait: the next kernel may then start before this one's predecessor has finished, so it
-    must read nothing before its own wait (completion stays transitive: this kernel still waits before it ends)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()

@@ -19,49 +19,25 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _route_logits(logits_ptr, t, E, stride_t, BE: tl.constexpr):
-    """Token t's router logits [BE] in float32, -inf past E (never picked: K <= E finite logits)."""
-    offs = tl.arange(0, BE)
-    return tl.load(logits_ptr + t.to(tl.int64) * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
-
-
-@triton.jit
-def _take_largest(x, BE: tl.constexpr):
-    """One top-k round over x [BE]: (the largest, its index (the lowest on ties), x with it taken). Exact and
-    order-free (a max), so every kernel that picks from the same logits picks the same experts, whatever its
-    warps."""
-    best, idx = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    return best, idx, tl.where(tl.arange(0, BE) == idx, float("-inf"), x)
-
-
-@triton.jit
-def routed_expert(logits_ptr, t, k, E, stride_t, BE: tl.constexpr):
-    """Token t's k-th expert (0-based) as _route_row picks it from the same logits [T, E]."""
-    x = _route_logits(logits_ptr, t, E, stride_t, BE)
-    for _ in range(k):
-        _, _, x = _take_largest(x, BE)
-    _, idx, _ = _take_largest(x, BE)
-    return tl.minimum(idx, E - 1)                   # in range even for NaN logits
-
-
-@triton.jit
 def _route_row(logits_ptr, ids_ptr, w_ptr, t, E, stride_t,
                K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr):
-    """Token t: the K largest logits of E experts (descending, lowest index first on ties; softmax is monotonic,
-    so these are the K most probable) and their probabilities."""
-    x = _route_logits(logits_ptr, t, E, stride_t, BE)
-    mx = tl.max(x, axis=0)
-    denom = tl.sum(tl.exp(x - mx), axis=0)
+    """Token t: probabilities of E experts, the K largest (descending, lowest index first on ties)."""
+    t = t.to(tl.int64)
+    offs = tl.arange(0, BE)
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(offs < E, p, -2.0)                 # padding is never picked (K <= E)
     kk = tl.arange(0, BK)
     ids = tl.zeros([BK], dtype=tl.int64)
     ws = tl.zeros([BK], dtype=tl.float32)
     for j in tl.static_range(K):
-        best, idx, x = _take_largest(x, BE)
+        best, idx = tl.max(p, axis=0, return_indices=True, return_indices_tie_break_left=True)   # one reduction
         ids = tl.where(kk == j, idx.to(tl.int64), ids)
-        ws = tl.where(kk == j, tl.exp(best - mx) / denom, ws)
+        ws = tl.where(kk == j, best, ws)
+        p = tl.where(offs == idx, -1.0, p)          # taken
     if RENORM:
         ws = ws / tl.sum(ws, axis=0)
-    t = t.to(tl.int64)
     tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
     tl.store(w_ptr + t * K + kk, ws, mask=kk < K)
 

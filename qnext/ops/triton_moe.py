@@ -53,16 +53,12 @@ GROUPED_AUTO_MAX_PAIRS = {BF16: 0, FP8: 1024, INT4: 1024}
 
 
 def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor, topk_ids: Tensor, *,
-              path: str = "auto", config: dict | None = None, reduce: bool = True,
-              route_logits: Tensor | None = None) -> Tensor:
+              path: str = "auto", config: dict | None = None, reduce: bool = True) -> Tensor:
     """Routed experts. x [M, H] bf16/fp16; w13 [E, 2I, H], w2 [E, H, I] (bf16 | Fp8BlockWeight | Int4GroupWeight,
     both the same format); topk_weights [M, k] float32; topk_ids [M, k] int -> [M, H] in x.dtype. With
     reduce=False the paths that end in a sum over the k experts return [M, k, H] instead (the caller's
     sigmoid_gate_add sums them in its pass), others still [M, H].
-    path: "auto" (by the pair count, see GEMV_MAX_PAIRS), "gemv", "grouped" or "sorted".
-    route_logits [M, E]: the router logits that topk_ids are the top-k of (largest first, lowest index on ties, as
-    moe_route picks them), given when the launch right before this call routed them and wrote neither x nor the
-    logits: the batch-1 GEMV then picks its experts itself and overlaps that launch (triton_moe_gemv_mma)."""
+    path: "auto" (by the pair count, see GEMV_MAX_PAIRS), "gemv", "grouped" or "sorted"."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe takes bf16/fp16 activations, got {x.dtype}")
     a, b = kernel_view(w13), kernel_view(w2)
@@ -80,7 +76,7 @@ def fused_moe(x: Tensor, w13: QuantWeight, w2: QuantWeight, topk_weights: Tensor
         grouped_ok = p <= GROUPED_AUTO_MAX_PAIRS[a.kind] and a.n % 32 == 0 and b.n % 16 == 0
         path = "gemv" if p <= GEMV_MAX_PAIRS[a.kind] else "grouped" if grouped_ok else "sorted"
     if path == "gemv":
-        return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce, route_logits)
+        return moe_gemv(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "sorted":
         return moe_sorted(x, a, b, topk_weights, topk_ids, config, reduce)
     if path == "grouped":

@@ -263,7 +263,7 @@ def _split_result(y: Tensor, m: int, top_k: int, reduce: bool) -> Tensor:
 
 
 def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tensor, topk_ids: Tensor,
-             config: dict | None = None, reduce: bool = True, route_logits: Tensor | None = None) -> Tensor:
+             config: dict | None = None, reduce: bool = True) -> Tensor:
     """Decode path; x [M, H] -> [M, H] (or [M, k, H] unsummed when not reduce). See the module docstring."""
     m, top_k = topk_ids.shape
     p, inter, hidden = m * top_k, w2.k, w2.n
@@ -272,7 +272,7 @@ def moe_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, topk_weights: Tenso
     tw = topk_weights.reshape(-1).contiguous()
     split = cfg["split"] if cfg["split"] is not None else p <= SPLIT_MAX_PAIRS
     if cfg.get("mma") is True or (cfg.get("mma") == "split" and split):
-        out = mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split, route_logits if split else None)
+        out = mma_gemv(x, w13, w2, tw, ids, m, top_k, cfg, split)
         return _split_result(out, m, top_k, reduce) if split else out
     if split:
         return _moe_gemv_split(x, w13, w2, tw, ids, m, top_k, cfg, reduce)

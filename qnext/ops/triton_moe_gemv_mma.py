@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.pdl import pdl_launch, pdl_release, pdl_wait, pdl_wait_then_release
-from qnext.ops.triton_ffn import routed_expert
+from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
                                           int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
 
@@ -29,9 +28,6 @@ Tensor = torch.Tensor
 # The down kernel loads its expert's weight tile before the PDL wait when a program has one pair and one step (the
 # batch-1 split mode); False for A/B runs.
 EARLY_DOWN_LOAD = True
-# Given the router logits, the gate_up kernel picks its experts from them itself and computes before the PDL wait,
-# beside the routing kernel launched right before it (see _moe_mma_gate_up_kernel); False for A/B runs.
-ROUTE_IN_GATE_UP = True
 
 
 @triton.jit
@@ -108,27 +104,18 @@ def _scale_rows(s_ptr, e, rows, stride_se, stride_sn, IS_FP8: tl.constexpr, TR: 
 
 @triton.jit
 def _moe_mma_gate_up_kernel(
-    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, logits_ptr,
-    N, KU, TOPK, E, stride_lt,
+    x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr,
+    N, KU, TOPK,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     BM: tl.constexpr, S: tl.constexpr, KSU: tl.constexpr, GU: tl.constexpr, IS_FP8: tl.constexpr,
-    TR: tl.constexpr = 0, ROUTE: tl.constexpr = False, BE: tl.constexpr = 1, PDL: tl.constexpr = False,
+    TR: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """grid (P, cdiv(N, BM)): h[p, rows] = silu(W_gate[e] x[t]) * (W_up[e] x[t]), e = ids[p], t = p // TOPK.
-    KU stored units per weight row.
-    ROUTE: e is picked from the router logits [M, E] the ids were routed from (triton_ffn.routed_expert: the same
-    pick) and all but the store of h runs before the PDL wait, so this kernel overlaps the one launched right
-    before it (the routing, which wrote the ids). Safe only because that kernel writes neither x nor the logits
-    (the caller's contract, see mma_gemv): both were complete before it released this kernel (qnext/ops/pdl.py),
-    as the down kernel's EARLY ids are."""
+    KU stored units per weight row."""
+    pdl_wait_then_release(PDL)
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if ROUTE:
-        pdl_release(PDL)                                # the down kernel then loads its ids after its wait
-        e = routed_expert(logits_ptr, pid_p // TOPK, pid_p % TOPK, E, stride_lt, BE).to(tl.int64)
-    else:
-        pdl_wait_then_release(PDL)
-        e = tl.load(ids_ptr + pid_p).to(tl.int64)
+    e = tl.load(ids_ptr + pid_p).to(tl.int64)
     x_row = x_ptr + (pid_p // TOPK).to(tl.int64) * stride_xm
     rows = pid_n * BM + tl.arange(0, BM * S) // S          # [BM*S]: each weight row S times
     rmask = rows < N
@@ -146,8 +133,6 @@ def _moe_mma_gate_up_kernel(
     gate = tl.sum(tl.reshape(acc_g, [BM, S]), axis=1)
     up = tl.sum(tl.reshape(acc_u, [BM, S]), axis=1)
     h = gate * tl.sigmoid(gate) * up
-    if ROUTE:
-        pdl_wait(PDL)
     out_rows = pid_n * BM + tl.arange(0, BM)
     tl.store(h_ptr + pid_p.to(tl.int64) * stride_hm + out_rows, h.to(h_ptr.dtype.element_ty), mask=out_rows < N)
 
@@ -210,23 +195,20 @@ def _slicing(w: KernelWeight, bm: int, warps: int, ksu: int | None) -> tuple[int
 
 
 def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Tensor, m: int, top_k: int,
-             cfg: dict, split: bool, route_logits: Tensor | None = None) -> Tensor:
+             cfg: dict, split: bool) -> Tensor:
     """x [M, H] -> [M, H], or [M*k, H] per-expert outputs (router-weighted, unsummed) when split: the down
     projection then runs one program per (pair, rows) instead of looping over the k experts -- more programs for the
     latency-bound few-pairs case. ids / tw flat [M*k]; int4 or fp8 weights. cfg keys: mbm1, mw1, mbm2, mw2 (rows
     and warps per program of the two kernels), mks2 (slice units of the down projection; None = auto), mst
-    (pipeline stages). route_logits [M, E] (see fused_moe): the gate_up kernel's ROUTE mode (ROUTE_IN_GATE_UP)."""
+    (pipeline stages)."""
     p, inter, hidden = m * top_k, w2.k, w2.n
     fp8 = w13.kind == FP8
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     bm, s, ksu, gu, warps = _slicing(w13, cfg["mbm1"], cfg["mw1"], None)
-    route = ROUTE_IN_GATE_UP and route_logits is not None and route_logits.stride(-1) == 1
-    logits = route_logits if route else ids
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
-        x, w13.data, w13.scale, ids, h, logits, inter, w13.klim, top_k, logits.shape[-1], logits.stride(0),
+        x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, ROUTE=route,
-        BE=triton.next_power_of_2(logits.shape[-1]) if route else 1, num_warps=warps, num_stages=cfg["mst"],
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, TR=w13.tile_rows, num_warps=warps, num_stages=cfg["mst"],
         **pdl_launch())
     rows_out, k_loop = (p, 1) if split else (m, top_k)
     out = torch.empty(rows_out, hidden, dtype=x.dtype, device=x.device)
@@ -234,7 +216,6 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     _moe_mma_down_kernel[(rows_out, triton.cdiv(hidden, bm))](
         h, w2.data, w2.scale, ids, tw, out, hidden, w2.klim, k_loop,
         h.stride(0), w2.data.stride(0), w2.data.stride(1), w2.scale.stride(0), w2.scale.stride(1), out.stride(0),
-        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8,
-        EARLY=EARLY_DOWN_LOAD and not route and k_loop == 1 and s * ksu >= w2.klim,
+        BM=bm, S=s, KSU=ksu, GU=gu, IS_FP8=fp8, EARLY=EARLY_DOWN_LOAD and k_loop == 1 and s * ksu >= w2.klim,
         TR=w2.tile_rows, num_warps=warps, num_stages=cfg["mst"], **pdl_launch())
     return out

@@ -109,12 +109,10 @@ class Experts(nn.Module):
         self.tile_rows = tile_rows
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                reduce: bool = True, route_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed).
-        route_logits: what the launch right before routed topk_ids from (see the fused_moe op)."""
+                reduce: bool = True) -> torch.Tensor:
+        """x [T, H]; topk_ids, topk_weights [T, k] -> [T, H] (reduce=False: possibly [T, k, H] unsummed)."""
         w13, w2 = self.quant_weights()
-        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce,
-                                                               route_logits=route_logits)
+        return get_op("fused_moe", self.ops_backend, x.device)(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
 
 
 class SparseMoeBlock(nn.Module):
@@ -155,8 +153,7 @@ class SparseMoeBlock(nn.Module):
                 down = shared.down_proj
                 s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
                     gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
-                # the routing launch wrote ids and weights only: the experts may re-pick from the logits beside it
-                y = self.experts(x, ids, weights, reduce=False, route_logits=logits)    # the shared add sums the k
+                y = self.experts(x, ids, weights, reduce=False)                         # the shared add sums the k
                 return self._add_shared(x, y, shared_gate, s, defer_combine)
         s = None
         if shared is not None:
