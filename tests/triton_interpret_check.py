@@ -171,7 +171,6 @@ def op_checks() -> dict:
         out[f"linear_pair/{name}"] = max(err(y1.float(), r1), err(y2.float(), r2))
     # the GDN output's gated RMSNorm formed in out_proj's GEMV: 3 rows of 2 x 2 heads of 128, z a strided view of a
     # wider row as in qkvz; against the torch reference, and bit for bit against the norm kernel then the GEMV
-    from qnext.ops import triton_norm
     xo, zw, nw = torch.randn(3, 2, 2, 128).half(), torch.randn(3, 2, 5, 128).half(), torch.rand(128).half() + 0.5
     zo = zw[:, :, 3:]
     wo8 = quantize_fp8_block(torch.randn(384, 512) / 512 ** 0.5)
