@@ -716,20 +716,17 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 
 
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The batch-1 chain's shorter links, all off and each off alone: the GDN output's gated norm formed in
-    out_proj's GEMV (FUSE_OUT_NORM; alone only), the routing beside the shared down projection in one launch
-    (FUSE_ROUTE), the experts' down weights loaded before the PDL wait (EARLY_DOWN_LOAD),
+    """The batch-1 chain's shorter links, all off and each off alone: the routing beside the shared down
+    projection in one launch (FUSE_ROUTE), the experts' down weights loaded before the PDL wait (EARLY_DOWN_LOAD),
     the GDN conv and recurrent states loaded before it (EARLY_STATE_LOAD). Greedy ids against the default engine
     (the fused routing sums its softmax over 4 warps instead of 1: near-tied logits of random weights may flip);
     decode-b1, the replays, and the step profile with all off."""
     route = [("qnext.ops.triton_fused_linear", "FUSE_ROUTE", False)]
-    out_norm = [("qnext.ops.triton_fused_linear", "FUSE_OUT_NORM", False)]
     down = [("qnext.ops.triton_moe_gemv_mma", "EARLY_DOWN_LOAD", False)]
     states = [("qnext.ops.fla_gdn", "EARLY_STATE_LOAD", False), ("qnext.ops.triton_conv1d", "EARLY_STATE_LOAD", False)]
     engines_ab(tag, model, cfg, engine, device, args, max_len, [
         (name, lambda values=values: settings(*values), {}, name == "all off")
-        for name, values in (("GDN out norm apart", out_norm), ("all off", route + down + states),
-                             ("route apart", route),
+        for name, values in (("all off", route + down + states), ("route apart", route),
                              ("down weights after the wait", down), ("GDN states after the wait", states),
                              ("all on again", []))])
 

@@ -2,8 +2,7 @@
 qnext.ops.triton_fused_linear): fp8_linear is x [..., K] @ dequantize(W)^T with W an Fp8BlockWeight [N, K] (any N,
 K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear projects silu_mul's output and
 linear_pair makes two projections of one input (W fp8 or plain), silu_mul_linear_route is silu_mul_linear beside
-the MoE routing, gated_rmsnorm_linear projects the GDN layer's gated RMSNorm; each one launch on CUDA for decode
-rows."""
+the MoE routing; each one launch on CUDA for decode rows."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.moe import moe_route, silu_mul
-from qnext.ops.norm import gated_rmsnorm
 from qnext.ops.quant import Fp8BlockWeight, dequantize_fp8_block
 from qnext.ops.registry import register
 
@@ -45,14 +43,6 @@ def silu_mul_linear_route(gate: torch.Tensor, up: torch.Tensor, w: Fp8BlockWeigh
     """(silu_mul_linear(gate, up, w, bias), topk_ids, topk_weights of moe_route(logits, top_k, renormalize)): the
     MoE block's shared-expert down projection and its routing, which CUDA runs as one launch for decode rows."""
     return (silu_mul_linear(gate, up, w, bias), *moe_route(logits, top_k, renormalize))
-
-
-@register("gated_rmsnorm_linear", "torch")
-def gated_rmsnorm_linear(x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                         w: Fp8BlockWeight | torch.Tensor) -> torch.Tensor:
-    """x, z [T, ..., D] of one shape (any strides), norm_weight [D] -> gated_rmsnorm(x, z, norm_weight, eps)
-    flattened to [T, K] @ W^T: the GDN layer's output norm and out_proj."""
-    return _project(gated_rmsnorm(x, z, norm_weight, eps).reshape(x.shape[0], -1), w, None)
 
 
 @register("linear_pair", "torch")

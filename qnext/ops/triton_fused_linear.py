@@ -11,15 +11,12 @@
                                                               decode conv (causal_conv1d_update_) in the GEMV's
                                                               epilogue (in_proj_qkvz with in_proj_ba, then the GDN
                                                               layer's conv: each program owns its outputs' channels)
-    gated_rmsnorm_linear(x, z, nw, eps, w)                    the GEMV forms the GDN layer's gated RMSNorm of its
-                                                              heads (128 wide: one per K step's scale group), then
-                                                              out_proj
 Semantics of qnext.ops.fp8_linear (W fp8 block-scaled or plain 16-bit); each output is rounded as the separate
 kernels round it (SwiGLU's input to x's dtype before the projection reads it), so results are theirs bit for bit.
 
 Why by hand: no library fuses an activation into a weight-only FP8 GEMV's prologue, or launches two differently
 quantized GEMVs as one grid. The batch-1 step is a chain of ~740 dependent kernels, each paying its launch, wait
-and ramp; these remove 48 + 84 + 48 + 36 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
+and ramp; these remove 48 + 84 + 48 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
 kernels.
 """
 
@@ -32,7 +29,6 @@ import triton.language as tl
 from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step, conv_window
 from qnext.ops.triton_ffn import moe_route, silu_mul
-from qnext.ops.triton_norm import gated_rmsnorm
 from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
                                          linear, swiglu_gemv_route)
 
@@ -44,8 +40,6 @@ FUSE_DECODE_PROJECTIONS = True
 FUSE_ROUTE = True
 # False: linear_pair_conv_update_ runs the pair and the conv as two kernels (A/B runs: gpu_e2e.py --extras conv).
 FUSE_IN_PROJ_CONV = True
-# False: gated_rmsnorm_linear runs the norm kernel, then the GEMV (A/B runs: gpu_e2e.py --extras early).
-FUSE_OUT_NORM = True
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
 CONV_EARLY_LOAD = True
@@ -81,17 +75,6 @@ def silu_mul_linear_route(gate: Tensor, up: Tensor, w: Fp8BlockWeight | Tensor, 
             and logits.stride(-1) == 1 and 0 < top_k <= logits.shape[1]):
         return swiglu_gemv_route(gate, up, w, logits, top_k, renormalize, bn=SWIGLU_BN)
     return (silu_mul_linear(gate, up, w, bias), *moe_route(logits, top_k, renormalize))
-
-
-def gated_rmsnorm_linear(x: Tensor, z: Tensor, norm_weight: Tensor, eps: float, w: Fp8BlockWeight | Tensor) -> Tensor:
-    """x, z [T, Hk, R, D] -> gated_rmsnorm(x, z, norm_weight, eps) [T, Hk * R * D] @ W^T; one launch when the GEMV
-    takes x's rows, x is contiguous, D = 128 (a head per scale group) and z's heads are D apart."""
-    t = x.shape[0]
-    if (FUSE_DECODE_PROJECTIONS and FUSE_OUT_NORM and x.dim() == 4 and x.shape[-1] == 128 and z.shape == x.shape and x.is_contiguous()
-            and z.stride(-1) == 1 and z.stride(2) == 128 and norm_weight.is_contiguous()
-            and gemv_takes(x.view(t, -1), w, None)):
-        return gemv(x.view(t, -1), w, gated=(z, norm_weight, eps))
-    return _project(gated_rmsnorm(x, z, norm_weight, eps).reshape(t, -1), w)
 
 
 def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:

@@ -97,25 +97,16 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr)
 
 
 @triton.jit
-def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr, z_row=0, z_sk=0, z_sr=0, nw_ptr=0, eps=0.0,
-            R: tl.constexpr = 1, GATED: tl.constexpr = False):
+def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr):
     """The activations of x's scale groups gg [NG] as float32 [NG, 128]: as stored, or (SWIGLU) silu(x) * up of a
-    stacked gate | up row, up at x_row + up_off, or (GATED) the GDN layer's gated RMSNorm of x, each group one
-    head: w * rmsnorm(x) * silu(z), head g's z at z_row + (g // R) * z_sk + (g % R) * z_sr, norm weight nw [128].
-    Rounded to x's dtype as qnext.ops.triton_ffn.silu_mul / triton_norm.gated_rmsnorm store it (the input formed
-    here instead of by a kernel of its own, with the same operations in the same order)."""
+    stacked gate | up row, up at x_row + up_off, rounded to x's dtype as qnext.ops.triton_ffn.silu_mul stores it
+    (the input formed here instead of by a kernel of its own)."""
     gm = (gg < groups)[:, None]
     offs = gg[:, None] * 128 + j[None, :]
     x = tl.load(x_row + offs, mask=gm, other=0).to(tl.float32)
     if SWIGLU:
         up = tl.load(x_row + up_off + offs, mask=gm, other=0).to(tl.float32)
         x = (x * tl.sigmoid(x) * up).to(x_row.dtype.element_ty).to(tl.float32)
-    if GATED:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / 128 + eps)[:, None]
-        w = tl.load(nw_ptr + j).to(tl.float32)[None, :]
-        z = tl.load(z_row + ((gg // R) * z_sk + (gg % R) * z_sr)[:, None] + j[None, :], mask=gm,
-                    other=0).to(tl.float32)
-        x = (x * rstd * w * (z * tl.sigmoid(z))).to(x_row.dtype.element_ty).to(tl.float32)
     return x
 
 
@@ -138,8 +129,7 @@ def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
 @triton.jit
 def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
                   BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, EARLY: tl.constexpr,
-                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr, z_ptr=0, stride_zm=0, z_sk=0,
-                  z_sr=0, nw_ptr=0, eps=0.0, R: tl.constexpr = 1, GATED: tl.constexpr = False):
+                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
     """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype."""
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
@@ -155,15 +145,12 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-    z_row = z_ptr
-    if GATED:
-        z_row = z_ptr + m.to(tl.int64) * stride_zm
-    xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU, z_row, z_sk, z_sr, nw_ptr, eps, R, GATED)
+    xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU)
     acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
-        xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU, z_row, z_sk, z_sr, nw_ptr, eps, R, GATED)
+        xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU)
         acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM)
     if STEP_SUM:
         y = tl.sum(acc, axis=1)
@@ -176,21 +163,17 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
-                     z_ptr, nw_ptr, stride_zm, z_sk, z_sr, eps,
                      BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
-                     STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, R: tl.constexpr = 1,
-                     GATED: tl.constexpr = False, PDL: tl.constexpr = False):
+                     STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
-    weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:]; GATED: the gated RMSNorm of x's
-    128-wide heads with z (rows stride_zm apart) and the norm weight nw (_gemv_x).
+    weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:] (_gemv_x).
     EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
     a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
     Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
     current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
     dependent round trips cost more than the shorter K loop saves)."""
     _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), tl.program_id(1), N, K, stride_xm, stride_wn,
-                  stride_sn, stride_ym, up_off, BN, NG, SCALED, EARLY, STEP_SUM, SWIGLU, PDL, z_ptr, stride_zm, z_sk,
-                  z_sr, nw_ptr, eps, R, GATED)
+                  stride_sn, stride_ym, up_off, BN, NG, SCALED, EARLY, STEP_SUM, SWIGLU, PDL)
 
 
 @triton.jit
@@ -371,19 +354,16 @@ def _ng(ng: int, k: int) -> int:
 
 
 def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int,
-          up: Tensor | None = None, gated: tuple | None = None) -> Tensor:
+          up: Tensor | None = None) -> Tensor:
     """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None).
-    up [M, K] (x's row stride, the other half of one stacked gate | up row): the input is silu(x) * up.
-    gated (z [M, Hk, R, 128] with a unit last stride, norm weight [128], eps): the input is the gated RMSNorm of
-    x's heads of 128 (x [M, Hk * R * 128])."""
+    up [M, K] (x's row stride, the other half of one stacked gate | up row): the input is silu(x) * up."""
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     up_off = 0 if up is None else (up.data_ptr() - x.data_ptr()) // x.element_size()
-    z, nw, eps = gated if gated is not None else (x.view(x.shape[0], 1, 1, -1), x, 0.0)
     _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
         x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
-        0 if scale is None else scale.stride(0), y.stride(0), up_off, z, nw, z.stride(0), z.stride(1), z.stride(2),
-        eps, BN=bn, NG=_ng(ng, k), SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM,
-        SWIGLU=up is not None, R=z.shape[2], GATED=gated is not None, num_warps=num_warps, **pdl_launch())
+        0 if scale is None else scale.stride(0), y.stride(0), up_off, BN=bn, NG=_ng(ng, k),
+        SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, SWIGLU=up is not None,
+        num_warps=num_warps, **pdl_launch())
     return y
 
 
@@ -399,20 +379,18 @@ def _operand(w: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor | None, int, in
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int | None = None, up: Tensor | None = None, gated: tuple | None = None) -> Tensor:
-    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up; gated: of its gated RMSNorm; see _gemv); tiles default to
-    gemv_tiles."""
+             num_warps: int | None = None, up: Tensor | None = None) -> Tensor:
+    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up, see _gemv); tiles default to gemv_tiles."""
     wt, scale, n, k, tiles = _operand(w)
-    return _gemv(x, wt, scale, n, k, bn or tiles[0], ng or tiles[1], num_warps or tiles[2], up, gated)
+    return _gemv(x, wt, scale, n, k, bn or tiles[0], ng or tiles[1], num_warps or tiles[2], up)
 
 
 def bf16_gemv(x: Tensor, w: Tensor, bn: int = BF16_GEMV_TILE[0], ng: int = BF16_GEMV_TILE[1],
-              num_warps: int = BF16_GEMV_TILE[2], up: Tensor | None = None, gated: tuple | None = None) -> Tensor:
+              num_warps: int = BF16_GEMV_TILE[2], up: Tensor | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
-    dimension), through the fp8 GEMV kernel without scales. up: of silu(x) * up; gated: of its gated RMSNorm (see
-    _gemv)."""
+    dimension), through the fp8 GEMV kernel without scales. up: of silu(x) * up (see _gemv)."""
     wt, _, n, k, _ = _operand(w)
-    return _gemv(x, wt, None, n, k, bn, ng, num_warps, up, gated)
+    return _gemv(x, wt, None, n, k, bn, ng, num_warps, up)
 
 
 def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, norm_project, project_pair
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, project_pair
 from qnext.model.layers.norm import GatedRMSNorm
 from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
@@ -135,4 +135,5 @@ class GatedDeltaNet(nn.Module):
         else:
             out = get_op("gdn_prefill_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
                                                   has_init, batch.cu_query_lens)
-        return norm_project(out.view(t, hk, r, dv), z, self.norm, self.out_proj)       # [T, hidden]
+        out = self.norm(out.view(t, hk, r, dv), z)                                      # [T, Hk, r, Dv]
+        return self.out_proj(out.reshape(t, -1))

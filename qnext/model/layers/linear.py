@@ -174,16 +174,6 @@ def project_pair(x: torch.Tensor, first: nn.Module, second: nn.Module,
     return get_op("linear_pair_conv_update_", first.ops_backend, x.device)(x, *weights, *conv)
 
 
-def norm_project(x: torch.Tensor, z: torch.Tensor, norm: nn.Module, proj: nn.Module) -> torch.Tensor:
-    """proj(norm(x, z).reshape(T, -1)) for the GDN layer's gated RMSNorm and out_proj: through the
-    "gated_rmsnorm_linear" op (the GEMV forms the norm for decode rows on CUDA) when proj is a plain or FP8 Linear
-    without a bias on the norm's ops backend, else the two modules apart."""
-    if type(proj) not in (Linear, Fp8Linear) or proj.bias is not None or proj.ops_backend != norm.ops_backend:
-        return proj(norm(x, z).reshape(x.shape[0], -1))
-    return get_op("gated_rmsnorm_linear", proj.ops_backend, x.device)(x, z, norm.weight, norm.eps,
-                                                                    proj.matmul_weight())
-
-
 def split_stacked(stacked: nn.Module, y: torch.Tensor) -> list[torch.Tensor]:
     """y = stacked(x) [..., out] -> each stacked projection's outputs, as views (padding dropped)."""
     return list(y[..., :sum(stacked.parts)].split(stacked.parts, dim=-1))
