@@ -913,7 +913,8 @@ def main() -> None:
                     help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
                          "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
-                         "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), trace (device trace of b32 steps), mixed "
+                         "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "
+                         "trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "
                          "(eager engine)")

@@ -155,6 +155,16 @@ def _down_x(h_row, gg, kp, km, sb, wt, KLIM, KIND: tl.constexpr, GS: tl.constexp
 
 
 @triton.jit
+def _expert_bases(w_ptr, s_ptr, e, pid_n, stride_we, stride_se, stride_sn, KIND: tl.constexpr, BN: tl.constexpr):
+    """Expert e's down weights and scales for this program's BN output rows: (weight base, scale base; fp8: the
+    scale row of those rows)."""
+    sb = s_ptr + e * stride_se
+    if KIND == 1:
+        sb += ((pid_n * BN) // 128) * stride_sn
+    return w_ptr + e * stride_we, sb
+
+
+@triton.jit
 def _moe_gemv_down_kernel(
     h_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr,
     N, KLIM, NGRP, TOPK,
@@ -177,10 +187,7 @@ def _moe_gemv_down_kernel(
         gg = tl.arange(0, NG)
         kp = gg[:, None] * GS + j[None, :]
         km = kp < KLIM
-        wb = w_ptr + e * stride_we
-        sb = s_ptr + e * stride_se
-        if KIND == 1:
-            sb += ((pid_n * BN) // 128) * stride_sn
+        wb, sb = _expert_bases(w_ptr, s_ptr, e, pid_n, stride_we, stride_se, stride_sn, KIND, BN)
         w, sc = _gemv_load(wb, sb, rows, rmask, gg, kp, km, stride_wn, stride_sn, KLIM, KIND, GS, TR)
         pdl_wait_then_release(PDL)
         xa, xb = _down_x(h_ptr + m.to(tl.int64) * stride_hm, gg, kp, km, sb, tl.load(tw_ptr + m).to(tl.float32),
@@ -192,11 +199,7 @@ def _moe_gemv_down_kernel(
             p = m * TOPK + kk
             e = tl.load(ids_ptr + p).to(tl.int64)
             wt = tl.load(tw_ptr + p).to(tl.float32)
-            wb = w_ptr + e * stride_we
-            if KIND == 1:
-                sb = s_ptr + e * stride_se + ((pid_n * BN) // 128) * stride_sn
-            else:
-                sb = s_ptr + e * stride_se
+            wb, sb = _expert_bases(w_ptr, s_ptr, e, pid_n, stride_we, stride_se, stride_sn, KIND, BN)
             h_row = h_ptr + p.to(tl.int64) * stride_hm
             for g0 in range(0, NGRP, NG):
                 gg = g0 + tl.arange(0, NG)
