@@ -75,3 +75,52 @@ def _cache(model, cfg):
     from qnext.cache.model_cache import ModelCache
 
     return ModelCache(cfg, num_blocks=8, block_size=16, num_slots=2, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_expert_joined_as_one_more_expert(dtype, monkeypatch):
+    """join_shared_expert: the shared expert becomes expert E (views, no copy, state_dict unchanged) and the
+    decode rows' three-launch form (router + routing with the shared expert appended, the experts) gives the
+    block's output; prefill rows keep the separate form."""
+    cfg = ModelConfig.from_hf(preset_config("tiny"))
+    model = fill_synthetic_(Qwen3NextForCausalLM(cfg, dtype=dtype, device="cpu").eval(), seed=2)
+    model.stack_projections()                       # CPU: the torch experts, not joined by the engine's call
+    moe = next(m for m in model.modules() if getattr(m, "router_and_shared_gate", None) is not None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    x = torch.randn(3, cfg.hidden_size, dtype=dtype)                    # 3 rows: past JOINED_MAX_TOKENS
+    with torch.inference_mode():
+        before = [moe(x[:1]), moe(x)]
+        assert moe.join_shared_expert() and moe.join_shared_expert()          # the second call changes nothing
+        from qnext.model.layers import moe as moe_module
+        ops, get_op = [], moe_module.get_op
+        monkeypatch.setattr(moe_module, "get_op", lambda name, *a: ops.append(name) or get_op(name, *a))
+        after = [moe(x[:1])]
+        assert ops == ["linear_route_shared", "fused_moe"]
+        after.append(moe(x))
+        assert "silu_mul_linear_route" in ops
+    e = cfg.num_experts
+    joined = moe.experts.joined["gate_up_proj"]
+    assert joined.shape[0] == e + 1 and moe.experts.gate_up_proj.data_ptr() == joined.data_ptr()
+    assert moe.shared_expert.gate_up.weight.data_ptr() == joined[e].data_ptr()
+    assert moe.shared_expert.down_proj.weight.data_ptr() == moe.experts.joined["down_proj"][e].data_ptr()
+    assert moe.shared_expert.up_proj.weight.data_ptr() == joined[e, cfg.shared_expert_intermediate_size].data_ptr()
+    now = model.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a.value() if hasattr(a, "value") else a, b, **tol)
+
+
+def test_route_with_shared_appends_the_shared_expert():
+    from qnext.ops.fp8_linear import linear_route_shared
+    from qnext.ops.moe import moe_route
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 64), torch.randn(8 + 1 + 7, 64)          # 8 experts, the shared gate, padding rows
+    ids, weights = linear_route_shared(x, w, 8, 3, True)
+    logits = x @ w.T
+    ref_ids, ref_w = moe_route(logits[:, :8], 3, True)
+    assert ids.shape == (2, 4) and torch.equal(ids[:, :3], ref_ids) and (ids[:, 3] == 8).all()
+    torch.testing.assert_close(weights[:, :3], ref_w)
+    torch.testing.assert_close(weights[:, 3], torch.sigmoid(logits[:, 8]))

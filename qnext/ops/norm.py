@@ -26,21 +26,23 @@ Tensor = torch.Tensor
 
 class MoeCombine(NamedTuple):
     """A sparse MoE block's output left for the next norm to form: sigmoid_gate_add(routed, gate, shared) =
-    routed (summed over k when [T, k, H]) + sigmoid(gate) * shared; gate [T, 1], shared [T, H]."""
+    routed (summed over k when [T, k, H]) + sigmoid(gate) * shared; gate [T, 1], shared [T, H]. gate and shared
+    None: the shared expert is one of the routed ones already (SparseMoeBlock's joined form), routed is
+    [T, k, H] and its sum over k is the value."""
     routed: Tensor
-    gate: Tensor
-    shared: Tensor
+    gate: Tensor | None = None
+    shared: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
-        return self.shared.shape
+        return self.routed[:, 0].shape if self.shared is None else self.shared.shape
 
     @property
     def device(self) -> torch.device:
-        return self.shared.device
+        return self.routed.device
 
     def value(self) -> Tensor:
-        return sigmoid_gate_add(*self)
+        return self.routed.sum(1) if self.shared is None else sigmoid_gate_add(*self)
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out
