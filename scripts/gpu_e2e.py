@@ -770,6 +770,8 @@ TILE_VARIANTS = {
              ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
             ("fp8 gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
+            ("fp8 gate_up 2 rows on 1 warp", dict(mbm1=2, mw1=1), []),
+            ("fp8 gate_up 4 rows on 2 warps", dict(mbm1=4, mw1=2), []),
             ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }
 
