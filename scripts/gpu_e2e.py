@@ -749,12 +749,9 @@ def join_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
     formats match) against its own GEMVs beside the router and the routing (four launches; JOIN_SHARED_EXPERT
     off); greedy ids against the default engine (the shared output is weighted before its rounding when joined:
     near-tied logits of random weights may flip), decode-b1, the replays and the step profile of each."""
-    fp8 = "qnext.ops.triton_linear_fp8"
     engines_ab(tag, model, cfg, engine, device, args, max_len, [
         ("shared expert apart", lambda: settings(("qnext.model.layers.moe", "JOIN_SHARED_EXPERT", False)), {}, True),
-        ("joined, router GEMV 1 warp bn2", lambda: settings((fp8, "ROUTE_GEMV_TILE", (2, 16, 1))), {}, True),
-        ("joined, router GEMV 1 warp bn4", lambda: settings((fp8, "ROUTE_GEMV_TILE", (4, 16, 1))), {}, False),
-        ("joined again", contextlib.nullcontext, {}, False)])
+        ("joined again", contextlib.nullcontext, {}, True)])
 
 
 # Batch-1 expert GEMV tilings per expert format (--extras tiles): (name, GEMV_DEFAULTS entries, module settings).

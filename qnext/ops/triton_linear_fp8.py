@@ -55,9 +55,6 @@ BF16_GEMV_MAX_N = 4096
 # bf16_gemv's default (BN, NG, warps): the H200 sweep's best for 513 and 64 outputs (scripts/gpu_check.py --only
 # fp8gemv).
 BF16_GEMV_TILE = (2, 16, 4)
-# gemv_route's (BN, NG, warps) for a plain router weight: its last program's routing reduces across the program's
-# warps (one warp: shuffles only, no shared-memory round trips). A/B: gpu_e2e.py --extras join.
-ROUTE_GEMV_TILE = (2, 16, 4)
 # small_m_tiles splits K (by at most MAX_SPLIT; QNEXT_FP8_MAX_SPLIT=1 turns split-K off for A/B runs) until a call
 # has about SPLIT_PROGRAMS programs (2 per SM of an H100 / H200), leaving each program at least SPLIT_MIN_STEPS
 # 128-column steps. H200 sweep (gpu_check --only fp8small): at 32 rows 2048 x 4096 14.8 -> 12.0 us (split 4),
@@ -486,8 +483,6 @@ def gemv_route(x: Tensor, w: Fp8BlockWeight | Tensor, num_experts: int, top_k: i
     the shared expert as id E with weight sigmoid(its gate). gemv_takes(x, w) must hold; W has more than E rows."""
     m = x.shape[0]
     wt, scale, n, k, (bn, ng, num_warps) = _operand(w)
-    if scale is None:
-        bn, ng, num_warps = ROUTE_GEMV_TILE
     logits = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ids = torch.empty(m, top_k + 1, dtype=torch.int64, device=x.device)
     weights = torch.empty(m, top_k + 1, dtype=torch.float32, device=x.device)
