@@ -18,8 +18,7 @@
     --extras picks the first variant's extended measurements (knobs, early, conv, ab, host, trace, mixed, lone,
     wave, eager; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on
     one stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
-    off: see early_ab; conv: the GDN decode conv apart from the in_proj GEMV: see conv_ab; join: the shared expert
-    routed as one more expert or apart: see join_ab).
+    off: see early_ab; conv: the GDN decode conv apart from the in_proj GEMV: see conv_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
 """
@@ -744,16 +743,6 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
                              ("all on again", []))])
 
 
-def join_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The batch-1 MoE block with the shared expert routed as one more expert (three launches, the default where
-    formats match) against its own GEMVs beside the router and the routing (four launches; JOIN_SHARED_EXPERT
-    off); greedy ids against the default engine (the shared output is weighted before its rounding when joined:
-    near-tied logits of random weights may flip), decode-b1, the replays and the step profile of each."""
-    engines_ab(tag, model, cfg, engine, device, args, max_len, [
-        ("shared expert apart", lambda: settings(("qnext.model.layers.moe", "JOIN_SHARED_EXPERT", False)), {}, True),
-        ("joined again", contextlib.nullcontext, {}, True)])
-
-
 # Batch-1 expert GEMV tilings per expert format (--extras tiles): (name, GEMV_DEFAULTS entries, module settings).
 # H100, 2026-12-06 fourth session (docs/benchmarks.md): int4's gate_up with 2 rows on 2 warps (the default since)
 # replayed b1 in 2.17 ms against 2.31 at 1 row on 1 warp (102 registers either way, half the programs); fp8 on
@@ -852,8 +841,6 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
         guarded(f"{tag} early A/B", 200, early_ab, tag, model, cfg, engine, device, args, max_len)
-    if extended and "join" in args.extras:
-        guarded(f"{tag} join A/B", 60, join_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "tiles" in args.extras:
         guarded(f"{tag} tiles A/B", 100, tiles_ab, tag, model, cfg, engine, device, args, max_len, scheme_name)
     if extended and "deep" in args.extras:
@@ -926,7 +913,6 @@ def main() -> None:
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
                     help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
-                         "join (the shared expert routed as one more expert, or apart), "
                          "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
                          "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "

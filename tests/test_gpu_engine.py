@@ -74,37 +74,3 @@ def test_side_stream_engine_greedy_ids_unchanged(narrow):
         return [done[str(i)] for i in range(len(prompts))]
 
     assert run(False) == run(True)
-
-
-@pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_joined_shared_expert_batch1_decode(quantization):
-    """The shared expert routed as one more expert (the engine joins it on CUDA, SparseMoeBlock.join_shared_expert):
-    a batch-1 decode step's logits match the separate shared expert's to bf16 rounding (the shared output is
-    weighted before its rounding there), and the engine's batch-1 graphs give the eager steps' greedy ids."""
-    cfg = ModelConfig.from_hf(preset_config("narrow"))
-    model = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, device="cuda", quantization=quantization).eval()
-    fill_synthetic_(model, seed=3)
-    prompt = [random.Random(20).randrange(cfg.vocab_size) for _ in range(17)]
-    logits = []
-    for join in (False, True):
-        if join:
-            model.stack_projections()
-            assert all(m.experts.joined is not None for m in model.modules() if hasattr(m, "join_shared_expert"))
-        batch = ForwardBatch.for_prompts([prompt], 16, "cuda", max_len=32)
-        cache = ModelCache(cfg, num_blocks=batch.block_tables.numel(), block_size=16, num_slots=1,
-                           dtype=torch.bfloat16, device="cuda")
-        with torch.inference_mode():
-            model(batch, cache)
-            logits.append(model(batch.next_decode([5]), cache).float())
-    assert (logits[1] - logits[0]).abs().max() <= 2e-2 * logits[0].abs().max()
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    ids = []
-    for eager in (True, False):
-        engine = LLMEngine(model, cfg, EngineConfig(device="cuda", num_kv_blocks=16, max_num_seqs=1,
-                                                    enforce_eager=eager))
-        engine.add_request("0", prompt, params)
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    ids.append(o.outputs[0].token_ids)
-    assert ids[0] == ids[1]

@@ -768,30 +768,6 @@ def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8
 
 @cuda_only
 @pytest.mark.parametrize("m", [1, 3])
-def test_router_gemv_routes_with_the_shared_expert(monkeypatch, m):
-    """linear_route_shared at the model's shapes (the padded router + shared-gate stack 528 x 2048, 512 experts,
-    top-10): the GEMV's last program routes each token (a ticket per row), ids equal to the separate GEMV +
-    routing kernels' and the shared expert appended as id 512; again on the second call (the tickets are back at
-    zero) and with the separate kernels patched out (the fused path is the one taken)."""
-    from qnext.ops import triton_fused_linear as fused
-    from qnext.ops.moe import route_with_shared
-    from qnext.ops.triton_ffn import moe_route
-    from qnext.ops.triton_linear_fp8 import linear
-    torch.manual_seed(m)
-    x = torch.randn(m, 2048, device="cuda").bfloat16()
-    w = (torch.randn(528, 2048, device="cuda") / 2048 ** 0.5).bfloat16()
-    want_ids, want_weights = route_with_shared(linear(x, w), 512, 10, True, route=moe_route)
-    monkeypatch.setattr(fused, "_project", None)
-    monkeypatch.setattr(fused, "moe_route", None)
-    for _ in range(2):
-        ids, weights = fused.linear_route_shared(x, w, 512, 10, True)
-        assert ids.shape == (m, 11) and (ids[:, 10] == 512).all()
-        assert torch.equal(ids, want_ids)
-        torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=0)
-
-
-@cuda_only
-@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fp8", [True, False])
 def test_in_proj_pair_with_conv_equals_the_separate_kernels(monkeypatch, m, fp8):
     """linear_pair_conv_update_ at the GDN layer's shapes (in_proj_qkvz 12288 x 2048 with in_proj_ba 64 x 2048, the

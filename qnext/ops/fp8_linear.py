@@ -2,15 +2,14 @@
 qnext.ops.triton_fused_linear): fp8_linear is x [..., K] @ dequantize(W)^T with W an Fp8BlockWeight [N, K] (any N,
 K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear projects silu_mul's output and
 linear_pair makes two projections of one input (W fp8 or plain), silu_mul_linear_route is silu_mul_linear beside
-the MoE routing, linear_route_shared the router's projection with the routing after it (the shared expert routed
-as one more expert); each one launch on CUDA for decode rows."""
+the MoE routing; each one launch on CUDA for decode rows."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from qnext.ops.moe import moe_route, route_with_shared, silu_mul
+from qnext.ops.moe import moe_route, silu_mul
 from qnext.ops.quant import Fp8BlockWeight, dequantize_fp8_block
 from qnext.ops.registry import register
 
@@ -51,11 +50,3 @@ def linear_pair(x: torch.Tensor, w1: Fp8BlockWeight | torch.Tensor,
                 w2: Fp8BlockWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x @ W1^T, x @ W2^T)."""
     return _project(x, w1, None), _project(x, w2, None)
-
-
-@register("linear_route_shared", "torch")
-def linear_route_shared(x: torch.Tensor, w: Fp8BlockWeight | torch.Tensor, num_experts: int, top_k: int,
-                        renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K]; W [>E, K]: the router's E = num_experts rows, then the shared expert's gate -> (ids [T, k + 1]
-    int64, weights [T, k + 1] float32): route_with_shared of the logits x @ W^T."""
-    return route_with_shared(_project(x, w, None), num_experts, top_k, renormalize)

@@ -65,16 +65,6 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Te
     return ids, weights
 
 
-def route_with_shared(logits: Tensor, num_experts: int, top_k: int, renormalize: bool,
-                      route=None) -> tuple[Tensor, Tensor]:
-    """logits [T, >E]: the router's E = num_experts columns, then the shared expert's gate -> (ids [T, k + 1],
-    weights [T, k + 1]): `route` (moe_route's signature; moe_route when None) over the E columns, then the shared
-    expert as id E with weight sigmoid(its gate), so the experts' weighted sum includes the block's shared term."""
-    ids, weights = (route or moe_route)(logits[:, :num_experts], top_k, renormalize)
-    gate = torch.sigmoid(logits[:, num_experts:num_experts + 1].float())
-    return torch.cat([ids, ids.new_full((ids.shape[0], 1), num_experts)], 1), torch.cat([weights, gate], 1)
-
-
 @register("greedy_argmax", "torch")
 def greedy_argmax(logits: Tensor) -> Tensor:
     """logits [B, V] -> [B] int64, the first index of each row's maximum (the sampler's greedy rows)."""

@@ -26,23 +26,21 @@ Tensor = torch.Tensor
 
 class MoeCombine(NamedTuple):
     """A sparse MoE block's output left for the next norm to form: sigmoid_gate_add(routed, gate, shared) =
-    routed (summed over k when [T, k, H]) + sigmoid(gate) * shared; gate [T, 1], shared [T, H]. gate and shared
-    None: the shared expert is one of the routed ones already (SparseMoeBlock's joined form), routed is
-    [T, k, H] and its sum over k is the value."""
+    routed (summed over k when [T, k, H]) + sigmoid(gate) * shared; gate [T, 1], shared [T, H]."""
     routed: Tensor
-    gate: Tensor | None = None
-    shared: Tensor | None = None
+    gate: Tensor
+    shared: Tensor
 
     @property
     def shape(self) -> torch.Size:
-        return self.routed[:, 0].shape if self.shared is None else self.shared.shape
+        return self.shared.shape
 
     @property
     def device(self) -> torch.device:
-        return self.routed.device
+        return self.shared.device
 
     def value(self) -> Tensor:
-        return self.routed.sum(1) if self.shared is None else sigmoid_gate_add(*self)
+        return sigmoid_gate_add(*self)
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:  # float32 in, float32 out

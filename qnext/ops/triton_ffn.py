@@ -20,15 +20,11 @@ Tensor = torch.Tensor
 
 @triton.jit
 def _route_row(logits_ptr, ids_ptr, w_ptr, t, E, stride_t,
-               K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr,
-               SHARED: tl.constexpr = False, VOLATILE: tl.constexpr = False):
-    """Token t: probabilities of E experts, the K largest (descending, lowest index first on ties).
-    SHARED: the row holds K + 1 entries, the last the shared expert (id E, weight sigmoid(logits[t, E])).
-    VOLATILE: the logits are read past the L1 cache (other programs of this launch wrote them)."""
+               K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr):
+    """Token t: probabilities of E experts, the K largest (descending, lowest index first on ties)."""
     t = t.to(tl.int64)
     offs = tl.arange(0, BE)
-    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf"),
-                volatile=VOLATILE).to(tl.float32)
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)
     p = tl.where(offs < E, p, -2.0)                 # padding is never picked (K <= E)
@@ -42,13 +38,8 @@ def _route_row(logits_ptr, ids_ptr, w_ptr, t, E, stride_t,
         p = tl.where(offs == idx, -1.0, p)          # taken
     if RENORM:
         ws = ws / tl.sum(ws, axis=0)
-    row = t * (K + SHARED)
-    if SHARED:
-        gate = tl.load(logits_ptr + t * stride_t + E, volatile=VOLATILE).to(tl.float32)
-        ids = tl.where(kk == K, E, ids)
-        ws = tl.where(kk == K, tl.sigmoid(gate), ws)
-    tl.store(ids_ptr + row + kk, ids, mask=kk < K + SHARED)
-    tl.store(w_ptr + row + kk, ws, mask=kk < K + SHARED)
+    tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
+    tl.store(w_ptr + t * K + kk, ws, mask=kk < K)
 
 
 @triton.jit

@@ -7,9 +7,6 @@
     silu_mul_linear_route(gate, up, w, bias, logits, k, renorm)  silu_mul_linear beside moe_route(logits, k, renorm)
                                                               in one launch (the shared expert's down projection
                                                               and the routing both read the pair above)
-    linear_route_shared(x, w, E, k, renorm)                 the router's GEMV whose last program routes the token:
-                                                              moe_route over E experts, then the shared expert
-                                                              as expert E weighted by sigmoid(its gate logit)
     linear_pair_conv_update_(x, w1, w2, conv, cache, ...)   linear_pair whose first output also goes through the
                                                               decode conv (causal_conv1d_update_) in the GEMV's
                                                               epilogue (in_proj_qkvz with in_proj_ba, then the GDN
@@ -29,12 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.moe import route_with_shared
 from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step, conv_window
 from qnext.ops.triton_ffn import moe_route, silu_mul
-from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_route,
-                                         gemv_takes, linear, swiglu_gemv_route)
+from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
+                                         linear, swiglu_gemv_route)
 
 Tensor = torch.Tensor
 
@@ -87,17 +83,6 @@ def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Ten
     if FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w1, None) and gemv_takes(x2, w2, None):
         return gemv_pair(x2, w1, w2)
     return _project(x, w1), _project(x, w2)
-
-
-def linear_route_shared(x: Tensor, w: Fp8BlockWeight | Tensor, num_experts: int, top_k: int,
-                        renormalize: bool) -> tuple[Tensor, Tensor]:
-    """x [T, K] -> (ids [T, k + 1], weights [T, k + 1]) of the router's logits x @ W^T (qnext.ops.fp8_linear's
-    reference); one launch (gemv_route) for decode rows."""
-    x2 = x if x.stride(-1) == 1 else x.contiguous()
-    if (FUSE_ROUTE and FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w, None)
-            and 0 < top_k <= num_experts):
-        return gemv_route(x2, w, num_experts, top_k, renormalize)
-    return route_with_shared(_project(x, w), num_experts, top_k, renormalize, route=moe_route)
 
 
 @triton.jit

@@ -216,26 +216,6 @@ def _swiglu_gemv_route_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, strid
 
 
 @triton.jit
-def _gemv_route_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                       ids_ptr, tw_ptr, cnt_ptr, E,
-                       BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, TOPK: tl.constexpr,
-                       BE: tl.constexpr, BK: tl.constexpr, RENORM: tl.constexpr, EARLY: tl.constexpr = True,
-                       STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
-    """The router GEMV and the routing in one launch: grid (M, cdiv(N, BN)), each program as _fp8_gemv_kernel
-    (logits y [M, N]: E experts, then the shared expert's gate); the last program of row m to finish routes token
-    m (_route_row with SHARED: TOPK experts + the shared one). Which program is last: each takes a ticket from
-    cnt[m] (int32, zero between calls) after its logits are stored; the one holding the last ticket reads them all
-    and puts the counter back to 0 (fp8_dot's split-K fix-up does the same)."""
-    m = tl.program_id(0)
-    _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, tl.program_id(1), N, K, stride_xm, stride_wn, stride_sn,
-                  stride_ym, 0, BN, NG, SCALED, EARLY, STEP_SUM, False, PDL)
-    tl.debug_barrier()                          # every thread's logits are stored before the ticket
-    if tl.atomic_add(cnt_ptr + m, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        _route_row(y_ptr, ids_ptr, tw_ptr, m, E, stride_ym, TOPK, BE, BK, RENORM, True, True)
-        tl.atomic_xchg(cnt_ptr + m, 0)
-
-
-@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm):
     """grid (M, K / 128): per (row, 128 columns) scale = amax / 448, q = x / scale in e4m3."""
     m = tl.program_id(0).to(tl.int64)
@@ -474,25 +454,6 @@ def swiglu_gemv_route(gate: Tensor, up: Tensor, w: Fp8BlockWeight | Tensor, logi
         BK=triton.next_power_of_2(top_k), RENORM=renormalize, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM,
         num_warps=num_warps, **pdl_launch())
     return y, ids, weights
-
-
-def gemv_route(x: Tensor, w: Fp8BlockWeight | Tensor, num_experts: int, top_k: int,
-               renormalize: bool) -> tuple[Tensor, Tensor]:
-    """(topk_ids [M, k + 1] int64, topk_weights [M, k + 1] float32) of the logits x @ W^T (columns [0, E) the
-    router's, column E = num_experts the shared expert's gate) in one launch: moe_route over the E experts, then
-    the shared expert as id E with weight sigmoid(its gate). gemv_takes(x, w) must hold; W has more than E rows."""
-    m = x.shape[0]
-    wt, scale, n, k, (bn, ng, num_warps) = _operand(w)
-    logits = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ids = torch.empty(m, top_k + 1, dtype=torch.int64, device=x.device)
-    weights = torch.empty(m, top_k + 1, dtype=torch.float32, device=x.device)
-    _gemv_route_kernel[(m, triton.cdiv(n, bn))](
-        x, wt, wt if scale is None else scale, logits, n, k, x.stride(0), wt.stride(0),
-        0 if scale is None else scale.stride(0), logits.stride(0), ids, weights, _tickets(x.device), num_experts,
-        BN=bn, NG=_ng(ng, k), SCALED=scale is not None, TOPK=top_k, BE=triton.next_power_of_2(num_experts),
-        BK=triton.next_power_of_2(top_k + 1), RENORM=renormalize, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM,
-        num_warps=num_warps, **pdl_launch())
-    return ids, weights
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -28,14 +28,13 @@ def _norm_kernel(
     x_ptr, r_ptr, z_ptr, w_ptr, y_ptr, s_ptr, cos_ptr, sin_ptr, mg_ptr, ms_ptr,
     NROWS, B, C, D, sx0, sx1, sx2, sr0, sr1, sr2, sz0, sz1, sz2, smg, eps,
     HAS_RES: tl.constexpr, GATED: tl.constexpr, HALF: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr = 0,
-    SHARED: tl.constexpr = True, RB: tl.constexpr = 1, PDL: tl.constexpr = False,
+    RB: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """grid (cdiv(rows, RB),): RB rows per program, row = (i0, i1, i2) over leading dims [A, B, C]; y and s are
     contiguous [rows, D]. Each row is reduced on its own.
     HALF > 0: rotary embedding after the norm, token i1 (x is [T, H, D]), cos/sin [T, HALF].
     KC > 0: x is a MoeCombine's routed [T, KC, D] (contiguous; x_ptr), its row sum plus sigmoid(gate) * shared
-    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s; SHARED=False:
-    the row sum alone (a MoeCombine without gate and shared)."""
+    (gate mg_ptr, stride smg per row; shared ms_ptr [T, D] contiguous), rounded to the dtype of s."""
     pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
     rm = row < NROWS
@@ -45,13 +44,12 @@ def _norm_kernel(
     flat = row[:, None] * D + offs[None, :]                            # [RB, BD] in y / s (contiguous rows)
     xrow = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
     if KC > 0:      # as _gate_add_kernel: float32 sum over k in order, then + sigmoid(gate) * shared, one rounding
+        gate = tl.sigmoid(tl.load(mg_ptr + row * smg, mask=rm, other=0.0).to(tl.float32))
         acc = tl.zeros([RB, BD], dtype=tl.float32)
         for j in tl.static_range(KC):
             acc += tl.load(x_ptr + (row[:, None] * KC + j) * D + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        if SHARED:
-            gate = tl.sigmoid(tl.load(mg_ptr + row * smg, mask=rm, other=0.0).to(tl.float32))
-            acc += gate[:, None] * tl.load(ms_ptr + flat, mask=m, other=0.0).to(tl.float32)
-        x = acc.to(s_ptr.dtype.element_ty)
+        shared = tl.load(ms_ptr + flat, mask=m, other=0.0).to(tl.float32)
+        x = (acc + gate[:, None] * shared).to(s_ptr.dtype.element_ty)
     else:
         x = tl.load(x_ptr + xrow + offs[None, :], mask=m, other=0.0)
     if HAS_RES:  # s = x + residual, rounded to x's dtype as a plain tensor add does
@@ -136,19 +134,16 @@ def _launch(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, z: T
     g, _, sz = _rows(z) if z is not None else (x, None, [0, 0, 0])
     cos, sin = (c.float().contiguous() for c in rope) if rope is not None else (weight, weight)
     kc, mg, ms, smg = 0, x, x, 0
-    shared = combine is not None and combine.shared is not None
     if combine is not None:
         routed = combine.routed.contiguous()
         kc = routed.shape[1] if routed.dim() == 3 else 1
-        x = routed
-        if shared:
-            mg, ms, smg = combine.gate, combine.shared.contiguous(), combine.gate.stride(0)
+        x, mg, ms, smg = routed, combine.gate, combine.shared.contiguous(), combine.gate.stride(0)
     rows = lead[0] * lead[1] * lead[2]
     rb = 1 if kc else _rows_per_program(rows, d)
     _norm_kernel[(triton.cdiv(rows, rb),)](
         x, r, g, weight, y, s, cos, sin, mg, ms, rows, lead[1], lead[2], d, *sx, *sr, *sz, smg, eps,
         HAS_RES=residual is not None, GATED=z is not None, HALF=cos.shape[-1] if rope is not None else 0,
-        BD=triton.next_power_of_2(d), KC=kc, SHARED=shared, RB=rb, num_warps=_num_warps(d * rb), **pdl_launch())
+        BD=triton.next_power_of_2(d), KC=kc, RB=rb, num_warps=_num_warps(d * rb), **pdl_launch())
     return y, s
 
 
@@ -157,10 +152,10 @@ def rmsnorm(x: Tensor | MoeCombine, weight: Tensor, eps: float,
     """x [..., D] (any strides) or a MoeCombine [T, D]; weight [D]; residual like x or None -> y, or
     (y, x + residual)."""
     if isinstance(x, MoeCombine):
-        if residual is None or len(x.shape) != 2:     # (the model always passes a residual here)
-            x = x.routed.sum(1) if x.shared is None else sigmoid_gate_add(*x)
+        if residual is None or x.shared.dim() != 2:     # (the model always passes a residual here)
+            x = sigmoid_gate_add(*x)
         else:
-            return _launch(x.routed[:, 0] if x.shared is None else x.shared, weight, eps, residual, None, combine=x)
+            return _launch(x.shared, weight, eps, residual, None, combine=x)
     y, s = _launch(x, weight, eps, residual, None)
     return y if residual is None else (y, s)
 

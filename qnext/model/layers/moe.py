@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import (Fp8Linear, Linear, QuantScheme, cdiv, empty_param, make_linear,
-                                      project_pair, split_stacked, stack_projections)
+from qnext.model.layers.linear import (Linear, QuantScheme, cdiv, empty_param, make_linear, project_pair,
+                                      split_stacked, stack_projections)
 from qnext.model.side_stream import SideBranch
 from qnext.ops.norm import MoeCombine
 from qnext.ops.quant import (FP8_BLOCK, FP8_DTYPE, INT4_TILE_ROWS, Fp8BlockWeight, Int4GroupWeight, QuantWeight,
@@ -24,13 +24,6 @@ from qnext.ops.quant import (FP8_BLOCK, FP8_DTYPE, INT4_TILE_ROWS, Fp8BlockWeigh
 from qnext.ops.registry import get_op, resolve_backend
 
 _PLAIN = QuantScheme()
-# Rows that route the joined shared expert (SparseMoeBlock.forward): the batch-1 decode step, whose graph has no
-# side stream. Larger decode batches run the shared expert on the side stream (engine graphs) and prefill chunks
-# apart (joined, the grouped GEMM would carry it as one expert of every token: unmeasured).
-JOINED_MAX_TOKENS = 1
-# False: the joined shared expert is not routed (its own GEMVs as before; A/B runs: scripts/gpu_e2e.py --extras
-# join). Read at each forward, so graphs captured under either setting keep it.
-JOIN_SHARED_EXPERT = True
 
 
 class MLP(nn.Module):
@@ -69,7 +62,6 @@ class Experts(nn.Module):
         self.num_experts, self.quant, self.group_size = num_experts, quant, group_size
         self.ops_backend = ops_backend
         self.tile_rows = 0             # int4 storage: rows until tile_storage()
-        object.__setattr__(self, "joined", None)   # join_shared(): the weights with the shared expert's slot E
         for name, (n, k) in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
             if quant is None:
                 setattr(self, name, empty_param(num_experts, n, k, dtype=dtype, device=device))
@@ -90,52 +82,14 @@ class Experts(nn.Module):
             self.ops_backend = "torch"     # the Triton kernels take 128-multiple fp8 blocks and 16-bit activations
 
     def quant_weights(self) -> tuple[QuantWeight, QuantWeight]:
-        """(w13 [E, 2I, H], w2 [E, H, I]) in the resident format (views, no copies); E + 1 slots once joined."""
-        w = self._weights()
+        """(w13 [E, 2I, H], w2 [E, H, I]) in the resident format (views, no copies)."""
         if self.quant == "fp8":
-            return (Fp8BlockWeight(w["gate_up_proj"], w["gate_up_proj_scale_inv"]),
-                    Fp8BlockWeight(w["down_proj"], w["down_proj_scale_inv"]))
+            return (Fp8BlockWeight(self.gate_up_proj, self.gate_up_proj_scale_inv),
+                    Fp8BlockWeight(self.down_proj, self.down_proj_scale_inv))
         if self.quant == "int4":
-            return (Int4GroupWeight(w["gate_up_proj"], w["gate_up_proj_scale"], self.group_size, self.tile_rows),
-                    Int4GroupWeight(w["down_proj"], w["down_proj_scale"], self.group_size, self.tile_rows))
-        return w["gate_up_proj"], w["down_proj"]
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return self.joined or dict(self.named_parameters(recurse=False))
-
-    def join_shared(self, mlp: MLP) -> bool:
-        """Append the shared expert `mlp` (stacked gate_up, same format and shapes as an expert) as one more slot,
-        expert id num_experts, so that a decode step can route it as the (k+1)-th expert of every token
-        (SparseMoeBlock.join_shared_expert). The E + 1 slots live in `joined` (not parameters); this module's
-        parameters become views of the first E and mlp's of the last, so there is no second copy and state_dict
-        is unchanged. Once; False (nothing changed) when formats or shapes differ."""
-        if self.joined is not None:
-            return True
-        mlp.stack_projections()
-        stacked, down = mlp.gate_up, mlp.down_proj
-        kind = {None: Linear, "fp8": Fp8Linear}.get(self.quant)
-        if kind is None or type(stacked) is not kind or type(down) is not kind:
-            return False
-        names = ("weight", "weight_scale_inv") if self.quant == "fp8" else ("weight",)
-        parts = [(proj, name, attr + name[6:])             # weight -> "", weight_scale_inv -> "_scale_inv"
-                 for name in names for proj, attr in ((stacked, "gate_up_proj"), (down, "down_proj"))]
-        if any(getattr(self, attr).shape[1:] != getattr(proj, name).shape
-               or getattr(self, attr).dtype != getattr(proj, name).dtype for proj, name, attr in parts):
-            return False
-        joined = {}
-        for proj, name, attr in parts:
-            mine = getattr(self, attr).data
-            full = joined[attr] = torch.cat([mine, getattr(proj, name).data[None].to(mine.device)])
-            setattr(self, attr, nn.Parameter(full[:-1], requires_grad=False))
-            setattr(proj, name, nn.Parameter(full[-1], requires_grad=False))
-        for name in names:                                  # gate_proj, up_proj: views of the stacked rows
-            start = 0
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                n = getattr(proj, name).shape[0]
-                setattr(proj, name, nn.Parameter(getattr(stacked, name)[start:start + n], requires_grad=False))
-                start += n
-        object.__setattr__(self, "joined", joined)
-        return True
+            return (Int4GroupWeight(self.gate_up_proj, self.gate_up_proj_scale, self.group_size, self.tile_rows),
+                    Int4GroupWeight(self.down_proj, self.down_proj_scale, self.group_size, self.tile_rows))
+        return self.gate_up_proj, self.down_proj
 
     def tile_storage(self) -> None:
         """int4 experts that the Triton kernels serve move to tiled storage in place (qnext.ops.quant, tile_int4:
@@ -183,36 +137,14 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert_gate is not None and self.router_and_shared_gate is None:   # once (see MLP)
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
-        if resolve_backend(self.experts.ops_backend, self.gate.weight.device) == "triton":
-            self.join_shared_expert()
-
-    def join_shared_expert(self) -> bool:
-        """Route the shared expert as one more expert (Experts.join_shared), for decode rows without a side stream
-        (the batch-1 graph): the block is then three launches, the router GEMV whose last program routes the
-        token and appends the shared expert (weight sigmoid(its gate)), the experts' gate_up, their down; one
-        launch and one dependency fewer than the shared expert's own two GEMVs beside the router and the routing.
-        The engine joins when the experts run on the Triton kernels; False (nothing changed) when the shared
-        expert's format or size differs from the experts' (int4 experts beside an FP8 shared expert)."""
-        if self.shared_expert is None or self.router_and_shared_gate is None:
-            return False
-        return self.experts.join_shared(self.shared_expert)
 
     def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
         SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
-        Without a side stream: for up to JOINED_MAX_TOKENS rows with the shared expert joined to the experts
-        (join_shared_expert) the block is three launches (see there); else, with the projections stacked, one
-        chain of four for decode rows: shared gate_up + router, shared down + routing, the experts' gate_up, their
-        down."""
+        Without a side stream and with the projections stacked (decode graphs from batch 1 below
+        SIDE_STREAM_MIN_BATCH) the block is one chain of four launches: shared gate_up + router, shared down +
+        routing, the experts' gate_up, their down."""
         shared, stacked = self.shared_expert, self.router_and_shared_gate
-        decode_chain = side_stream is None and x.shape[0] <= JOINED_MAX_TOKENS
-        if decode_chain and JOIN_SHARED_EXPERT and self.experts.joined is not None:
-            ids, weights = get_op("linear_route_shared", self.ops_backend, x.device)(
-                x, stacked.matmul_weight(), self.experts.num_experts, self.top_k, self.norm_topk_prob)
-            y = self.experts(x, ids, weights, reduce=False)                 # [T, k + 1, H]
-            if y.dim() == 2:                                                # (a path that sums the k itself)
-                return y
-            return MoeCombine(y) if defer_combine else y.sum(1)
         if shared is not None and side_stream is None and stacked is not None and shared.gate_up is not None:
             pair = project_pair(x, shared.gate_up, stacked)
             if pair is not None:
