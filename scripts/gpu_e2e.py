@@ -755,9 +755,11 @@ def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len:
 TILE_VARIANTS = {
     "int4": [("default tiles (A/B engines run behind the first one)", {}, []),
              ("gate_up 1 row on 1 warp", dict(mbm1=1, mw1=1), []),
+             ("int4 tiles in one stage (no shared-memory staging)", dict(mst=1), []),
              ("gate_up 4 rows on 4 warps", dict(mbm1=4, mw1=4), [])],
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
             ("fp8 gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
+            ("fp8 tiles in one stage (no shared-memory staging)", dict(mst=1), []),
 
             ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }
