@@ -38,6 +38,7 @@ import triton.language as tl
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.quant import FP8_DTYPE, Fp8BlockWeight
 from qnext.ops.triton_ffn import _route_row
+from qnext.ops.triton_moe_weights import fp8_to
 
 Tensor = torch.Tensor
 
@@ -263,7 +264,7 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
         for k0 in range(pid_s * ks, pid_s * ks + ks, 128):
             a = tl.load(a_rows + (k0 + kk)[None, :], mask=mmask[:, None], other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + kk)[None, :], mask=nmask[:, None], other=0.0)
-            acc += tl.dot(w.to(a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
+            acc += tl.dot(fp8_to(w, a.dtype), tl.trans(a)) * tl.load(ws_row + k0 // 128)
         y_tile = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
         ymask = mmask[None, :] & nmask[:, None]
         cell = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -277,7 +278,7 @@ def _fp8_dot_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N
                 a_s = tl.load(as_ptr + rm * stride_asm + k0 // 128, mask=mmask, other=0.0)
                 acc += tl.dot(a, w) * (a_s[:, None] * ws)
             else:
-                acc += tl.dot(a, w.to(a.dtype)) * ws
+                acc += tl.dot(a, fp8_to(w, a.dtype)) * ws
         y_tile = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
         ymask = mmask[:, None] & nmask[None, :]
         cell = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]

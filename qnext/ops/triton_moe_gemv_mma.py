@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
-from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, int4_dq, int4_row_offsets,
+from qnext.ops.triton_moe_weights import (FP8, INT4_DQ_CONVERT, KernelWeight, fp8_to, int4_dq, int4_row_offsets,
                                           int4_scale_group_offsets, int4_scale_row_offsets, int4_unit_offsets)
 
 Tensor = torch.Tensor
@@ -69,7 +69,7 @@ def _tile_dots(p, sc, x_a, x_b, S: tl.constexpr, BMS: tl.constexpr, IS_FP8: tl.c
             lo, hi = int4_dq(p, x_a.dtype)
             part = tl.dot(lo.to(tl.float32), x_a.to(tl.float32)) + tl.dot(hi.to(tl.float32), x_b.to(tl.float32))
     elif IS_FP8:
-        part = tl.dot(p.to(x_a.dtype), x_a)               # [BMS, 16]
+        part = tl.dot(fp8_to(p, x_a.dtype), x_a)          # [BMS, 16]
     else:
         lo, hi = int4_dq(p, x_a.dtype)                    # [BMS, KSU]
         part = tl.dot(lo, x_a) + tl.dot(hi, x_b)          # [BMS, 16]

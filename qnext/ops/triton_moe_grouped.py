@@ -22,7 +22,7 @@ import triton.language as tl
 
 from qnext.ops.pdl import pdl_launch, pdl_wait_then_release
 from qnext.ops.triton_moe_sorted import tile_cfg
-from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
+from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, fp8_to, int4_dq, int4_group_offsets,
                                           int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
 
 Tensor = torch.Tensor
@@ -109,7 +109,7 @@ def _weight_part(xa, xb, wb, sb, r0, k0, K, stride_wn, stride_sn, KIND: tl.const
     else:
         ka = k0 + tl.arange(0, BK)
         w = tl.load(wb + rows[None, :] * stride_wn + ka[:, None], mask=(ka < K)[:, None], other=0.0)  # [BK, BN]
-        part = tl.dot(xa, w.to(xa.dtype))
+        part = tl.dot(xa, fp8_to(w, xa.dtype))
         if KIND == 1:
             part = part * tl.load(sb + (r0 // 128) * stride_sn + k0 // 128)
     return part

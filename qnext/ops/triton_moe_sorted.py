@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, int4_dq, int4_group_offsets,
+from qnext.ops.triton_moe_weights import (BF16, FP8, INT4, KernelWeight, fp8_to, int4_dq, int4_group_offsets,
                                           int4_row_offsets, int4_scale_group_offsets, int4_scale_row_offsets)
 
 Tensor = torch.Tensor
@@ -94,7 +94,7 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
                         other=0.0)
             if KIND == 1:
                 s = tl.load(sb + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
-                acc += tl.dot(a, w.to(a.dtype)) * s
+                acc += tl.dot(a, fp8_to(w, a.dtype)) * s
             else:
                 acc = tl.dot(a, w, acc)
             if GATE_UP:
@@ -102,7 +102,7 @@ def _expert_tile(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, st
                              mask=kmask[:, None] & nmask[None, :], other=0.0)
                 if KIND == 1:
                     s2 = tl.load(sb + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
-                    acc2 += tl.dot(a, w2.to(a.dtype)) * s2
+                    acc2 += tl.dot(a, fp8_to(w2, a.dtype)) * s2
                 else:
                     acc2 = tl.dot(a, w2, acc2)
     return acc, acc2
@@ -146,12 +146,12 @@ def _tile_swapped(a_rows, mvalid, wb, sb, rows, nmask, pid_n, N, K, stride_wn, s
             w = tl.load(wb + rows[:, None] * stride_wn + ka[None, :], mask=nmask[:, None] & kmask[None, :],
                         other=0.0)                                                                        # [BN, BK]
             s = tl.load(sb + ((pid_n * BN) // 128) * stride_sn + k0 // 128)
-            acc += tl.dot(w.to(a.dtype), a) * s
+            acc += tl.dot(fp8_to(w, a.dtype), a) * s
             if GATE_UP:
                 w2 = tl.load(wb + (rows + N)[:, None] * stride_wn + ka[None, :],
                              mask=nmask[:, None] & kmask[None, :], other=0.0)
                 s2 = tl.load(sb + ((N + pid_n * BN) // 128) * stride_sn + k0 // 128)
-                acc2 += tl.dot(w2.to(a.dtype), a) * s2
+                acc2 += tl.dot(fp8_to(w2, a.dtype), a) * s2
     return tl.trans(acc), tl.trans(acc2)
 
 

@@ -178,3 +178,20 @@ def int4_dq(p, DT: tl.constexpr, PAIRS: tl.constexpr = False):
         lo = (((p & 0xF).to(tl.int16) | 0x4300).to(tl.int16)).to(tl.bfloat16, bitcast=True) - 136.0
         hi = (((p >> 4).to(tl.int16) | 0x4300).to(tl.int16)).to(tl.bfloat16, bitcast=True) - 136.0
     return lo.to(DT), hi.to(DT)
+
+
+# fp8_to's route (QNEXT_FP8_CVT=direct: Triton's own e4m3 -> bf16, for A/B runs in a fresh process).
+FP8_VIA_F32: tl.constexpr = tl.constexpr(os.environ.get("QNEXT_FP8_CVT", "f32") == "f32")
+
+
+@triton.jit
+def fp8_to(w, DT: tl.constexpr):
+    """A loaded weight tile -> DT (a dot's 16-bit operand type), exactly. For e4m3 -> bf16 the way matters: Triton
+    lowers it to a cvt into f16 pairs and then one F2F per value, a conversion that issues at 16 per clock per SM
+    (the batch-1 fp8 expert gate_up kept that pipe 55% busy, Nsight Compute on the H100); through float32 it is the
+    same cvt, HADD2.F32 (the FMA pipe) and one packing F2FP per pair, no F2F, as many instructions (offline SASS:
+    scripts/offline_sass.py gateup / fp8small / grouped / sorted). Other types convert directly."""
+    if FP8_VIA_F32 and w.dtype.is_fp8() and DT == tl.bfloat16:
+        return w.to(tl.float32).to(DT)
+    return w.to(DT)
+
