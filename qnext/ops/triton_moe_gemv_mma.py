@@ -199,12 +199,12 @@ def mma_gemv(x: Tensor, w13: KernelWeight, w2: KernelWeight, tw: Tensor, ids: Te
     """x [M, H] -> [M, H], or [M*k, H] per-expert outputs (router-weighted, unsummed) when split: the down
     projection then runs one program per (pair, rows) instead of looping over the k experts -- more programs for the
     latency-bound few-pairs case. ids / tw flat [M*k]; int4 or fp8 weights. cfg keys: mbm1, mw1, mbm2, mw2 (rows
-    and warps per program of the two kernels), mks2 (slice units of the down projection; None = auto), mst
+    and warps per program of the two kernels), mks1 / mks2 (slice units of gate_up / down; None = auto), mst
     (pipeline stages)."""
     p, inter, hidden = m * top_k, w2.k, w2.n
     fp8 = w13.kind == FP8
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    bm, s, ksu, gu, warps = _slicing(w13, cfg["mbm1"], cfg["mw1"], None)
+    bm, s, ksu, gu, warps = _slicing(w13, cfg["mbm1"], cfg["mw1"], cfg["mks1"])
     _moe_mma_gate_up_kernel[(p, triton.cdiv(inter, bm))](
         x, w13.data, w13.scale, ids, h, inter, w13.klim, top_k,
         x.stride(0), w13.data.stride(0), w13.data.stride(1), w13.scale.stride(0), w13.scale.stride(1), h.stride(0),
