@@ -1,5 +1,6 @@
 """Kernel view of stacked expert weights for the fused-MoE Triton kernels (triton_moe_gemv, triton_moe_sorted),
-and the int4 dequantization trick both use. Formats: qnext.ops.quant."""
+the int4 dequantization trick they use, and the e4m3 -> 16-bit conversion of every fp8 dot (fp8_to; also the
+dense w8a16 tiles of triton_linear_fp8). Formats: qnext.ops.quant."""
 
 from __future__ import annotations
 
