@@ -762,7 +762,6 @@ TILE_VARIANTS = {
     "fp8": [("default tiles (A/B engines run behind the first one)", {}, []),
             ("fp8 gate_up 2 rows on 2 warps", dict(mbm1=2, mw1=2), []),
             ("fp8 gate_up K in 2 steps (mks1=64: 68 registers)", dict(mks1=64), []),
-
             ("fp8 experts on CUDA cores", dict(mma=False), [])],
 }
 
