@@ -143,7 +143,7 @@ def gateup() -> None:
     for fmt, quant in formats.items():
         w13, w2 = quant(torch.randn(e, 2 * inter, h) / 16), quant(torch.randn(e, h, inter) / 16)
         cfgs = [{}, dict(mbm1=1, mw1=1), dict(mbm1=2, mw1=2), dict(mbm1=4, mw1=4), dict(mst=1), dict(mks1=64),
-                dict(mks1=32)]
+                dict(mks1=32), dict(mks2=64), dict(mks2=128)]
         cfgs += [dict(mma=False)] if fmt == "fp8" else []
         for cfg in cfgs:
             case(f"{fmt} GEMV b1 {cfg or 'default'}", lambda: fused_moe(torch.randn(1, h).bfloat16(), w13, w2,

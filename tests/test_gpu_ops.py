@@ -166,7 +166,8 @@ def test_fused_moe_sorted_dq_pairs(kind, dtype):
 @pytest.mark.parametrize("m", [3, 12])                  # 12 pairs at k = 4: split mode; 48: the looped one
 @pytest.mark.parametrize("config", [dict(mma=False), dict(mma=False, split=False), dict(mma=True),
                                     dict(mma=True, mbm1=4, mw1=4), dict(mma=True, mbm2=16, mw2=4, mks2=16),
-                                    dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3), dict(mma=True, mks1=32)])
+                                    dict(mma=True, mbm1=2, mbm2=2, mks2=None, mst=3), dict(mma=True, mks1=32),
+                                    dict(mma=True, mks2=128)])
 def test_fused_moe_gemv_variants(kind, m, config):
     """The fp8 / int4 GEMV kernels both ways: on CUDA cores (mma=False) in both modes, and on tensor cores
     (triton_moe_gemv_mma) with several tilings."""
