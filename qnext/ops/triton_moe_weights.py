@@ -195,4 +195,3 @@ def fp8_to(w, DT: tl.constexpr):
     if FP8_VIA_F32 and w.dtype.is_fp8() and DT == tl.bfloat16:
         return w.to(tl.float32).to(DT)
     return w.to(DT)
-
