@@ -715,18 +715,6 @@ def knobs_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
         ("one stream, no PDL", pdl.pdl_disabled, one, True)], b32=True, repeats=1)
 
 
-def norm_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
-    """The post-attention norm formed in the router pair's programs (FUSE_PAIR_NORM, the default) against the norm
-    kernel apart, the default first and last (A/B engines run behind the first one); greedy ids against the
-    default engine (the norm's sum of squares in another order: a last-bit rstd difference may flip near-tied
-    logits of random weights); decode-b1, the replays and the step profile of each."""
-    apart = ("qnext.ops.triton_fused_linear", "FUSE_PAIR_NORM", False)
-    engines_ab(tag, model, cfg, engine, device, args, max_len, [
-        (name, lambda values=values: settings(*values), {}, profile)
-        for name, values, profile in (("norm in the pair", [], False), ("norm apart", [apart], True),
-                                      ("norm in the pair again", [], True))])
-
-
 def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
     """The batch-1 chain's shorter links, all off and each off alone: the routing beside the shared down
     projection in one launch (FUSE_ROUTE), the experts' down weights loaded before the PDL wait (EARLY_DOWN_LOAD),
@@ -860,8 +848,6 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} knobs A/B", 100, knobs_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "early" in args.extras:
         guarded(f"{tag} early A/B", 200, early_ab, tag, model, cfg, engine, device, args, max_len)
-    if extended and "norm" in args.extras:
-        guarded(f"{tag} norm A/B", 100, norm_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "tiles" in args.extras:
         guarded(f"{tag} tiles A/B", 100, tiles_ab, tag, model, cfg, engine, device, args, max_len, scheme_name)
     if extended and "deep" in args.extras:
@@ -933,8 +919,7 @@ def main() -> None:
                     help="full-size variants in order: int4 (int4 experts + FP8 dense, extended), fp8 (FP8 "
                          "experts + FP8 dense), int4-bf16 (int4 experts + bf16 dense)")
     ap.add_argument("--extras", default="ab,host,trace,eager",
-                    help="extended measurements of the first variant: norm (the post-attention norm in the router pair or "
-                         "apart), tiles (batch-1 expert GEMV tilings A/B), "
+                    help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
                          "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
                          "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "

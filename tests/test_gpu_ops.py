@@ -808,34 +808,6 @@ def test_in_proj_pair_with_conv_equals_the_separate_kernels(monkeypatch, m, fp8)
 
 
 @cuda_only
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("fp8", [True, False])
-def test_norm_in_the_router_pair_equals_the_norm_kernel(monkeypatch, m, fp8):
-    """rmsnorm_linear_pair at the MoE block's shapes (shared-expert gate_up 1024 x 2048 with the padded router
-    stack 528 x 2048, hidden 2048) in one launch (the separate norm and pair are patched out): s = x + residual
-    equals the norm kernel's bit for bit, h at most in a last bit (the sum of squares in another order) and for
-    nearly every element exactly, and the two projections are the pair's GEMVs of that h bit for bit."""
-    from qnext.ops import triton_fused_linear as fused
-    from qnext.ops.triton_norm import rmsnorm
-    torch.manual_seed(m)
-    w = torch.randn(1024, 2048, device="cuda") / 45
-    w1 = quantize_fp8_block(w) if fp8 else w.bfloat16()
-    w2 = (torch.randn(528, 2048, device="cuda") / 45).bfloat16()
-    x, r = (torch.randn(m, 2048, device="cuda").bfloat16() for _ in range(2))
-    nw = (torch.randn(2048, device="cuda") / 10).bfloat16()
-    h, s = rmsnorm(x, nw, 1e-6, r)
-    monkeypatch.setattr(fused, "rmsnorm", None)
-    monkeypatch.setattr(fused, "linear_pair", None)
-    gh, gs, y1, y2 = fused.rmsnorm_linear_pair(x, r, nw, 1e-6, w1, w2)
-    monkeypatch.undo()
-    assert torch.equal(gs, s)
-    torch.testing.assert_close(gh, h, rtol=1e-2, atol=0)
-    assert (gh != h).float().mean().item() < 0.01
-    p1, p2 = fused.linear_pair(gh, w1, w2)
-    assert torch.equal(y1, p1) and torch.equal(y2, p2)
-
-
-@cuda_only
 def test_greedy_argmax_is_torch_argmax():
     """The two-stage Triton argmax gives torch.argmax's index (the first of a tie) for bf16 and float32 rows."""
     from qnext.ops.triton_sampling import greedy_argmax

@@ -52,8 +52,8 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        return self.mlp.forward_normed(self.mixer(h, batch, cache, rope), residual, self.post_attention_layernorm,
-                                       batch.side_stream, defer_combine=True)
+        h, residual = self.post_attention_layernorm(self.mixer(h, batch, cache, rope), residual)
+        return self.mlp(h, batch.side_stream, defer_combine=True), residual
 
 
 class Embedding(nn.Module):

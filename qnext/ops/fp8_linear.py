@@ -1,8 +1,8 @@
 """Dense projections, torch references (CPU path, oracles of qnext.ops.triton_linear_fp8 and
 qnext.ops.triton_fused_linear): fp8_linear is x [..., K] @ dequantize(W)^T with W an Fp8BlockWeight [N, K] (any N,
 K) -> [..., N] in x.dtype; linear is F.linear over a plain weight; silu_mul_linear projects silu_mul's output and
-linear_pair makes two projections of one input (W fp8 or plain), rmsnorm_linear_pair of a residual-added norm's
-output, silu_mul_linear_route is silu_mul_linear beside the MoE routing; each one launch on CUDA for decode rows."""
+linear_pair makes two projections of one input (W fp8 or plain), silu_mul_linear_route is silu_mul_linear beside
+the MoE routing; each one launch on CUDA for decode rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from qnext.ops.moe import moe_route, silu_mul
-from qnext.ops.norm import rmsnorm
 from qnext.ops.quant import Fp8BlockWeight, dequantize_fp8_block
 from qnext.ops.registry import register
 
@@ -51,13 +50,3 @@ def linear_pair(x: torch.Tensor, w1: Fp8BlockWeight | torch.Tensor,
                 w2: Fp8BlockWeight | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x @ W1^T, x @ W2^T)."""
     return _project(x, w1, None), _project(x, w2, None)
-
-
-@register("rmsnorm_linear_pair", "torch")
-def rmsnorm_linear_pair(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        w1: Fp8BlockWeight | torch.Tensor, w2: Fp8BlockWeight | torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual [T, K] -> (h, s, h @ W1^T, h @ W2^T) with (h, s) = rmsnorm(x, weight, eps, residual): the MoE
-    block's first projections (shared gate_up, router) of the layer's post-attention norm."""
-    h, s = rmsnorm(x, weight, eps, residual)
-    return (h, s, *linear_pair(h, w1, w2))

@@ -42,7 +42,6 @@ OPS = (
     "sigmoid_gate_add",            # y + sigmoid(gate) * shared expert
     "silu_mul_linear",             # a projection of silu_mul's output (the GEMV forms it on CUDA)
     "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
-    "rmsnorm_linear_pair",         # rmsnorm with the residual add, then linear_pair (one launch on CUDA)
     "silu_mul_linear_route",       # silu_mul_linear beside moe_route (one launch for decode rows on CUDA)
     "linear_pair_conv_update_",    # linear_pair, then causal_conv1d_update_ of the first output (one launch on CUDA)
     "greedy_argmax",               # the first index of each logits row's maximum (the sampler's greedy rows)

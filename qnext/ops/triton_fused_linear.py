@@ -4,9 +4,6 @@
                                                               output (shared expert, then its down projection)
     linear_pair(x, w1, w2) = (x @ W1^T, x @ W2^T)             two GEMVs of one input in one launch (in_proj_qkvz
                                                               with in_proj_ba; shared-expert gate_up with the router)
-    rmsnorm_linear_pair(x, r, w, eps, w1, w2)                 linear_pair of rmsnorm(x, w, eps, r), the norm formed
-                                                              by every program (the layer's post-attention norm and
-                                                              the MoE block's shared gate_up with the router)
     silu_mul_linear_route(gate, up, w, bias, logits, k, renorm)  silu_mul_linear beside moe_route(logits, k, renorm)
                                                               in one launch (the shared expert's down projection
                                                               and the routing both read the pair above)
@@ -33,8 +30,7 @@ from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step, conv_window
 from qnext.ops.triton_ffn import moe_route, silu_mul
 from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
-                                         linear, rmsnorm_gemv_pair, swiglu_gemv_route)
-from qnext.ops.triton_norm import rmsnorm
+                                         linear, swiglu_gemv_route)
 
 Tensor = torch.Tensor
 
@@ -47,10 +43,6 @@ FUSE_IN_PROJ_CONV = True
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
 CONV_EARLY_LOAD = True
-# False: rmsnorm_linear_pair launches the norm apart (A/B runs: scripts/gpu_e2e.py --extras knobs).
-FUSE_PAIR_NORM = True
-# The widest row that rmsnorm_linear_pair's programs reduce whole (the hidden size is 2048).
-PAIR_NORM_MAX_K = 4096
 # Rows per program of the SwiGLU-formed down projection (2048 x 512). H200, scripts/gpu_check.py --only fused
 # (docs/benchmarks.md, 2026-12-03 third session): two kernels 2.3 us; formed in the GEMV bn4 1.7, bn8 1.6, bn16 1.5
 # (an earlier sweep: bn8 and bn16 1.5, bn4 1.8, bn2 2.0). The end-to-end runs used bn8.
@@ -91,21 +83,6 @@ def linear_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Ten
     if FUSE_DECODE_PROJECTIONS and x2.dim() == 2 and gemv_takes(x2, w1, None) and gemv_takes(x2, w2, None):
         return gemv_pair(x2, w1, w2)
     return _project(x, w1), _project(x, w2)
-
-
-def rmsnorm_linear_pair(x: Tensor, residual: Tensor, weight: Tensor, eps: float, w1: Fp8BlockWeight | Tensor,
-                        w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual [T, K] -> (h, s, h @ W1^T, h @ W2^T) with (h, s) = rmsnorm(x, weight, eps, residual): one launch
-    for decode rows (each GEMV program reduces the whole row for its rstd, the first one of a row writes h and
-    s), else the norm kernel and linear_pair. h and s equal the norm kernel's but for the order of the sum of
-    squares (a last-bit difference of rstd is possible), y1 and y2 are the GEMVs of that h."""
-    if (FUSE_PAIR_NORM and FUSE_DECODE_PROJECTIONS and x.dim() == 2 and x.shape == residual.shape
-            and x.shape[1] <= PAIR_NORM_MAX_K and x.is_contiguous() and residual.is_contiguous()
-            and residual.dtype == x.dtype and weight.is_contiguous() and gemv_takes(x, w1, None)
-            and gemv_takes(x, w2, None)):
-        return rmsnorm_gemv_pair(x, residual, weight, eps, w1, w2)
-    h, s = rmsnorm(x, weight, eps, residual)
-    return (h, s, *linear_pair(h, w1, w2))
 
 
 @triton.jit

@@ -98,40 +98,17 @@ def _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED: tl.constexpr)
 
 
 @triton.jit
-def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr, r_row, nw_ptr, rstd, NORM: tl.constexpr):
+def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr):
     """The activations of x's scale groups gg [NG] as float32 [NG, 128]: as stored, or (SWIGLU) silu(x) * up of a
-    stacked gate | up row, up at x_row + up_off, rounded to x's dtype as qnext.ops.triton_ffn.silu_mul stores it,
-    or (NORM) rmsnorm(x + r) with weight nw and the row's rstd (_norm_rstd), rounded as qnext.ops.triton_norm's
-    kernel rounds s = x + r and its output (the inputs formed here instead of by a kernel of their own)."""
+    stacked gate | up row, up at x_row + up_off, rounded to x's dtype as qnext.ops.triton_ffn.silu_mul stores it
+    (the input formed here instead of by a kernel of its own)."""
     gm = (gg < groups)[:, None]
     offs = gg[:, None] * 128 + j[None, :]
     x = tl.load(x_row + offs, mask=gm, other=0).to(tl.float32)
     if SWIGLU:
         up = tl.load(x_row + up_off + offs, mask=gm, other=0).to(tl.float32)
         x = (x * tl.sigmoid(x) * up).to(x_row.dtype.element_ty).to(tl.float32)
-    if NORM:
-        r = tl.load(r_row + offs, mask=gm, other=0).to(tl.float32)
-        nw = tl.load(nw_ptr + offs, mask=gm, other=0).to(tl.float32)
-        s = (x + r).to(x_row.dtype.element_ty).to(tl.float32)
-        x = (s * rstd * (1.0 + nw)).to(x_row.dtype.element_ty).to(tl.float32)
     return x
-
-
-@triton.jit
-def _norm_rstd(x_row, r_row, nw_ptr, h_row, s_row, K, eps, store, BK: tl.constexpr):
-    """The zero-centred RMSNorm of s = x + r over a whole row of K (<= BK) elements, as _norm_kernel forms it: its
-    rstd (float32); where store, s and the normed row h are written too (one program per row does it)."""
-    offs = tl.arange(0, BK)
-    m = offs < K
-    s = (tl.load(x_row + offs, mask=m, other=0).to(tl.float32)
-         + tl.load(r_row + offs, mask=m, other=0).to(tl.float32)).to(x_row.dtype.element_ty)
-    sf = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / K + eps)
-    if store:
-        tl.store(s_row + offs, s, mask=m)
-        w = tl.load(nw_ptr + offs, mask=m, other=0).to(tl.float32)
-        tl.store(h_row + offs, (sf * rstd * (1.0 + w)).to(h_row.dtype.element_ty), mask=m)
-    return rstd
 
 
 @triton.jit
@@ -153,14 +130,8 @@ def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
 @triton.jit
 def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
                   BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, EARLY: tl.constexpr,
-                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                  r_ptr=0, nw_ptr=0, h_ptr=0, ns_ptr=0, eps=0.0, norm_store=False, NORM: tl.constexpr = False,
-                  BK: tl.constexpr = 1):
-    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype.
-    NORM: the input is rmsnorm(x + r) (r_ptr [M, K], weight nw_ptr [K], eps; x, r, h and s contiguous rows):
-    after the PDL wait the program reduces the whole row (K <= BK) for its rstd, and where norm_store it writes
-    s = x + r to ns_ptr and the normed row to h_ptr [M, K] (their later readers, the residual stream and the
-    routed experts, run after this kernel)."""
+                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype."""
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
@@ -175,18 +146,12 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
     else:
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
-    r_row = x_row
-    rstd = 0.0
-    if NORM:
-        r_row = r_ptr + m.to(tl.int64) * K
-        rstd = _norm_rstd(x_row, r_row, nw_ptr, h_ptr + m.to(tl.int64) * K, ns_ptr + m.to(tl.int64) * K, K, eps,
-                          norm_store, BK)
-    xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU, r_row, nw_ptr, rstd, NORM)
+    xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU)
     acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
-        xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU, r_row, nw_ptr, rstd, NORM)
+        xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU)
         acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM)
     if STEP_SUM:
         y = tl.sum(acc, axis=1)
@@ -216,25 +181,20 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
 def _gemv_pair_kernel(x_ptr, K, stride_xm,
                       w1_ptr, s1_ptr, y1_ptr, N1, stride_w1, stride_s1, stride_y1,
                       w2_ptr, s2_ptr, y2_ptr, N2, stride_w2, stride_s2, stride_y2,
-                      r_ptr, nw_ptr, h_ptr, ns_ptr, eps,
                       BN1: tl.constexpr, NG1: tl.constexpr, SCALED1: tl.constexpr,
                       BN2: tl.constexpr, NG2: tl.constexpr, SCALED2: tl.constexpr,
-                      EARLY: tl.constexpr = True, STEP_SUM: tl.constexpr = True, NORM: tl.constexpr = False,
-                      BK: tl.constexpr = 1, PDL: tl.constexpr = False):
+                      EARLY: tl.constexpr = True, STEP_SUM: tl.constexpr = True, PDL: tl.constexpr = False):
     """Two GEMVs of one x in one launch: grid (M, cdiv(N1, BN1) + cdiv(N2, BN2)); the first programs compute
-    y1 = x @ W1^T, the rest y2 = x @ W2^T, each with its own tile and format (see _fp8_gemv_kernel).
-    NORM: of rmsnorm(x + r) instead (_gemv_program's NORM; each row's first program writes s and h)."""
+    y1 = x @ W1^T, the rest y2 = x @ W2^T, each with its own tile and format (see _fp8_gemv_kernel)."""
     m = tl.program_id(0)
     p = tl.program_id(1)
     tiles1 = tl.cdiv(N1, BN1)
     if p < tiles1:
         _gemv_program(x_ptr, w1_ptr, s1_ptr, y1_ptr, m, p, N1, K, stride_xm, stride_w1, stride_s1, stride_y1, 0,
-                      BN1, NG1, SCALED1, EARLY, STEP_SUM, False, PDL, r_ptr, nw_ptr, h_ptr, ns_ptr, eps, p == 0,
-                      NORM, BK)
+                      BN1, NG1, SCALED1, EARLY, STEP_SUM, False, PDL)
     else:
         _gemv_program(x_ptr, w2_ptr, s2_ptr, y2_ptr, m, p - tiles1, N2, K, stride_xm, stride_w2, stride_s2,
-                      stride_y2, 0, BN2, NG2, SCALED2, EARLY, STEP_SUM, False, PDL, r_ptr, nw_ptr, h_ptr, ns_ptr,
-                      eps, False, NORM, BK)
+                      stride_y2, 0, BN2, NG2, SCALED2, EARLY, STEP_SUM, False, PDL)
 
 
 @triton.jit
@@ -473,19 +433,8 @@ def gemv_pair_launch(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight 
 def gemv_pair(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor]:
     """(x @ w1^T, x @ w2^T) in one launch (gemv_takes must hold for both); each weight fp8 or 16-bit."""
     y1, y2, grid, args, tiles = gemv_pair_launch(x, w1, w2)
-    _gemv_pair_kernel[grid](*args, x, x, x, x, 0.0, **tiles)
+    _gemv_pair_kernel[grid](*args, **tiles)
     return y1, y2
-
-
-def rmsnorm_gemv_pair(x: Tensor, residual: Tensor, weight: Tensor, eps: float, w1: Fp8BlockWeight | Tensor,
-                      w2: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(h, s, y1, y2): (h, s) = rmsnorm(x, weight, eps, residual) (qnext.ops.triton_norm), (y1, y2) =
-    gemv_pair(h, w1, w2), in one launch. x, residual [M, K] contiguous; gemv_takes must hold for both weights."""
-    h, s = torch.empty_like(x), torch.empty_like(x)
-    y1, y2, grid, args, tiles = gemv_pair_launch(x, w1, w2)
-    _gemv_pair_kernel[grid](*args, residual, weight, h, s, eps, NORM=True, BK=triton.next_power_of_2(x.shape[1]),
-                            **tiles)
-    return h, s, y1, y2
 
 
 def swiglu_gemv_route(gate: Tensor, up: Tensor, w: Fp8BlockWeight | Tensor, logits: Tensor, top_k: int,

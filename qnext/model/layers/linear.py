@@ -159,20 +159,16 @@ def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
     return stacked
 
 
-def project_pair(x: torch.Tensor, first: nn.Module, second: nn.Module, conv: tuple | None = None,
-                 norm: tuple | None = None) -> tuple[torch.Tensor, ...] | None:
+def project_pair(x: torch.Tensor, first: nn.Module, second: nn.Module,
+                 conv: tuple | None = None) -> tuple[torch.Tensor, ...] | None:
     """(first(x), second(x)) through the "linear_pair" op (one GEMV launch for decode rows on CUDA), or None when
     the two cannot share it (a bias, another module type, different ops backends): then call them apart.
     conv: the GDN layer's decode conv of first(x) (conv weight, conv cache, slots, has_initial_state, x_cols,
-    x_chans): the "linear_pair_conv_update_" op, whose third output is the conv's (in the same launch on CUDA).
-    norm (residual, weight, eps): the pair of h = rmsnorm(x, weight, eps, residual) instead, through the
-    "rmsnorm_linear_pair" op -> (h, x + residual, first(h), second(h))."""
+    x_chans): the "linear_pair_conv_update_" op, whose third output is the conv's (in the same launch on CUDA)."""
     if (type(first) not in (Linear, Fp8Linear) or type(second) not in (Linear, Fp8Linear)
             or first.bias is not None or second.bias is not None or first.ops_backend != second.ops_backend):
         return None
     weights = first.matmul_weight(), second.matmul_weight()
-    if norm is not None:
-        return get_op("rmsnorm_linear_pair", first.ops_backend, x.device)(x, *norm, *weights)
     if conv is None:
         return get_op("linear_pair", first.ops_backend, x.device)(x, *weights)
     return get_op("linear_pair_conv_update_", first.ops_backend, x.device)(x, *weights, *conv)

@@ -47,12 +47,6 @@ class MLP(nn.Module):
             return self.down_proj(get_op("silu_mul", self.ops_backend, x.device)(self.gate_proj(x), self.up_proj(x)))
         return self.down_from(self.gate_up(x))
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, side_stream=None,
-                       defer_combine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x, residual)), x + residual): the block after the layer's post-attention norm."""
-        h, s = norm(x, residual)
-        return self(h, side_stream, defer_combine), s
-
     def down_from(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The stacked gate_up projection's output [T, 2I] -> down_proj(silu(gate) * up) [T, H] (one op: on CUDA
         the down GEMV forms its input for decode rows)."""
@@ -144,48 +138,23 @@ class SparseMoeBlock(nn.Module):
             object.__setattr__(self, "router_and_shared_gate",
                                stack_projections([self.gate, self.shared_expert_gate]))
 
-    def _one_chain(self, side_stream) -> bool:
-        """Whether the block runs as one chain of four launches: without a side stream and with the projections
-        stacked (decode graphs from batch 1 below SIDE_STREAM_MIN_BATCH): shared gate_up + router, shared down +
-        routing, the experts' gate_up, their down (project_pair may still decline: then the general path)."""
-        shared = self.shared_expert
-        return (shared is not None and side_stream is None and self.router_and_shared_gate is not None
-                and shared.gate_up is not None)
-
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, side_stream=None,
-                       defer_combine: bool = False) -> tuple[torch.Tensor | MoeCombine, torch.Tensor]:
-        """(self(norm(x, residual)), x + residual): the block after the layer's post-attention norm; in one chain
-        the norm is formed in the first launch's programs (the "rmsnorm_linear_pair" op)."""
-        if self._one_chain(side_stream):
-            pair = project_pair(x, self.shared_expert.gate_up, self.router_and_shared_gate,
-                                norm=(residual, norm.weight, norm.eps))
-            if pair is not None:
-                h, s, gate_up, stacked = pair
-                return self._chain(h, gate_up, stacked, defer_combine), s
-        h, s = norm(x, residual)
-        return self(h, side_stream, defer_combine), s
-
-    def _chain(self, x: torch.Tensor, gate_up: torch.Tensor, stacked: torch.Tensor,
-               defer_combine: bool) -> torch.Tensor | MoeCombine:
-        """The one chain's last three launches, from the pair's outputs: gate_up [T, 2I] of the shared expert,
-        stacked [T, E + 1] of the router and the shared expert's gate."""
-        shared = self.shared_expert
-        gate, up = split_stacked(shared.gate_up, gate_up)                               # [T, I] views
-        logits, shared_gate = split_stacked(self.router_and_shared_gate, stacked)       # [T, E], [T, 1]
-        down = shared.down_proj
-        s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
-            gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
-        y = self.experts(x, ids, weights, reduce=False)                                 # the shared add sums the k
-        return self._add_shared(x, y, shared_gate, s, defer_combine)
-
     def forward(self, x: torch.Tensor, side_stream=None, defer_combine: bool = False) -> torch.Tensor | MoeCombine:
         """x [T, H] -> [T, H]. side_stream: the shared expert runs on it, beside the router and routed experts (see
-        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form."""
+        SideBranch). defer_combine (with a shared expert): return the MoeCombine for the next RMSNorm to form.
+        Without a side stream and with the projections stacked (decode graphs from batch 1 below
+        SIDE_STREAM_MIN_BATCH) the block is one chain of four launches: shared gate_up + router, shared down +
+        routing, the experts' gate_up, their down."""
         shared, stacked = self.shared_expert, self.router_and_shared_gate
-        if self._one_chain(side_stream):
+        if shared is not None and side_stream is None and stacked is not None and shared.gate_up is not None:
             pair = project_pair(x, shared.gate_up, stacked)
             if pair is not None:
-                return self._chain(x, *pair, defer_combine)
+                gate, up = split_stacked(shared.gate_up, pair[0])                       # [T, I] views
+                logits, shared_gate = split_stacked(stacked, pair[1])                   # [T, E], [T, 1]
+                down = shared.down_proj
+                s, ids, weights = get_op("silu_mul_linear_route", self.ops_backend, x.device)(
+                    gate, up, down.matmul_weight(), down.bias, logits, self.top_k, self.norm_topk_prob)
+                y = self.experts(x, ids, weights, reduce=False)                         # the shared add sums the k
+                return self._add_shared(x, y, shared_gate, s, defer_combine)
         s = None
         if shared is not None:
             with SideBranch(side_stream) as side:
