@@ -24,7 +24,8 @@ Tensor = torch.Tensor
 # the step replayed in 2.343 ms against 2.395 on CUDA cores, whose kernels were faster at 8 rows. int4's gate_up
 # takes 2 weight rows per program on 2 warps (b1 replay 2.17 ms against 2.31 with 1 row on 1 warp; 4 rows on 4
 # warps 2.21, 8 on 8 2.33); fp8's (2 KB rows) stays at 1 row: 2.356 ms against 2.368 at 2 rows on 2 warps, and
-# with dots in fp16 (activations scaled by a power of two; tried 2026-12-06, removed) 2.426 at 1 row.
+# with dots in fp16 (activations scaled by a power of two; tried 2026-12-06, removed) 2.426 at 1 row. fp8's down
+# keeps int4's slices of 32 units: 64 and 128 (fewer instructions per program) replayed 2.320 / 2.329 against 2.286.
 MMA = dict(mma=True, mbm1=1, mw1=1, mks1=None, mbm2=8, mw2=1, mks2=32, mst=2)
 GEMV_DEFAULTS = {
     BF16: dict(bn1=16, rb1=256, w1=4, bn2=16, rb2=512, w2=4),
