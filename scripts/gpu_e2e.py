@@ -15,8 +15,8 @@
     comparison; where a b32 step's host time goes (cProfile over engine steps); the kernels of one 8K prefill;
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
-    --extras picks the first variant's extended measurements (knobs, early, conv, ab, host, trace, mixed, lone,
-    wave, eager; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on
+    --extras picks the first variant's extended measurements (knobs, early, conv, outnorm, ab, host, trace, mixed,
+    lone, wave, eager; outnorm: the GDN output norm in out_proj or apart, see out_norm_ab; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on
     one stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
     off: see early_ab; conv: the GDN decode conv apart from the in_proj GEMV: see conv_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
@@ -731,6 +731,17 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
                              ("all on again", []))])
 
 
+def out_norm_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
+    """The GDN output norm finished in out_proj's GEMV (FUSE_OUT_NORM: the recurrent kernel gates o and sums each
+    head's squares, the GEMV scales each head's sums) against the norm kernel between them, then on again; greedy
+    ids against the default engine (the norm's output is rounded before its head scale there: near-tied logits of
+    random weights may flip); decode-b1, the replays and the step profile of each."""
+    engines_ab(tag, model, cfg, engine, device, args, max_len, [
+        (name, lambda values=values: settings(*values), {}, True)
+        for name, values in (("GDN out norm apart", [("qnext.ops.triton_fused_linear", "FUSE_OUT_NORM", False)]),
+                             ("all on again", []))])
+
+
 def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
     """The GDN decode conv in the in_proj GEMV pair's epilogue (FUSE_IN_PROJ_CONV) against the pair and the conv
     kernel apart, and the fused conv's state loaded after the K loop (CONV_EARLY_LOAD off); greedy ids must not
@@ -841,6 +852,8 @@ def full_variant(tag: str, preset: str, scheme_name: str, device: str, args, ext
         guarded(f"{tag} replay", 5, bench_replay, tag, engine)
         guarded(f"{tag} profile", 5, profile_step, tag, engine)
         guarded(f"{tag} prefill profile", 10, profile_prefill, tag, engine, args.prefill)
+    if extended and "outnorm" in args.extras:
+        guarded(f"{tag} out norm A/B", 70, out_norm_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "conv" in args.extras:
         guarded(f"{tag} conv A/B", 100, conv_ab, tag, model, cfg, engine, device, args, max_len)
     if extended and "knobs" in args.extras:
@@ -921,7 +934,7 @@ def main() -> None:
                     help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
                          "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
-                         "conv fused or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "
+                         "conv fused or apart), outnorm (the GDN output norm in out_proj or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "
                          "trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "

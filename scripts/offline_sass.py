@@ -1,6 +1,6 @@
 """Registers, shared memory and the main loop's instruction mix of qnext's Triton kernels for sm_90a, without a GPU.
 
-    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup] [conv] [inproj]
+    python3 scripts/offline_sass.py [grouped] [fp8small] [sorted] [gateup] [conv] [inproj] [outproj]
 
 Each case calls the real wrappers on CPU tensors of the model's shapes; every Triton launch is compiled instead of
 run (Triton's own compiler, target sm_90, the launch-time divisibility of its arguments, as the JIT specialises
@@ -189,12 +189,27 @@ def inproj() -> None:
         torch.tensor([True]), gdn.qkv_columns(cpu), gdn.qkv_channels(cpu)))
 
 
+def outproj() -> None:
+    """The GDN layer's batch-1 decode output: the recurrence, then out_proj (2048 x 4096 fp8) with the gated norm
+    formed from the recurrence's sums of squares; and apart (recurrence, norm kernel, plain GEMV)."""
+    from qnext.ops import triton_fused_linear as fused
+    from qnext.ops.quant import quantize_fp8_block
+    bf = lambda *shape: torch.randn(*shape).bfloat16()                               # noqa: E731
+    args = (bf(1, 16, 128), bf(1, 16, 128), bf(1, 32, 128), bf(1, 32), bf(1, 32), torch.randn(32), torch.randn(32),
+            torch.zeros(4, 32, 128, 128), torch.tensor([3]), None, bf(1, 16, 768)[..., 512:].unflatten(-1, (2, 128)),
+            bf(128), 1e-6, quantize_fp8_block(torch.randn(2048, 4096) / 64))
+    case("GDN decode output, norm in out_proj", lambda: fused.gdn_decode_project_(*args))
+    fused.FUSE_OUT_NORM = False
+    case("GDN decode output, norm apart", lambda: fused.gdn_decode_project_(*args))
+    fused.FUSE_OUT_NORM = True
+
+
 def main() -> None:
     from qnext.ops import pdl
     pdl.pdl_enabled = lambda: True                # compile the decode kernels as the GPU runs them
     JITFunction.run = _compile_instead
     cases = {"grouped": grouped, "fp8small": fp8small, "sorted": sorted_prefill, "gateup": gateup, "conv": conv,
-             "inproj": inproj}
+             "inproj": inproj, "outproj": outproj}
     for name in sys.argv[1:] or list(cases):
         cases[name]()
 

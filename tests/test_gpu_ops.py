@@ -719,6 +719,36 @@ def test_linear_gemv_matches_cublas():
 @cuda_only
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fp8", [True, False])
+def test_gdn_decode_output_with_the_norm_in_out_proj(monkeypatch, m, fp8):
+    """gdn_decode_project_ at the model's GDN shapes (16 key x 2 value heads of 128, z a strided view of the qkvz
+    row, out_proj 2048 x 4096) takes the two-launch path (the norm kernel is patched out) and matches the three
+    kernels apart: the same states, and outputs to bf16 rounding (the norm's output is rounded before its head
+    scale instead of after); and the torch reference."""
+    from qnext.ops import fp8_linear as reference, triton_fused_linear as fused
+    torch.manual_seed(m)
+    slots, init, cache, a_log, dt_bias = _slot_case(m, hk=16, hv=32)
+    q, k = (torch.randn(m, 16, 128, device="cuda").bfloat16() for _ in range(2))
+    v = torch.randn(m, 32, 128, device="cuda").bfloat16()
+    a, b = torch.randn(m, 32, device="cuda").bfloat16(), torch.randn(m, 32, device="cuda").bfloat16()
+    z = torch.randn(m, 16, 768, device="cuda").bfloat16()[..., 512:].unflatten(-1, (2, 128))
+    nw = (torch.rand(128, device="cuda") + 0.5).bfloat16()
+    w = torch.randn(2048, 4096, device="cuda") / 64
+    w = quantize_fp8_block(w) if fp8 else w.bfloat16()
+    args = (q, k, v, a, b, a_log, dt_bias)
+    caches = [cache.clone() for _ in range(3)]
+    monkeypatch.setattr(fused, "FUSE_OUT_NORM", False)
+    apart = fused.gdn_decode_project_(*args, caches[0], slots, init, z, nw, 1e-6, w)
+    monkeypatch.setattr(fused, "FUSE_OUT_NORM", True)
+    monkeypatch.setattr(fused, "gated_rmsnorm", None)
+    got = fused.gdn_decode_project_(*args, caches[1], slots, init, z, nw, 1e-6, w)
+    want = reference.gdn_decode_project_(*args, caches[2], slots, init, z, nw, 1e-6, w)
+    assert torch.equal(caches[0], caches[1])
+    assert rel(got, apart) < 4e-3 and rel(got, want) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("fp8", [True, False])
 def test_fused_decode_projections_equal_the_separate_kernels(monkeypatch, m, fp8):
     """silu_mul_linear (alone and beside the routing: silu_mul_linear_route) and linear_pair at the model's shapes
     (shared expert I = 512 and its down projection; in_proj_qkvz with in_proj_ba, shared-expert gate_up with the

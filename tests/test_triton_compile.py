@@ -139,6 +139,11 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     for state in (torch.float32, torch.bfloat16):                                          # ssm_state_dtype
         gdn_decode_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
                     torch.randn(4), torch.zeros(4, 4, 128, 128, dtype=state), slots, None)
+    from qnext.ops.triton_fused_linear import gdn_decode_project_           # recurrence, norm formed in out_proj
+    for wo in (quantize_fp8_block(torch.randn(256, 512) / 32), _bf(256, 512)):
+        gdn_decode_project_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
+                            torch.randn(4), torch.zeros(4, 4, 128, 128), slots, None, _bf(1, 2, 5, 128)[:, :, 3:],
+                            _bf(128), 1e-6, wo)
 
     assert PDL_KERNELS <= set(compiled), f"not launched: {sorted(PDL_KERNELS - set(compiled))}"
     for name in PDL_KERNELS:

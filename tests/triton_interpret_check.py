@@ -188,6 +188,25 @@ def op_checks() -> dict:
         apart = (y1, y2, triton_conv1d.causal_conv1d_update_(y1, cw, pcaches[2], pslots, pinit, x_cols=pcols))
         out[f"linear_pair_conv_bits/{name}"] = bool(all(torch.equal(a, b) for a, b in zip((*got, pcaches[0]),
                                                                                         (*apart, pcaches[2]))))
+    # the GDN decode output (recurrence, gated RMSNorm from the recurrence's sums of squares, out_proj): 3 rows of
+    # 2 key x 2 value heads of 128, z a strided view of a wider row as in qkvz, slot 0's sequence without state;
+    # against the torch reference, and against the Triton kernels apart (the sums of squares run in another order)
+    gq, gk, gv = torch.randn(3, 2, 128).half(), torch.randn(3, 2, 128).half(), torch.randn(3, 4, 128).half()
+    ga, gb, galog, gdtb = torch.randn(3, 4).half(), torch.randn(3, 4).half(), torch.randn(4) * 0.5, torch.randn(4)
+    gz = torch.randn(3, 2, 5, 128).half()[:, :, 3:]
+    gnw, gcache = torch.rand(128).half() + 0.5, torch.randn(6, 4, 128, 128) / 8
+    gslots, ginit = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
+    wo8 = quantize_fp8_block(torch.randn(256, 512) / 512 ** 0.5)
+    for name, wo in (("fp8", wo8), ("plain", dequantize(wo8).half())):
+        gcaches = [gcache.clone() for _ in range(3)]
+        args = (gq, gk, gv, ga, gb, galog, gdtb)
+        got = fused.gdn_decode_project_(*args, gcaches[0], gslots, ginit, gz, gnw, 1e-6, wo)
+        want = ref_linear.gdn_decode_project_(*args, gcaches[1], gslots, ginit, gz, gnw, 1e-6, wo)
+        out[f"out_proj_norm/{name}"] = max(err(got.float(), want.float()), err(gcaches[0], gcaches[1]))
+        fused.FUSE_OUT_NORM = False
+        apart = fused.gdn_decode_project_(*args, gcaches[2], gslots, ginit, gz, gnw, 1e-6, wo)
+        fused.FUSE_OUT_NORM = True
+        out[f"out_proj_norm_apart/{name}"] = max(err(got.float(), apart.float()), err(gcaches[0], gcaches[2]))
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)

@@ -44,16 +44,21 @@ log = logging.getLogger(__name__)
 @triton.jit
 def _gdn_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, init_ptr, cu_ptr, o_ptr,
+    z_ptr, nw_ptr, ss_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_bt, stride_ot, stride_oh,
-    stride_ss, stride_sh, stride_sk,
+    stride_ss, stride_sh, stride_sk, stride_zt, stride_zk, stride_zr,
     scale, eps,
     GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-    L2NORM: tl.constexpr, EARLY: tl.constexpr = False,
+    L2NORM: tl.constexpr, EARLY: tl.constexpr = False, GATED: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """grid (N, Hv, cdiv(Dv, BV)). q/k [T, Hk, Dk], v [T, Hv, Dv], g/b [T, Hv] (raw a/b or g/beta), state
     [S, Hv, Dk, Dv] at slot slots[n]; sequence n owns tokens [cu[n], cu[n+1]) (VARLEN) or token n.
+    GATED: the GDN output norm's parts that need no whole head: each program stores the sum of squares of its BV
+    outputs rounded to o's dtype at ss [T, Hv, cdiv(Dv, BV)] (contiguous), then o * nw * silu(z) in place of o
+    (z [T, Hk, GROUP, Dv] at the strides given, norm weight nw [Dv]); the head's rsqrt(mean square) is then one
+    scale per head in out_proj's GEMV (qnext.ops.triton_linear_fp8's HEAD_RSTD).
     EARLY: the state slice (and slot, bounds, gate parameters) is loaded before the PDL wait, overlapping the
     kernel before this one; the caller guarantees that kernel writes none of them (see gdn_decode_)."""
     if not EARLY:
@@ -79,6 +84,8 @@ def _gdn_recurrent_kernel(
     if HAS_INIT:
         init = tl.load(init_ptr + n).to(tl.int32)
         S = tl.where(init != 0, S, 0.0)
+    if GATED:
+        nwv = tl.load(nw_ptr + ov, mask=vmask, other=0).to(tl.float32)
     if GATE_IN_KERNEL:
         neg_a = -tl.exp(tl.load(a_log_ptr + hv).to(tl.float32))
         dtb = tl.load(dt_bias_ptr + hv).to(tl.float32)
@@ -108,7 +115,14 @@ def _gdn_recurrent_kernel(
         u = beta * (vv - pred)
         S = S + kv[:, None] * u[None, :]
         o = tl.sum(S * qv[:, None], axis=0)                                   # S^T q   [BV]
-        tl.store(o_ptr + t * stride_ot + hv * stride_oh + ov, o.to(o_ptr.dtype.element_ty), mask=vmask)
+        o = o.to(o_ptr.dtype.element_ty)
+        if GATED:
+            of = o.to(tl.float32)
+            tl.store(ss_ptr + (t * tl.num_programs(1) + hv) * tl.num_programs(2) + pv, tl.sum(of * of, axis=0))
+            zv = tl.load(z_ptr + t * stride_zt + hk * stride_zk + (hv - hk * GROUP) * stride_zr + ov, mask=vmask,
+                         other=0).to(tl.float32)
+            o = (of * nwv * (zv * tl.sigmoid(zv))).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + t * stride_ot + hv * stride_oh + ov, o, mask=vmask)
     tl.store(s_ptrs, S.to(state_ptr.dtype.element_ty), mask=smask)
 
 
@@ -119,8 +133,11 @@ EARLY_STATE_LOAD = True
 
 
 def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu, scale, *, gate_in_kernel,
-                      beta_sigmoid, l2norm, num_seqs, bv=None, num_warps=None, early=False) -> Tensor:
-    """q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, b [T, Hv] (any strides with a unit last dim) -> o [T, Hv, Dv]."""
+                      beta_sigmoid, l2norm, num_seqs, bv=None, num_warps=None, early=False,
+                      gate=None) -> tuple[Tensor, Tensor | None]:
+    """q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, b [T, Hv] (any strides with a unit last dim) -> (o [T, Hv, Dv], None),
+    or with gate = (z [T, Hk, Hv / Hk, Dv] with a unit last stride, norm weight [Dv]) the kernel's GATED outputs
+    (o * nw * silu(z), partial sums of squares of o [T, Hv, Dv / BV] float32)."""
     t, hk, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("state", state)):
@@ -128,17 +145,23 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
             raise ValueError(f"{name} needs a unit stride in its last dim")
     bv = bv or min(DECODE_BV if num_seqs < 8 else 64, triton.next_power_of_2(dv))   # measured, perf-notes.md
     o = torch.empty(t, hv, dv, dtype=v.dtype, device=v.device)
+    ss = torch.empty(t, hv, triton.cdiv(dv, bv), dtype=torch.float32, device=v.device) if gate else None
+    z, nw = gate if gate else (o.view(t, hk, -1, dv), o)
     dummy = g
     _gdn_recurrent_kernel[(num_seqs, hv, triton.cdiv(dv, bv))](
         q, k, v, g, b, a_log if a_log is not None else dummy, dt_bias if dt_bias is not None else dummy,
         state, slots, has_init if has_init is not None else slots, cu if cu is not None else slots, o,
+        z, nw, ss if gate else o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), b.stride(0),
         o.stride(0), o.stride(1), state.stride(0), state.stride(1), state.stride(2),
+        z.stride(0), z.stride(1), z.stride(2),
         scale, 1e-6,
         GROUP=hv // hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv,
         VARLEN=cu is not None, HAS_INIT=has_init is not None, GATE_IN_KERNEL=gate_in_kernel,
-        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, EARLY=early, num_warps=num_warps or DECODE_WARPS, **pdl_launch())
-    return o
+        BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, EARLY=early, GATED=gate is not None,
+        num_warps=num_warps or DECODE_WARPS,
+        **pdl_launch())
+    return o, ss
 
 
 def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
@@ -153,11 +176,23 @@ def gdn_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Te
     The state is loaded before the PDL wait (EARLY_STATE_LOAD): the kernel launched right before this one (the
     GDN layer's conv step, alone or in the in_proj GEMV's epilogue) must not write ssm_cache, the slots,
     has_initial_state, cu_seqlens, A_log or dt_bias."""
+    return gdn_decode_gated_(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state, cu_seqlens,
+                             scale, **tile)[0]
+
+
+def gdn_decode_gated_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                      ssm_cache: Tensor, state_slots: Tensor, has_initial_state: Tensor | None = None,
+                      cu_seqlens: Tensor | None = None, scale: float | None = None, gate: tuple | None = None,
+                      **tile) -> tuple[Tensor, Tensor | None]:
+    """gdn_decode_ -> (o, None), or with gate = (z, norm weight) the GDN output norm's per-element part
+    (o * w * silu(z) in o's dtype, o rounded first) and each head's partial sums of squares of o [T, Hv, P]
+    float32, P programs per head: what out_proj's GEMV needs to finish the norm with one scale per head
+    (qnext.ops.triton_fused_linear.gdn_decode_project_)."""
     n = state_slots.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _launch_recurrent(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state, cu_seqlens,
                              scale, gate_in_kernel=True, beta_sigmoid=True, l2norm=True, num_seqs=n,
-                             early=EARLY_STATE_LOAD, **tile)
+                             early=EARLY_STATE_LOAD, gate=gate, **tile)
 
 
 def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
@@ -182,9 +217,9 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     slots = torch.arange(n, device=q.device, dtype=torch.int32)
     scale = dk ** -0.5 if scale is None else scale
     flat = lambda x: x.reshape(bsz * t, *x.shape[2:])                         # noqa: E731
-    o = _launch_recurrent(flat(q), flat(k), flat(v), flat(g).float(), flat(beta).float(), None, None, state,
-                          slots, None, cu, scale, gate_in_kernel=False, beta_sigmoid=False,
-                          l2norm=use_qk_l2norm_in_kernel, num_seqs=n)
+    o, _ = _launch_recurrent(flat(q), flat(k), flat(v), flat(g).float(), flat(beta).float(), None, None, state,
+                             slots, None, cu, scale, gate_in_kernel=False, beta_sigmoid=False,
+                             l2norm=use_qk_l2norm_in_kernel, num_seqs=n)
     return o.view(bsz, t, hv, dv), state
 
 

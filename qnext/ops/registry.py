@@ -44,6 +44,7 @@ OPS = (
     "linear_pair",                 # two projections of one input (one GEMV launch on CUDA)
     "silu_mul_linear_route",       # silu_mul_linear beside moe_route (one launch for decode rows on CUDA)
     "linear_pair_conv_update_",    # linear_pair, then causal_conv1d_update_ of the first output (one launch on CUDA)
+    "gdn_decode_project_",         # gdn_decode_, the gated RMSNorm and out_proj (the GEMV forms the norm on CUDA)
     "greedy_argmax",               # the first index of each logits row's maximum (the sampler's greedy rows)
 )
 

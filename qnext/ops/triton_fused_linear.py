@@ -11,12 +11,17 @@
                                                               decode conv (causal_conv1d_update_) in the GEMV's
                                                               epilogue (in_proj_qkvz with in_proj_ba, then the GDN
                                                               layer's conv: each program owns its outputs' channels)
+    gdn_decode_project_(q, k, v, a, b, ..., z, nw, eps, w)    the GDN decode step, its output's gated RMSNorm and
+                                                              out_proj in two launches: the recurrent kernel gates
+                                                              o and sums each head's squares, the GEMV scales each
+                                                              head's sums by its rsqrt (no norm kernel between)
 Semantics of qnext.ops.fp8_linear (W fp8 block-scaled or plain 16-bit); each output is rounded as the separate
-kernels round it (SwiGLU's input to x's dtype before the projection reads it), so results are theirs bit for bit.
+kernels round it (SwiGLU's input to x's dtype before the projection reads it), so results are theirs bit for bit,
+except gdn_decode_project_'s (see there).
 
 Why by hand: no library fuses an activation into a weight-only FP8 GEMV's prologue, or launches two differently
 quantized GEMVs as one grid. The batch-1 step is a chain of ~740 dependent kernels, each paying its launch, wait
-and ramp; these remove 48 + 84 + 48 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
+and ramp; these remove 48 + 84 + 48 + 36 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
 kernels.
 """
 
@@ -26,9 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from qnext.ops.fla_gdn import gdn_decode_gated_
 from qnext.ops.quant import Fp8BlockWeight
 from qnext.ops.triton_conv1d import causal_conv1d_update_, conv_step, conv_window
 from qnext.ops.triton_ffn import moe_route, silu_mul
+from qnext.ops.triton_norm import gated_rmsnorm
 from qnext.ops.triton_linear_fp8 import (_gemv_program, fp8_linear, gemv, gemv_pair, gemv_pair_launch, gemv_takes,
                                          linear, swiglu_gemv_route)
 
@@ -40,6 +47,8 @@ FUSE_DECODE_PROJECTIONS = True
 FUSE_ROUTE = True
 # False: linear_pair_conv_update_ runs the pair and the conv as two kernels (A/B runs: gpu_e2e.py --extras conv).
 FUSE_IN_PROJ_CONV = True
+# False: gdn_decode_project_ runs the recurrence, the norm kernel and the GEMV apart (A/B: gpu_e2e.py --extras early).
+FUSE_OUT_NORM = True
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
 CONV_EARLY_LOAD = True
@@ -149,3 +158,25 @@ def linear_pair_conv_update_(x: Tensor, w1: Fp8BlockWeight | Tensor, w2: Fp8Bloc
         conv_cache.stride(0), conv_cache.stride(1), KW=cw.shape[1], BKW=triton.next_power_of_2(cw.shape[1]),
         HAS_INIT=has_initial_state is not None, CONV_EARLY=CONV_EARLY_LOAD, **tiles)
     return y1, y2, mixed
+
+
+def gdn_decode_project_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                        ssm_cache: Tensor, state_slots: Tensor, has_initial_state: Tensor | None, z: Tensor,
+                        norm_weight: Tensor, eps: float, w: Fp8BlockWeight | Tensor) -> Tensor:
+    """qnext.ops.fp8_linear.gdn_decode_project_ in two launches when the GEMV takes the rows, heads are 128 wide
+    (one per scale group) and z's rows have a unit last stride: the recurrent kernel stores o * w * silu(z) and each
+    head's partial sums of squares of o, and out_proj's GEMV scales each head's sum of products by its
+    rsqrt(mean square + eps). That removes the norm kernel, a store -> load round trip on the batch-1 chain.
+    Rounding: the norm's output is rounded to o's dtype before the head's scale, not after (a reordering, not
+    a bit-equal fusion). Else the three apart."""
+    t, hv, dv = v.shape
+    fused = (FUSE_DECODE_PROJECTIONS and FUSE_OUT_NORM and dv == 128 and z.dim() == 4 and z.shape[0] == t
+             and z.shape[1] * z.shape[2] == hv and z.shape[3] == dv and z.stride(-1) == 1
+             and norm_weight.is_contiguous()
+             and gemv_takes(torch.empty(t, hv * dv, dtype=v.dtype, device="meta"), w, None))
+    if not fused:
+        o, _ = gdn_decode_gated_(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state)
+        return _project(gated_rmsnorm(o.view(z.shape), z, norm_weight, eps).reshape(t, -1), w)
+    o, sumsq = gdn_decode_gated_(q, k, v, a, b, A_log, dt_bias, ssm_cache, state_slots, has_initial_state,
+                                 gate=(z, norm_weight))
+    return gemv(o.view(t, -1), w, head_rstd=(sumsq, eps))

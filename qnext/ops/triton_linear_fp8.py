@@ -112,17 +112,30 @@ def _gemv_x(x_row, gg, j, groups, up_off, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
+def _head_rstd(ss_row, gg, groups, eps, P: tl.constexpr):
+    """rsqrt(mean square + eps) [NG] of x's heads gg (one per 128-column scale group), each head's sum of squares
+    the sum of its P partial sums at ss_row + g * P."""
+    ss = tl.load(ss_row + gg[:, None] * P + tl.arange(0, P)[None, :], mask=(gg < groups)[:, None], other=0)
+    return tl.rsqrt(tl.sum(ss, axis=1) / 128 + eps)
+
+
+@triton.jit
+def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr, rs=0.0, HEAD_RSTD: tl.constexpr = False):
     """One step's partial dots of the weight tile w [BN, NG, 128] with x's groups xs [NG, 128]: [BN, NG] float32
     (each group's 128 products summed now, then scaled) when STEP_SUM, else the products [BN, NG, 128] (x
-    pre-scaled), summed by the caller at the end (128 times the accumulator registers)."""
+    pre-scaled), summed by the caller at the end (128 times the accumulator registers). HEAD_RSTD: scaled by rs
+    [NG] too (see _fp8_gemv_kernel)."""
     if STEP_SUM:
         part = tl.sum(w.to(tl.float32) * xs[None, :, :], axis=2)
         if SCALED:
             part = part * sc[None, :]
+        if HEAD_RSTD:
+            part = part * rs[None, :]
     else:
         if SCALED:
             xs = xs * sc[:, None]
+        if HEAD_RSTD:
+            xs = xs * rs[:, None]
         part = w.to(tl.float32) * xs[None, :, :]
     return part
 
@@ -130,8 +143,10 @@ def _gemv_step(w, sc, xs, SCALED: tl.constexpr, STEP_SUM: tl.constexpr):
 @triton.jit
 def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
                   BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr, EARLY: tl.constexpr,
-                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
-    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype."""
+                  STEP_SUM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr, ss_row=0, eps=0.0,
+                  P: tl.constexpr = 1, HEAD_RSTD: tl.constexpr = False):
+    """Row m's outputs [pid_n * BN, + BN) (see _fp8_gemv_kernel), stored and returned [BN] in y's dtype. HEAD_RSTD:
+    row m's partial sums of squares at ss_row, P per head (_head_rstd)."""
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     j = tl.arange(0, 128)
@@ -147,12 +162,14 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
         pdl_wait_then_release(PDL)
         w0, s0 = _gemv_weight_tile(w_rows, s_row, gg0, j, rmask, groups, SCALED)
     xs = _gemv_x(x_row, gg0, j, groups, up_off, SWIGLU)
-    acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM)
+    rs = _head_rstd(ss_row, gg0, groups, eps, P) if HEAD_RSTD else 0.0
+    acc = _gemv_step(w0, s0, xs, SCALED, STEP_SUM, rs, HEAD_RSTD)
     for g0 in range(NG, groups, NG):
         gg = g0 + tl.arange(0, NG)
         w, sc = _gemv_weight_tile(w_rows, s_row, gg, j, rmask, groups, SCALED)
         xs = _gemv_x(x_row, gg, j, groups, up_off, SWIGLU)
-        acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM)
+        rs = _head_rstd(ss_row, gg, groups, eps, P) if HEAD_RSTD else 0.0
+        acc += _gemv_step(w, sc, xs, SCALED, STEP_SUM, rs, HEAD_RSTD)
     if STEP_SUM:
         y = tl.sum(acc, axis=1)
     else:
@@ -164,17 +181,24 @@ def _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, pid_n, N, K, stride_xm, stride_
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym, up_off,
+                     ss_ptr, stride_ssm, eps,
                      BN: tl.constexpr, NG: tl.constexpr, SCALED: tl.constexpr = True, EARLY: tl.constexpr = True,
-                     STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
+                     STEP_SUM: tl.constexpr = True, SWIGLU: tl.constexpr = False, P: tl.constexpr = 1,
+                     HEAD_RSTD: tl.constexpr = False, PDL: tl.constexpr = False):
     """grid (M, cdiv(N, BN)); BN divides 128 so the tile's rows share one scale row. SCALED=False: a plain 16-bit
-    weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:] (_gemv_x).
+    weight (bf16_gemv; s_ptr unused). SWIGLU: the input is silu(x) * x[up_off:] (_gemv_x). HEAD_RSTD: the input is
+    x with each 128-column head scaled by rsqrt(mean square + eps), the head's sum of squares given as P partial
+    sums at ss [M, K / 128, P] (rows stride_ssm apart): the GDN output norm finished in the projection, applied to
+    each group's sum of products (an RMSNorm's scale is one per head, so it commutes with the dot).
     EARLY: the first step's weight tile and scales are loaded before the PDL wait. Weights are never written during
     a step, so that load may overlap the previous kernel's tail (x and y only after the wait).
     Measured slower for every shape and tile (H200, docs/perf-notes.md): loading every next step's tile before the
     current step's math (Triton pipelines only loads that feed a tl.dot), and split-K (the ticket fix-up's two
     dependent round trips cost more than the shorter K loop saves)."""
-    _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), tl.program_id(1), N, K, stride_xm, stride_wn,
-                  stride_sn, stride_ym, up_off, BN, NG, SCALED, EARLY, STEP_SUM, SWIGLU, PDL)
+    m = tl.program_id(0)
+    _gemv_program(x_ptr, w_ptr, s_ptr, y_ptr, m, tl.program_id(1), N, K, stride_xm, stride_wn, stride_sn,
+                  stride_ym, up_off, BN, NG, SCALED, EARLY, STEP_SUM, SWIGLU, PDL, ss_ptr + m.to(tl.int64) * stride_ssm,
+                  eps, P, HEAD_RSTD)
 
 
 @triton.jit
@@ -355,16 +379,20 @@ def _ng(ng: int, k: int) -> int:
 
 
 def _gemv(x: Tensor, w: Tensor, scale: Tensor | None, n: int, k: int, bn: int, ng: int, num_warps: int,
-          up: Tensor | None = None) -> Tensor:
+          up: Tensor | None = None, head_rstd: tuple[Tensor, float] | None = None) -> Tensor:
     """Launch _fp8_gemv_kernel: x [M, K] against w [N, K] (e4m3 with block scales, or 16-bit when scale is None).
-    up [M, K] (x's row stride, the other half of one stacked gate | up row): the input is silu(x) * up."""
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    up [M, K] (x's row stride, the other half of one stacked gate | up row): the input is silu(x) * up.
+    head_rstd (partial sums of squares [M, K / 128, P] contiguous, eps): x's heads scaled by their rsqrt(mean
+    square + eps) (HEAD_RSTD)."""
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     up_off = 0 if up is None else (up.data_ptr() - x.data_ptr()) // x.element_size()
-    _fp8_gemv_kernel[(x.shape[0], triton.cdiv(n, bn))](
+    ss, eps = head_rstd if head_rstd is not None else (x.view(m, -1, 1), 0.0)        # P = 1 when unused
+    _fp8_gemv_kernel[(m, triton.cdiv(n, bn))](
         x, w, w if scale is None else scale, y, n, k, x.stride(0), w.stride(0),
-        0 if scale is None else scale.stride(0), y.stride(0), up_off, BN=bn, NG=_ng(ng, k),
+        0 if scale is None else scale.stride(0), y.stride(0), up_off, ss, ss.stride(0), eps, BN=bn, NG=_ng(ng, k),
         SCALED=scale is not None, EARLY=GEMV_EARLY_LOAD, STEP_SUM=GEMV_STEP_SUM, SWIGLU=up is not None,
-        num_warps=num_warps, **pdl_launch())
+        P=ss.shape[2], HEAD_RSTD=head_rstd is not None, num_warps=num_warps, **pdl_launch())
     return y
 
 
@@ -380,18 +408,22 @@ def _operand(w: Fp8BlockWeight | Tensor) -> tuple[Tensor, Tensor | None, int, in
 
 
 def fp8_gemv(x: Tensor, w: Fp8BlockWeight, bn: int | None = None, ng: int | None = None,
-             num_warps: int | None = None, up: Tensor | None = None) -> Tensor:
-    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up, see _gemv); tiles default to gemv_tiles."""
+             num_warps: int | None = None, up: Tensor | None = None,
+             head_rstd: tuple[Tensor, float] | None = None) -> Tensor:
+    """x [M, K] (a few rows) @ W^T (up: of silu(x) * up; head_rstd: of x's heads normalised; see _gemv); tiles
+    default to gemv_tiles."""
     wt, scale, n, k, tiles = _operand(w)
-    return _gemv(x, wt, scale, n, k, bn or tiles[0], ng or tiles[1], num_warps or tiles[2], up)
+    return _gemv(x, wt, scale, n, k, bn or tiles[0], ng or tiles[1], num_warps or tiles[2], up, head_rstd)
 
 
 def bf16_gemv(x: Tensor, w: Tensor, bn: int = BF16_GEMV_TILE[0], ng: int = BF16_GEMV_TILE[1],
-              num_warps: int = BF16_GEMV_TILE[2], up: Tensor | None = None) -> Tensor:
+              num_warps: int = BF16_GEMV_TILE[2], up: Tensor | None = None,
+              head_rstd: tuple[Tensor, float] | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T for a few rows and a 16-bit weight (K % 128 == 0, N <= 65535 * bn: the grid's second
-    dimension), through the fp8 GEMV kernel without scales. up: of silu(x) * up (see _gemv)."""
+    dimension), through the fp8 GEMV kernel without scales. up: of silu(x) * up; head_rstd: of x's heads
+    normalised (see _gemv)."""
     wt, _, n, k, _ = _operand(w)
-    return _gemv(x, wt, None, n, k, bn, ng, num_warps, up)
+    return _gemv(x, wt, None, n, k, bn, ng, num_warps, up, head_rstd)
 
 
 def gemv_takes(x: Tensor, w: Fp8BlockWeight | Tensor, bias: Tensor | None) -> bool:

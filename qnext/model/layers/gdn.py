@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qnext.config import ModelConfig
-from qnext.model.layers.linear import Linear, QuantScheme, empty_param, make_linear, project_pair
+from qnext.model.layers.linear import Linear, QuantScheme, empty_param, fusable_weight, make_linear, project_pair
 from qnext.model.layers.norm import GatedRMSNorm
 from qnext.model.side_stream import SideBranch
 from qnext.ops.registry import get_op
@@ -130,6 +130,10 @@ class GatedDeltaNet(nn.Module):
         ssm_cache = cache.ssm[self.layer_id]                                            # [S, Hv, Dk, Dv] float32
         side.join()
         b, a = ba[:, 0], ba[:, 1]
+        w_out = fusable_weight(self.out_proj, be) if decode and self.norm.ops_backend == be else None
+        if w_out is not None:       # recurrence, norm and out_proj: two launches on CUDA
+            return get_op("gdn_decode_project_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots,
+                                                          has_init, z, self.norm.weight, self.norm.eps, w_out)
         if decode:
             out = get_op("gdn_decode_", be, dev)(q, k, v, a, b, self.A_log, self.dt_bias, ssm_cache, slots, has_init)
         else:

@@ -159,19 +159,27 @@ def stack_projections(projs: list[nn.Module]) -> nn.Module | None:
     return stacked
 
 
+def fusable_weight(proj: nn.Module, ops_backend: str) -> torch.Tensor | Fp8BlockWeight | None:
+    """proj's weight for a fused op that makes its projection (a plain or FP8 Linear without a bias, on
+    ops_backend), else None."""
+    if type(proj) not in (Linear, Fp8Linear) or proj.bias is not None or proj.ops_backend != ops_backend:
+        return None
+    return proj.matmul_weight()
+
+
 def project_pair(x: torch.Tensor, first: nn.Module, second: nn.Module,
                  conv: tuple | None = None) -> tuple[torch.Tensor, ...] | None:
     """(first(x), second(x)) through the "linear_pair" op (one GEMV launch for decode rows on CUDA), or None when
     the two cannot share it (a bias, another module type, different ops backends): then call them apart.
     conv: the GDN layer's decode conv of first(x) (conv weight, conv cache, slots, has_initial_state, x_cols,
     x_chans): the "linear_pair_conv_update_" op, whose third output is the conv's (in the same launch on CUDA)."""
-    if (type(first) not in (Linear, Fp8Linear) or type(second) not in (Linear, Fp8Linear)
-            or first.bias is not None or second.bias is not None or first.ops_backend != second.ops_backend):
+    backend = getattr(first, "ops_backend", None)
+    weights = fusable_weight(first, backend), fusable_weight(second, backend)
+    if weights[0] is None or weights[1] is None:
         return None
-    weights = first.matmul_weight(), second.matmul_weight()
     if conv is None:
-        return get_op("linear_pair", first.ops_backend, x.device)(x, *weights)
-    return get_op("linear_pair_conv_update_", first.ops_backend, x.device)(x, *weights, *conv)
+        return get_op("linear_pair", backend, x.device)(x, *weights)
+    return get_op("linear_pair_conv_update_", backend, x.device)(x, *weights, *conv)
 
 
 def split_stacked(stacked: nn.Module, y: torch.Tensor) -> list[torch.Tensor]:
