@@ -95,6 +95,9 @@ def _gdn_recurrent_kernel(
         qv = tl.load(q_ptr + t * stride_qt + hk * stride_qh + ok, mask=kmask, other=0).to(tl.float32)
         kv = tl.load(k_ptr + t * stride_kt + hk * stride_kh + ok, mask=kmask, other=0).to(tl.float32)
         vv = tl.load(v_ptr + t * stride_vt + hv * stride_vh + ov, mask=vmask, other=0).to(tl.float32)
+        if GATED:       # loaded with the step's other inputs, not after the math that needs it last
+            zv = tl.load(z_ptr + t * stride_zt + hk * stride_zk + (hv - hk * GROUP) * stride_zr + ov, mask=vmask,
+                         other=0).to(tl.float32)
         graw = tl.load(g_ptr + t * stride_gt + hv).to(tl.float32)
         braw = tl.load(b_ptr + t * stride_bt + hv).to(tl.float32)
         if GATE_IN_KERNEL:
@@ -119,8 +122,6 @@ def _gdn_recurrent_kernel(
         if GATED:
             of = o.to(tl.float32)
             tl.store(ss_ptr + (t * tl.num_programs(1) + hv) * tl.num_programs(2) + pv, tl.sum(of * of, axis=0))
-            zv = tl.load(z_ptr + t * stride_zt + hk * stride_zk + (hv - hk * GROUP) * stride_zr + ov, mask=vmask,
-                         other=0).to(tl.float32)
             o = (of * nwv * (zv * tl.sigmoid(zv))).to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + t * stride_ot + hv * stride_oh + ov, o, mask=vmask)
     tl.store(s_ptrs, S.to(state_ptr.dtype.element_ty), mask=smask)
