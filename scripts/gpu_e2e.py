@@ -16,8 +16,9 @@
     an A/B of the side stream (the same model, decode graphs without branches) and of the FP8 prefill path
     (scaled_mm instead of dequant + cuBLAS); then the other --variants (fp8 experts, bf16 dense) if time is left.
     --extras picks the first variant's extended measurements (knobs, early, conv, outnorm, ab, host, trace, mixed,
-    lone, wave, eager; outnorm: the GDN output norm in out_proj or apart, see out_norm_ab; knobs: the same model with the decode projections unfused, with the GEMV's previous accumulator, on
-    one stream, without programmatic dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
+    lone, wave, eager; outnorm: the GDN output norm in out_proj or apart, see out_norm_ab; knobs: the same model
+    with the decode projections unfused, with the GEMV's previous accumulator, on one stream, without programmatic
+    dependent launch: see knobs_ab; early: the batch-1 chain's shorter links each
     off: see early_ab; conv: the GDN decode conv apart from the in_proj GEMV: see conv_ab).
 Every step is guarded (an error is recorded, the rest goes on), skipped when the budget is short, and the JSON under
 --out is rewritten after each. Off the GPU (--device cpu --preset small) it runs the same logic on the references.
@@ -733,13 +734,15 @@ def early_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len
 
 def out_norm_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
     """The GDN output norm finished in out_proj's GEMV (FUSE_OUT_NORM: the recurrent kernel gates o and sums each
-    head's squares, the GEMV scales each head's sums) against the norm kernel between them, then on again; greedy
-    ids against the default engine (the norm's output is rounded before its head scale there: near-tied logits of
-    random weights may flip); decode-b1, the replays and the step profile of each."""
+    head's squares, the GEMV scales each head's sums), the norm kernel between them, then in out_proj again,
+    whatever the default; greedy ids against the default engine (the norm's output is rounded before its head
+    scale in out_proj: near-tied logits of random weights may flip); decode-b1, the replays and the step profile
+    of each."""
+    knob = ("qnext.ops.triton_fused_linear", "FUSE_OUT_NORM")
     engines_ab(tag, model, cfg, engine, device, args, max_len, [
-        (name, lambda values=values: settings(*values), {}, True)
-        for name, values in (("GDN out norm apart", [("qnext.ops.triton_fused_linear", "FUSE_OUT_NORM", False)]),
-                             ("all on again", []))])
+        (name, lambda on=on: settings((*knob, on)), {}, True)
+        for name, on in (("GDN out norm in out_proj", True), ("GDN out norm apart", False),
+                         ("in out_proj again", True))])
 
 
 def conv_ab(tag: str, model, cfg, engine: LLMEngine, device: str, args, max_len: int) -> None:
@@ -934,7 +937,8 @@ def main() -> None:
                     help="extended measurements of the first variant: tiles (batch-1 expert GEMV tilings A/B), "
                          "deep (b32 decode at --deep context: trace and "
                          "cache formats A/B; ends the variant), knobs (decode settings A/B), conv (the GDN decode "
-                         "conv fused or apart), outnorm (the GDN output norm in out_proj or apart), ab (side stream and fp8 prefill A/B), host (cProfile, overlap A/B), "
+                         "conv fused or apart), outnorm (the GDN output norm in out_proj or apart), ab (side "
+                         "stream and fp8 prefill A/B), host (cProfile, overlap A/B), "
                          "trace (device trace of b32 steps), mixed "
                          "(a prompt's cost to running decodes by token budget), lone (the same prompt alone), wave "
                          "(32 prompts at once by budget), eager "

@@ -198,10 +198,12 @@ def outproj() -> None:
     args = (bf(1, 16, 128), bf(1, 16, 128), bf(1, 32, 128), bf(1, 32), bf(1, 32), torch.randn(32), torch.randn(32),
             torch.zeros(4, 32, 128, 128), torch.tensor([3]), None, bf(1, 16, 768)[..., 512:].unflatten(-1, (2, 128)),
             bf(128), 1e-6, quantize_fp8_block(torch.randn(2048, 4096) / 64))
+    default = fused.FUSE_OUT_NORM
+    fused.FUSE_OUT_NORM = True
     case("GDN decode output, norm in out_proj", lambda: fused.gdn_decode_project_(*args))
     fused.FUSE_OUT_NORM = False
     case("GDN decode output, norm apart", lambda: fused.gdn_decode_project_(*args))
-    fused.FUSE_OUT_NORM = True
+    fused.FUSE_OUT_NORM = default
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def _bf(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
+def test_decode_kernels_compile_for_hopper_with_pdl(compiled, monkeypatch):
     from qnext.ops import triton_conv1d, triton_ffn, triton_norm, triton_paged_attention
     from qnext.ops.fla_gdn import gdn_decode_
     from qnext.ops.quant import quantize_fp8_block, quantize_int4_group
@@ -139,11 +139,12 @@ def test_decode_kernels_compile_for_hopper_with_pdl(compiled):
     for state in (torch.float32, torch.bfloat16):                                          # ssm_state_dtype
         gdn_decode_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
                     torch.randn(4), torch.zeros(4, 4, 128, 128, dtype=state), slots, None)
-    from qnext.ops.triton_fused_linear import gdn_decode_project_           # recurrence, norm formed in out_proj
+    from qnext.ops import triton_fused_linear                               # recurrence, norm finished in out_proj
+    monkeypatch.setattr(triton_fused_linear, "FUSE_OUT_NORM", True)
     for wo in (quantize_fp8_block(torch.randn(256, 512) / 32), _bf(256, 512)):
-        gdn_decode_project_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4), torch.randn(4),
-                            torch.randn(4), torch.zeros(4, 4, 128, 128), slots, None, _bf(1, 2, 5, 128)[:, :, 3:],
-                            _bf(128), 1e-6, wo)
+        triton_fused_linear.gdn_decode_project_(_bf(1, 2, 128), _bf(1, 2, 128), _bf(1, 4, 128), _bf(1, 4), _bf(1, 4),
+                                                torch.randn(4), torch.randn(4), torch.zeros(4, 4, 128, 128), slots,
+                                                None, _bf(1, 2, 5, 128)[:, :, 3:], _bf(128), 1e-6, wo)
 
     assert PDL_KERNELS <= set(compiled), f"not launched: {sorted(PDL_KERNELS - set(compiled))}"
     for name in PDL_KERNELS:

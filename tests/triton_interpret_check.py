@@ -199,13 +199,13 @@ def op_checks() -> dict:
     wo8 = quantize_fp8_block(torch.randn(256, 512) / 512 ** 0.5)
     for name, wo in (("fp8", wo8), ("plain", dequantize(wo8).half())):
         gcaches = [gcache.clone() for _ in range(3)]
+        fused.FUSE_OUT_NORM = True
         args = (gq, gk, gv, ga, gb, galog, gdtb)
         got = fused.gdn_decode_project_(*args, gcaches[0], gslots, ginit, gz, gnw, 1e-6, wo)
         want = ref_linear.gdn_decode_project_(*args, gcaches[1], gslots, ginit, gz, gnw, 1e-6, wo)
         out[f"out_proj_norm/{name}"] = max(err(got.float(), want.float()), err(gcaches[0], gcaches[1]))
         fused.FUSE_OUT_NORM = False
         apart = fused.gdn_decode_project_(*args, gcaches[2], gslots, ginit, gz, gnw, 1e-6, wo)
-        fused.FUSE_OUT_NORM = True
         out[f"out_proj_norm_apart/{name}"] = max(err(got.float(), apart.float()), err(gcaches[0], gcaches[2]))
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))

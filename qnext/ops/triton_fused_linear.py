@@ -47,8 +47,10 @@ FUSE_DECODE_PROJECTIONS = True
 FUSE_ROUTE = True
 # False: linear_pair_conv_update_ runs the pair and the conv as two kernels (A/B runs: gpu_e2e.py --extras conv).
 FUSE_IN_PROJ_CONV = True
-# False: gdn_decode_project_ runs the recurrence, the norm kernel and the GEMV apart (A/B: gpu_e2e.py --extras early).
-FUSE_OUT_NORM = True
+# True: gdn_decode_project_ finishes the norm in out_proj's GEMV; False: the recurrence, the norm kernel and the GEMV
+# apart. Off until measured on a GPU (written when none could be lent: docs/perf-notes.md, 2026-12-06 eighth
+# session); A/B: gpu_e2e.py --extras outnorm.
+FUSE_OUT_NORM = False
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
 CONV_EARLY_LOAD = True
