@@ -48,8 +48,10 @@ FUSE_ROUTE = True
 # False: linear_pair_conv_update_ runs the pair and the conv as two kernels (A/B runs: gpu_e2e.py --extras conv).
 FUSE_IN_PROJ_CONV = True
 # True: gdn_decode_project_ finishes the norm in out_proj's GEMV; False: the recurrence, the norm kernel and the GEMV
-# apart. Off until measured on a GPU (written when none could be lent: docs/perf-notes.md, 2026-12-06 eighth
-# session); A/B: gpu_e2e.py --extras outnorm.
+# apart. H100, FP8 experts (256) at b1 (docs/benchmarks.md, 2026-12-06 eighth session): replay 2.267 / 2.272 ms
+# against 2.299, decode-b1 400.0 / 400.4 against 396.3 tok/s; its unit tests pass at the model's shapes, but the
+# model-level GPU checks (gpu_e2e.py's parity, tests/test_gpu_engine.py) have not run with it on, so it stays off
+# until they do; A/B: gpu_e2e.py --extras outnorm.
 FUSE_OUT_NORM = False
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
