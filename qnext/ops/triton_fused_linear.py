@@ -21,8 +21,8 @@ except gdn_decode_project_'s (see there).
 
 Why by hand: no library fuses an activation into a weight-only FP8 GEMV's prologue, or launches two differently
 quantized GEMVs as one grid. The batch-1 step is a chain of ~740 dependent kernels, each paying its launch, wait
-and ramp; these remove 48 + 84 + 48 + 36 + 36 of them. Rows past GEMV_MAX_M, unaligned shapes or biases take separate
-kernels.
+and ramp; these remove 48 + 84 + 48 + 36 of them, and 36 more with FUSE_OUT_NORM. Rows past GEMV_MAX_M, unaligned
+shapes or biases take separate kernels.
 """
 
 from __future__ import annotations
