@@ -190,8 +190,8 @@ def inproj() -> None:
 
 
 def outproj() -> None:
-    """The GDN layer's batch-1 decode output: the recurrence, then out_proj (2048 x 4096 fp8) with the gated norm
-    formed from the recurrence's sums of squares; and apart (recurrence, norm kernel, plain GEMV)."""
+    """The GDN layer's batch-1 decode output: the recurrence (o gated, heads' sums of squares), then out_proj (2048 x
+    4096 fp8) scaling each head's sums; and apart (recurrence, norm kernel, plain GEMV)."""
     from qnext.ops import triton_fused_linear as fused
     from qnext.ops.quant import quantize_fp8_block
     bf = lambda *shape: torch.randn(*shape).bfloat16()                               # noqa: E731

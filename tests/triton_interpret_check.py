@@ -188,9 +188,9 @@ def op_checks() -> dict:
         apart = (y1, y2, triton_conv1d.causal_conv1d_update_(y1, cw, pcaches[2], pslots, pinit, x_cols=pcols))
         out[f"linear_pair_conv_bits/{name}"] = bool(all(torch.equal(a, b) for a, b in zip((*got, pcaches[0]),
                                                                                         (*apart, pcaches[2]))))
-    # the GDN decode output (recurrence, gated RMSNorm from the recurrence's sums of squares, out_proj): 3 rows of
-    # 2 key x 2 value heads of 128, z a strided view of a wider row as in qkvz, slot 0's sequence without state;
-    # against the torch reference, and against the Triton kernels apart (the sums of squares run in another order)
+    # the GDN decode output (recurrence, gated RMSNorm finished in out_proj by a scale per head): 3 rows of 2 key x
+    # 2 value heads of 128, z a strided view of a wider row as in qkvz, slot 0's sequence without state; against the
+    # torch reference, and against the Triton kernels apart (the norm's output is rounded before its head scale)
     gq, gk, gv = torch.randn(3, 2, 128).half(), torch.randn(3, 2, 128).half(), torch.randn(3, 4, 128).half()
     ga, gb, galog, gdtb = torch.randn(3, 4).half(), torch.randn(3, 4).half(), torch.randn(4) * 0.5, torch.randn(4)
     gz = torch.randn(3, 2, 5, 128).half()[:, :, 3:]

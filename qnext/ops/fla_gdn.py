@@ -152,7 +152,7 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
     _gdn_recurrent_kernel[(num_seqs, hv, triton.cdiv(dv, bv))](
         q, k, v, g, b, a_log if a_log is not None else dummy, dt_bias if dt_bias is not None else dummy,
         state, slots, has_init if has_init is not None else slots, cu if cu is not None else slots, o,
-        z, nw, ss if gate else o,
+        z, nw, ss if ss is not None else o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), b.stride(0),
         o.stride(0), o.stride(1), state.stride(0), state.stride(1), state.stride(2),
         z.stride(0), z.stride(1), z.stride(2),
@@ -160,8 +160,7 @@ def _launch_recurrent(q, k, v, g, b, a_log, dt_bias, state, slots, has_init, cu,
         GROUP=hv // hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv,
         VARLEN=cu is not None, HAS_INIT=has_init is not None, GATE_IN_KERNEL=gate_in_kernel,
         BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm, EARLY=early, GATED=gate is not None,
-        num_warps=num_warps or DECODE_WARPS,
-        **pdl_launch())
+        num_warps=num_warps or DECODE_WARPS, **pdl_launch())
     return o, ss
 
 
