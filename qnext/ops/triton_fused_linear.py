@@ -49,10 +49,9 @@ FUSE_ROUTE = True
 FUSE_IN_PROJ_CONV = True
 # True: gdn_decode_project_ finishes the norm in out_proj's GEMV; False: the recurrence, the norm kernel and the GEMV
 # apart. H100, FP8 experts (256) at b1 (docs/benchmarks.md, 2026-12-06 eighth session): replay 2.267 / 2.272 ms
-# against 2.299, decode-b1 400.0 / 400.4 against 396.3 tok/s; its unit tests pass at the model's shapes, but the
-# model-level GPU checks (gpu_e2e.py's parity, tests/test_gpu_engine.py) have not run with it on, so it stays off
-# until they do; A/B: gpu_e2e.py --extras outnorm.
-FUSE_OUT_NORM = False
+# against 2.299; int4 decode-b1 423.2 / 423.2 against 418.8 tok/s (ninth session), with the model-level GPU checks
+# (gpu_e2e.py's parity, tests/test_gpu_engine.py) passing with it on. A/B: gpu_e2e.py --extras outnorm.
+FUSE_OUT_NORM = True
 # The fused conv's state and weights loaded before the GEMV's K loop (held through it: 128 registers against the
 # pair's 96 offline) or after it (a round trip at the end); A/B: gpu_e2e.py --extras conv.
 CONV_EARLY_LOAD = True
