@@ -197,6 +197,7 @@ def op_checks() -> dict:
     gnw, gcache = torch.rand(128).half() + 0.5, torch.randn(6, 4, 128, 128) / 8
     gslots, ginit = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
     wo8 = quantize_fp8_block(torch.randn(256, 512) / 512 ** 0.5)
+    default = fused.FUSE_OUT_NORM
     for name, wo in (("fp8", wo8), ("plain", dequantize(wo8).half())):
         gcaches = [gcache.clone() for _ in range(3)]
         fused.FUSE_OUT_NORM = True
@@ -207,6 +208,7 @@ def op_checks() -> dict:
         fused.FUSE_OUT_NORM = False
         apart = fused.gdn_decode_project_(*args, gcaches[2], gslots, ginit, gz, gnw, 1e-6, wo)
         out[f"out_proj_norm_apart/{name}"] = max(err(got.float(), apart.float()), err(gcaches[0], gcaches[2]))
+    fused.FUSE_OUT_NORM = default
     # prefill: the dequantizing pass (float32 here: this interpreter truncates bf16 conversions) and its linear
     out["fp8_dequant_float32"] = err(dequantize_fp8(w8, torch.float32), dequantize(w8))
     out["fp8_linear_dequant"] = err(fp8_linear(xg, w8, path="dequant"), ref)
